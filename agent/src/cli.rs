@@ -1,0 +1,209 @@
+//! Command line: parse, merge settings, run, and turn errors into one line
+//! plus a hint. Exit codes: 0 success, 1 failure, 2 usage (clap's).
+
+use crate::config::{self, CliConfig, Settings};
+use crate::fail::Fail;
+use crate::pg::PgError;
+use clap::{Parser, Subcommand};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "tidemark-agent", version, about = "Streams PostgreSQL WAL into a Tidemark repository")]
+struct Args {
+    /// TOML config file (default ./tidemark.toml if it exists).
+    #[arg(long, global = true, env = "TIDEMARK_CONFIG")]
+    config: Option<PathBuf>,
+    /// Repository URL: file:///path (default ./tidemark-repo) or s3://bucket/prefix.
+    #[arg(long, global = true, env = "TIDEMARK_REPO")]
+    repo: Option<String>,
+    /// PostgreSQL connection (postgresql:// URL or libpq key=value); PG* variables also apply.
+    #[arg(long, global = true, env = "TIDEMARK_PG_URL")]
+    pg_url: Option<String>,
+    /// The agent's spool and index (default ./tidemark-state).
+    #[arg(long, global = true, env = "TIDEMARK_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Physical replication slot name (default tidemark).
+    #[arg(long, global = true, env = "TIDEMARK_SLOT")]
+    slot: Option<String>,
+    /// application_name of the replication connection; list it in
+    /// synchronous_standby_names for synchronous mode (default tidemark).
+    #[arg(long, global = true, env = "TIDEMARK_APPLICATION_NAME")]
+    application_name: Option<String>,
+    /// Seconds between uploads of the segment still being filled (default 10).
+    #[arg(long, global = true, env = "TIDEMARK_PARTIAL_UPLOAD_INTERVAL")]
+    partial_upload_interval: Option<u64>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check the server, create the slot, create or adopt the repository.
+    Init {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The daemon: stream WAL into the repository until stopped.
+    Run,
+    /// Archived-to LSN, lag, last backup and restorable window.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    let default_level = if matches!(args.command, Command::Run) { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEMARK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tidemark-agent: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tidemark-agent: error: {error:#}");
+            if let Some(hint) = hint_for(&error) {
+                eprintln!("hint: {hint}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(args: Args) -> anyhow::Result<()> {
+    let settings = settings(&args)?;
+    match args.command {
+        Command::Init { json } => {
+            let report = crate::init::init(&settings).await?;
+            if json {
+                let value = serde_json::json!({
+                    "system_identifier": report.system_identifier,
+                    "timeline": report.timeline,
+                    "slot": settings.slot,
+                    "slot_created": report.slot_created,
+                    "repository": crate::store::redact_url(&settings.repo_url),
+                    "repository_created": report.repository_created,
+                    "stream_start_lsn": report.stream_start,
+                });
+                println!("{value:#}");
+            } else {
+                println!(
+                    "cluster {} (timeline {}): slot \"{}\" {}, repository {} {}; streaming will start at {}",
+                    report.system_identifier,
+                    report.timeline,
+                    settings.slot,
+                    if report.slot_created { "created" } else { "already existed" },
+                    crate::store::redact_url(&settings.repo_url),
+                    if report.repository_created { "created" } else { "adopted" },
+                    report.stream_start
+                );
+                println!("next: tidemark-agent run");
+            }
+            Ok(())
+        }
+        Command::Run => crate::daemon::run(settings).await,
+        Command::Status { json } => {
+            let status = crate::status::status(&settings).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", crate::status::render_text(&status));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn settings(args: &Args) -> anyhow::Result<Settings> {
+    let file = config::load_file(args.config.as_deref())?;
+    let cli = CliConfig {
+        config: args.config.clone(),
+        repo: args.repo.clone(),
+        pg_url: args.pg_url.clone(),
+        state_dir: args.state_dir.clone(),
+        slot: args.slot.clone(),
+        application_name: args.application_name.clone(),
+        partial_upload_interval_secs: args.partial_upload_interval,
+    };
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    let mut settings = config::resolve(file, cli, &env)?;
+    if settings.conn.password.is_none() {
+        settings.conn.password = pgpass_password(&settings, &env);
+    }
+    Ok(settings)
+}
+
+/// The password from PGPASSFILE or ~/.pgpass, ignored (with a warning) when
+/// others can read the file, as libpq does.
+fn pgpass_password(settings: &Settings, env: &BTreeMap<String, String>) -> Option<tidemark_proto::conninfo::Secret> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = env
+        .get("PGPASSFILE")
+        .map(PathBuf::from)
+        .or_else(|| env.get("HOME").map(|h| PathBuf::from(h).join(".pgpass")))?;
+    let metadata = std::fs::metadata(&path).ok()?;
+    if metadata.permissions().mode() & 0o077 != 0 {
+        tracing::warn!("password file {} has group or world access; ignoring it (chmod 0600 it)", path.display());
+        return None;
+    }
+    let content = std::fs::read_to_string(&path).ok()?;
+    let host = settings.conn.host.clone().unwrap_or_else(|| "localhost".into());
+    let user = settings.conn.user.clone().unwrap_or_default();
+    tidemark_proto::conninfo::pgpass_lookup(&content, &host, settings.conn.port, "replication", &user)
+}
+
+/// What to do about an error: the hint of the first cause we recognise.
+fn hint_for(error: &anyhow::Error) -> Option<String> {
+    for cause in error.chain() {
+        if let Some(fail) = cause.downcast_ref::<Fail>() {
+            return Some(fail.hint.clone());
+        }
+        if let Some(pg) = cause.downcast_ref::<PgError>() {
+            return Some(pg_hint(pg));
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            match io.kind() {
+                StorageFull => return Some("the disk is full: free space where --state-dir (or the repository) lives".into()),
+                ReadOnlyFilesystem | PermissionDenied => {
+                    return Some("make --state-dir and the repository writable by this user".into())
+                }
+                NotADirectory | AlreadyExists => return Some("point --state-dir at a directory".into()),
+                _ => {}
+            }
+        }
+    }
+    None
+}
+
+fn pg_hint(error: &PgError) -> String {
+    match error {
+        PgError::Connect { .. } => {
+            "is PostgreSQL running and listening there? check --pg-url, PGHOST and PGPORT, and listen_addresses".into()
+        }
+        PgError::Server(e) => match e.code.as_str() {
+            "28P01" => "check the password: in --pg-url, PGPASSWORD or ~/.pgpass".into(),
+            "42501" => "grant the role replication: ALTER ROLE <user> REPLICATION; (or use a superuser)".into(),
+            "28000" if e.message.contains("pg_hba.conf") => {
+                "add a line `host replication <user> <address> scram-sha-256` to pg_hba.conf and reload PostgreSQL (`all` does not match replication connections)".into()
+            }
+            "53300" => "raise max_wal_senders (and max_replication_slots) in postgresql.conf, or stop an idle replication client".into(),
+            "58P01" => "the server already removed WAL the archive needs: the slot was lost; take a new base backup".into(),
+            code if code.starts_with("57P") => "the server is starting up or shutting down; try again shortly".into(),
+            _ => e.hint.clone().unwrap_or_else(|| "see the PostgreSQL server log for details".into()),
+        },
+        PgError::Auth(_) => "give the password in --pg-url, PGPASSWORD or ~/.pgpass".into(),
+        PgError::Tls(_) => "check sslmode and sslrootcert (libpq semantics); the server needs ssl = on for require and above".into(),
+        PgError::Protocol(_) | PgError::Io(_) => "check that --pg-url points at a PostgreSQL server; retry".into(),
+    }
+}

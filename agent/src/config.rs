@@ -1,0 +1,135 @@
+//! Settings: the TOML file, then `TIDEMARK_*` variables, then flags; later wins.
+//! clap already puts flags over their variables; the file fills what both left unset.
+
+use crate::fail::Fail;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tidemark_proto::conninfo::ConnParams;
+
+/// The config file's keys. Unknown keys are refused, so a typo is not silently ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub repo: Option<String>,
+    pub pg_url: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub slot: Option<String>,
+    pub application_name: Option<String>,
+    pub partial_upload_interval_secs: Option<u64>,
+    pub status_interval_secs: Option<u64>,
+}
+
+/// What the command line (with its variables) said; `None` where it said nothing.
+#[derive(Debug, Default, Clone)]
+pub struct CliConfig {
+    pub config: Option<PathBuf>,
+    pub repo: Option<String>,
+    pub pg_url: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub slot: Option<String>,
+    pub application_name: Option<String>,
+    pub partial_upload_interval_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub repo_url: String,
+    pub conn: ConnParams,
+    pub state_dir: PathBuf,
+    pub slot: String,
+    pub application_name: String,
+    /// How often the segment still being filled is uploaded as a partial object.
+    pub partial_upload_interval: Duration,
+    /// How often a standby status update is sent when nothing else prompts one.
+    pub status_interval: Duration,
+}
+
+pub const DEFAULT_CONFIG: &str = "tidemark.toml";
+
+pub fn load_file(path: Option<&Path>) -> Result<FileConfig, Fail> {
+    let (path, explicit) = match path {
+        Some(p) => (p.to_path_buf(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text).map_err(|e| {
+            Fail::new(
+                format!("config file {} is invalid: {}", path.display(), e.message()),
+                "fix the file; known keys are repo, pg_url, state_dir, slot, application_name, partial_upload_interval_secs, status_interval_secs",
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(FileConfig::default()),
+        Err(e) => Err(Fail::new(format!("cannot read config file {}: {e}", path.display()), "check --config")),
+    }
+}
+
+/// Merges file and command line into settings. `env` holds the process
+/// environment (for `DATABASE_URL` and libpq's `PG*` variables).
+pub fn resolve(file: FileConfig, cli: CliConfig, env: &BTreeMap<String, String>) -> Result<Settings, Fail> {
+    let pg_url = cli.pg_url.or(file.pg_url).or_else(|| env.get("DATABASE_URL").cloned());
+    let mut conn = ConnParams::resolve(pg_url.as_deref(), env)
+        .map_err(|e| Fail::new(e.to_string(), "see --pg-url; it takes a postgresql:// URL or libpq key=value pairs"))?;
+    if conn.user.is_none() {
+        conn.user = env.get("USER").cloned().or_else(|| Some("postgres".into()));
+    }
+    let application_name = cli
+        .application_name
+        .or(file.application_name)
+        .or_else(|| conn.application_name.clone())
+        .unwrap_or_else(|| "tidemark".into());
+    conn.application_name = Some(application_name.clone());
+    let slot = cli.slot.or(file.slot).unwrap_or_else(|| "tidemark".into());
+    if slot.is_empty() || !slot.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') || slot.len() > 63 {
+        return Err(Fail::new(
+            format!("invalid slot name {slot:?}"),
+            "slot names use lower-case letters, digits and underscores, at most 63 characters",
+        ));
+    }
+    let partial = cli.partial_upload_interval_secs.or(file.partial_upload_interval_secs).unwrap_or(10);
+    let status = file.status_interval_secs.unwrap_or(10);
+    if partial == 0 || status == 0 {
+        return Err(Fail::new("intervals must be at least 1 second", "fix partial_upload_interval_secs / status_interval_secs"));
+    }
+    Ok(Settings {
+        repo_url: cli.repo.or(file.repo).unwrap_or_else(|| "./tidemark-repo".into()),
+        conn,
+        state_dir: cli.state_dir.or(file.state_dir).unwrap_or_else(|| PathBuf::from("./tidemark-state")),
+        slot,
+        application_name,
+        partial_upload_interval: Duration::from_secs(partial),
+        status_interval: Duration::from_secs(status),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_over_file_over_defaults() {
+        let file: FileConfig = toml::from_str("repo = 'file:///from-file'\nslot = 'fileslot'\npartial_upload_interval_secs = 3").expect("toml");
+        let cli = CliConfig { repo: Some("file:///from-flag".into()), ..Default::default() };
+        let settings = resolve(file, cli, &BTreeMap::new()).expect("resolve");
+        assert_eq!(settings.repo_url, "file:///from-flag");
+        assert_eq!(settings.slot, "fileslot");
+        assert_eq!(settings.partial_upload_interval, Duration::from_secs(3));
+        assert_eq!(settings.state_dir, PathBuf::from("./tidemark-state"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_slots_refused() {
+        assert!(toml::from_str::<FileConfig>("rep = 'x'").is_err());
+        let cli = CliConfig { slot: Some("Bad-Slot".into()), ..Default::default() };
+        assert!(resolve(FileConfig::default(), cli, &BTreeMap::new()).is_err());
+    }
+
+    #[test]
+    fn database_url_used_when_no_flag() {
+        let env: BTreeMap<String, String> = [("DATABASE_URL".to_string(), "postgresql://u@h:7/d".to_string())].into();
+        let settings = resolve(FileConfig::default(), CliConfig::default(), &env).expect("resolve");
+        assert_eq!(settings.conn.port, 7);
+        assert_eq!(settings.conn.user.as_deref(), Some("u"));
+    }
+}

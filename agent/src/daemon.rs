@@ -1,0 +1,157 @@
+//! `tidemark-agent run`: one agent per state directory, streaming with
+//! reconnects, the uploader beside it, a clean stop on SIGINT/SIGTERM.
+
+use crate::config::Settings;
+use crate::fail::Fail;
+use crate::index::Index;
+use crate::pg::PgError;
+use crate::spool::Spool;
+use crate::store::Repository;
+use crate::stream::{stream_once, StreamContext};
+use crate::uploader::{UploadJob, Uploader};
+use anyhow::Context;
+use std::io::Write;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tidemark_proto::{Lsn, TimelineId};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+/// Holds the state directory's lock for as long as it lives.
+pub struct StateLock(#[allow(dead_code)] std::fs::File);
+
+/// Takes `<state-dir>/agent.lock` (flock), so two `run`s never share a spool.
+pub fn lock_state_dir(state_dir: &Path) -> anyhow::Result<StateLock> {
+    let path = state_dir.join("agent.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open lock file {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        return Err(Fail::new(
+            format!("another tidemark-agent run (pid {}) is using state directory {}", holder.trim(), state_dir.display()),
+            "stop it first, or give this one its own --state-dir",
+        )
+        .into());
+    }
+    file.set_len(0)?;
+    write!(file, "{}", std::process::id())?;
+    Ok(StateLock(file))
+}
+
+/// Opens the state written by `init`; refuses a state directory never initialized.
+pub fn open_state(settings: &Settings) -> anyhow::Result<(Arc<Index>, crate::index::IndexMeta)> {
+    let index_dir = settings.state_dir.join("index");
+    if !index_dir.is_dir() {
+        return Err(Fail::new(
+            format!("state directory {} is not initialized", settings.state_dir.display()),
+            "run `tidemark-agent init` with the same --state-dir first",
+        )
+        .into());
+    }
+    let index = Index::open(&index_dir)?;
+    let meta = index.meta()?.context("the index has no metadata; run `tidemark-agent init` again")?;
+    Ok((Arc::new(index), meta))
+}
+
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let _lock = lock_state_dir(&settings.state_dir)?;
+    let (index, meta) = open_state(&settings)?;
+    let repo = Repository::open(&settings.repo_url, false)?;
+    match repo.read_meta().await? {
+        Some(repo_meta) => crate::pg::session::check_same_cluster(
+            &format!("repository {}", repo.display),
+            &repo_meta.system_identifier,
+            &meta.system_identifier,
+        )?,
+        None => {
+            return Err(Fail::new(
+                format!("repository {} is not initialized", repo.display),
+                "run `tidemark-agent init` with the same --repo first",
+            )
+            .into())
+        }
+    }
+    let spool = Spool::open(&settings.state_dir, meta.wal_segment_size)?;
+    let (uploads, jobs) = mpsc::unbounded_channel();
+    // Segments completed before a crash go first, in order.
+    for file in spool.scan()?.into_iter().filter(|f| f.complete) {
+        uploads.send(UploadJob::Complete { segment: file.segment, path: file.path })?;
+    }
+    let uploader = Uploader { repo: repo.clone(), index: index.clone(), segment_size: meta.wal_segment_size, compression_level: 3 };
+    let uploader_task = tokio::spawn(uploader.run(jobs));
+
+    let (stop, mut shutdown) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = stop.send(true);
+    });
+
+    let ctx = StreamContext {
+        settings: settings.clone(),
+        index,
+        repo,
+        spool,
+        uploads,
+        system_identifier: meta.system_identifier.clone(),
+        stream_start: (TimelineId(meta.stream_start_timeline), Lsn(meta.stream_start_lsn)),
+    };
+    let mut started = false;
+    let mut attempt = 0u32;
+    let result = loop {
+        let error = match stream_once(&ctx, &mut shutdown, &mut started).await {
+            Ok(()) => break Ok(()),
+            Err(e) => e,
+        };
+        if *shutdown.borrow() {
+            break Ok(());
+        }
+        // At startup any failure is reported and ends the command; once
+        // streaming has worked, the agent keeps trying.
+        if !started {
+            break Err(error);
+        }
+        let transient = error.downcast_ref::<PgError>().is_some_and(PgError::is_transient);
+        let wait = crate::backoff::delay(attempt, Duration::from_secs(30));
+        if transient {
+            warn!("streaming interrupted, reconnecting in {:.1}s: {error:#}", wait.as_secs_f64());
+        } else {
+            error!("streaming failed, retrying in {:.1}s: {error:#}", wait.as_secs_f64());
+        }
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => break Ok(()),
+        }
+        if attempt > 3 {
+            attempt = 3; // Stay near a few seconds: a restarted server should be picked up fast.
+        }
+    };
+    // Let the uploader store what is queued; a later run resumes anything left.
+    drop(ctx);
+    if tokio::time::timeout(Duration::from_secs(60), uploader_task).await.is_err() {
+        warn!("stopping with uploads still queued; the next run uploads them");
+    }
+    info!("stopped");
+    result
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

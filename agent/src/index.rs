@@ -1,0 +1,228 @@
+//! The agent's RocksDB index: what is archived, and where streaming stands.
+//! This is the only module that names rocksdb. Everything in it can be
+//! rebuilt from the repository (the segment objects themselves).
+//!
+//! Keys (numbers big-endian, so byte order is numeric order):
+//! - `meta`                         -> IndexMeta
+//! - `progress`                     -> Progress
+//! - `seg` + tli u32 + segno u64    -> SegmentRecord (a complete segment object)
+//! - `par` + tli u32 + segno u64    -> SegmentRecord (the latest partial object)
+
+use anyhow::Context;
+use rocksdb::{Options, WriteOptions, DB};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tidemark_proto::segment::SegmentId;
+use tidemark_proto::{Lsn, TimelineId};
+
+pub struct Index {
+    db: DB,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexMeta {
+    pub system_identifier: String,
+    pub wal_segment_size: u64,
+    /// Where streaming begins on the first `run`: the segment holding the
+    /// server's position when `init` created the slot.
+    pub stream_start_timeline: u32,
+    pub stream_start_lsn: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub timeline: u32,
+    /// Everything before this is fsynced in the spool.
+    pub flushed_lsn: u64,
+    /// The server's end of WAL as last reported by it.
+    pub server_lsn: u64,
+    pub updated_at_unix: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentRecord {
+    pub start_lsn: u64,
+    /// Just past the last archived byte.
+    pub end_lsn: u64,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    pub crc32: u32,
+    pub archived_at_unix: i64,
+}
+
+fn segment_key(prefix: &[u8; 3], segment: SegmentId) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(&segment.timeline.0.to_be_bytes());
+    key.extend_from_slice(&segment.segment_no.to_be_bytes());
+    key
+}
+
+fn parse_segment_key(key: &[u8]) -> Option<SegmentId> {
+    let tli = u32::from_be_bytes(key.get(3..7)?.try_into().ok()?);
+    let segno = u64::from_be_bytes(key.get(7..15)?.try_into().ok()?);
+    Some(SegmentId { timeline: TimelineId(tli), segment_no: segno })
+}
+
+impl Index {
+    pub fn open(dir: &Path) -> anyhow::Result<Index> {
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        let db = DB::open(&options, dir).with_context(|| format!("open index {}", dir.display()))?;
+        Ok(Index { db })
+    }
+
+    /// Opens without taking the lock, so `status` can read while `run` writes.
+    pub fn open_read_only(dir: &Path) -> anyhow::Result<Index> {
+        let db = DB::open_for_read_only(&Options::default(), dir, false)
+            .with_context(|| format!("open index {} read-only", dir.display()))?;
+        Ok(Index { db })
+    }
+
+    fn get_json<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> anyhow::Result<Option<T>> {
+        match self.db.get(key).context("read index")? {
+            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).context("decode index value")?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_json<T: Serialize>(&self, key: &[u8], value: &T, sync: bool) -> anyhow::Result<()> {
+        let mut options = WriteOptions::default();
+        options.set_sync(sync);
+        let bytes = serde_json::to_vec(value).context("encode index value")?;
+        self.db.put_opt(key, bytes, &options).context("write index")
+    }
+
+    pub fn meta(&self) -> anyhow::Result<Option<IndexMeta>> {
+        self.get_json(b"meta")
+    }
+
+    pub fn put_meta(&self, meta: &IndexMeta) -> anyhow::Result<()> {
+        self.put_json(b"meta", meta, true)
+    }
+
+    pub fn progress(&self) -> anyhow::Result<Option<Progress>> {
+        self.get_json(b"progress")
+    }
+
+    /// Progress is informational (status), so it is not synced on every call.
+    pub fn put_progress(&self, progress: &Progress) -> anyhow::Result<()> {
+        self.put_json(b"progress", progress, false)
+    }
+
+    pub fn put_segment(&self, segment: SegmentId, record: &SegmentRecord) -> anyhow::Result<()> {
+        self.put_json(&segment_key(b"seg", segment), record, true)
+    }
+
+    pub fn put_partial(&self, segment: SegmentId, record: &SegmentRecord) -> anyhow::Result<()> {
+        self.put_json(&segment_key(b"par", segment), record, true)
+    }
+
+    pub fn delete_partial(&self, segment: SegmentId) -> anyhow::Result<()> {
+        self.db.delete(segment_key(b"par", segment)).context("write index")
+    }
+
+    pub fn segment(&self, segment: SegmentId) -> anyhow::Result<Option<SegmentRecord>> {
+        self.get_json(&segment_key(b"seg", segment))
+    }
+
+    pub fn segments(&self) -> anyhow::Result<Vec<(SegmentId, SegmentRecord)>> {
+        self.scan(b"seg")
+    }
+
+    pub fn partials(&self) -> anyhow::Result<Vec<(SegmentId, SegmentRecord)>> {
+        self.scan(b"par")
+    }
+
+    fn scan(&self, prefix: &[u8; 3]) -> anyhow::Result<Vec<(SegmentId, SegmentRecord)>> {
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator(prefix) {
+            let (key, value) = item.context("scan index")?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            let segment = parse_segment_key(&key).context("corrupt index key")?;
+            out.push((segment, serde_json::from_slice(&value).context("decode index value")?));
+        }
+        Ok(out)
+    }
+}
+
+/// The end of the archive: past the last byte such that every byte from the
+/// first archived one up to it is in the repository, following the latest
+/// timeline. Complete segments first, then a partial object that continues them.
+pub fn archived_end(segments: &[(SegmentId, SegmentRecord)], partials: &[(SegmentId, SegmentRecord)]) -> Option<Lsn> {
+    let mut ranges: Vec<(u32, u64, u64)> = segments
+        .iter()
+        .chain(partials.iter())
+        .map(|(id, r)| (id.timeline.0, r.start_lsn, r.end_lsn))
+        .collect();
+    // Per timeline in LSN order; a later timeline continues from its switch point.
+    ranges.sort();
+    let mut end: Option<u64> = None;
+    let mut current_tli = None;
+    for (tli, start, stop) in ranges {
+        match end {
+            None => end = Some(stop),
+            // A new timeline's first segment repeats the old one's prefix, so it
+            // may start before the old end.
+            Some(e) if Some(tli) != current_tli => {
+                if start <= e {
+                    end = Some(stop)
+                } else {
+                    break;
+                }
+            }
+            Some(e) if start <= e => end = Some(e.max(stop)),
+            Some(_) => break,
+        }
+        current_tli = Some(tli);
+    }
+    end.map(Lsn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(start: u64, end: u64) -> SegmentRecord {
+        SegmentRecord { start_lsn: start, end_lsn: end, raw_bytes: 0, stored_bytes: 0, crc32: 0, archived_at_unix: 0 }
+    }
+    fn seg(tli: u32, no: u64) -> SegmentId {
+        SegmentId { timeline: TimelineId(tli), segment_no: no }
+    }
+
+    #[test]
+    fn keys_sort_numerically() {
+        let a = segment_key(b"seg", seg(1, 255));
+        let b = segment_key(b"seg", seg(1, 256));
+        let c = segment_key(b"seg", seg(2, 0));
+        assert!(a < b && b < c);
+        assert_eq!(parse_segment_key(&b), Some(seg(1, 256)));
+    }
+
+    #[test]
+    fn archived_end_follows_contiguous_segments_and_partial() {
+        let segments = vec![(seg(1, 1), rec(16, 32)), (seg(1, 2), rec(32, 48))];
+        assert_eq!(archived_end(&segments, &[]), Some(Lsn(48)));
+        assert_eq!(archived_end(&segments, &[(seg(1, 3), rec(48, 50))]), Some(Lsn(50)));
+        let gap = vec![(seg(1, 1), rec(16, 32)), (seg(1, 3), rec(48, 64))];
+        assert_eq!(archived_end(&gap, &[]), Some(Lsn(32)));
+        assert_eq!(archived_end(&[], &[]), None);
+        let switched = vec![(seg(1, 1), rec(16, 32)), (seg(2, 1), rec(16, 32)), (seg(2, 2), rec(32, 40))];
+        assert_eq!(archived_end(&switched, &[(seg(1, 2), rec(32, 36))]), Some(Lsn(40)));
+    }
+
+    #[test]
+    fn round_trip_in_rocksdb() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Index::open(dir.path()).expect("open");
+        index.put_segment(seg(1, 2), &rec(32, 48)).expect("put");
+        index.put_segment(seg(1, 1), &rec(16, 32)).expect("put");
+        index.put_partial(seg(1, 3), &rec(48, 50)).expect("put");
+        let segments = index.segments().expect("scan");
+        assert_eq!(segments.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![seg(1, 1), seg(1, 2)]);
+        assert_eq!(index.partials().expect("scan").len(), 1);
+        let reader = Index::open_read_only(dir.path()).expect("read-only while open");
+        assert_eq!(reader.segments().expect("scan").len(), 2);
+    }
+}

@@ -1,0 +1,32 @@
+//! The Tidemark agent: streams WAL from PostgreSQL into a repository.
+//!
+//! Module map, in the order data flows:
+//! - [`cli`]: commands, config merging, error messages with hints, exit codes.
+//! - [`config`]: the TOML file, `TIDEMARK_*` variables and flags merged into [`config::Settings`].
+//! - [`pg`]: our replication-protocol client (startup, auth, TLS, CopyBoth).
+//! - [`preflight`]: pure checks of the server's settings, each with a hint.
+//! - [`stream`]: the receiver loop: XLogData into the spool, status updates, timeline ends.
+//! - [`spool`]: segment files in the state directory, fsynced before they count.
+//! - [`uploader`]: frames, compresses and stores spool segments, then records them.
+//! - [`store`]: the repository as an object store, with durable local puts.
+//! - [`index`]: the RocksDB index (the only module that names rocksdb).
+//! - [`daemon`]: `run`: the state-directory lock, tasks, reconnects, shutdown.
+//! - [`status`]: the status report.
+//! - [`init`]: checks the server, creates the slot, creates or adopts the repository.
+//! - [`fail`]: errors we raise ourselves, each with a hint.
+//! - [`backoff`]: the one retry policy.
+
+pub mod backoff;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod fail;
+pub mod index;
+pub mod init;
+pub mod pg;
+pub mod preflight;
+pub mod spool;
+pub mod status;
+pub mod store;
+pub mod stream;
+pub mod uploader;

@@ -1,0 +1,433 @@
+//! One connection to PostgreSQL over the frontend/backend protocol: startup,
+//! authentication, simple queries and the CopyBoth stream of replication.
+//!
+//! Message framing and SCRAM come from postgres-protocol; the I/O is ours.
+//! Reads are cancel-safe: bytes land in `read_buf` only when a read completes,
+//! and messages are parsed out of that buffer, so a `recv_copy` dropped inside
+//! `tokio::select!` loses nothing.
+
+use super::error::{PgError, ServerError};
+use super::tls::{client_config, Verify};
+use bytes::{Buf, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use sha2::Digest;
+use std::path::PathBuf;
+use std::time::Duration;
+use tidemark_proto::conninfo::{ConnParams, SslMode};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Physical replication (a walsender) or an ordinary session on a database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionKind {
+    Replication,
+    Sql,
+}
+
+/// Rows of a simple query, each value as text (NULL is `None`).
+#[derive(Debug, Default)]
+pub struct QueryResult {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Option<String>>>,
+}
+
+impl QueryResult {
+    /// The first row's value in `column`, or an error naming what is missing.
+    pub fn value(&self, column: &str) -> Result<Option<&str>, PgError> {
+        let index = self
+            .columns
+            .iter()
+            .position(|c| c == column)
+            .ok_or_else(|| PgError::Protocol(format!("result has no column {column:?}")))?;
+        let row = self.rows.first().ok_or_else(|| PgError::Protocol("result has no rows".into()))?;
+        Ok(row.get(index).and_then(|v| v.as_deref()))
+    }
+}
+
+/// What arrives inside a replication stream.
+#[derive(Debug)]
+pub enum CopyEvent {
+    Data(Bytes),
+    /// The server ended the stream (end of timeline, or shutdown).
+    Done,
+}
+
+pub struct Connection {
+    stream: Box<dyn Stream>,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+}
+
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Connection {
+    /// Connects and authenticates. `params.user` must be set by the caller.
+    pub async fn connect(params: &ConnParams, kind: ConnectionKind) -> Result<Connection, PgError> {
+        let timeout = params.connect_timeout_secs.map(Duration::from_secs).unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let host = params.host.clone().unwrap_or_else(|| "localhost".into());
+        let address = if host.starts_with('/') {
+            format!("{host}/.s.PGSQL.{}", params.port)
+        } else {
+            format!("{host}:{}", params.port)
+        };
+        let connect_error = |source| PgError::Connect { address: address.clone(), source };
+        let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
+        let (stream, cert): (Box<dyn Stream>, Option<Vec<u8>>) = if host.starts_with('/') {
+            let unix = tokio::time::timeout(timeout, UnixStream::connect(&address))
+                .await
+                .map_err(|_| connect_error(timed_out()))?
+                .map_err(connect_error)?;
+            (Box::new(unix), None)
+        } else {
+            let tcp = tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), params.port)))
+                .await
+                .map_err(|_| connect_error(timed_out()))?
+                .map_err(connect_error)?;
+            tcp.set_nodelay(true)?;
+            negotiate_tls(tcp, &host, params).await?
+        };
+        let mut conn = Connection { stream, read_buf: BytesMut::with_capacity(256 * 1024), write_buf: BytesMut::new() };
+        conn.startup(params, kind, cert).await?;
+        Ok(conn)
+    }
+
+    async fn startup(&mut self, params: &ConnParams, kind: ConnectionKind, cert: Option<Vec<u8>>) -> Result<(), PgError> {
+        let user = params.user.clone().ok_or_else(|| PgError::Auth("no user name given".into()))?;
+        let mut startup: Vec<(&str, &str)> = vec![("user", &user)];
+        let dbname = params.dbname.clone().unwrap_or_else(|| "postgres".into());
+        match kind {
+            ConnectionKind::Replication => startup.push(("replication", "true")),
+            ConnectionKind::Sql => startup.push(("database", &dbname)),
+        }
+        let app = params.application_name.clone().unwrap_or_else(|| "tidemark".into());
+        startup.push(("application_name", &app));
+        frontend::startup_message(startup.iter().copied(), &mut self.write_buf)?;
+        self.flush().await?;
+
+        let password = || {
+            params.password.clone().ok_or_else(|| {
+                PgError::Auth("the server asked for a password and none was given (URL, PGPASSWORD or ~/.pgpass)".into())
+            })
+        };
+        loop {
+            match self.read_message().await? {
+                Message::AuthenticationOk => break,
+                Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(password()?.expose().as_bytes(), &mut self.write_buf)?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let hash = md5_hash(user.as_bytes(), password()?.expose().as_bytes(), body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut self.write_buf)?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let mechanisms: Vec<String> =
+                        body.mechanisms().map(|m| Ok(m.to_string())).collect().map_err(PgError::Io)?;
+                    self.scram(&mechanisms, password()?.expose(), cert.as_deref()).await?;
+                }
+                Message::ErrorResponse(body) => return Err(PgError::Server(server_error(&body))),
+                _ => return Err(PgError::Auth("the server asked for an authentication method we do not support".into())),
+            }
+        }
+        // ParameterStatus and BackendKeyData until ReadyForQuery.
+        loop {
+            match self.read_message().await? {
+                Message::ReadyForQuery(_) => return Ok(()),
+                Message::ErrorResponse(body) => return Err(PgError::Server(server_error(&body))),
+                _ => {}
+            }
+        }
+    }
+
+    async fn scram(&mut self, mechanisms: &[String], password: &str, cert: Option<&[u8]>) -> Result<(), PgError> {
+        let has = |name: &str| mechanisms.iter().any(|m| m == name);
+        // Channel binding over TLS when offered; "y" (we could, the server
+        // didn't offer) when on TLS without it; "n" without TLS.
+        let (mechanism, binding) = match cert {
+            Some(cert) if has("SCRAM-SHA-256-PLUS") => {
+                ("SCRAM-SHA-256-PLUS", ChannelBinding::tls_server_end_point(sha2::Sha256::digest(cert).to_vec()))
+            }
+            Some(_) => ("SCRAM-SHA-256", ChannelBinding::unrequested()),
+            None => ("SCRAM-SHA-256", ChannelBinding::unsupported()),
+        };
+        if !has("SCRAM-SHA-256") && mechanism == "SCRAM-SHA-256" {
+            return Err(PgError::Auth(format!("server offers only SASL mechanisms {mechanisms:?}")));
+        }
+        let mut scram = ScramSha256::new(password.as_bytes(), binding);
+        frontend::sasl_initial_response(mechanism, scram.message(), &mut self.write_buf)?;
+        self.flush().await?;
+        match self.read_message().await? {
+            Message::AuthenticationSaslContinue(body) => scram.update(body.data()).map_err(|e| PgError::Auth(e.to_string()))?,
+            Message::ErrorResponse(body) => return Err(PgError::Server(server_error(&body))),
+            _ => return Err(PgError::Protocol("expected SASL continue".into())),
+        }
+        frontend::sasl_response(scram.message(), &mut self.write_buf)?;
+        self.flush().await?;
+        match self.read_message().await? {
+            Message::AuthenticationSaslFinal(body) => {
+                scram.finish(body.data()).map_err(|e| PgError::Auth(format!("server signature rejected: {e}")))
+            }
+            Message::ErrorResponse(body) => Err(PgError::Server(server_error(&body))),
+            _ => Err(PgError::Protocol("expected SASL final".into())),
+        }
+    }
+
+    /// Runs one command with the simple query protocol and collects its rows.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<QueryResult, PgError> {
+        frontend::query(sql, &mut self.write_buf)?;
+        self.flush().await?;
+        let mut result = QueryResult::default();
+        let mut error = None;
+        loop {
+            match self.read_message().await? {
+                Message::RowDescription(body) => {
+                    result.columns = body.fields().map(|f| Ok(f.name().to_string())).collect()?;
+                }
+                Message::DataRow(body) => {
+                    let buffer = body.buffer();
+                    let row = body
+                        .ranges()
+                        .map(|range| {
+                            Ok(range.and_then(|r| buffer.get(r)).map(|v| String::from_utf8_lossy(v).into_owned()))
+                        })
+                        .collect()?;
+                    result.rows.push(row);
+                }
+                Message::ErrorResponse(body) => error = Some(server_error(&body)),
+                Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(PgError::Server(e)),
+            None => Ok(result),
+        }
+    }
+
+    /// Sends START_REPLICATION (or any command answered with CopyBoth) and
+    /// waits for the stream to begin.
+    pub async fn start_copy_both(&mut self, command: &str) -> Result<(), PgError> {
+        frontend::query(command, &mut self.write_buf)?;
+        self.flush().await?;
+        loop {
+            match self.next_raw().await? {
+                Raw::CopyBothResponse => return Ok(()),
+                Raw::Message(Message::ErrorResponse(body)) => {
+                    let error = server_error(&body);
+                    self.wait_ready().await?;
+                    return Err(PgError::Server(error));
+                }
+                Raw::Message(Message::NoticeResponse(_)) => {}
+                Raw::Message(_) => return Err(PgError::Protocol(format!("unexpected reply to {command:?}"))),
+            }
+        }
+    }
+
+    /// The next CopyData payload or the end of the stream. Cancel-safe.
+    pub async fn recv_copy(&mut self) -> Result<CopyEvent, PgError> {
+        loop {
+            if let Some(event) = self.try_recv_copy()? {
+                return Ok(event);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// A CopyData payload that is already buffered, without reading the socket.
+    pub fn try_recv_copy(&mut self) -> Result<Option<CopyEvent>, PgError> {
+        loop {
+            match self.parse_buffered()? {
+                None => return Ok(None),
+                Some(Raw::Message(Message::CopyData(body))) => return Ok(Some(CopyEvent::Data(body.into_bytes()))),
+                Some(Raw::Message(Message::CopyDone)) => return Ok(Some(CopyEvent::Done)),
+                Some(Raw::Message(Message::ErrorResponse(body))) => return Err(PgError::Server(server_error(&body))),
+                Some(Raw::Message(Message::NoticeResponse(_) | Message::ParameterStatus(_))) => {}
+                Some(_) => return Err(PgError::Protocol("unexpected message inside the replication stream".into())),
+            }
+        }
+    }
+
+    pub async fn send_copy_data(&mut self, payload: &[u8]) -> Result<(), PgError> {
+        frontend::CopyData::new(payload)?.write(&mut self.write_buf);
+        self.flush().await
+    }
+
+    /// Ends our side of the stream; then collect what follows with `finish_copy`.
+    pub async fn send_copy_done(&mut self) -> Result<(), PgError> {
+        frontend::copy_done(&mut self.write_buf);
+        self.flush().await
+    }
+
+    /// After both sides sent CopyDone: the optional result set (next timeline
+    /// and its start) and ReadyForQuery.
+    pub async fn finish_copy(&mut self) -> Result<QueryResult, PgError> {
+        let mut result = QueryResult::default();
+        loop {
+            match self.read_message().await? {
+                Message::RowDescription(body) => {
+                    result.columns = body.fields().map(|f| Ok(f.name().to_string())).collect()?;
+                }
+                Message::DataRow(body) => {
+                    let buffer = body.buffer();
+                    let row = body
+                        .ranges()
+                        .map(|range| {
+                            Ok(range.and_then(|r| buffer.get(r)).map(|v| String::from_utf8_lossy(v).into_owned()))
+                        })
+                        .collect()?;
+                    result.rows.push(row);
+                }
+                Message::ErrorResponse(body) => return Err(PgError::Server(server_error(&body))),
+                Message::ReadyForQuery(_) => return Ok(result),
+                // CopyData still in flight when we ended our side.
+                _ => {}
+            }
+        }
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), PgError> {
+        loop {
+            if let Raw::Message(Message::ReadyForQuery(_)) = self.next_raw().await? {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn read_message(&mut self) -> Result<Message, PgError> {
+        match self.next_raw().await? {
+            Raw::Message(message) => Ok(message),
+            Raw::CopyBothResponse => Err(PgError::Protocol("unexpected CopyBothResponse".into())),
+        }
+    }
+
+    async fn next_raw(&mut self) -> Result<Raw, PgError> {
+        loop {
+            if let Some(raw) = self.parse_buffered()? {
+                return Ok(raw);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// One whole message out of `read_buf`, or `None` if it is not all here yet.
+    fn parse_buffered(&mut self) -> Result<Option<Raw>, PgError> {
+        // postgres-protocol does not know 'W' (CopyBothResponse): peek at the
+        // header and consume that one ourselves.
+        if self.read_buf.len() >= 5 && self.read_buf.first() == Some(&b'W') {
+            let len = self.read_buf.get(1..5).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0);
+            let total = 1 + len as usize;
+            if self.read_buf.len() < total {
+                return Ok(None);
+            }
+            self.read_buf.advance(total);
+            return Ok(Some(Raw::CopyBothResponse));
+        }
+        match Message::parse(&mut self.read_buf) {
+            Ok(Some(message)) => Ok(Some(Raw::Message(message))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(PgError::Protocol(e.to_string())),
+        }
+    }
+
+    async fn fill(&mut self) -> Result<(), PgError> {
+        self.read_buf.reserve(128 * 1024);
+        let n = self.stream.read_buf(&mut self.read_buf).await?;
+        if n == 0 {
+            return Err(PgError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the server closed the connection",
+            )));
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), PgError> {
+        self.stream.write_all(&self.write_buf).await?;
+        self.write_buf.clear();
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// Says goodbye politely; errors are irrelevant at this point.
+    pub async fn close(mut self) {
+        frontend::terminate(&mut self.write_buf);
+        let _ = self.flush().await;
+    }
+}
+
+enum Raw {
+    Message(Message),
+    CopyBothResponse,
+}
+
+fn server_error(body: &postgres_protocol::message::backend::ErrorResponseBody) -> ServerError {
+    let mut error = ServerError::default();
+    let mut fields = body.fields();
+    while let Ok(Some(field)) = fields.next() {
+        let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
+        match field.type_() {
+            b'S' => error.severity = value,
+            b'C' => error.code = value,
+            b'M' => error.message = value,
+            b'D' => error.detail = Some(value),
+            b'H' => error.hint = Some(value),
+            _ => {}
+        }
+    }
+    error
+}
+
+/// SSLRequest and handshake per sslmode. Returns the stream and, for TLS, the
+/// server certificate (SCRAM channel binding hashes it).
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    host: &str,
+    params: &ConnParams,
+) -> Result<(Box<dyn Stream>, Option<Vec<u8>>), PgError> {
+    if params.sslmode == SslMode::Disable {
+        return Ok((Box::new(tcp), None));
+    }
+    let mut request = BytesMut::new();
+    frontend::ssl_request(&mut request);
+    tcp.write_all(&request).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    if answer[0] != b'S' {
+        if params.sslmode == SslMode::Prefer {
+            return Ok((Box::new(tcp), None));
+        }
+        return Err(PgError::Tls(format!(
+            "the server does not support TLS but sslmode is {:?}; enable ssl on the server or lower sslmode",
+            params.sslmode
+        )));
+    }
+    let root_cert = params.sslrootcert.as_ref().map(PathBuf::from).or_else(default_root_cert);
+    let verify = match params.sslmode {
+        SslMode::VerifyFull => Verify::ChainAndHost,
+        SslMode::VerifyCa => Verify::Chain,
+        // libpq: with a root certificate file present, require behaves like verify-ca.
+        SslMode::Require if root_cert.as_ref().is_some_and(|p| p.exists()) => Verify::Chain,
+        _ => Verify::Nothing,
+    };
+    let config = client_config(verify, root_cert.as_deref()).map_err(PgError::Tls)?;
+    let server_name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| PgError::Tls(format!("invalid host name {host:?}: {e}")))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| PgError::Tls(format!("handshake with {host} failed: {e}")))?;
+    let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec());
+    Ok((Box::new(tls), cert))
+}
+
+fn default_root_cert() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".postgresql/root.crt"))
+}

@@ -1,0 +1,93 @@
+//! `tidemark-agent status`: where the archive stands. Reads the index
+//! read-only (so it works while `run` holds it) and asks the server for its
+//! current position.
+
+use crate::config::Settings;
+use crate::fail::Fail;
+use crate::index::{archived_end, Index};
+use crate::pg::session;
+use serde::Serialize;
+use std::time::Duration;
+use tidemark_proto::Lsn;
+
+/// The report; field names are the stable JSON of DESIGN.md.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub system_identifier: String,
+    pub timeline: u32,
+    pub server_lsn: Option<String>,
+    pub archived_lsn: Option<String>,
+    pub flushed_lsn: Option<String>,
+    pub lag_bytes: Option<u64>,
+    pub last_backup: Option<serde_json::Value>,
+    pub window: Option<serde_json::Value>,
+    pub archived_segments: usize,
+    pub server_error: Option<String>,
+}
+
+pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
+    let index_dir = settings.state_dir.join("index");
+    if !index_dir.is_dir() {
+        return Err(Fail::new(
+            format!("no agent state in {}", settings.state_dir.display()),
+            "run `tidemark-agent init` first, or pass the --state-dir the agent uses",
+        )
+        .into());
+    }
+    let index = Index::open_read_only(&index_dir)?;
+    let meta = index.meta()?.ok_or_else(|| Fail::new("the index has no metadata", "run `tidemark-agent init`"))?;
+    let segments = index.segments()?;
+    let partials = index.partials()?;
+    let progress = index.progress()?;
+    let archived = archived_end(&segments, &partials);
+    let (server_lsn, server_error) = match server_position(settings).await {
+        Ok(lsn) => (Some(lsn), None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
+    let timeline = progress.as_ref().map(|p| p.timeline).unwrap_or(meta.stream_start_timeline);
+    Ok(Status {
+        system_identifier: meta.system_identifier,
+        timeline,
+        server_lsn: server_lsn.map(|l| l.to_string()),
+        archived_lsn: archived.map(|l| l.to_string()),
+        flushed_lsn: progress.map(|p| Lsn(p.flushed_lsn).to_string()),
+        lag_bytes: server_lsn.map(|s| s.saturating_sub(archived.unwrap_or(Lsn(meta.stream_start_lsn)))),
+        last_backup: None,
+        window: None,
+        archived_segments: segments.len(),
+        server_error,
+    })
+}
+
+async fn server_position(settings: &Settings) -> anyhow::Result<Lsn> {
+    let mut params = settings.conn.clone();
+    params.connect_timeout_secs = Some(params.connect_timeout_secs.unwrap_or(5));
+    params.application_name = Some(format!("{}_status", settings.application_name));
+    let work = async {
+        let mut conn = session::connect_replication(&params).await?;
+        let identity = session::identify(&mut conn).await?;
+        conn.close().await;
+        Ok::<_, anyhow::Error>(identity.xlogpos)
+    };
+    tokio::time::timeout(Duration::from_secs(10), work).await.map_err(|_| anyhow::anyhow!("timed out"))?
+}
+
+pub fn render_text(status: &Status) -> String {
+    let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
+    let mut out = String::new();
+    out.push_str(&format!("system identifier   {}\n", status.system_identifier));
+    out.push_str(&format!("timeline            {}\n", status.timeline));
+    match &status.server_error {
+        Some(e) => out.push_str(&format!("server LSN          unknown ({e})\n")),
+        None => out.push_str(&format!("server LSN          {}\n", or_none(&status.server_lsn))),
+    }
+    out.push_str(&format!("flushed LSN         {}   (durable in the local spool)\n", or_none(&status.flushed_lsn)));
+    out.push_str(&format!("archived LSN        {}   (durable in the repository)\n", or_none(&status.archived_lsn)));
+    if let Some(lag) = status.lag_bytes {
+        out.push_str(&format!("lag                 {lag} bytes\n"));
+    }
+    out.push_str(&format!("archived segments   {}\n", status.archived_segments));
+    out.push_str("last backup         none\n");
+    out.push_str("restorable window   none (no base backup yet)\n");
+    out
+}

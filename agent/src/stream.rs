@@ -1,0 +1,232 @@
+//! The receiver loop: START_REPLICATION, XLogData into the spool, standby
+//! status updates that report only fsynced positions, partial uploads on a
+//! timer, and moving on to the next timeline when the server ends one.
+
+use crate::config::Settings;
+use crate::index::{Index, Progress};
+use crate::pg::session::{self, Identity};
+use crate::pg::{Connection, CopyEvent};
+use crate::spool::{SegmentWriter, Spool};
+use crate::store::Repository;
+use crate::uploader::UploadJob;
+use anyhow::Context;
+use std::sync::Arc;
+use tidemark_proto::replication::{standby_status_update, ServerMessage};
+use tidemark_proto::repo::frame::{self, Compression};
+use tidemark_proto::repo::layout::history_key;
+use tidemark_proto::segment::SegmentId;
+use tidemark_proto::{Lsn, TimelineId};
+use tokio::sync::{mpsc, watch};
+use tokio::time::MissedTickBehavior;
+use tracing::{info, warn};
+
+pub struct StreamContext {
+    pub settings: Settings,
+    pub index: Arc<Index>,
+    pub repo: Repository,
+    pub spool: Spool,
+    pub uploads: mpsc::UnboundedSender<UploadJob>,
+    pub system_identifier: String,
+    pub stream_start: (TimelineId, Lsn),
+}
+
+fn now_unix_micros() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+/// Where to resume: the newest of the spool's own state and the recorded progress.
+fn resume_point(ctx: &StreamContext) -> anyhow::Result<(TimelineId, Lsn)> {
+    let size = ctx.spool.segment_size;
+    let mut candidates = vec![ctx.stream_start];
+    if let Some(point) = ctx.spool.resume_point()? {
+        candidates.push(point);
+    }
+    if let Some(progress) = ctx.index.progress()? {
+        candidates.push((TimelineId(progress.timeline), Lsn(progress.flushed_lsn).segment_start(size)));
+    }
+    if let Some((segment, record)) = ctx.index.segments()?.last() {
+        candidates.push((segment.timeline, Lsn(record.end_lsn)));
+    }
+    candidates.into_iter().max().context("no resume point")
+}
+
+/// Streams until shutdown (Ok) or an error. Sets `*started` once streaming began.
+pub async fn stream_once(ctx: &StreamContext, shutdown: &mut watch::Receiver<bool>, started: &mut bool) -> anyhow::Result<()> {
+    let mut conn = session::connect_replication(&ctx.settings.conn).await?;
+    let identity: Identity = session::identify(&mut conn).await?;
+    session::check_same_cluster("the repository", &ctx.system_identifier, &identity.system_identifier)?;
+    let (mut timeline, mut start) = resume_point(ctx)?;
+    if timeline > identity.timeline {
+        anyhow::bail!(crate::fail::Fail::new(
+            format!("the archive is on timeline {timeline} but the server is on timeline {}", identity.timeline),
+            "was this server restored from an older backup? archive it into a new repository",
+        ));
+    }
+    loop {
+        if timeline.0 > 1 {
+            archive_history(ctx, &mut conn, timeline).await?;
+        }
+        let command = format!("START_REPLICATION SLOT \"{}\" PHYSICAL {start} TIMELINE {timeline}", ctx.settings.slot);
+        conn.start_copy_both(&command).await.with_context(|| format!("start streaming at {start} on timeline {timeline}"))?;
+        *started = true;
+        info!(%timeline, %start, "streaming");
+        match stream_timeline(ctx, &mut conn, timeline, start, shutdown).await? {
+            None => return Ok(()),
+            Some((next_timeline, next_start)) => {
+                info!(%timeline, next_timeline = %next_timeline, switch = %next_start, "timeline ended");
+                timeline = next_timeline;
+                start = next_start.segment_start(ctx.spool.segment_size);
+                ctx.index.put_progress(&Progress {
+                    timeline: timeline.0,
+                    flushed_lsn: start.0,
+                    server_lsn: 0,
+                    updated_at_unix: now_unix_micros() / 1_000_000,
+                })?;
+            }
+        }
+    }
+}
+
+/// Stores `%08X.history` for `timeline` if the repository lacks it.
+async fn archive_history(ctx: &StreamContext, conn: &mut Connection, timeline: TimelineId) -> anyhow::Result<()> {
+    let key = history_key(timeline);
+    if ctx.repo.get(&key).await?.is_some() {
+        return Ok(());
+    }
+    let result = conn.simple_query(&format!("TIMELINE_HISTORY {timeline}")).await?;
+    let content = result.value("content")?.context("TIMELINE_HISTORY returned no content")?.as_bytes().to_vec();
+    tidemark_proto::timeline::parse_history(&content).context("the server sent an unreadable history file")?;
+    let (object, _) = frame::encode(&content, Compression::None)?;
+    ctx.repo.put(&key, object).await?;
+    info!(%timeline, "archived timeline history");
+    Ok(())
+}
+
+/// Returns `None` on shutdown, or the next timeline and its start when the server ended this one.
+async fn stream_timeline(
+    ctx: &StreamContext,
+    conn: &mut Connection,
+    timeline: TimelineId,
+    start: Lsn,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<Option<(TimelineId, Lsn)>> {
+    let mut writer = SegmentWriter::new(ctx.spool.clone(), timeline, start);
+    let mut server_lsn = start;
+    send_status(conn, &writer, false).await?;
+    let mut status_tick = tokio::time::interval(ctx.settings.status_interval);
+    status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut partial_tick = tokio::time::interval(ctx.settings.partial_upload_interval);
+    partial_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_partial: Option<(SegmentId, u64)> = None;
+    let mut last_progress_write = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            event = conn.recv_copy() => {
+                let mut event = event?;
+                let mut reply_now = false;
+                let mut ended = false;
+                // Take everything already buffered, then fsync once: batching
+                // under load, one fsync per commit when quiet (synchronous mode).
+                loop {
+                    match event {
+                        CopyEvent::Data(payload) => match ServerMessage::parse(payload)? {
+                            ServerMessage::XLogData { start, server_wal_end, data } => {
+                                let completed = tokio::task::block_in_place(|| writer.write(start, &data))?;
+                                for done in completed {
+                                    ctx.uploads.send(UploadJob::Complete { segment: done.segment, path: done.path })
+                                        .context("the uploader stopped")?;
+                                }
+                                server_lsn = server_lsn.max(server_wal_end);
+                            }
+                            ServerMessage::Keepalive { server_wal_end, reply_requested } => {
+                                server_lsn = server_lsn.max(server_wal_end);
+                                reply_now |= reply_requested;
+                            }
+                        },
+                        CopyEvent::Done => {
+                            ended = true;
+                            break;
+                        }
+                    }
+                    match conn.try_recv_copy()? {
+                        Some(next) => event = next,
+                        None => break,
+                    }
+                }
+                if writer.position() > writer.flushed() {
+                    tokio::task::block_in_place(|| writer.flush())?;
+                    record_progress(ctx, &writer, server_lsn)?;
+                    last_progress_write = std::time::Instant::now();
+                    send_status(conn, &writer, false).await?;
+                } else if reply_now {
+                    send_status(conn, &writer, false).await?;
+                }
+                if ended {
+                    return end_of_timeline(ctx, conn, &mut writer).await.map(Some);
+                }
+            }
+            _ = status_tick.tick() => {
+                send_status(conn, &writer, false).await?;
+                if last_progress_write.elapsed() >= ctx.settings.status_interval {
+                    record_progress(ctx, &writer, server_lsn)?;
+                    last_progress_write = std::time::Instant::now();
+                }
+            }
+            _ = partial_tick.tick() => {
+                if let Some((segment, path, len)) = writer.partial() {
+                    if last_partial != Some((segment, len)) {
+                        ctx.uploads.send(UploadJob::Partial { segment, path, len, last: false }).context("the uploader stopped")?;
+                        last_partial = Some((segment, len));
+                    }
+                }
+            }
+            _ = shutdown.changed() => {
+                tokio::task::block_in_place(|| writer.flush())?;
+                record_progress(ctx, &writer, server_lsn)?;
+                send_status(conn, &writer, false).await?;
+                if let Some((segment, path, len)) = writer.partial() {
+                    let _ = ctx.uploads.send(UploadJob::Partial { segment, path, len, last: false });
+                }
+                conn.send_copy_done().await?;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+async fn end_of_timeline(ctx: &StreamContext, conn: &mut Connection, writer: &mut SegmentWriter) -> anyhow::Result<(TimelineId, Lsn)> {
+    conn.send_copy_done().await?;
+    let result = conn.finish_copy().await?;
+    tokio::task::block_in_place(|| writer.flush())?;
+    if let Some((segment, path, len)) = writer.partial() {
+        // The old timeline ends inside this segment; it stays partial for good.
+        ctx.uploads.send(UploadJob::Partial { segment, path, len, last: true }).context("the uploader stopped")?;
+    }
+    let next_timeline: u32 = result
+        .value("next_tli")?
+        .context("the server ended the stream without naming the next timeline; is it shutting down?")?
+        .parse()?;
+    let next_start: Lsn = result.value("next_tli_startpos")?.context("no next timeline start")?.parse()?;
+    if next_timeline <= writer.timeline().0 {
+        warn!(next_timeline, "server named a timeline that is not newer");
+    }
+    Ok((TimelineId(next_timeline), next_start))
+}
+
+fn record_progress(ctx: &StreamContext, writer: &SegmentWriter, server_lsn: Lsn) -> anyhow::Result<()> {
+    ctx.index.put_progress(&Progress {
+        timeline: writer.timeline().0,
+        flushed_lsn: writer.flushed().0,
+        server_lsn: server_lsn.0,
+        updated_at_unix: now_unix_micros() / 1_000_000,
+    })
+}
+
+/// Reports written = flushed = what is fsynced: the slot may advance to it and
+/// synchronous commits waiting for it may return.
+async fn send_status(conn: &mut Connection, writer: &SegmentWriter, reply_requested: bool) -> anyhow::Result<()> {
+    let flushed = writer.flushed();
+    let message = standby_status_update(flushed, flushed, now_unix_micros(), reply_requested);
+    conn.send_copy_data(&message).await?;
+    Ok(())
+}

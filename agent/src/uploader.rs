@@ -1,0 +1,149 @@
+//! Moves spool segments into the repository: read, compress, frame, put
+//! (durable), record in the index, and only then delete the spool file.
+//! Jobs run one at a time in the order they were queued, so the repository
+//! fills in LSN order and a partial object never overwrites a newer state.
+
+use crate::index::{Index, SegmentRecord};
+use crate::store::Repository;
+use anyhow::Context;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tidemark_proto::repo::frame::{self, Compression};
+use tidemark_proto::repo::layout::{partial_segment_key, segment_key};
+use tidemark_proto::segment::SegmentId;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+#[derive(Debug, Clone)]
+pub enum UploadJob {
+    /// A full segment, fsynced and renamed in the spool.
+    Complete { segment: SegmentId, path: PathBuf },
+    /// The first `len` flushed bytes of a segment still being filled. With
+    /// `last`, the timeline ended inside it: it stays partial for good, and the
+    /// spool file goes once it is stored.
+    Partial { segment: SegmentId, path: PathBuf, len: u64, last: bool },
+}
+
+pub struct Uploader {
+    pub repo: Repository,
+    pub index: Arc<Index>,
+    pub segment_size: u64,
+    pub compression_level: i32,
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+impl Uploader {
+    /// Runs jobs until the channel closes; each is retried until it succeeds.
+    pub async fn run(self, mut jobs: mpsc::UnboundedReceiver<UploadJob>) {
+        while let Some(job) = jobs.recv().await {
+            let mut attempt = 0;
+            loop {
+                match self.upload(&job).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        let wait = crate::backoff::delay(attempt, Duration::from_secs(30));
+                        warn!("upload failed, retrying in {:.1}s: {e:#}", wait.as_secs_f64());
+                        attempt += 1;
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        }
+    }
+
+    pub async fn upload(&self, job: &UploadJob) -> anyhow::Result<()> {
+        match job {
+            UploadJob::Complete { segment, path } => self.upload_complete(*segment, path).await,
+            UploadJob::Partial { segment, path, len, last } => self.upload_partial(*segment, path, *len, *last).await,
+        }
+    }
+
+    async fn upload_complete(&self, segment: SegmentId, path: &PathBuf) -> anyhow::Result<()> {
+        let name = segment.file_name(self.segment_size);
+        let raw = match tokio::fs::read(path).await {
+            Ok(raw) => raw,
+            // Already uploaded and removed by an earlier attempt.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.index.segment(segment)?.is_some() => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("read spool segment {}", path.display())),
+        };
+        anyhow::ensure!(
+            raw.len() as u64 == self.segment_size,
+            "spool segment {} has {} bytes, expected {}",
+            path.display(),
+            raw.len(),
+            self.segment_size
+        );
+        let record = self.store(&segment_key(segment, self.segment_size), raw, segment).await?;
+        self.index.put_segment(segment, &record)?;
+        // The complete object supersedes any partial one.
+        self.repo.delete(&partial_segment_key(segment, self.segment_size)).await?;
+        self.index.delete_partial(segment)?;
+        remove_durably(path)?;
+        info!(segment = %name, stored_bytes = record.stored_bytes, "archived segment");
+        Ok(())
+    }
+
+    async fn upload_partial(&self, segment: SegmentId, path: &PathBuf, len: u64, last: bool) -> anyhow::Result<()> {
+        if self.index.segment(segment)?.is_some() {
+            return Ok(()); // The complete segment is already stored.
+        }
+        let raw = match read_prefix(path, len).await {
+            Ok(raw) => raw,
+            // Renamed to complete meanwhile: its Complete job follows.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("read spool file {}", path.display())),
+        };
+        let record = self.store(&partial_segment_key(segment, self.segment_size), raw, segment).await?;
+        self.index.put_partial(segment, &record)?;
+        if last {
+            remove_durably(path)?;
+        }
+        debug!(segment = %segment.file_name(self.segment_size), bytes = len, "archived partial segment");
+        Ok(())
+    }
+
+    async fn store(&self, key: &str, raw: Vec<u8>, segment: SegmentId) -> anyhow::Result<SegmentRecord> {
+        let level = self.compression_level;
+        let raw_len = raw.len() as u64;
+        let (object, info) = tokio::task::spawn_blocking(move || frame::encode(&raw, Compression::Zstd { level }))
+            .await
+            .context("join compression task")??;
+        self.repo.put(key, object).await?;
+        let start = segment.start_lsn(self.segment_size).0;
+        Ok(SegmentRecord {
+            start_lsn: start,
+            end_lsn: start + raw_len,
+            raw_bytes: info.raw_len,
+            stored_bytes: info.stored_len,
+            crc32: info.crc32,
+            archived_at_unix: now_unix(),
+        })
+    }
+}
+
+async fn read_prefix(path: &PathBuf, len: u64) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let file = tokio::fs::File::open(path).await?;
+    let mut raw = Vec::with_capacity(len as usize);
+    file.take(len).read_to_end(&mut raw).await?;
+    if (raw.len() as u64) < len {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "spool file shorter than its flushed length"));
+    }
+    Ok(raw)
+}
+
+fn remove_durably(path: &PathBuf) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("remove spool file {}", path.display())),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync {}", dir.display()))?;
+    }
+    Ok(())
+}

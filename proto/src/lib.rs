@@ -1,0 +1,23 @@
+//! Formats both Tidemark binaries agree on byte for byte.
+//!
+//! Crate map:
+//! - [`lsn`]: `Lsn`, its `X/Y` text form and segment arithmetic.
+//! - [`timeline`]: `TimelineId` and timeline history files.
+//! - [`segment`]: WAL segment and history file names.
+//! - [`conninfo`]: libpq-style connection settings (URL, `PG*` variables, `.pgpass`).
+//! - [`replication`]: messages of the physical replication stream.
+//! - [`repo`]: the repository layout and the envelope every stored object is framed in.
+//!
+//! **Architecture invariant:** this crate does no I/O, spawns nothing and never
+//! panics on any input; every decoder of outside bytes returns an error instead.
+#![deny(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+
+pub mod conninfo;
+pub mod lsn;
+pub mod replication;
+pub mod repo;
+pub mod segment;
+pub mod timeline;
+
+pub use lsn::Lsn;
+pub use timeline::TimelineId;

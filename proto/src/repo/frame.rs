@@ -1,0 +1,194 @@
+//! The envelope every repository object is stored in.
+//!
+//! Layout, all integers little-endian (this is our format, not PostgreSQL's):
+//!
+//! ```text
+//! offset  size  field
+//! 0       4     magic "TMK\x01"
+//! 4       2     format version (1)
+//! 6       1     compression: 0 none, 1 zstd
+//! 7       1     flags (reserved, 0)
+//! 8       8     raw length: bytes after decompression
+//! 16      4     CRC-32 (IEEE) of the raw bytes
+//! 20      8     payload length: bytes stored after this header
+//! 28      ..    payload
+//! ```
+//!
+//! The checksum covers the raw bytes, so it proves the whole chain
+//! (transfer, storage, decompression) gave back exactly what was written.
+
+use bytes::Buf;
+
+pub const MAGIC: [u8; 4] = *b"TMK\x01";
+pub const VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 28;
+/// Largest raw object we accept; bounds the memory a hostile header can ask for.
+pub const MAX_RAW_LEN: u64 = 1 << 31;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Zstd { level: i32 },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("not a Tidemark object (bad magic)")]
+    BadMagic,
+    #[error("object is truncated: header says {expected} payload bytes, found {found}")]
+    Truncated { expected: u64, found: u64 },
+    #[error("object format version {0} is newer than this build understands (1); upgrade Tidemark")]
+    UnknownVersion(u16),
+    #[error("unknown compression {0} in object header")]
+    UnknownCompression(u8),
+    #[error("unknown flags {0:#04x} in object header")]
+    UnknownFlags(u8),
+    #[error("object claims {0} raw bytes, more than the limit")]
+    TooLarge(u64),
+    #[error("object payload does not decompress: {0}")]
+    Decompress(String),
+    #[error("object length mismatch: header says {expected} raw bytes, got {found}")]
+    LengthMismatch { expected: u64, found: u64 },
+    #[error("object checksum mismatch: stored {stored:08x}, computed {computed:08x}")]
+    ChecksumMismatch { stored: u32, computed: u32 },
+    #[error("compression failed: {0}")]
+    Compress(String),
+}
+
+/// What a frame's header says about its object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameInfo {
+    pub raw_len: u64,
+    pub crc32: u32,
+    pub stored_len: u64,
+}
+
+/// Frames `raw`, compressing it as asked. Returns the object bytes and their info.
+pub fn encode(raw: &[u8], compression: Compression) -> Result<(Vec<u8>, FrameInfo), FrameError> {
+    let (code, payload) = match compression {
+        Compression::None => (0u8, raw.to_vec()),
+        Compression::Zstd { level } => {
+            (1u8, zstd::bulk::compress(raw, level).map_err(|e| FrameError::Compress(e.to_string()))?)
+        }
+    };
+    let crc32 = crc32fast::hash(raw);
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.push(code);
+    out.push(0);
+    out.extend_from_slice(&(raw.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&payload);
+    let info = FrameInfo { raw_len: raw.len() as u64, crc32, stored_len: out.len() as u64 };
+    Ok((out, info))
+}
+
+/// Opens a frame: checks header, decompresses, verifies length and checksum.
+pub fn decode(object: &[u8]) -> Result<Vec<u8>, FrameError> {
+    let mut header = object;
+    let mut magic = [0u8; 4];
+    header.try_copy_to_slice(&mut magic).map_err(|_| FrameError::BadMagic)?;
+    if magic != MAGIC {
+        return Err(FrameError::BadMagic);
+    }
+    let short = |_| FrameError::Truncated { expected: HEADER_LEN as u64, found: object.len() as u64 };
+    let version = header.try_get_u16_le().map_err(short)?;
+    if version != VERSION {
+        return Err(FrameError::UnknownVersion(version));
+    }
+    let compression = header.try_get_u8().map_err(short)?;
+    let flags = header.try_get_u8().map_err(short)?;
+    if flags != 0 {
+        return Err(FrameError::UnknownFlags(flags));
+    }
+    let raw_len = header.try_get_u64_le().map_err(short)?;
+    let stored_crc = header.try_get_u32_le().map_err(short)?;
+    let payload_len = header.try_get_u64_le().map_err(short)?;
+    if raw_len > MAX_RAW_LEN {
+        return Err(FrameError::TooLarge(raw_len));
+    }
+    let payload = header;
+    if payload.len() as u64 != payload_len {
+        return Err(FrameError::Truncated { expected: payload_len, found: payload.len() as u64 });
+    }
+    let raw = match compression {
+        0 => payload.to_vec(),
+        1 => {
+            // The capacity bound makes zstd refuse to produce more than the header promised.
+            let capacity = usize::try_from(raw_len).map_err(|_| FrameError::TooLarge(raw_len))?;
+            zstd::bulk::decompress(payload, capacity).map_err(|e| FrameError::Decompress(e.to_string()))?
+        }
+        other => return Err(FrameError::UnknownCompression(other)),
+    };
+    if raw.len() as u64 != raw_len {
+        return Err(FrameError::LengthMismatch { expected: raw_len, found: raw.len() as u64 });
+    }
+    let computed = crc32fast::hash(&raw);
+    if computed != stored_crc {
+        return Err(FrameError::ChecksumMismatch { stored: stored_crc, computed });
+    }
+    Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trip_both_compressions() {
+        let raw = b"0123456789".repeat(1000);
+        for compression in [Compression::None, Compression::Zstd { level: 1 }] {
+            let (object, info) = encode(&raw, compression).expect("encode");
+            assert_eq!(info.raw_len, raw.len() as u64);
+            assert_eq!(info.stored_len, object.len() as u64);
+            assert_eq!(decode(&object).expect("decode"), raw);
+        }
+    }
+
+    #[test]
+    fn every_flipped_byte_is_caught() {
+        let raw = b"the quick brown fox".repeat(20);
+        let (object, _) = encode(&raw, Compression::Zstd { level: 3 }).expect("encode");
+        for i in 0..object.len() {
+            let mut bad = object.clone();
+            bad[i] ^= 0x40;
+            assert!(decode(&bad).is_err(), "flip at byte {i} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn truncation_is_caught() {
+        let (object, _) = encode(b"abc", Compression::None).expect("encode");
+        assert!(matches!(decode(&object[..object.len() - 1]), Err(FrameError::Truncated { .. })));
+        assert_eq!(decode(b"TMK"), Err(FrameError::BadMagic));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_payload_after_valid_header_never_panics(tail in proptest::collection::vec(any::<u8>(), 0..256), raw_len in 0u64..4096) {
+            let mut object = MAGIC.to_vec();
+            object.extend_from_slice(&VERSION.to_le_bytes());
+            object.push(1);
+            object.push(0);
+            object.extend_from_slice(&raw_len.to_le_bytes());
+            object.extend_from_slice(&0u32.to_le_bytes());
+            object.extend_from_slice(&(tail.len() as u64).to_le_bytes());
+            object.extend_from_slice(&tail);
+            prop_assert!(decode(&object).is_err() || raw_len == 0);
+        }
+
+        #[test]
+        fn round_trip(raw in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let (object, _) = encode(&raw, Compression::Zstd { level: 1 }).expect("encode");
+            prop_assert_eq!(decode(&object).expect("decode"), raw);
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Where each object lives in the repository, and the repository's own metadata.
+//!
+//! ```text
+//! repository.json                          RepositoryMeta (plain JSON, not framed)
+//! wal/TTTTTTTT/<segment name>              a complete segment, framed
+//! wal/TTTTTTTT/<segment name>.partial      the durable prefix of a segment still
+//!                                          being filled (or the last one of a timeline
+//!                                          that was left), framed; superseded by the
+//!                                          complete object when there is one
+//! timelines/TTTTTTTT.history               a timeline history file, framed
+//! ```
+//!
+//! **API boundary:** these keys are a stored format; changing one needs a new
+//! `RepositoryMeta::format_version`.
+
+use crate::segment::{history_file_name, SegmentId};
+use crate::TimelineId;
+use serde::{Deserialize, Serialize};
+
+pub const META_KEY: &str = "repository.json";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Written once when the repository is created; read by every command that opens it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepositoryMeta {
+    pub format_version: u32,
+    /// The cluster this repository belongs to (IDENTIFY_SYSTEM's systemid), as text
+    /// because JSON numbers lose precision above 2^53.
+    pub system_identifier: String,
+    pub wal_segment_size: u64,
+    pub server_version_num: u32,
+    pub created_at: String,
+}
+
+impl RepositoryMeta {
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut text = serde_json::to_vec_pretty(self).unwrap_or_default();
+        text.push(b'\n');
+        text
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<RepositoryMeta, String> {
+        let meta: RepositoryMeta = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if meta.format_version > FORMAT_VERSION {
+            return Err(format!(
+                "repository format {} is newer than this build understands ({FORMAT_VERSION}); upgrade Tidemark",
+                meta.format_version
+            ));
+        }
+        if !crate::segment::is_valid_segment_size(meta.wal_segment_size) {
+            return Err(format!("invalid wal_segment_size {}", meta.wal_segment_size));
+        }
+        Ok(meta)
+    }
+}
+
+fn timeline_dir(timeline: TimelineId) -> String {
+    format!("wal/{:08X}", timeline.0)
+}
+
+/// Key of a complete segment.
+pub fn segment_key(segment: SegmentId, segment_size: u64) -> String {
+    format!("{}/{}", timeline_dir(segment.timeline), segment.file_name(segment_size))
+}
+
+/// Key of the partial object of a segment.
+pub fn partial_segment_key(segment: SegmentId, segment_size: u64) -> String {
+    format!("{}.partial", segment_key(segment, segment_size))
+}
+
+pub fn history_key(timeline: TimelineId) -> String {
+    format!("timelines/{}", history_file_name(timeline))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys() {
+        let segment = SegmentId { timeline: TimelineId(2), segment_no: 0xB };
+        let size = 16 << 20;
+        assert_eq!(segment_key(segment, size), "wal/00000002/00000002000000000000000B");
+        assert_eq!(partial_segment_key(segment, size), "wal/00000002/00000002000000000000000B.partial");
+        assert_eq!(history_key(TimelineId(3)), "timelines/00000003.history");
+    }
+
+    #[test]
+    fn meta_round_trip_and_refusals() {
+        let meta = RepositoryMeta {
+            format_version: 1,
+            system_identifier: "7711696038950075490".into(),
+            wal_segment_size: 16 << 20,
+            server_version_num: 150018,
+            created_at: "2026-11-25T01:00:00Z".into(),
+        };
+        assert_eq!(RepositoryMeta::from_json(&meta.to_json()), Ok(meta.clone()));
+        let newer = RepositoryMeta { format_version: 99, ..meta.clone() };
+        assert!(RepositoryMeta::from_json(&newer.to_json()).unwrap_err().contains("upgrade"));
+        let odd = RepositoryMeta { wal_segment_size: 3, ..meta };
+        assert!(RepositoryMeta::from_json(&odd.to_json()).is_err());
+        assert!(RepositoryMeta::from_json(b"{").is_err());
+    }
+}

@@ -1,0 +1,4 @@
+//! The repository: where objects live and how each one is framed.
+
+pub mod frame;
+pub mod layout;
