@@ -81,6 +81,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     }
     let spool = Spool::open(&settings.state_dir, meta.wal_segment_size)?;
+    check_spool_space(&spool)?;
     let (uploads, jobs) = mpsc::unbounded_channel();
     // Segments completed before a crash go first, in order.
     for file in spool.scan()?.into_iter().filter(|f| f.complete) {
@@ -119,7 +120,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         if !started {
             break Err(error);
         }
-        let transient = error.downcast_ref::<PgError>().is_some_and(PgError::is_transient);
+        // Only the server's side is retried: a local disk error (full,
+        // read-only) stops the agent with its cause rather than spin.
+        let Some(pg_error) = error.downcast_ref::<PgError>() else { break Err(error) };
+        let transient = pg_error.is_transient();
         let wait = crate::backoff::delay(attempt, Duration::from_secs(30));
         if transient {
             warn!("streaming interrupted, reconnecting in {:.1}s: {error:#}", wait.as_secs_f64());
@@ -142,6 +146,27 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     info!("stopped");
     result
+}
+
+/// Refuses to start with less room than two segments in the spool: the
+/// segment being filled and one waiting for upload.
+fn check_spool_space(spool: &Spool) -> anyhow::Result<()> {
+    let path = std::ffi::CString::new(spool.dir.as_os_str().as_encoded_bytes()).context("spool path")?;
+    // SAFETY: statvfs writes into the zeroed struct we pass; the path is NUL-terminated.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stats) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("statvfs {}", spool.dir.display()));
+    }
+    let available = stats.f_bavail as u64 * stats.f_frsize as u64;
+    let needed = 2 * spool.segment_size;
+    if available < needed {
+        return Err(Fail::new(
+            format!("spool directory {} has {} kB free; streaming needs at least {} kB (two WAL segments)", spool.dir.display(), available / 1024, needed / 1024),
+            "free space where --state-dir lives, or move --state-dir to a larger disk",
+        )
+        .into());
+    }
+    Ok(())
 }
 
 async fn wait_for_signal() {

@@ -72,10 +72,20 @@ impl Index {
     }
 
     /// Opens without taking the lock, so `status` can read while `run` writes.
+    /// The writer may rotate its log file between our listing and opening
+    /// it, so a failed open is retried a few times before it counts.
     pub fn open_read_only(dir: &Path) -> anyhow::Result<Index> {
-        let db = DB::open_for_read_only(&Options::default(), dir, false)
-            .with_context(|| format!("open index {} read-only", dir.display()))?;
-        Ok(Index { db })
+        let mut attempt = 0;
+        loop {
+            match DB::open_for_read_only(&Options::default(), dir, false) {
+                Ok(db) => return Ok(Index { db }),
+                Err(e) if attempt < 20 && e.kind() == rocksdb::ErrorKind::IOError => {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(e).with_context(|| format!("open index {} read-only", dir.display())),
+            }
+        }
     }
 
     fn get_json<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> anyhow::Result<Option<T>> {

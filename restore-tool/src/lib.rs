@@ -1,1 +1,12 @@
-//! placeholder
+//! The Tidemark restore tool: everything it needs comes from the repository.
+//!
+//! Module map:
+//! - [`cli`]: commands, settings, error lines and exit codes.
+//! - [`store`]: reading repository objects (and checking their frames).
+//! - [`wal_get`]: the restore_command: one WAL file to the path PostgreSQL gives.
+//!
+//! **Architecture invariant:** nothing here reads the agent's state directory.
+
+pub mod cli;
+pub mod store;
+pub mod wal_get;

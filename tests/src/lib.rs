@@ -1,1 +1,12 @@
-//! placeholder
+//! The test harness shared by all end-to-end tests.
+//!
+//! - [`cluster`]: throwaway PostgreSQL clusters (initdb, free loopback port,
+//!   chosen settings and pg_hba lines), SQL through psql, pgbench, stop in Drop.
+//! - [`agent`]: the real `tidemark-agent` and `tidemark-restore` binaries.
+//! - [`wait`]: waiting on conditions with generous deadlines, never fixed sleeps.
+//! - [`tls`]: a test certificate authority made with openssl.
+
+pub mod agent;
+pub mod cluster;
+pub mod tls;
+pub mod wait;

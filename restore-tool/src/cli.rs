@@ -1,0 +1,98 @@
+//! Command line of `tidemark-restore`: settings (TOML file, then
+//! `TIDEMARK_*` variables, then flags), dispatch, error line with hint.
+
+use crate::store::{ReadError, RepositoryReader};
+use crate::wal_get::{wal_get, Fetched};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "tidemark-restore", version, about = "Restores PostgreSQL from a Tidemark repository")]
+struct Args {
+    /// TOML config file (default ./tidemark.toml if it exists); only `repo` is read from it.
+    #[arg(long, global = true, env = "TIDEMARK_CONFIG")]
+    config: Option<PathBuf>,
+    /// Repository URL: file:///path (default ./tidemark-repo) or s3://bucket/prefix.
+    #[arg(long, global = true, env = "TIDEMARK_REPO")]
+    repo: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The restore_command: write WAL file SEGMENT (%f) to PATH (%p).
+    /// Exits 1 if the repository has no such file, 200 on corruption or errors.
+    WalGet { segment: String, path: PathBuf },
+}
+
+/// Exit code that makes PostgreSQL abort recovery (anything above 125).
+const ABORT_RECOVERY: u8 = 200;
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEMARK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tidemark-restore: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(dispatch(args))
+}
+
+fn repo_url(args: &Args) -> Result<String, String> {
+    if let Some(repo) = &args.repo {
+        return Ok(repo.clone());
+    }
+    let (path, explicit) = match &args.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from("tidemark.toml"), false),
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let table: toml::Table = text.parse().map_err(|e| format!("config file {} is invalid: {e}", path.display()))?;
+            Ok(table.get("repo").and_then(|v| v.as_str()).unwrap_or("./tidemark-repo").to_string())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok("./tidemark-repo".into()),
+        Err(e) => Err(format!("cannot read config file {}: {e}", path.display())),
+    }
+}
+
+async fn dispatch(args: Args) -> ExitCode {
+    let url = match repo_url(&args) {
+        Ok(url) => url,
+        Err(e) => {
+            eprintln!("tidemark-restore: error: {e}\nhint: fix --config or pass --repo");
+            return ExitCode::FAILURE;
+        }
+    };
+    match args.command {
+        Command::WalGet { segment, path } => {
+            let result = match RepositoryReader::open(&url) {
+                Ok(repo) => wal_get(&repo, &segment, &path).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(Fetched::Written { .. }) => ExitCode::SUCCESS,
+                Ok(Fetched::Missing) => {
+                    eprintln!("tidemark-restore: {segment} is not in the repository");
+                    ExitCode::from(1)
+                }
+                Err(e) => {
+                    eprintln!("tidemark-restore: error: wal-get {segment}: {e:#}");
+                    let hint = match &e {
+                        ReadError::Corrupt { .. } => "the object does not match its checksum; run `tidemark-restore verify` and restore from another copy",
+                        ReadError::NoRepository(_) => "check --repo / TIDEMARK_REPO in restore_command",
+                        ReadError::Other(_) => "check the repository is reachable; recovery stops rather than guess",
+                    };
+                    eprintln!("hint: {hint}");
+                    ExitCode::from(ABORT_RECOVERY)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Reading the repository: `file://` paths and `s3://` URLs, read-only.
+
+use anyhow::Context;
+use bytes::Bytes;
+use object_store::path::Path as ObjectPath;
+use object_store::ObjectStore;
+use std::sync::Arc;
+use tidemark_proto::repo::layout::{RepositoryMeta, META_KEY};
+
+/// Why a read failed, sorted by what the caller does next.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("repository {0} does not exist")]
+    NoRepository(String),
+    #[error("object {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+pub struct RepositoryReader {
+    store: Arc<dyn ObjectStore>,
+    pub display: String,
+}
+
+impl RepositoryReader {
+    pub fn open(url: &str) -> Result<RepositoryReader, ReadError> {
+        let display = redact(url);
+        let local = url.strip_prefix("file://").map(str::to_string).or_else(|| (!url.contains("://")).then(|| url.to_string()));
+        if let Some(dir) = local {
+            let path = std::path::Path::new(&dir);
+            if !path.is_dir() {
+                return Err(ReadError::NoRepository(display));
+            }
+            let store = object_store::local::LocalFileSystem::new_with_prefix(path)
+                .with_context(|| format!("open repository {display}"))?;
+            return Ok(RepositoryReader { store: Arc::new(store), display });
+        }
+        if url.starts_with("s3://") {
+            let store = object_store::aws::AmazonS3Builder::from_env()
+                .with_url(url)
+                .build()
+                .with_context(|| format!("open repository {display}"))?;
+            return Ok(RepositoryReader { store: Arc::new(store), display });
+        }
+        Err(ReadError::Other(anyhow::anyhow!("unsupported repository URL {display}: use file:///path or s3://bucket/prefix")))
+    }
+
+    /// The raw stored bytes, or `None` if the object does not exist.
+    pub async fn get_raw(&self, key: &str) -> Result<Option<Bytes>, ReadError> {
+        match self.store.get(&ObjectPath::from(key)).await {
+            Ok(result) => Ok(Some(result.bytes().await.with_context(|| format!("read object {key}"))?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(ReadError::Other(anyhow::Error::new(e).context(format!("read object {key} from {}", self.display)))),
+        }
+    }
+
+    /// An object's content after checking its frame (checksum, length).
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, ReadError> {
+        let Some(object) = self.get_raw(key).await? else { return Ok(None) };
+        let raw = tidemark_proto::repo::frame::decode(&object)
+            .map_err(|e| ReadError::Corrupt { key: key.to_string(), reason: e.to_string() })?;
+        Ok(Some(raw))
+    }
+
+    pub async fn meta(&self) -> Result<RepositoryMeta, ReadError> {
+        let bytes = self
+            .get_raw(META_KEY)
+            .await?
+            .ok_or_else(|| ReadError::Other(anyhow::anyhow!("{} has no {META_KEY}; is it a Tidemark repository?", self.display)))?;
+        RepositoryMeta::from_json(&bytes).map_err(|reason| ReadError::Corrupt { key: META_KEY.into(), reason })
+    }
+}
+
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() || !parsed.username().is_empty() => {
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}

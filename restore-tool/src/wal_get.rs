@@ -1,0 +1,68 @@
+//! `wal-get %f %p`, the restore_command.
+//!
+//! Exit codes follow what PostgreSQL expects of a restore_command:
+//! 0 the file was written completely; 1 there is no such file (normal: the
+//! server probes for history files and for the segment after the last);
+//! 200 anything else, which PostgreSQL treats as fatal (above 125), so a
+//! corrupt object or an unreachable repository stops recovery instead of
+//! passing for the end of WAL.
+
+use crate::store::{ReadError, RepositoryReader};
+use anyhow::Context;
+use std::io::Write;
+use std::path::Path;
+use tidemark_proto::repo::layout::{history_key, partial_segment_key, segment_key};
+use tidemark_proto::segment::WalFileName;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fetched {
+    /// Written; `partial` when only the durable prefix existed (zero-padded).
+    Written { bytes: u64, partial: bool },
+    Missing,
+}
+
+pub async fn wal_get(repo: &RepositoryReader, name: &str, destination: &Path) -> Result<Fetched, ReadError> {
+    let meta = repo.meta().await?;
+    let size = meta.wal_segment_size;
+    let file = WalFileName::parse(name, size).map_err(|e| ReadError::Other(e.into()))?;
+    let (content, partial) = match file {
+        WalFileName::History(timeline) => match repo.get(&history_key(timeline)).await? {
+            Some(content) => (content, false),
+            None => return Ok(Fetched::Missing),
+        },
+        WalFileName::Segment(segment) => match repo.get(&segment_key(segment, size)).await? {
+            Some(content) => (content, false),
+            None => match repo.get(&partial_segment_key(segment, size)).await? {
+                // The segment still being filled when it was last archived:
+                // its durable prefix, padded with zeros as PostgreSQL pads a new
+                // segment, so recovery reads up to the last archived record.
+                Some(mut prefix) => {
+                    prefix.resize(size as usize, 0);
+                    (prefix, true)
+                }
+                None => return Ok(Fetched::Missing),
+            },
+        },
+    };
+    if let WalFileName::Segment(_) = file {
+        if content.len() as u64 != size {
+            return Err(ReadError::Corrupt { key: name.into(), reason: format!("{} bytes, expected {size}", content.len()) });
+        }
+    }
+    write_atomically(destination, &content)?;
+    Ok(Fetched::Written { bytes: content.len() as u64, partial })
+}
+
+/// Temp file beside the destination, fsync, rename, fsync the directory:
+/// PostgreSQL never sees a half-written file under the name it asked for.
+fn write_atomically(destination: &Path, content: &[u8]) -> anyhow::Result<()> {
+    let dir = destination.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let file_name = destination.file_name().context("destination has no file name")?;
+    let temp = dir.join(format!(".{}.tidemark-tmp", file_name.to_string_lossy()));
+    let mut file = std::fs::File::create(&temp).with_context(|| format!("create {}", temp.display()))?;
+    file.write_all(content).with_context(|| format!("write {}", temp.display()))?;
+    file.sync_all().with_context(|| format!("fsync {}", temp.display()))?;
+    std::fs::rename(&temp, destination).with_context(|| format!("rename to {}", destination.display()))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync {}", dir.display()))?;
+    Ok(())
+}

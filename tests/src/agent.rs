@@ -1,0 +1,167 @@
+//! Running the real binaries: `tidemark-agent` (as a daemon or a command)
+//! and `tidemark-restore`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+/// A built binary of this workspace, next to the test executable's directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --bins` first", path.display());
+    path
+}
+
+/// Where one agent keeps its state and repository, and how it reaches the server.
+#[derive(Clone, Debug)]
+pub struct AgentSetup {
+    pub repo: PathBuf,
+    pub state_dir: PathBuf,
+    pub pg_url: String,
+    pub extra_args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl AgentSetup {
+    pub fn new(base: &Path, pg_url: String) -> AgentSetup {
+        AgentSetup {
+            repo: base.join("repo"),
+            state_dir: base.join("state"),
+            pg_url,
+            extra_args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    pub fn repo_url(&self) -> String {
+        format!("file://{}", self.repo.display())
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(bin("tidemark-agent"));
+        command
+            .arg("--repo")
+            .arg(self.repo_url())
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--pg-url")
+            .arg(&self.pg_url)
+            .args(&self.extra_args)
+            .args(args)
+            .env_remove("PGPASSWORD")
+            .env_remove("DATABASE_URL")
+            .env_remove("TIDEMARK_CONFIG")
+            .stdin(Stdio::null());
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        command
+    }
+
+    pub fn run_command(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run tidemark-agent")
+    }
+
+    /// `init`, asserting success.
+    pub fn init(&self) {
+        let output = self.run_command(&["init"]);
+        assert!(output.status.success(), "init failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    /// `status --json` as a JSON value.
+    pub fn status(&self) -> serde_json::Value {
+        let output = self.run_command(&["status", "--json"]);
+        assert!(output.status.success(), "status failed: {}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice(&output.stdout).expect("status JSON")
+    }
+
+    /// The archived LSN from status, if any.
+    pub fn archived_lsn(&self) -> Option<tidemark_proto::Lsn> {
+        self.status().get("archived_lsn")?.as_str()?.parse().ok()
+    }
+
+    pub fn spawn(&self) -> RunningAgent {
+        let log = self.state_dir.with_extension(format!("log.{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)));
+        let file = fs::File::create(&log).expect("create agent log");
+        let child = self
+            .command(&["run"])
+            .env("TIDEMARK_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn tidemark-agent run");
+        RunningAgent { child: Some(child), log }
+    }
+
+    /// `tidemark-restore wal-get NAME DEST` against this repository.
+    pub fn wal_get(&self, name: &str, destination: &Path) -> Output {
+        Command::new(bin("tidemark-restore"))
+            .arg("--repo")
+            .arg(self.repo_url())
+            .args(["wal-get", name])
+            .arg(destination)
+            .output()
+            .expect("run tidemark-restore wal-get")
+    }
+}
+
+/// `tidemark-agent run` in the background; stopped (SIGTERM, then SIGKILL) in Drop.
+pub struct RunningAgent {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl RunningAgent {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns whether it exited 0.
+    pub fn stop(mut self) -> bool {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else { return true };
+        // SAFETY: signalling the child process this harness started.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- agent log {} ---\n{}", self.log.display(), self.log_text());
+        }
+        self.terminate();
+    }
+}

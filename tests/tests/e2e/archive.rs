@@ -1,0 +1,134 @@
+//! Continuous archiving: under load, across agent crashes, across server
+//! restarts, and on a quiet database.
+
+use crate::common::*;
+use std::time::{Duration, Instant};
+use tidemark_proto::Lsn;
+use tidemark_tests::agent::AgentSetup;
+use tidemark_tests::cluster::{Cluster, ClusterOptions};
+use tidemark_tests::wait::wait_until;
+
+fn setup(cluster: &Cluster) -> (AgentSetup, Lsn) {
+    let start = cluster.current_lsn();
+    let agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
+    agent.init();
+    (agent, start)
+}
+
+#[test]
+fn pgbench_load_is_archived_byte_identical() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.pgbench_init(5);
+    let (agent, start) = setup(&cluster);
+    let running = agent.spawn();
+    let mut pgbench = cluster.pgbench_spawn(&["-T", "30", "-c", "2"]);
+    assert!(pgbench.wait().expect("wait pgbench").success(), "pgbench failed");
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    let checked = assert_segments_identical(&cluster, &agent, start, end);
+    assert!(checked >= 2, "expected the load to fill several segments, got {checked}");
+    assert!(running.stop(), "agent did not stop cleanly");
+}
+
+#[test]
+fn sigkill_during_load_leaves_no_gap() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.pgbench_init(5);
+    let (agent, start) = setup(&cluster);
+    let mut pgbench = cluster.pgbench_spawn(&["-T", "40", "-c", "2"]);
+    let mut running = agent.spawn();
+    for round in 0..3 {
+        // Let it get some way into the stream, then kill it without warning.
+        let seen = agent.archived_lsn().unwrap_or(start);
+        wait_until(&format!("progress before kill {round}"), Duration::from_secs(120), || {
+            agent.archived_lsn().filter(|a| *a > seen)
+        });
+        running.kill9();
+        running = agent.spawn();
+    }
+    assert!(pgbench.wait().expect("wait pgbench").success(), "pgbench failed");
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    assert_segments_identical(&cluster, &agent, start, end);
+    assert!(running.stop(), "agent did not stop cleanly");
+}
+
+#[test]
+fn server_restarts_fast_and_immediate() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.psql("CREATE TABLE t (id int, pad text)");
+    let (agent, start) = setup(&cluster);
+    let mut running = agent.spawn();
+    for mode in ["fast", "immediate"] {
+        cluster.psql("INSERT INTO t SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g");
+        let before = cluster.switch_wal();
+        wait_archived(&agent, before);
+        cluster.stop(mode);
+        cluster.start_again();
+        cluster.psql("INSERT INTO t SELECT g, repeat('y', 200) FROM generate_series(1, 20000) g");
+        let after = cluster.switch_wal();
+        // The agent reconnects by itself (with backoff) and carries on.
+        wait_archived(&agent, after);
+        assert!(running.is_running(), "agent exited after a {mode} restart:\n{}", running.log_text());
+    }
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    assert_segments_identical(&cluster, &agent, start, end);
+    assert!(running.stop(), "agent did not stop cleanly");
+}
+
+#[test]
+fn quiet_database_commit_reaches_repository_within_interval() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.psql("CREATE TABLE quiet (note text)");
+    let (mut agent, _) = setup(&cluster);
+    let interval = Duration::from_secs(2);
+    agent.extra_args = vec!["--partial-upload-interval".into(), interval.as_secs().to_string()];
+    let running = agent.spawn();
+    // Let the agent settle, so the timing below measures only the interval.
+    let settled = cluster.current_lsn();
+    wait_archived(&agent, settled);
+
+    let marker = "tidemark-quiet-marker-7f3a";
+    cluster.psql(&format!("INSERT INTO quiet VALUES ('{marker}')"));
+    let committed = cluster.current_lsn();
+    let began = Instant::now();
+    wait_archived(&agent, committed);
+    let took = began.elapsed();
+    // The interval plus a margin for a loaded machine; a full segment would take forever here.
+    assert!(took < interval + Duration::from_secs(20), "took {took:?}");
+
+    // The partial segment is served through wal-get, zero-padded, and holds
+    // exactly the server's bytes up to the commit.
+    let name = tidemark_proto::segment::SegmentId::containing(tidemark_proto::TimelineId(1), committed, SEGMENT_SIZE).file_name(SEGMENT_SIZE);
+    let destination = cluster.dir.path().join("partial-fetch");
+    let output = agent.wal_get(&name, &destination);
+    assert!(output.status.success(), "wal-get failed: {}", stderr(&output));
+    let ours = std::fs::read(&destination).expect("read");
+    assert_eq!(ours.len() as u64, SEGMENT_SIZE);
+    let servers = std::fs::read(cluster.wal_dir().join(&name)).expect("server segment");
+    let upto = committed.segment_offset(SEGMENT_SIZE) as usize;
+    assert!(ours[..upto] == servers[..upto], "partial segment differs from the server's bytes");
+    assert!(ours.windows(marker.len()).any(|w| w == marker.as_bytes()), "the committed row is not in the archived WAL");
+    assert!(running.stop(), "agent did not stop cleanly");
+}
+
+#[test]
+fn run_refuses_a_second_instance_and_status_works_beside_it() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    let (agent, _) = setup(&cluster);
+    let running = agent.spawn();
+    let lsn = cluster.current_lsn();
+    wait_archived(&agent, lsn);
+    let second = agent.run_command(&["run"]);
+    assert!(!second.status.success());
+    let message = stderr(&second);
+    assert!(message.contains("another tidemark-agent run") && message.contains("hint:"), "{message}");
+    let status = agent.status();
+    assert_eq!(status["system_identifier"].as_str(), Some(cluster.system_identifier().as_str()));
+    assert!(status["server_lsn"].as_str().is_some(), "{status}");
+    assert!(status["flushed_lsn"].as_str().is_some(), "{status}");
+    assert!(status["lag_bytes"].as_u64().is_some(), "{status}");
+    assert!(status["last_backup"].is_null() && status["window"].is_null());
+    assert!(running.stop(), "agent did not stop cleanly");
+}

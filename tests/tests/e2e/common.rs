@@ -1,0 +1,52 @@
+//! Helpers the end-to-end tests share.
+
+use std::path::Path;
+use std::time::Duration;
+use tidemark_proto::segment::SegmentId;
+use tidemark_proto::{Lsn, TimelineId};
+use tidemark_tests::agent::AgentSetup;
+use tidemark_tests::cluster::Cluster;
+use tidemark_tests::wait::wait_until;
+
+pub const SEGMENT_SIZE: u64 = 16 << 20;
+
+/// Waits until the repository holds everything before `lsn`.
+pub fn wait_archived(agent: &AgentSetup, lsn: Lsn) {
+    wait_until(&format!("archived_lsn >= {lsn}"), Duration::from_secs(180), || {
+        agent.archived_lsn().filter(|a| *a >= lsn)
+    });
+}
+
+/// Proves every segment from the one holding `from` up to (not including) the
+/// one holding `to` is in the repository and byte-identical, through
+/// `wal-get`, to the server's own file in pg_wal. Returns how many were checked.
+pub fn assert_segments_identical(cluster: &Cluster, agent: &AgentSetup, from: Lsn, to: Lsn) -> usize {
+    let first = from.segment_no(SEGMENT_SIZE);
+    let last = to.segment_no(SEGMENT_SIZE);
+    assert!(last > first, "no complete segment between {from} and {to}");
+    let scratch = cluster.dir.path().join("fetched");
+    std::fs::create_dir_all(&scratch).expect("mkdir scratch");
+    for segment_no in first..last {
+        let name = SegmentId { timeline: TimelineId(1), segment_no }.file_name(SEGMENT_SIZE);
+        let destination = scratch.join(&name);
+        let output = agent.wal_get(&name, &destination);
+        assert!(output.status.success(), "wal-get {name} failed: {}", String::from_utf8_lossy(&output.stderr));
+        let ours = std::fs::read(&destination).expect("read fetched segment");
+        let servers = std::fs::read(cluster.wal_dir().join(&name)).expect("read server segment (kept by wal_keep_size)");
+        assert!(ours == servers, "segment {name} differs from the server's pg_wal copy");
+        std::fs::remove_file(&destination).expect("remove fetched");
+    }
+    (last - first) as usize
+}
+
+pub fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Whether a directory is absent or empty (nothing was written there).
+pub fn empty_or_absent(path: &Path) -> bool {
+    match std::fs::read_dir(path) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(_) => true,
+    }
+}

@@ -1,0 +1,7 @@
+//! End-to-end tests against real PostgreSQL servers started by the harness.
+
+mod archive;
+mod auth;
+mod bad_input;
+mod common;
+mod sync;
