@@ -7,10 +7,8 @@ use std::time::Duration;
 pub fn delay(attempt: u32, max: Duration) -> Duration {
     let base = Duration::from_millis(500).saturating_mul(1u32 << attempt.min(16));
     let capped = base.min(max);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     let jitter = capped.mul_f64(f64::from(nanos % 1000) / 4000.0);
     capped + jitter
 }

@@ -174,7 +174,9 @@ fn hint_for(error: &anyhow::Error) -> Option<String> {
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
             use std::io::ErrorKind::*;
             match io.kind() {
-                StorageFull => return Some("the disk is full: free space where --state-dir (or the repository) lives".into()),
+                StorageFull => {
+                    return Some("the disk is full: free space where --state-dir (or the repository) lives".into())
+                }
                 ReadOnlyFilesystem | PermissionDenied => {
                     return Some("make --state-dir and the repository writable by this user".into())
                 }

@@ -81,7 +81,10 @@ pub fn resolve(file: FileConfig, cli: CliConfig, env: &BTreeMap<String, String>)
         .unwrap_or_else(|| "tidemark".into());
     conn.application_name = Some(application_name.clone());
     let slot = cli.slot.or(file.slot).unwrap_or_else(|| "tidemark".into());
-    if slot.is_empty() || !slot.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') || slot.len() > 63 {
+    if slot.is_empty()
+        || !slot.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        || slot.len() > 63
+    {
         return Err(Fail::new(
             format!("invalid slot name {slot:?}"),
             "slot names use lower-case letters, digits and underscores, at most 63 characters",
@@ -90,7 +93,10 @@ pub fn resolve(file: FileConfig, cli: CliConfig, env: &BTreeMap<String, String>)
     let partial = cli.partial_upload_interval_secs.or(file.partial_upload_interval_secs).unwrap_or(10);
     let status = file.status_interval_secs.unwrap_or(10);
     if partial == 0 || status == 0 {
-        return Err(Fail::new("intervals must be at least 1 second", "fix partial_upload_interval_secs / status_interval_secs"));
+        return Err(Fail::new(
+            "intervals must be at least 1 second",
+            "fix partial_upload_interval_secs / status_interval_secs",
+        ));
     }
     Ok(Settings {
         repo_url: cli.repo.or(file.repo).unwrap_or_else(|| "./tidemark-repo".into()),
@@ -109,7 +115,9 @@ mod tests {
 
     #[test]
     fn flags_over_file_over_defaults() {
-        let file: FileConfig = toml::from_str("repo = 'file:///from-file'\nslot = 'fileslot'\npartial_upload_interval_secs = 3").expect("toml");
+        let file: FileConfig =
+            toml::from_str("repo = 'file:///from-file'\nslot = 'fileslot'\npartial_upload_interval_secs = 3")
+                .expect("toml");
         let cli = CliConfig { repo: Some("file:///from-flag".into()), ..Default::default() };
         let settings = resolve(file, cli, &BTreeMap::new()).expect("resolve");
         assert_eq!(settings.repo_url, "file:///from-flag");

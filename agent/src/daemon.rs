@@ -37,7 +37,11 @@ pub fn lock_state_dir(state_dir: &Path) -> anyhow::Result<StateLock> {
     if rc != 0 {
         let holder = std::fs::read_to_string(&path).unwrap_or_default();
         return Err(Fail::new(
-            format!("another tidemark-agent run (pid {}) is using state directory {}", holder.trim(), state_dir.display()),
+            format!(
+                "another tidemark-agent run (pid {}) is using state directory {}",
+                holder.trim(),
+                state_dir.display()
+            ),
             "stop it first, or give this one its own --state-dir",
         )
         .into());
@@ -87,7 +91,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     for file in spool.scan()?.into_iter().filter(|f| f.complete) {
         uploads.send(UploadJob::Complete { segment: file.segment, path: file.path })?;
     }
-    let uploader = Uploader { repo: repo.clone(), index: index.clone(), segment_size: meta.wal_segment_size, compression_level: 3 };
+    let uploader = Uploader {
+        repo: repo.clone(),
+        index: index.clone(),
+        segment_size: meta.wal_segment_size,
+        compression_level: 3,
+    };
     let uploader_task = tokio::spawn(uploader.run(jobs));
 
     let (stop, mut shutdown) = watch::channel(false);
@@ -161,7 +170,12 @@ fn check_spool_space(spool: &Spool) -> anyhow::Result<()> {
     let needed = 2 * spool.segment_size;
     if available < needed {
         return Err(Fail::new(
-            format!("spool directory {} has {} kB free; streaming needs at least {} kB (two WAL segments)", spool.dir.display(), available / 1024, needed / 1024),
+            format!(
+                "spool directory {} has {} kB free; streaming needs at least {} kB (two WAL segments)",
+                spool.dir.display(),
+                available / 1024,
+                needed / 1024
+            ),
             "free space where --state-dir lives, or move --state-dir to a larger disk",
         )
         .into());

@@ -161,11 +161,8 @@ impl Index {
 /// first archived one up to it is in the repository, following the latest
 /// timeline. Complete segments first, then a partial object that continues them.
 pub fn archived_end(segments: &[(SegmentId, SegmentRecord)], partials: &[(SegmentId, SegmentRecord)]) -> Option<Lsn> {
-    let mut ranges: Vec<(u32, u64, u64)> = segments
-        .iter()
-        .chain(partials.iter())
-        .map(|(id, r)| (id.timeline.0, r.start_lsn, r.end_lsn))
-        .collect();
+    let mut ranges: Vec<(u32, u64, u64)> =
+        segments.iter().chain(partials.iter()).map(|(id, r)| (id.timeline.0, r.start_lsn, r.end_lsn)).collect();
     // Per timeline in LSN order; a later timeline continues from its switch point.
     ranges.sort();
     let mut end: Option<u64> = None;

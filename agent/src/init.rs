@@ -37,7 +37,11 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
     })?;
     let existing = repo.read_meta().await?;
     if let Some(meta) = &existing {
-        session::check_same_cluster(&format!("repository {}", repo.display), &meta.system_identifier, &identity.system_identifier)?;
+        session::check_same_cluster(
+            &format!("repository {}", repo.display),
+            &meta.system_identifier,
+            &identity.system_identifier,
+        )?;
     }
     let index_dir = settings.state_dir.join("index");
     let prior_state = if index_dir.is_dir() { Index::open(&index_dir)?.meta()? } else { None };
@@ -63,7 +67,10 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
         .await?;
     }
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&index_dir).map_err(|e| {
-        Fail::new(format!("cannot create state directory {}: {e}", settings.state_dir.display()), "check --state-dir and its permissions")
+        Fail::new(
+            format!("cannot create state directory {}: {e}", settings.state_dir.display()),
+            "check --state-dir and its permissions",
+        )
     })?;
     let index = Index::open(&index_dir)?;
     let start = identity.xlogpos.segment_start(facts.wal_segment_size);
@@ -93,7 +100,10 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
 fn check_creatable(url: &str) -> Result<(), Fail> {
     let path = std::path::PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
     if path.exists() && !path.is_dir() {
-        return Err(Fail::new(format!("repository path {} is not a directory", path.display()), "point --repo at a directory"));
+        return Err(Fail::new(
+            format!("repository path {} is not a directory", path.display()),
+            "point --repo at a directory",
+        ));
     }
     Ok(())
 }

@@ -31,7 +31,10 @@ pub fn check(facts: &ServerFacts) -> Result<(), Fail> {
         ));
     }
     if !tidemark_proto::segment::is_valid_segment_size(facts.wal_segment_size) {
-        return Err(Fail::new(format!("unexpected wal_segment_size {}", facts.wal_segment_size), "report this as a bug"));
+        return Err(Fail::new(
+            format!("unexpected wal_segment_size {}", facts.wal_segment_size),
+            "report this as a bug",
+        ));
     }
     Ok(())
 }
@@ -41,7 +44,12 @@ mod tests {
     use super::*;
 
     fn facts() -> ServerFacts {
-        ServerFacts { server_version_num: 150018, wal_level: "replica".into(), max_wal_senders: 10, wal_segment_size: 16 << 20 }
+        ServerFacts {
+            server_version_num: 150018,
+            wal_level: "replica".into(),
+            max_wal_senders: 10,
+            wal_segment_size: 16 << 20,
+        }
     }
 
     #[test]

@@ -62,11 +62,8 @@ impl Spool {
     pub fn resume_point(&self) -> anyhow::Result<Option<(TimelineId, Lsn)>> {
         let files = self.scan()?;
         Ok(files.last().map(|f| {
-            let lsn = if f.complete {
-                f.segment.end_lsn(self.segment_size)
-            } else {
-                f.segment.start_lsn(self.segment_size)
-            };
+            let lsn =
+                if f.complete { f.segment.end_lsn(self.segment_size) } else { f.segment.start_lsn(self.segment_size) };
             (f.segment.timeline, lsn)
         }))
     }
@@ -202,9 +199,7 @@ impl SegmentWriter {
 }
 
 fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("fsync directory {}", dir.display()))
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync directory {}", dir.display()))
 }
 
 #[cfg(test)]

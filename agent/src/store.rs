@@ -54,11 +54,12 @@ impl Repository {
         let display = redact_url(url);
         if let Some(dir) = local_path(url) {
             if create {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(&dir)
-                    .map_err(|e| Fail::new(format!("cannot create repository directory {}: {e}", dir.display()), "check --repo and the permissions of its parent"))?;
+                std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| {
+                    Fail::new(
+                        format!("cannot create repository directory {}: {e}", dir.display()),
+                        "check --repo and the permissions of its parent",
+                    )
+                })?;
             } else if !dir.is_dir() {
                 return Err(Fail::new(
                     format!("repository {} does not exist", dir.display()),
@@ -72,10 +73,9 @@ impl Repository {
             return Ok(Repository { store: Arc::new(store), local_root: Some(root), display });
         }
         if url.starts_with("s3://") {
-            let store = object_store::aws::AmazonS3Builder::from_env()
-                .with_url(url)
-                .build()
-                .map_err(|e| Fail::new(format!("cannot use repository {display}: {e}"), "check the URL and the AWS_* variables"))?;
+            let store = object_store::aws::AmazonS3Builder::from_env().with_url(url).build().map_err(|e| {
+                Fail::new(format!("cannot use repository {display}: {e}"), "check the URL and the AWS_* variables")
+            })?;
             return Ok(Repository { store: Arc::new(store), local_root: None, display });
         }
         Err(Fail::new(format!("unsupported repository URL {display}"), "use file:///path or s3://bucket/prefix").into())

@@ -51,7 +51,11 @@ fn resume_point(ctx: &StreamContext) -> anyhow::Result<(TimelineId, Lsn)> {
 }
 
 /// Streams until shutdown (Ok) or an error. Sets `*started` once streaming began.
-pub async fn stream_once(ctx: &StreamContext, shutdown: &mut watch::Receiver<bool>, started: &mut bool) -> anyhow::Result<()> {
+pub async fn stream_once(
+    ctx: &StreamContext,
+    shutdown: &mut watch::Receiver<bool>,
+    started: &mut bool,
+) -> anyhow::Result<()> {
     let mut conn = session::connect_replication(&ctx.settings.conn).await?;
     let identity: Identity = session::identify(&mut conn).await?;
     session::check_same_cluster("the repository", &ctx.system_identifier, &identity.system_identifier)?;
@@ -67,7 +71,9 @@ pub async fn stream_once(ctx: &StreamContext, shutdown: &mut watch::Receiver<boo
             archive_history(ctx, &mut conn, timeline).await?;
         }
         let command = format!("START_REPLICATION SLOT \"{}\" PHYSICAL {start} TIMELINE {timeline}", ctx.settings.slot);
-        conn.start_copy_both(&command).await.with_context(|| format!("start streaming at {start} on timeline {timeline}"))?;
+        conn.start_copy_both(&command)
+            .await
+            .with_context(|| format!("start streaming at {start} on timeline {timeline}"))?;
         *started = true;
         info!(%timeline, %start, "streaming");
         match stream_timeline(ctx, &mut conn, timeline, start, shutdown).await? {
@@ -194,7 +200,11 @@ async fn stream_timeline(
     }
 }
 
-async fn end_of_timeline(ctx: &StreamContext, conn: &mut Connection, writer: &mut SegmentWriter) -> anyhow::Result<(TimelineId, Lsn)> {
+async fn end_of_timeline(
+    ctx: &StreamContext,
+    conn: &mut Connection,
+    writer: &mut SegmentWriter,
+) -> anyhow::Result<(TimelineId, Lsn)> {
     conn.send_copy_done().await?;
     let result = conn.finish_copy().await?;
     tokio::task::block_in_place(|| writer.flush())?;

@@ -67,7 +67,9 @@ impl Uploader {
         let raw = match tokio::fs::read(path).await {
             Ok(raw) => raw,
             // Already uploaded and removed by an earlier attempt.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.index.segment(segment)?.is_some() => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.index.segment(segment)?.is_some() => {
+                return Ok(())
+            }
             Err(e) => return Err(e).with_context(|| format!("read spool segment {}", path.display())),
         };
         anyhow::ensure!(
@@ -131,7 +133,10 @@ async fn read_prefix(path: &PathBuf, len: u64) -> std::io::Result<Vec<u8>> {
     let mut raw = Vec::with_capacity(len as usize);
     file.take(len).read_to_end(&mut raw).await?;
     if (raw.len() as u64) < len {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "spool file shorter than its flushed length"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "spool file shorter than its flushed length",
+        ));
     }
     Ok(raw)
 }

@@ -121,9 +121,7 @@ impl ConnParams {
             }
         }
         match url {
-            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-                params.apply_url(url)?
-            }
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => params.apply_url(url)?,
             Some(keywords) if !keywords.trim().is_empty() => {
                 for (key, value) in parse_keywords(keywords)? {
                     params.set(&key, &value)?;
@@ -137,9 +135,7 @@ impl ConnParams {
     fn set(&mut self, key: &str, value: &str) -> Result<(), ConnInfoError> {
         match key {
             "host" | "hostaddr" => self.host = Some(value.to_string()),
-            "port" => {
-                self.port = value.parse().map_err(|_| ConnInfoError::BadValue("port", value.to_string()))?
-            }
+            "port" => self.port = value.parse().map_err(|_| ConnInfoError::BadValue("port", value.to_string()))?,
             "user" => self.user = Some(value.to_string()),
             "password" => self.password = Some(Secret::new(value)),
             "dbname" => self.dbname = Some(value.to_string()),
@@ -147,9 +143,8 @@ impl ConnParams {
             "sslrootcert" => self.sslrootcert = Some(value.to_string()),
             "application_name" => self.application_name = Some(value.to_string()),
             "connect_timeout" => {
-                self.connect_timeout_secs = Some(
-                    value.parse().map_err(|_| ConnInfoError::BadValue("connect_timeout", value.to_string()))?,
-                )
+                self.connect_timeout_secs =
+                    Some(value.parse().map_err(|_| ConnInfoError::BadValue("connect_timeout", value.to_string()))?)
             }
             // Accepted and meaningless for a physical replication connection.
             "replication" | "options" | "fallback_application_name" => {}
@@ -271,8 +266,7 @@ pub fn pgpass_lookup(content: &str, host: &str, port: u16, database: &str, user:
         let [f_host, f_port, f_db, f_user, password] = fields.as_slice() else { continue };
         let matches = |field: &str, value: &str| field == "*" || field == value;
         // libpq treats a "localhost" entry as matching the default Unix socket too.
-        let host_matches =
-            matches(f_host, host) || (f_host == "localhost" && host.starts_with('/'));
+        let host_matches = matches(f_host, host) || (f_host == "localhost" && host.starts_with('/'));
         if host_matches && matches(f_port, &port) && matches(f_db, database) && matches(f_user, user) {
             return Some(Secret::new(password.clone()));
         }
@@ -360,7 +354,10 @@ mod tests {
     fn pgpass_matching() {
         let content = "# comment\nother:5432:*:alice:wrong\n127.0.0.1:5432:replication:alice:a\\:b\n*:*:*:*:fallback\n";
         assert_eq!(pgpass_lookup(content, "127.0.0.1", 5432, "replication", "alice").map(|s| s.0), Some("a:b".into()));
-        assert_eq!(pgpass_lookup(content, "127.0.0.1", 5433, "replication", "alice").map(|s| s.0), Some("fallback".into()));
+        assert_eq!(
+            pgpass_lookup(content, "127.0.0.1", 5433, "replication", "alice").map(|s| s.0),
+            Some("fallback".into())
+        );
         assert_eq!(pgpass_lookup("h:1:d:u", "h", 1, "d", "u"), None);
     }
 }

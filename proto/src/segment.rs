@@ -46,12 +46,7 @@ impl SegmentId {
     /// The file name, e.g. `00000001000000000000000B`, for the given segment size.
     pub fn file_name(self, segment_size: u64) -> String {
         let per_xlogid = segments_per_xlogid(segment_size);
-        format!(
-            "{:08X}{:08X}{:08X}",
-            self.timeline.0,
-            self.segment_no / per_xlogid,
-            self.segment_no % per_xlogid
-        )
+        format!("{:08X}{:08X}{:08X}", self.timeline.0, self.segment_no / per_xlogid, self.segment_no % per_xlogid)
     }
 }
 

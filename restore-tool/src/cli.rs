@@ -32,7 +32,8 @@ const ABORT_RECOVERY: u8 = 200;
 
 pub fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEMARK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEMARK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -54,7 +55,8 @@ fn repo_url(args: &Args) -> Result<String, String> {
     };
     match std::fs::read_to_string(&path) {
         Ok(text) => {
-            let table: toml::Table = text.parse().map_err(|e| format!("config file {} is invalid: {e}", path.display()))?;
+            let table: toml::Table =
+                text.parse().map_err(|e| format!("config file {} is invalid: {e}", path.display()))?;
             Ok(table.get("repo").and_then(|v| v.as_str()).unwrap_or("./tidemark-repo").to_string())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok("./tidemark-repo".into()),

@@ -26,7 +26,8 @@ pub struct RepositoryReader {
 impl RepositoryReader {
     pub fn open(url: &str) -> Result<RepositoryReader, ReadError> {
         let display = redact(url);
-        let local = url.strip_prefix("file://").map(str::to_string).or_else(|| (!url.contains("://")).then(|| url.to_string()));
+        let local =
+            url.strip_prefix("file://").map(str::to_string).or_else(|| (!url.contains("://")).then(|| url.to_string()));
         if let Some(dir) = local {
             let path = std::path::Path::new(&dir);
             if !path.is_dir() {
@@ -43,7 +44,9 @@ impl RepositoryReader {
                 .with_context(|| format!("open repository {display}"))?;
             return Ok(RepositoryReader { store: Arc::new(store), display });
         }
-        Err(ReadError::Other(anyhow::anyhow!("unsupported repository URL {display}: use file:///path or s3://bucket/prefix")))
+        Err(ReadError::Other(anyhow::anyhow!(
+            "unsupported repository URL {display}: use file:///path or s3://bucket/prefix"
+        )))
     }
 
     /// The raw stored bytes, or `None` if the object does not exist.
@@ -51,7 +54,9 @@ impl RepositoryReader {
         match self.store.get(&ObjectPath::from(key)).await {
             Ok(result) => Ok(Some(result.bytes().await.with_context(|| format!("read object {key}"))?)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(ReadError::Other(anyhow::Error::new(e).context(format!("read object {key} from {}", self.display)))),
+            Err(e) => {
+                Err(ReadError::Other(anyhow::Error::new(e).context(format!("read object {key} from {}", self.display))))
+            }
         }
     }
 
@@ -64,10 +69,9 @@ impl RepositoryReader {
     }
 
     pub async fn meta(&self) -> Result<RepositoryMeta, ReadError> {
-        let bytes = self
-            .get_raw(META_KEY)
-            .await?
-            .ok_or_else(|| ReadError::Other(anyhow::anyhow!("{} has no {META_KEY}; is it a Tidemark repository?", self.display)))?;
+        let bytes = self.get_raw(META_KEY).await?.ok_or_else(|| {
+            ReadError::Other(anyhow::anyhow!("{} has no {META_KEY}; is it a Tidemark repository?", self.display))
+        })?;
         RepositoryMeta::from_json(&bytes).map_err(|reason| ReadError::Corrupt { key: META_KEY.into(), reason })
     }
 }

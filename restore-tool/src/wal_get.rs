@@ -17,7 +17,10 @@ use tidemark_proto::segment::WalFileName;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Fetched {
     /// Written; `partial` when only the durable prefix existed (zero-padded).
-    Written { bytes: u64, partial: bool },
+    Written {
+        bytes: u64,
+        partial: bool,
+    },
     Missing,
 }
 
@@ -46,7 +49,10 @@ pub async fn wal_get(repo: &RepositoryReader, name: &str, destination: &Path) ->
     };
     if let WalFileName::Segment(_) = file {
         if content.len() as u64 != size {
-            return Err(ReadError::Corrupt { key: name.into(), reason: format!("{} bytes, expected {size}", content.len()) });
+            return Err(ReadError::Corrupt {
+                key: name.into(),
+                reason: format!("{} bytes, expected {size}", content.len()),
+            });
         }
     }
     write_atomically(destination, &content)?;

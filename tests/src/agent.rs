@@ -84,7 +84,10 @@ impl AgentSetup {
     }
 
     pub fn spawn(&self) -> RunningAgent {
-        let log = self.state_dir.with_extension(format!("log.{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)));
+        let log = self.state_dir.with_extension(format!(
+            "log.{}",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+        ));
         let file = fs::File::create(&log).expect("create agent log");
         let child = self
             .command(&["run"])

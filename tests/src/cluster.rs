@@ -104,7 +104,11 @@ impl Cluster {
         for attempt in 0..5 {
             cluster.port = free_port();
             cluster.write_port();
-            if cluster.pg_ctl(&["start", "-w", "-t", "120", "-l", cluster.log.to_str().expect("utf-8 path")]).status.success() {
+            if cluster
+                .pg_ctl(&["start", "-w", "-t", "120", "-l", cluster.log.to_str().expect("utf-8 path")])
+                .status
+                .success()
+            {
                 return cluster;
             }
             let log = fs::read_to_string(&cluster.log).unwrap_or_default();
@@ -134,7 +138,18 @@ impl Cluster {
         }
         let output = self
             .as_pg_user(&pg_bin().join("initdb"))
-            .args(["-D", self.data.to_str().expect("utf-8"), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .args([
+                "-D",
+                self.data.to_str().expect("utf-8"),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
             .output()
             .expect("run initdb");
         assert!(output.status.success(), "initdb failed: {}", String::from_utf8_lossy(&output.stderr));
@@ -202,17 +217,26 @@ impl Cluster {
     /// Runs SQL as the superuser; returns stdout, unaligned, tuples only.
     pub fn psql(&self, sql: &str) -> String {
         let output = self.psql_output(sql);
-        assert!(
-            output.status.success(),
-            "psql failed: {}\nSQL: {sql}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert!(output.status.success(), "psql failed: {}\nSQL: {sql}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8_lossy(&output.stdout).trim().to_string()
     }
 
     pub fn psql_output(&self, sql: &str) -> Output {
         Command::new(pg_bin().join("psql"))
-            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ])
             .arg("-p")
             .arg(self.port.to_string())
             .arg("-c")
@@ -227,7 +251,20 @@ impl Cluster {
         let path = self.dir.path().join(format!("script-{}.sql", std::process::id()));
         fs::write(&path, script).expect("write script");
         let output = Command::new(pg_bin().join("psql"))
-            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ])
             .arg("-p")
             .arg(self.port.to_string())
             .arg("-f")
@@ -250,7 +287,12 @@ impl Cluster {
 
     fn pgbench_command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(pg_bin().join("pgbench"));
-        command.args(["-h", "127.0.0.1", "-U", "postgres"]).arg("-p").arg(self.port.to_string()).args(args).arg("postgres");
+        command
+            .args(["-h", "127.0.0.1", "-U", "postgres"])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(args)
+            .arg("postgres");
         command.stdin(Stdio::null());
         command
     }

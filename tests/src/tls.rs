@@ -20,10 +20,64 @@ pub fn make_ca(dir: &Path, name: &str, san: &str, owner: Option<&str>) -> TestCa
     std::fs::create_dir_all(dir).expect("mkdir");
     let ca_key = format!("{name}-ca.key");
     let ca_cert = format!("{name}-ca.crt");
-    openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-sha256", "-subj", &format!("/CN={name} test CA"), "-keyout", &ca_key, "-out", &ca_cert]);
-    openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-sha256", "-subj", "/CN=tidemark-test-server", "-keyout", "server.key", "-out", "server.csr"]);
-    std::fs::write(dir.join("ext.cnf"), format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\n")).expect("write ext");
-    openssl(dir, &["x509", "-req", "-in", "server.csr", "-CA", &ca_cert, "-CAkey", &ca_key, "-CAcreateserial", "-days", "2", "-sha256", "-extfile", "ext.cnf", "-out", "server.crt"]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-sha256",
+            "-subj",
+            &format!("/CN={name} test CA"),
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca_cert,
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-sha256",
+            "-subj",
+            "/CN=tidemark-test-server",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
+    std::fs::write(dir.join("ext.cnf"), format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\n"))
+        .expect("write ext");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            &ca_cert,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-sha256",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.crt",
+        ],
+    );
     let key = dir.join("server.key");
     if let Some(user) = owner {
         crate::cluster::chown(dir, user);

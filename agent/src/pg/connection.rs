@@ -98,7 +98,12 @@ impl Connection {
         Ok(conn)
     }
 
-    async fn startup(&mut self, params: &ConnParams, kind: ConnectionKind, cert: Option<Vec<u8>>) -> Result<(), PgError> {
+    async fn startup(
+        &mut self,
+        params: &ConnParams,
+        kind: ConnectionKind,
+        cert: Option<Vec<u8>>,
+    ) -> Result<(), PgError> {
         let user = params.user.clone().ok_or_else(|| PgError::Auth("no user name given".into()))?;
         let mut startup: Vec<(&str, &str)> = vec![("user", &user)];
         let dbname = params.dbname.clone().unwrap_or_else(|| "postgres".into());
@@ -113,7 +118,9 @@ impl Connection {
 
         let password = || {
             params.password.clone().ok_or_else(|| {
-                PgError::Auth("the server asked for a password and none was given (URL, PGPASSWORD or ~/.pgpass)".into())
+                PgError::Auth(
+                    "the server asked for a password and none was given (URL, PGPASSWORD or ~/.pgpass)".into(),
+                )
             })
         };
         loop {
@@ -134,7 +141,9 @@ impl Connection {
                     self.scram(&mechanisms, password()?.expose(), cert.as_deref()).await?;
                 }
                 Message::ErrorResponse(body) => return Err(PgError::Server(server_error(&body))),
-                _ => return Err(PgError::Auth("the server asked for an authentication method we do not support".into())),
+                _ => {
+                    return Err(PgError::Auth("the server asked for an authentication method we do not support".into()))
+                }
             }
         }
         // ParameterStatus and BackendKeyData until ReadyForQuery.
@@ -165,7 +174,9 @@ impl Connection {
         frontend::sasl_initial_response(mechanism, scram.message(), &mut self.write_buf)?;
         self.flush().await?;
         match self.read_message().await? {
-            Message::AuthenticationSaslContinue(body) => scram.update(body.data()).map_err(|e| PgError::Auth(e.to_string()))?,
+            Message::AuthenticationSaslContinue(body) => {
+                scram.update(body.data()).map_err(|e| PgError::Auth(e.to_string()))?
+            }
             Message::ErrorResponse(body) => return Err(PgError::Server(server_error(&body))),
             _ => return Err(PgError::Protocol("expected SASL continue".into())),
         }

@@ -26,7 +26,11 @@ pub async fn connect_replication(params: &ConnParams) -> anyhow::Result<Connecti
         Err(PgError::Server(e)) if e.code == "53300" && e.message.contains("max_wal_senders") => {
             let wal_level = match Connection::connect(params, ConnectionKind::Sql).await {
                 Ok(mut sql) => {
-                    let level = sql.simple_query("SHOW wal_level").await.ok().and_then(|r| r.value("wal_level").ok().flatten().map(str::to_string));
+                    let level = sql
+                        .simple_query("SHOW wal_level")
+                        .await
+                        .ok()
+                        .and_then(|r| r.value("wal_level").ok().flatten().map(str::to_string));
                     sql.close().await;
                     level
                 }
@@ -38,7 +42,10 @@ pub async fn connect_replication(params: &ConnParams) -> anyhow::Result<Connecti
                 max_wal_senders: 0,
                 wal_segment_size: 16 << 20,
             };
-            Err(crate::preflight::check(&facts).err().map(anyhow::Error::new).unwrap_or_else(|| PgError::Server(e).into()))
+            Err(crate::preflight::check(&facts)
+                .err()
+                .map(anyhow::Error::new)
+                .unwrap_or_else(|| PgError::Server(e).into()))
         }
         Err(e) => Err(e.into()),
     }

@@ -39,10 +39,7 @@ pub fn client_config(verify: Verify, root_cert: Option<&Path>) -> Result<Arc<Cli
             if verify == Verify::ChainAndHost {
                 builder.with_webpki_verifier(webpki).with_no_client_auth()
             } else {
-                builder
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(ChainOnly(webpki)))
-                    .with_no_client_auth()
+                builder.dangerous().with_custom_certificate_verifier(Arc::new(ChainOnly(webpki))).with_no_client_auth()
             }
         }
     };

@@ -100,7 +100,8 @@ fn quiet_database_commit_reaches_repository_within_interval() {
 
     // The partial segment is served through wal-get, zero-padded, and holds
     // exactly the server's bytes up to the commit.
-    let name = tidemark_proto::segment::SegmentId::containing(tidemark_proto::TimelineId(1), committed, SEGMENT_SIZE).file_name(SEGMENT_SIZE);
+    let name = tidemark_proto::segment::SegmentId::containing(tidemark_proto::TimelineId(1), committed, SEGMENT_SIZE)
+        .file_name(SEGMENT_SIZE);
     let destination = cluster.dir.path().join("partial-fetch");
     let output = agent.wal_get(&name, &destination);
     assert!(output.status.success(), "wal-get failed: {}", stderr(&output));

@@ -28,7 +28,10 @@ fn trust_md5_scram_and_password_sources() {
     // trust
     init_ok(&AgentSetup::new(&base.join("trust"), cluster.url("postgres")));
     // md5, password in the URL
-    let md5 = AgentSetup::new(&base.join("md5"), format!("postgresql://md5user:md5-secret@127.0.0.1:{}/postgres", cluster.port));
+    let md5 = AgentSetup::new(
+        &base.join("md5"),
+        format!("postgresql://md5user:md5-secret@127.0.0.1:{}/postgres", cluster.port),
+    );
     init_ok(&md5);
     // SCRAM-SHA-256, password from PGPASSWORD
     let mut scram = AgentSetup::new(&base.join("scram"), cluster.url("scramuser"));
@@ -38,7 +41,8 @@ fn trust_md5_scram_and_password_sources() {
     let home = base.join("home");
     std::fs::create_dir_all(&home).expect("mkdir home");
     let pgpass = home.join(".pgpass");
-    std::fs::write(&pgpass, format!("127.0.0.1:{}:replication:scramuser:scram-secret\n", cluster.port)).expect("write pgpass");
+    std::fs::write(&pgpass, format!("127.0.0.1:{}:replication:scramuser:scram-secret\n", cluster.port))
+        .expect("write pgpass");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&pgpass, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let mut from_file = AgentSetup::new(&base.join("pgpass"), cluster.url("scramuser"));
@@ -48,7 +52,10 @@ fn trust_md5_scram_and_password_sources() {
     // Secrets never reach output: not in status, not in errors.
     let output = md5.run_command(&["status", "--json"]);
     assert!(!String::from_utf8_lossy(&output.stdout).contains("md5-secret"));
-    let wrong = AgentSetup::new(&base.join("wrong"), format!("postgresql://md5user:not-the-secret@127.0.0.1:{}/postgres", cluster.port));
+    let wrong = AgentSetup::new(
+        &base.join("wrong"),
+        format!("postgresql://md5user:not-the-secret@127.0.0.1:{}/postgres", cluster.port),
+    );
     let output = wrong.run_command(&["init"]);
     assert!(!output.status.success());
     assert!(!stderr(&output).contains("not-the-secret"), "{}", stderr(&output));
@@ -73,7 +80,8 @@ fn tls_require_verify_ca_and_verify_full() {
     });
     cluster.psql("CREATE ROLE tlsuser LOGIN REPLICATION PASSWORD 'tls-secret'");
     let base = cluster.dir.path();
-    let url = |host: &str, params: &str| format!("postgresql://tlsuser:tls-secret@{host}:{}/postgres?{params}", cluster.port);
+    let url =
+        |host: &str, params: &str| format!("postgresql://tlsuser:tls-secret@{host}:{}/postgres?{params}", cluster.port);
     let root = |ca: &tidemark_tests::tls::TestCa| ca.ca_cert.display().to_string();
 
     // require: encrypted (the server rejects anything else for this user).
@@ -83,15 +91,27 @@ fn tls_require_verify_ca_and_verify_full() {
     assert!(!output.status.success() && stderr(&output).contains("pg_hba.conf"), "{}", stderr(&output));
 
     // verify-full with the right CA and a name in the certificate.
-    init_ok(&AgentSetup::new(&base.join("full"), url("127.0.0.1", &format!("sslmode=verify-full&sslrootcert={}", root(&ca)))));
+    init_ok(&AgentSetup::new(
+        &base.join("full"),
+        url("127.0.0.1", &format!("sslmode=verify-full&sslrootcert={}", root(&ca))),
+    ));
     // verify-full with a CA that did not sign the server certificate.
-    let wrong_ca = AgentSetup::new(&base.join("wrongca"), url("127.0.0.1", &format!("sslmode=verify-full&sslrootcert={}", root(&other))));
+    let wrong_ca = AgentSetup::new(
+        &base.join("wrongca"),
+        url("127.0.0.1", &format!("sslmode=verify-full&sslrootcert={}", root(&other))),
+    );
     let output = wrong_ca.run_command(&["init"]);
     assert!(!output.status.success(), "a certificate from an unknown CA was accepted");
     assert!(stderr(&output).contains("TLS") && stderr(&output).contains("hint:"), "{}", stderr(&output));
     // A host name the certificate does not carry: verify-full refuses, verify-ca accepts.
-    let wrong_name = AgentSetup::new(&base.join("wrongname"), url("localhost", &format!("sslmode=verify-full&sslrootcert={}", root(&ca))));
+    let wrong_name = AgentSetup::new(
+        &base.join("wrongname"),
+        url("localhost", &format!("sslmode=verify-full&sslrootcert={}", root(&ca))),
+    );
     let output = wrong_name.run_command(&["init"]);
     assert!(!output.status.success(), "verify-full accepted a name not in the certificate");
-    init_ok(&AgentSetup::new(&base.join("ca"), url("localhost", &format!("sslmode=verify-ca&sslrootcert={}", root(&ca)))));
+    init_ok(&AgentSetup::new(
+        &base.join("ca"),
+        url("localhost", &format!("sslmode=verify-ca&sslrootcert={}", root(&ca))),
+    ));
 }

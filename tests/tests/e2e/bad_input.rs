@@ -29,12 +29,16 @@ fn unreachable_server() {
 #[test]
 fn wrong_password_and_missing_replication_privilege() {
     let cluster = Cluster::start(ClusterOptions {
-        hba: vec!["host replication alice 127.0.0.1/32 scram-sha-256".into(), "host replication norep 127.0.0.1/32 trust".into()],
+        hba: vec![
+            "host replication alice 127.0.0.1/32 scram-sha-256".into(),
+            "host replication norep 127.0.0.1/32 trust".into(),
+        ],
         ..Default::default()
     });
     cluster.psql("CREATE ROLE alice LOGIN REPLICATION PASSWORD 'right'; CREATE ROLE norep LOGIN");
     let base = cluster.dir.path();
-    let wrong = AgentSetup::new(&base.join("a"), format!("postgresql://alice:wrong@127.0.0.1:{}/postgres", cluster.port));
+    let wrong =
+        AgentSetup::new(&base.join("a"), format!("postgresql://alice:wrong@127.0.0.1:{}/postgres", cluster.port));
     assert_fails(&wrong.run_command(&["init"]), "password authentication failed", "check the password");
     assert!(!wrong.repo.exists() && !wrong.state_dir.exists());
 
@@ -46,7 +50,12 @@ fn wrong_password_and_missing_replication_privilege() {
 
 #[test]
 fn wal_level_minimal() {
-    let cluster = Cluster::start(ClusterOptions { wal_level: "minimal".into(), max_wal_senders: 0, wal_keep_size: None, ..Default::default() });
+    let cluster = Cluster::start(ClusterOptions {
+        wal_level: "minimal".into(),
+        max_wal_senders: 0,
+        wal_keep_size: None,
+        ..Default::default()
+    });
     let agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
     assert_fails(&agent.run_command(&["init"]), "wal_level is minimal", "wal_level = replica");
     assert!(!agent.repo.exists() && !agent.state_dir.exists());
@@ -88,7 +97,11 @@ struct Mount(PathBuf);
 impl Mount {
     fn tmpfs(path: &Path, size: &str) -> Mount {
         std::fs::create_dir_all(path).expect("mkdir mount point");
-        let status = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"]).arg(path).status().expect("run mount");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(path)
+            .status()
+            .expect("run mount");
         assert!(status.success(), "mounting a tmpfs needs root (CI runs as root)");
         Mount(path.to_path_buf())
     }

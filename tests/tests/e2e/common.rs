@@ -32,7 +32,8 @@ pub fn assert_segments_identical(cluster: &Cluster, agent: &AgentSetup, from: Ls
         let output = agent.wal_get(&name, &destination);
         assert!(output.status.success(), "wal-get {name} failed: {}", String::from_utf8_lossy(&output.stderr));
         let ours = std::fs::read(&destination).expect("read fetched segment");
-        let servers = std::fs::read(cluster.wal_dir().join(&name)).expect("read server segment (kept by wal_keep_size)");
+        let servers =
+            std::fs::read(cluster.wal_dir().join(&name)).expect("read server segment (kept by wal_keep_size)");
         assert!(ours == servers, "segment {name} differs from the server's pg_wal copy");
         std::fs::remove_file(&destination).expect("remove fetched");
     }

@@ -17,7 +17,8 @@ fn commits_wait_for_the_agents_fsync() {
     cluster.psql("ALTER SYSTEM SET synchronous_standby_names = 'tidemark_sync'");
     cluster.psql("SELECT pg_reload_conf()");
     wait_until("the agent to be the synchronous standby", Duration::from_secs(120), || {
-        (cluster.psql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'tidemark_sync'") == "sync").then_some(())
+        (cluster.psql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'tidemark_sync'") == "sync")
+            .then_some(())
     });
 
     // Each commit: the WAL position just before COMMIT, then — after COMMIT
