@@ -119,6 +119,48 @@ impl Cluster {
         unreachable!()
     }
 
+    /// A streaming standby of `primary` (pg_basebackup -R), itself accepting
+    /// replication connections, so an agent can stream from it and see the
+    /// timeline end when it is promoted.
+    pub fn standby_of(primary: &Cluster) -> Cluster {
+        let os_user = ensure_os_user();
+        let dir = tempfile::Builder::new().prefix("tidemark-standby-").tempdir().expect("tempdir");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod test dir");
+        let data = dir.path().join("data");
+        let log = dir.path().join("postgresql.log");
+        let mut standby = Cluster { data, port: 0, log, os_user, dir };
+        if let Some(user) = os_user {
+            chown(standby.dir.path(), user);
+        }
+        let output = standby
+            .as_pg_user(&pg_bin().join("pg_basebackup"))
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-X", "stream", "-R", "-c", "fast", "-D"])
+            .arg(&standby.data)
+            .arg("-p")
+            .arg(primary.port.to_string())
+            .output()
+            .expect("run pg_basebackup");
+        assert!(output.status.success(), "pg_basebackup failed: {}", String::from_utf8_lossy(&output.stderr));
+        let conf = standby.data.join("postgresql.conf");
+        let text = fs::read_to_string(&conf).expect("read conf");
+        let text = text.replace(
+            &format!("unix_socket_directories = '{}'", primary.dir.path().display()),
+            &format!("unix_socket_directories = '{}'", standby.dir.path().display()),
+        );
+        fs::write(&conf, text).expect("write conf");
+        standby.port = free_port();
+        standby.write_port();
+        let output = standby.pg_ctl(&["start", "-w", "-t", "120", "-l", standby.log.to_str().expect("utf-8")]);
+        assert!(output.status.success(), "standby did not start; see {}", standby.log.display());
+        standby
+    }
+
+    /// Promotes a standby and waits until it accepts writes.
+    pub fn promote(&self) {
+        let output = self.pg_ctl(&["promote", "-w", "-t", "120"]);
+        assert!(output.status.success(), "promote failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+
     fn as_pg_user(&self, program: &Path) -> Command {
         match self.os_user {
             Some(user) => {
@@ -311,12 +353,19 @@ impl Cluster {
         self.data.join("pg_wal")
     }
 
-    /// `pg_switch_wal()` after making sure there is something to switch from;
-    /// returns the LSN the switch ended at (the start of the next segment).
+    /// `pg_switch_wal()` after making sure there is something to switch from.
+    /// Returns the start of the next segment: pg_switch_wal() itself returns
+    /// the end of the switch record, but the rest of that segment is skipped,
+    /// so the switched segment is complete only at its end.
     pub fn switch_wal(&self) -> tidemark_proto::Lsn {
         self.psql("SELECT txid_current()");
-        let lsn = self.psql("SELECT pg_switch_wal()");
-        lsn.parse().expect("switch LSN")
+        let lsn: tidemark_proto::Lsn = self.psql("SELECT pg_switch_wal()").parse().expect("switch LSN");
+        let size = 16 << 20;
+        if lsn.segment_offset(size) == 0 {
+            lsn
+        } else {
+            tidemark_proto::Lsn(lsn.segment_start(size).0 + size)
+        }
     }
 
     pub fn current_lsn(&self) -> tidemark_proto::Lsn {

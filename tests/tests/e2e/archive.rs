@@ -133,3 +133,33 @@ fn run_refuses_a_second_instance_and_status_works_beside_it() {
     assert!(status["last_backup"].is_null() && status["window"].is_null());
     assert!(running.stop(), "agent did not stop cleanly");
 }
+
+#[test]
+fn wal_get_refuses_a_corrupt_object_and_reports_a_missing_one() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    let (agent, _) = setup(&cluster);
+    let running = agent.spawn();
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    assert!(running.stop(), "agent did not stop cleanly");
+    let segment =
+        tidemark_proto::segment::SegmentId::containing(tidemark_proto::TimelineId(1), Lsn(end.0 - 1), SEGMENT_SIZE);
+    let name = segment.file_name(SEGMENT_SIZE);
+    let destination = cluster.dir.path().join("pg_wal_RECOVERYXLOG");
+
+    // A name the repository does not have: exit 1, as PostgreSQL expects, nothing written.
+    let missing = agent.wal_get("00000001000000FF00000000", &destination);
+    assert_eq!(missing.status.code(), Some(1), "{}", stderr(&missing));
+    assert!(!destination.exists());
+
+    // One flipped byte in the stored object: exit 200 (recovery stops), the object named, nothing written.
+    let object = agent.repo.join(format!("wal/00000001/{name}"));
+    let mut bytes = std::fs::read(&object).expect("read object");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&object, &bytes).expect("write object");
+    let corrupt = agent.wal_get(&name, &destination);
+    assert_eq!(corrupt.status.code(), Some(200), "{}", stderr(&corrupt));
+    assert!(stderr(&corrupt).contains(&name) && stderr(&corrupt).contains("corrupt"), "{}", stderr(&corrupt));
+    assert!(!destination.exists(), "a corrupt segment was handed to PostgreSQL");
+}

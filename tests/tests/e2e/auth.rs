@@ -49,7 +49,13 @@ fn trust_md5_scram_and_password_sources() {
     from_file.env.push(("HOME".into(), home.display().to_string()));
     init_ok(&from_file);
 
-    // Secrets never reach output: not in status, not in errors.
+    // Secrets never reach output: not in the daemon's log, not in status, not in errors.
+    let running = md5.spawn();
+    let lsn = cluster.switch_wal();
+    wait_archived(&md5, lsn);
+    let log = running.log_text();
+    assert!(running.stop(), "agent did not stop cleanly");
+    assert!(log.contains("streaming") && !log.contains("md5-secret"), "{log}");
     let output = md5.run_command(&["status", "--json"]);
     assert!(!String::from_utf8_lossy(&output.stdout).contains("md5-secret"));
     let wrong = AgentSetup::new(

@@ -21,13 +21,24 @@ pub fn wait_archived(agent: &AgentSetup, lsn: Lsn) {
 /// one holding `to` is in the repository and byte-identical, through
 /// `wal-get`, to the server's own file in pg_wal. Returns how many were checked.
 pub fn assert_segments_identical(cluster: &Cluster, agent: &AgentSetup, from: Lsn, to: Lsn) -> usize {
+    assert_timeline_segments_identical(cluster, agent, TimelineId(1), from, to)
+}
+
+/// As [`assert_segments_identical`], for the segments of `timeline`.
+pub fn assert_timeline_segments_identical(
+    cluster: &Cluster,
+    agent: &AgentSetup,
+    timeline: TimelineId,
+    from: Lsn,
+    to: Lsn,
+) -> usize {
     let first = from.segment_no(SEGMENT_SIZE);
     let last = to.segment_no(SEGMENT_SIZE);
     assert!(last > first, "no complete segment between {from} and {to}");
     let scratch = cluster.dir.path().join("fetched");
     std::fs::create_dir_all(&scratch).expect("mkdir scratch");
     for segment_no in first..last {
-        let name = SegmentId { timeline: TimelineId(1), segment_no }.file_name(SEGMENT_SIZE);
+        let name = SegmentId { timeline, segment_no }.file_name(SEGMENT_SIZE);
         let destination = scratch.join(&name);
         let output = agent.wal_get(&name, &destination);
         assert!(output.status.success(), "wal-get {name} failed: {}", String::from_utf8_lossy(&output.stderr));
