@@ -6,13 +6,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-/// A built binary of this workspace, next to the test executable's directory.
+/// A built binary of this workspace: beside this executable (a bench binary
+/// in target/debug) or one level up (a test in target/debug/deps).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --bins` first", path.display());
-    path
+    let dir = exe.parent().expect("executable directory");
+    let candidates = [dir.join(name), dir.parent().map(|p| p.join(name)).unwrap_or_default()];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} is missing beside {}: run `cargo build --bins` first", dir.display()))
 }
 
 /// Where one agent keeps its state and repository, and how it reaches the server.
