@@ -47,6 +47,14 @@ enum Command {
     },
     /// The daemon: stream WAL into the repository until stopped.
     Run,
+    /// Take one base backup now.
+    Backup {
+        /// A label for the backup (written to backup_label too).
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Archived-to LSN, lag, last backup and restorable window.
     Status {
         #[arg(long)]
@@ -112,6 +120,36 @@ async fn dispatch(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run => crate::daemon::run(settings).await,
+        Command::Backup { label, json } => {
+            let manifest = crate::backup::backup(&settings, label).await?;
+            if json {
+                let value = serde_json::json!({
+                    "id": manifest.id,
+                    "label": manifest.label,
+                    "timeline": manifest.timeline,
+                    "start_lsn": manifest.start_lsn,
+                    "end_lsn": manifest.end_lsn,
+                    "start_time": manifest.start_time,
+                    "end_time": manifest.end_time,
+                    "bytes": manifest.bytes,
+                    "stored_bytes": manifest.stored_bytes,
+                });
+                println!("{value:#}");
+            } else {
+                println!(
+                    "backup {} ({}): {} files, {} bytes, {} bytes stored; WAL {} to {} on timeline {}",
+                    manifest.id,
+                    manifest.label,
+                    manifest.files.len(),
+                    manifest.bytes,
+                    manifest.stored_bytes,
+                    manifest.start_lsn,
+                    manifest.end_lsn,
+                    manifest.timeline
+                );
+            }
+            Ok(())
+        }
         Command::Status { json } => {
             let status = crate::status::status(&settings).await?;
             if json {

@@ -24,7 +24,13 @@ pub struct StateLock(#[allow(dead_code)] std::fs::File);
 
 /// Takes `<state-dir>/agent.lock` (flock), so two `run`s never share a spool.
 pub fn lock_state_dir(state_dir: &Path) -> anyhow::Result<StateLock> {
-    let path = state_dir.join("agent.lock");
+    lock_file(state_dir, "agent.lock", "another tidemark-agent run")
+}
+
+/// An exclusive flock on `<state-dir>/<name>` holding our pid; `who` names
+/// the holder in the refusal.
+pub fn lock_file(state_dir: &Path, name: &str, who: &str) -> anyhow::Result<StateLock> {
+    let path = state_dir.join(name);
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -37,11 +43,7 @@ pub fn lock_state_dir(state_dir: &Path) -> anyhow::Result<StateLock> {
     if rc != 0 {
         let holder = std::fs::read_to_string(&path).unwrap_or_default();
         return Err(Fail::new(
-            format!(
-                "another tidemark-agent run (pid {}) is using state directory {}",
-                holder.trim(),
-                state_dir.display()
-            ),
+            format!("{who} (pid {}) is using state directory {}", holder.trim(), state_dir.display()),
             "stop it first, or give this one its own --state-dir",
         )
         .into());

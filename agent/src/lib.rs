@@ -11,12 +11,14 @@
 //! - [`store`]: the repository as an object store, with durable local puts.
 //! - [`index`]: the RocksDB index (the only module that names rocksdb).
 //! - [`daemon`]: `run`: the state-directory lock, tasks, reconnects, shutdown.
+//! - [`backup`]: BASE_BACKUP into per-chunk objects and a backup manifest.
 //! - [`status`]: the status report.
 //! - [`init`]: checks the server, creates the slot, creates or adopts the repository.
 //! - [`fail`]: errors we raise ourselves, each with a hint.
 //! - [`backoff`]: the one retry policy.
 
 pub mod backoff;
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -107,6 +107,19 @@ impl Repository {
         }
     }
 
+    /// Keys of every object under `prefix`.
+    pub async fn list(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        use futures::TryStreamExt;
+        let prefix = ObjectPath::from(prefix);
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .with_context(|| format!("list {prefix} in {}", self.display))?;
+        Ok(objects.into_iter().map(|o| o.location.to_string()).collect())
+    }
+
     /// Deletes an object; a missing one is fine.
     pub async fn delete(&self, key: &str) -> anyhow::Result<()> {
         match self.store.delete(&ObjectPath::from(key)).await {

@@ -7,6 +7,7 @@
 //! - [`conninfo`]: libpq-style connection settings (URL, `PG*` variables, `.pgpass`).
 //! - [`replication`]: messages of the physical replication stream.
 //! - [`repo`]: the repository layout and the envelope every stored object is framed in.
+//! - [`tar`]: a streaming reader of the tar archives BASE_BACKUP sends.
 //!
 //! **Architecture invariant:** this crate does no I/O, spawns nothing and never
 //! panics on any input; every decoder of outside bytes returns an error instead.
@@ -17,6 +18,7 @@ pub mod lsn;
 pub mod replication;
 pub mod repo;
 pub mod segment;
+pub mod tar;
 pub mod timeline;
 
 pub use lsn::Lsn;

@@ -25,6 +25,15 @@ enum Command {
     /// The restore_command: write WAL file SEGMENT (%f) to PATH (%p).
     /// Exits 1 if the repository has no such file, 200 on corruption or errors.
     WalGet { segment: String, path: PathBuf },
+    /// Write a base backup's files into a new or empty directory (no recovery
+    /// configuration yet: a building block of `restore`).
+    FetchBackup {
+        /// The backup id, or `latest`.
+        #[arg(long, default_value = "latest")]
+        backup: String,
+        #[arg(long)]
+        pgdata: PathBuf,
+    },
 }
 
 /// Exit code that makes PostgreSQL abort recovery (anything above 125).
@@ -73,6 +82,49 @@ async fn dispatch(args: Args) -> ExitCode {
         }
     };
     match args.command {
+        Command::FetchBackup { backup, pgdata } => {
+            let result = async {
+                let repo = RepositoryReader::open(&url)?;
+                let id = if backup == "latest" {
+                    crate::fetch::list_backups(&repo)
+                        .await?
+                        .pop()
+                        .ok_or_else(|| ReadError::Other(anyhow::anyhow!("the repository has no complete backup")))?
+                } else {
+                    backup
+                };
+                let manifest = crate::fetch::read_manifest(&repo, &id).await?;
+                let bytes = crate::fetch::fetch_backup(&repo, &manifest, &pgdata).await?;
+                Ok::<_, ReadError>((manifest, bytes))
+            }
+            .await;
+            match result {
+                Ok((manifest, bytes)) => {
+                    println!(
+                        "backup {} written to {} ({bytes} bytes); it needs WAL {} to {} on timeline {}",
+                        manifest.id,
+                        pgdata.display(),
+                        manifest.start_lsn,
+                        manifest.end_lsn,
+                        manifest.timeline
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tidemark-restore: error: {e:#}");
+                    eprintln!(
+                        "hint: {}",
+                        match e {
+                            ReadError::Corrupt { .. } =>
+                                "an object does not match its checksum; run `tidemark-restore verify`",
+                            ReadError::NoRepository(_) => "check --repo",
+                            ReadError::Other(_) => "see the message; nothing was left in --pgdata",
+                        }
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::WalGet { segment, path } => {
             let result = match RepositoryReader::open(&url) {
                 Ok(repo) => wal_get(&repo, &segment, &path).await,

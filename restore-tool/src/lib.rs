@@ -3,10 +3,12 @@
 //! Module map:
 //! - [`cli`]: commands, settings, error lines and exit codes.
 //! - [`store`]: reading repository objects (and checking their frames).
+//! - [`fetch`]: a base backup into a new data directory.
 //! - [`wal_get`]: the restore_command: one WAL file to the path PostgreSQL gives.
 //!
 //! **Architecture invariant:** nothing here reads the agent's state directory.
 
 pub mod cli;
+pub mod fetch;
 pub mod store;
 pub mod wal_get;

@@ -49,6 +49,19 @@ impl RepositoryReader {
         )))
     }
 
+    /// Keys of every object under `prefix`.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, ReadError> {
+        use futures::TryStreamExt;
+        let prefix = ObjectPath::from(prefix);
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .with_context(|| format!("list {prefix} in {}", self.display))?;
+        Ok(objects.into_iter().map(|o| o.location.to_string()).collect())
+    }
+
     /// The raw stored bytes, or `None` if the object does not exist.
     pub async fn get_raw(&self, key: &str) -> Result<Option<Bytes>, ReadError> {
         match self.store.get(&ObjectPath::from(key)).await {

@@ -155,6 +155,32 @@ impl Cluster {
         standby
     }
 
+    /// Starts PostgreSQL on a data directory made elsewhere (a restored
+    /// backup) inside `dir`, with extra settings appended (recovery ones).
+    /// Does not wait for recovery to finish: poll for that.
+    pub fn start_existing(dir: tempfile::TempDir, data: PathBuf, extra_conf: &[String]) -> Cluster {
+        let os_user = ensure_os_user();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod dir");
+        let log = dir.path().join("postgresql.log");
+        let cluster = Cluster { data, port: free_port(), log, os_user, dir };
+        let mut conf = vec![format!("unix_socket_directories = '{}'", cluster.dir.path().display())];
+        conf.extend(extra_conf.iter().cloned());
+        let mut file =
+            fs::OpenOptions::new().append(true).open(cluster.data.join("postgresql.conf")).expect("open conf");
+        writeln!(file, "\n# restored-cluster settings\n{}", conf.join("\n")).expect("write conf");
+        cluster.write_port();
+        if let Some(user) = os_user {
+            chown(cluster.dir.path(), user);
+        }
+        let output = cluster.pg_ctl(&["start", "-w", "-t", "300", "-l", cluster.log.to_str().expect("utf-8")]);
+        assert!(
+            output.status.success(),
+            "restored server did not start: {}",
+            fs::read_to_string(&cluster.log).unwrap_or_default()
+        );
+        cluster
+    }
+
     /// Promotes a standby and waits until it accepts writes.
     pub fn promote(&self) {
         let output = self.pg_ctl(&["promote", "-w", "-t", "120"]);

@@ -51,6 +51,19 @@ impl QueryResult {
     }
 }
 
+/// One step of a command's answer, for commands (BASE_BACKUP) whose answer
+/// mixes result sets and a CopyOut stream.
+#[derive(Debug)]
+pub enum QueryEvent {
+    Columns(Vec<String>),
+    Row(Vec<Option<String>>),
+    Complete,
+    CopyOut,
+    CopyData(Bytes),
+    CopyDone,
+    Ready,
+}
+
 /// What arrives inside a replication stream.
 #[derive(Debug)]
 pub enum CopyEvent {
@@ -239,6 +252,46 @@ impl Connection {
                 Raw::Message(Message::NoticeResponse(_)) => {}
                 Raw::Message(_) => return Err(PgError::Protocol(format!("unexpected reply to {command:?}"))),
             }
+        }
+    }
+
+    /// Sends a command whose answer is read with `next_query_event`.
+    pub async fn send_query(&mut self, sql: &str) -> Result<(), PgError> {
+        frontend::query(sql, &mut self.write_buf)?;
+        self.flush().await
+    }
+
+    /// The next step of the answer; an ErrorResponse becomes an error (after
+    /// the server is ready again, so the connection stays usable).
+    pub async fn next_query_event(&mut self) -> Result<QueryEvent, PgError> {
+        loop {
+            let event = match self.read_message().await? {
+                Message::RowDescription(body) => {
+                    QueryEvent::Columns(body.fields().map(|f| Ok(f.name().to_string())).collect()?)
+                }
+                Message::DataRow(body) => {
+                    let buffer = body.buffer();
+                    QueryEvent::Row(
+                        body.ranges()
+                            .map(|range| {
+                                Ok(range.and_then(|r| buffer.get(r)).map(|v| String::from_utf8_lossy(v).into_owned()))
+                            })
+                            .collect()?,
+                    )
+                }
+                Message::CommandComplete(_) => QueryEvent::Complete,
+                Message::CopyOutResponse(_) => QueryEvent::CopyOut,
+                Message::CopyData(body) => QueryEvent::CopyData(body.into_bytes()),
+                Message::CopyDone => QueryEvent::CopyDone,
+                Message::ReadyForQuery(_) => QueryEvent::Ready,
+                Message::ErrorResponse(body) => {
+                    let error = server_error(&body);
+                    self.wait_ready().await?;
+                    return Err(PgError::Server(error));
+                }
+                _ => continue,
+            };
+            return Ok(event);
         }
     }
 

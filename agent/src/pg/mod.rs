@@ -6,5 +6,5 @@ pub mod error;
 pub mod session;
 pub mod tls;
 
-pub use connection::{Connection, ConnectionKind, CopyEvent, QueryResult};
+pub use connection::{Connection, ConnectionKind, CopyEvent, QueryEvent, QueryResult};
 pub use error::PgError;

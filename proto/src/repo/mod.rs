@@ -1,4 +1,5 @@
 //! The repository: where objects live and how each one is framed.
 
+pub mod backup;
 pub mod frame;
 pub mod layout;

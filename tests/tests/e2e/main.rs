@@ -2,6 +2,7 @@
 
 mod archive;
 mod auth;
+mod backup;
 mod bad_input;
 mod common;
 mod sync;

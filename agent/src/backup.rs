@@ -1,0 +1,343 @@
+//! `tidemark-agent backup`: a base backup over the replication protocol
+//! (BASE_BACKUP, PostgreSQL 15+ syntax), stored as chunk objects plus a
+//! manifest written last. See `tidemark_proto::repo::backup` for the layout.
+//!
+//! Chunks are compressed and stored concurrently (a few at a time, on all
+//! cores) while the stream continues; a chunk equal to the previous backup's
+//! chunk at the same place is referenced instead of stored again.
+
+use crate::config::Settings;
+use crate::fail::Fail;
+use crate::pg::{session, QueryEvent};
+use crate::store::Repository;
+use anyhow::Context;
+use bytes::Bytes;
+use std::sync::Arc;
+use tidemark_proto::repo::backup::{
+    chunk_key, manifest_key, pg_manifest_key, BackupFile, BackupManifest, ChunkRef, FileKind, Tablespace, CHUNK_SIZE,
+    FORMAT_VERSION,
+};
+use tidemark_proto::repo::frame::{self, Compression};
+use tidemark_proto::tar::{EntryKind, TarEvent, TarReader};
+use tidemark_proto::Lsn;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::info;
+
+/// Where the file being received stands.
+struct OpenFile {
+    file: BackupFile,
+    buffer: Vec<u8>,
+    chunk_index: usize,
+}
+
+struct Receiver<'a> {
+    repo: Repository,
+    id: String,
+    previous: Option<&'a BackupManifest>,
+    archive: String,
+    tar: TarReader,
+    open: Option<OpenFile>,
+    files: Vec<BackupFile>,
+    next_chunk: u64,
+    uploads: JoinSet<anyhow::Result<u64>>,
+    slots: Arc<Semaphore>,
+    bytes: u64,
+    /// Bytes put in the repository by finished chunk uploads.
+    stored_bytes: u64,
+}
+
+impl Receiver<'_> {
+    async fn tar_bytes(&mut self, data: &[u8]) -> anyhow::Result<()> {
+        let events = self.tar.feed(data).with_context(|| format!("read archive {}", self.archive))?;
+        for event in events {
+            match event {
+                TarEvent::Entry(header) => {
+                    let (kind, link_target) = match header.kind {
+                        EntryKind::File => (FileKind::File, None),
+                        EntryKind::Directory => (FileKind::Directory, None),
+                        EntryKind::Symlink { target } => (FileKind::Symlink, Some(target)),
+                    };
+                    self.bytes += header.size;
+                    self.open = Some(OpenFile {
+                        file: BackupFile {
+                            archive: self.archive.clone(),
+                            path: header.path,
+                            kind,
+                            size: header.size,
+                            mode: header.mode,
+                            mtime_unix: header.mtime_unix,
+                            link_target,
+                            chunks: Vec::new(),
+                        },
+                        buffer: Vec::new(),
+                        chunk_index: 0,
+                    });
+                }
+                TarEvent::Data(bytes) => {
+                    let full = {
+                        let open = self.open.as_mut().context("tar data outside a file")?;
+                        open.buffer.extend_from_slice(&bytes);
+                        open.buffer.len() >= CHUNK_SIZE
+                    };
+                    if full {
+                        self.flush_chunk().await?;
+                    }
+                }
+                TarEvent::EndOfEntry => {
+                    if self.open.as_ref().is_some_and(|o| !o.buffer.is_empty()) {
+                        self.flush_chunk().await?;
+                    }
+                    let open = self.open.take().context("end of an entry that never began")?;
+                    self.files.push(open.file);
+                }
+                TarEvent::End => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores (or reuses) the buffered chunk of the open file.
+    async fn flush_chunk(&mut self) -> anyhow::Result<()> {
+        let open = self.open.as_mut().context("no open file")?;
+        let raw = std::mem::take(&mut open.buffer);
+        let crc32 = crc32fast::hash(&raw);
+        let crc32c = crc32c::crc32c(&raw);
+        let index = open.chunk_index;
+        open.chunk_index += 1;
+        let reusable = self
+            .previous
+            .and_then(|p| p.file(&open.file.archive, &open.file.path))
+            .and_then(|f| f.chunks.get(index))
+            .filter(|c| c.raw_len == raw.len() as u64 && c.crc32 == crc32 && c.crc32c == crc32c)
+            .cloned();
+        if let Some(chunk) = reusable {
+            open.file.chunks.push(chunk);
+            return Ok(());
+        }
+        let key = chunk_key(&self.id, self.next_chunk);
+        self.next_chunk += 1;
+        open.file.chunks.push(ChunkRef { key: key.clone(), raw_len: raw.len() as u64, crc32, crc32c });
+        let permit = self.slots.clone().acquire_owned().await.context("upload slots closed")?;
+        let repo = self.repo.clone();
+        self.uploads.spawn(async move {
+            let _permit = permit;
+            let (object, info) =
+                tokio::task::spawn_blocking(move || frame::encode(&raw, Compression::Zstd { level: 1 }))
+                    .await
+                    .context("join compression task")??;
+            repo.put(&key, object).await?;
+            Ok(info.stored_len)
+        });
+        // Surface a failed upload early rather than at the end.
+        while let Some(done) = self.uploads.try_join_next() {
+            self.stored_bytes += done.context("join upload task")??;
+        }
+        Ok(())
+    }
+}
+
+fn now_rfc3339() -> String {
+    crate::init::now_rfc3339()
+}
+
+fn backup_id() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second()
+    )
+}
+
+/// Ids of complete backups (those with a manifest), oldest first.
+pub async fn complete_backups(repo: &Repository) -> anyhow::Result<Vec<String>> {
+    let mut ids: Vec<String> = repo
+        .list("backups")
+        .await?
+        .into_iter()
+        .filter_map(|key| key.strip_prefix("backups/")?.strip_suffix("/backup.json").map(str::to_string))
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+pub async fn read_manifest(repo: &Repository, id: &str) -> anyhow::Result<BackupManifest> {
+    let key = manifest_key(id);
+    let object = repo.get(&key).await?.with_context(|| format!("backup {id} has no manifest"))?;
+    let raw = frame::decode(&object).with_context(|| format!("object {key} is corrupt"))?;
+    BackupManifest::from_json(&raw).map_err(|e| anyhow::anyhow!("backup manifest {key}: {e}"))
+}
+
+/// Deletes what interrupted backups left (objects of backups without a manifest).
+async fn remove_orphans(repo: &Repository) -> anyhow::Result<usize> {
+    let keys = repo.list("backups").await?;
+    let complete = complete_backups(repo).await?;
+    let mut removed = 0;
+    for key in keys {
+        let Some(id) = key.strip_prefix("backups/").and_then(|k| k.split('/').next()) else { continue };
+        if !complete.iter().any(|c| c == id) {
+            repo.delete(&key).await?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Result<BackupManifest> {
+    let _lock = crate::daemon::lock_file(&settings.state_dir, "backup.lock", "another backup")?;
+    let repo = Repository::open(&settings.repo_url, false)?;
+    let repo_meta = repo.read_meta().await?.ok_or_else(|| {
+        Fail::new(format!("repository {} is not initialized", repo.display), "run `tidemark-agent init` first")
+    })?;
+    let mut conn = session::connect_replication(&settings.conn).await?;
+    let identity = session::identify(&mut conn).await?;
+    session::check_same_cluster(
+        &format!("repository {}", repo.display),
+        &repo_meta.system_identifier,
+        &identity.system_identifier,
+    )?;
+    let facts = session::server_facts(&mut conn).await?;
+    if facts.server_version_num < 150000 {
+        return Err(Fail::new(
+            format!("base backups of PostgreSQL {} are not supported yet", facts.server_version_num / 10000),
+            "Tidemark's BASE_BACKUP client speaks the PostgreSQL 15+ syntax so far",
+        )
+        .into());
+    }
+    let orphans = remove_orphans(&repo).await?;
+    if orphans > 0 {
+        info!(objects = orphans, "removed what an interrupted backup left");
+    }
+    let previous = match complete_backups(&repo).await?.last() {
+        Some(id) => Some(read_manifest(&repo, id).await?),
+        None => None,
+    };
+    let mut id = backup_id();
+    if repo.get(&manifest_key(&id)).await?.is_some() {
+        id.push_str("-2");
+    }
+    let label = label.unwrap_or_else(|| format!("tidemark {id}"));
+    let start_time = now_rfc3339();
+    info!(%id, %label, "starting base backup");
+    conn.send_query(&format!(
+        "BASE_BACKUP (LABEL {}, PROGRESS, CHECKPOINT 'fast', MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C', TABLESPACE_MAP true, WAIT false)",
+        quote_literal(&label)
+    ))
+    .await?;
+
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) * 2;
+    let mut receiver = Receiver {
+        repo: repo.clone(),
+        id: id.clone(),
+        previous: previous.as_ref(),
+        archive: String::new(),
+        tar: TarReader::new(),
+        open: None,
+        files: Vec::new(),
+        next_chunk: 0,
+        uploads: JoinSet::new(),
+        slots: Arc::new(Semaphore::new(workers)),
+        bytes: 0,
+        stored_bytes: 0,
+    };
+    // Result sets: start position, tablespaces; then the archives; then the end position.
+    let mut result_sets: Vec<Vec<Vec<Option<String>>>> = Vec::new();
+    let mut rows = Vec::new();
+    let mut pg_manifest: Vec<u8> = Vec::new();
+    let mut in_manifest = false;
+    loop {
+        match conn.next_query_event().await.context("BASE_BACKUP")? {
+            QueryEvent::Columns(_) => rows = Vec::new(),
+            QueryEvent::Row(row) => rows.push(row),
+            QueryEvent::Complete => {
+                if !rows.is_empty() || result_sets.len() < 2 {
+                    result_sets.push(std::mem::take(&mut rows));
+                }
+            }
+            QueryEvent::CopyOut | QueryEvent::CopyDone => {}
+            QueryEvent::CopyData(data) => {
+                let mut data: Bytes = data;
+                let kind = data.first().copied();
+                data = data.slice(1.min(data.len())..);
+                match kind {
+                    Some(b'n') => {
+                        let name = data
+                            .split(|b| *b == 0)
+                            .next()
+                            .map(|n| String::from_utf8_lossy(n).into_owned())
+                            .unwrap_or_default();
+                        receiver.archive = match name.as_str() {
+                            "base.tar" => "base".to_string(),
+                            other => other.trim_end_matches(".tar").to_string(),
+                        };
+                        receiver.tar = TarReader::new();
+                    }
+                    Some(b'd') if in_manifest => pg_manifest.extend_from_slice(&data),
+                    Some(b'd') => receiver.tar_bytes(&data).await?,
+                    Some(b'm') => in_manifest = true,
+                    Some(b'p') => {}
+                    _ => anyhow::bail!("unexpected BASE_BACKUP message type {kind:?}"),
+                }
+            }
+            QueryEvent::Ready => break,
+        }
+    }
+    conn.close().await;
+    while let Some(done) = receiver.uploads.join_next().await {
+        receiver.stored_bytes += done.context("join upload task")??;
+    }
+    let mut stored_bytes = receiver.stored_bytes;
+    let first = |set: Option<&Vec<Vec<Option<String>>>>, column: usize| -> anyhow::Result<String> {
+        set.and_then(|rows| rows.first())
+            .and_then(|row| row.get(column).cloned().flatten())
+            .context("BASE_BACKUP result is missing a value")
+    };
+    let start_lsn: Lsn = first(result_sets.first(), 0)?.parse()?;
+    let timeline: u32 = first(result_sets.first(), 1)?.parse()?;
+    let end_lsn: Lsn = first(result_sets.last(), 0)?.parse()?;
+    let tablespaces = result_sets
+        .get(1)
+        .map(|rows| {
+            rows.iter()
+                .filter_map(|row| {
+                    Some(Tablespace { oid: row.first()?.as_ref()?.parse().ok()?, location: row.get(1)?.clone()? })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    anyhow::ensure!(!pg_manifest.is_empty(), "the server sent no backup_manifest");
+    let (object, info) = frame::encode(&pg_manifest, Compression::Zstd { level: 3 })?;
+    repo.put(&pg_manifest_key(&id), object).await?;
+    stored_bytes += info.stored_len;
+    let manifest = BackupManifest {
+        format_version: FORMAT_VERSION,
+        id: id.clone(),
+        label,
+        system_identifier: identity.system_identifier,
+        server_version_num: facts.server_version_num,
+        timeline,
+        start_lsn: start_lsn.to_string(),
+        end_lsn: end_lsn.to_string(),
+        start_time,
+        end_time: now_rfc3339(),
+        tablespaces,
+        files: receiver.files,
+        pg_manifest_key: pg_manifest_key(&id),
+        bytes: receiver.bytes,
+        stored_bytes,
+    };
+    // Written last: only now does the backup exist.
+    let (object, _) = frame::encode(&manifest.to_json(), Compression::Zstd { level: 3 })?;
+    repo.put(&manifest_key(&id), object).await?;
+    info!(%id, bytes = manifest.bytes, stored_bytes = manifest.stored_bytes, "base backup complete");
+    Ok(manifest)
+}

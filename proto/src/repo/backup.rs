@@ -1,0 +1,175 @@
+//! Base backups in the repository.
+//!
+//! ```text
+//! backups/<id>/chunks/<n>        a piece (at most CHUNK_SIZE bytes) of a file, framed
+//! backups/<id>/backup_manifest   the server's own backup_manifest, framed
+//! backups/<id>/backup.json       BackupManifest, framed; written last: a backup
+//!                                without it is incomplete and is never listed
+//! ```
+//!
+//! A chunk identical to the one at the same place of the same file in the
+//! previous backup (same length, CRC-32 and CRC-32C: 64 bits of checksum) is
+//! not stored again; the manifest refers to the earlier backup's object.
+//!
+//! **API boundary:** a stored format; changing it needs a new `FORMAT_VERSION`.
+
+use serde::{Deserialize, Serialize};
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const CHUNK_SIZE: usize = 8 << 20;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupManifest {
+    pub format_version: u32,
+    pub id: String,
+    pub label: String,
+    pub system_identifier: String,
+    pub server_version_num: u32,
+    pub timeline: u32,
+    /// The checkpoint's redo point: WAL from here on is needed.
+    pub start_lsn: String,
+    /// Recovery is consistent once WAL up to here is replayed.
+    pub end_lsn: String,
+    pub start_time: String,
+    pub end_time: String,
+    pub tablespaces: Vec<Tablespace>,
+    pub files: Vec<BackupFile>,
+    /// Key of the server's backup_manifest.
+    pub pg_manifest_key: String,
+    /// Bytes of the data directory (sum of file sizes).
+    pub bytes: u64,
+    /// Bytes this backup added to the repository (chunks it did not reuse).
+    pub stored_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tablespace {
+    pub oid: u32,
+    pub location: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileKind {
+    File,
+    Directory,
+    Symlink,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupFile {
+    /// `base` for the data directory, else the tablespace OID.
+    pub archive: String,
+    pub path: String,
+    pub kind: FileKind,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime_unix: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_target: Option<String>,
+    pub chunks: Vec<ChunkRef>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub key: String,
+    pub raw_len: u64,
+    pub crc32: u32,
+    pub crc32c: u32,
+}
+
+pub fn backup_prefix(id: &str) -> String {
+    format!("backups/{id}/")
+}
+
+pub fn manifest_key(id: &str) -> String {
+    format!("backups/{id}/backup.json")
+}
+
+pub fn chunk_key(id: &str, n: u64) -> String {
+    format!("backups/{id}/chunks/{n:08}")
+}
+
+pub fn pg_manifest_key(id: &str) -> String {
+    format!("backups/{id}/backup_manifest")
+}
+
+impl BackupManifest {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<BackupManifest, String> {
+        let manifest: BackupManifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if manifest.format_version > FORMAT_VERSION {
+            return Err(format!(
+                "backup format {} is newer than this build understands ({FORMAT_VERSION}); upgrade Tidemark",
+                manifest.format_version
+            ));
+        }
+        for file in &manifest.files {
+            if file.path.starts_with('/') || file.path.split('/').any(|p| p == "..") {
+                return Err(format!("backup file path {:?} escapes the data directory", file.path));
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// The file at `archive`/`path`, for reusing unchanged chunks.
+    pub fn file(&self, archive: &str, path: &str) -> Option<&BackupFile> {
+        self.files.iter().find(|f| f.archive == archive && f.path == path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> BackupManifest {
+        BackupManifest {
+            format_version: 1,
+            id: "20261125T020000Z".into(),
+            label: "nightly".into(),
+            system_identifier: "1".into(),
+            server_version_num: 150018,
+            timeline: 1,
+            start_lsn: "0/2000028".into(),
+            end_lsn: "0/2000100".into(),
+            start_time: "2026-11-25T02:00:00Z".into(),
+            end_time: "2026-11-25T02:00:01Z".into(),
+            tablespaces: vec![],
+            files: vec![BackupFile {
+                archive: "base".into(),
+                path: "PG_VERSION".into(),
+                kind: FileKind::File,
+                size: 3,
+                mode: 0o600,
+                mtime_unix: 0,
+                link_target: None,
+                chunks: vec![ChunkRef { key: chunk_key("20261125T020000Z", 0), raw_len: 3, crc32: 1, crc32c: 2 }],
+            }],
+            pg_manifest_key: pg_manifest_key("20261125T020000Z"),
+            bytes: 3,
+            stored_bytes: 40,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_lookup() {
+        let m = manifest();
+        let back = BackupManifest::from_json(&m.to_json()).expect("valid");
+        assert_eq!(back, m);
+        assert!(back.file("base", "PG_VERSION").is_some());
+        assert!(back.file("16384", "PG_VERSION").is_none());
+    }
+
+    #[test]
+    fn refuses_escaping_paths_and_newer_formats() {
+        let mut m = manifest();
+        m.files[0].path = "../../etc/passwd".into();
+        assert!(BackupManifest::from_json(&m.to_json()).is_err());
+        let mut m = manifest();
+        m.format_version = 7;
+        assert!(BackupManifest::from_json(&m.to_json()).unwrap_err().contains("upgrade"));
+    }
+}

@@ -1,0 +1,164 @@
+//! Materializes a base backup into a new data directory: every file from its
+//! chunks (each checked against its frame's CRC-32 and the manifest's
+//! CRC-32C), directories and links, the `tablespace_map` and `backup_label`
+//! that came in the archive, and the server's own `backup_manifest` (so
+//! `pg_verifybackup` can check the result).
+//!
+//! Files are written into a staging directory beside the target, which is
+//! renamed into place only when everything is there: a failed fetch leaves no
+//! half-restored data directory behind.
+
+use crate::store::{ReadError, RepositoryReader};
+use anyhow::Context;
+use futures::StreamExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use tidemark_proto::repo::backup::{manifest_key, BackupFile, BackupManifest, FileKind};
+
+/// Chunk downloads in flight at once.
+const PARALLEL_FILES: usize = 8;
+
+pub async fn list_backups(repo: &RepositoryReader) -> Result<Vec<String>, ReadError> {
+    let mut ids: Vec<String> = repo
+        .list("backups")
+        .await?
+        .into_iter()
+        .filter_map(|key| key.strip_prefix("backups/")?.strip_suffix("/backup.json").map(str::to_string))
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+pub async fn read_manifest(repo: &RepositoryReader, id: &str) -> Result<BackupManifest, ReadError> {
+    let key = manifest_key(id);
+    let raw = repo.get(&key).await?.ok_or_else(|| ReadError::Other(anyhow::anyhow!("there is no backup {id}")))?;
+    BackupManifest::from_json(&raw).map_err(|reason| ReadError::Corrupt { key, reason })
+}
+
+/// Refuses anything but a missing or empty directory.
+pub fn check_target(pgdata: &Path) -> anyhow::Result<()> {
+    match std::fs::read_dir(pgdata) {
+        Ok(mut entries) => {
+            anyhow::ensure!(
+                entries.next().is_none(),
+                "{} is not empty; restore into a new or empty directory",
+                pgdata.display()
+            );
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("inspect {}", pgdata.display())),
+    }
+}
+
+pub async fn fetch_backup(repo: &RepositoryReader, manifest: &BackupManifest, pgdata: &Path) -> Result<u64, ReadError> {
+    check_target(pgdata)?;
+    if !manifest.tablespaces.is_empty() {
+        return Err(ReadError::Other(anyhow::anyhow!(
+            "backup {} has tablespaces, which fetch-backup cannot place yet",
+            manifest.id
+        )));
+    }
+    let name = pgdata.file_name().context("--pgdata has no directory name")?.to_string_lossy().into_owned();
+    let parent = pgdata.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let staging = parent.join(format!(".{name}.tidemark-staging"));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).with_context(|| format!("remove stale {}", staging.display()))?;
+    }
+    let result = fill(repo, manifest, &staging).await;
+    match result {
+        Ok(bytes) => {
+            // rename(2) replaces an empty directory.
+            std::fs::rename(&staging, pgdata)
+                .with_context(|| format!("move the restored files into {}", pgdata.display()))?;
+            Ok(bytes)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Err(e)
+        }
+    }
+}
+
+async fn fill(repo: &RepositoryReader, manifest: &BackupManifest, root: &Path) -> Result<u64, ReadError> {
+    std::fs::DirBuilder::new().mode(0o700).create(root).with_context(|| format!("create {}", root.display()))?;
+    // Directories first (the tar lists them before their files), then links.
+    for file in manifest.files.iter().filter(|f| f.archive == "base") {
+        let path = safe_join(root, &file.path)?;
+        match file.kind {
+            FileKind::Directory => std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&path)
+                .with_context(|| format!("create {}", path.display()))?,
+            FileKind::Symlink => {
+                let target = file.link_target.clone().unwrap_or_default();
+                std::os::unix::fs::symlink(&target, &path).with_context(|| format!("link {}", path.display()))?
+            }
+            FileKind::File => {}
+        }
+    }
+    let files: Vec<&BackupFile> =
+        manifest.files.iter().filter(|f| f.archive == "base" && f.kind == FileKind::File).collect();
+    let mut results = futures::stream::iter(files.into_iter().map(|file| write_file(repo, root, file)))
+        .buffer_unordered(PARALLEL_FILES);
+    let mut bytes = 0;
+    while let Some(result) = results.next().await {
+        bytes += result?;
+    }
+    let pg_manifest = repo.get(&manifest.pg_manifest_key).await?.ok_or_else(|| {
+        ReadError::Other(anyhow::anyhow!("backup {} lacks the server's backup_manifest", manifest.id))
+    })?;
+    std::fs::write(root.join("backup_manifest"), pg_manifest).context("write backup_manifest")?;
+    Ok(bytes)
+}
+
+async fn write_file(repo: &RepositoryReader, root: &Path, file: &BackupFile) -> Result<u64, ReadError> {
+    let path = safe_join(root, &file.path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("create {}", dir.display()))?;
+    }
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("create {}", path.display()))?;
+    let mut written = 0u64;
+    for chunk in &file.chunks {
+        let raw = repo.get(&chunk.key).await?.ok_or_else(|| ReadError::Corrupt {
+            key: chunk.key.clone(),
+            reason: format!("missing (needed by {})", file.path),
+        })?;
+        if raw.len() as u64 != chunk.raw_len || crc32c::crc32c(&raw) != chunk.crc32c {
+            return Err(ReadError::Corrupt {
+                key: chunk.key.clone(),
+                reason: "does not match the backup manifest".into(),
+            });
+        }
+        std::io::Write::write_all(&mut out, &raw).with_context(|| format!("write {}", path.display()))?;
+        written += raw.len() as u64;
+    }
+    if written != file.size {
+        return Err(ReadError::Corrupt {
+            key: file.path.clone(),
+            reason: format!("{written} bytes, manifest says {}", file.size),
+        });
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(file.mode & 0o700)).context("chmod")?;
+    out.sync_all().with_context(|| format!("fsync {}", path.display()))?;
+    Ok(written)
+}
+
+/// `root/relative`, refusing anything that would leave `root`.
+fn safe_join(root: &Path, relative: &str) -> anyhow::Result<PathBuf> {
+    anyhow::ensure!(
+        !relative.starts_with('/') && !relative.split('/').any(|p| p == ".." || p.is_empty()),
+        "backup path {relative:?} escapes the data directory"
+    );
+    Ok(root.join(relative))
+}

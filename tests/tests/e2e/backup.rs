@@ -1,0 +1,155 @@
+//! Base backups: taken under load, checked by pg_verifybackup, recovered to a
+//! consistent state; incremental; interrupted.
+
+use crate::common::*;
+use std::process::Command;
+use std::time::Duration;
+use tidemark_proto::segment::SegmentId;
+use tidemark_proto::{Lsn, TimelineId};
+use tidemark_tests::agent::{bin, AgentSetup};
+use tidemark_tests::cluster::{pg_bin, Cluster, ClusterOptions};
+use tidemark_tests::wait::wait_until;
+
+fn backup_json(agent: &AgentSetup, label: &str) -> serde_json::Value {
+    let output = agent.run_command(&["backup", "--label", label, "--json"]);
+    assert!(output.status.success(), "backup failed: {}", stderr(&output));
+    serde_json::from_slice(&output.stdout).expect("backup JSON")
+}
+
+fn fetch_backup(agent: &AgentSetup, id: &str, pgdata: &std::path::Path) -> std::process::Output {
+    Command::new(bin("tidemark-restore"))
+        .arg("--repo")
+        .arg(agent.repo_url())
+        .args(["fetch-backup", "--backup", id, "--pgdata"])
+        .arg(pgdata)
+        .output()
+        .expect("run fetch-backup")
+}
+
+#[test]
+fn backup_under_load_passes_pg_verifybackup_and_recovers_consistent() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.pgbench_init(10);
+    let agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
+    agent.init();
+    let running = agent.spawn();
+    let mut pgbench = cluster.pgbench_spawn(&["-T", "20", "-c", "2"]);
+    // Let the load start, then back up while it runs.
+    wait_until("pgbench to commit", Duration::from_secs(60), || {
+        (cluster.psql("SELECT count(*) > 100 FROM pgbench_history") == "t").then_some(())
+    });
+    let backup = backup_json(&agent, "under load");
+    assert!(pgbench.wait().expect("wait pgbench").success());
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    assert!(running.stop(), "agent did not stop cleanly");
+
+    let start_lsn: Lsn = backup["start_lsn"].as_str().expect("start").parse().expect("lsn");
+    let end_lsn: Lsn = backup["end_lsn"].as_str().expect("end").parse().expect("lsn");
+    let base = tempfile::Builder::new().prefix("tidemark-restored-").tempdir().expect("tempdir");
+    let pgdata = base.path().join("data");
+    let output = fetch_backup(&agent, backup["id"].as_str().expect("id"), &pgdata);
+    assert!(output.status.success(), "fetch-backup failed: {}", stderr(&output));
+
+    // The WAL the backup needs, from the repository through wal-get.
+    let wal = base.path().join("wal");
+    std::fs::create_dir_all(&wal).expect("mkdir wal");
+    for segment_no in start_lsn.segment_no(SEGMENT_SIZE)..=end_lsn.segment_no(SEGMENT_SIZE) {
+        let name = SegmentId { timeline: TimelineId(1), segment_no }.file_name(SEGMENT_SIZE);
+        let output = agent.wal_get(&name, &wal.join(&name));
+        assert!(output.status.success(), "wal-get {name}: {}", stderr(&output));
+    }
+    let verify = Command::new(pg_bin().join("pg_verifybackup"))
+        .arg("-w")
+        .arg(&wal)
+        .arg(&pgdata)
+        .output()
+        .expect("run pg_verifybackup");
+    assert!(
+        verify.status.success(),
+        "pg_verifybackup failed:\n{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    // Recover to the end of the backup and check pgbench's own invariant:
+    // every transaction moved the same delta in accounts and history.
+    std::fs::write(pgdata.join("recovery.signal"), "").expect("recovery.signal");
+    let restored = Cluster::start_existing(
+        base,
+        pgdata,
+        &[
+            format!("restore_command = 'cp {}/%f %p'", wal.display()),
+            "recovery_target = 'immediate'".into(),
+            "recovery_target_action = 'promote'".into(),
+        ],
+    );
+    wait_until("recovery to finish", Duration::from_secs(300), || {
+        (restored.psql_output("SELECT pg_is_in_recovery()").stdout == b"f\n").then_some(())
+    });
+    let consistent = restored.psql(
+        "SELECT (SELECT sum(abalance) FROM pgbench_accounts) = (SELECT coalesce(sum(delta), 0) FROM pgbench_history) \
+         AND (SELECT sum(tbalance) FROM pgbench_tellers) = (SELECT coalesce(sum(delta), 0) FROM pgbench_history) \
+         AND (SELECT count(*) FROM pgbench_history) > 0",
+    );
+    assert_eq!(consistent, "t", "the restored database is not consistent");
+}
+
+#[test]
+fn second_backup_stores_only_what_changed() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.pgbench_init(10);
+    cluster.psql("CREATE TABLE small (id int)");
+    let agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
+    agent.init();
+    let first = backup_json(&agent, "first");
+    cluster.psql("INSERT INTO small VALUES (1); CHECKPOINT");
+    let second = backup_json(&agent, "second");
+    let first_stored = first["stored_bytes"].as_u64().expect("stored");
+    let second_stored = second["stored_bytes"].as_u64().expect("stored");
+    assert!(first["bytes"].as_u64().expect("bytes") > 100 << 20, "{first}");
+    eprintln!("first backup stored {first_stored} bytes, second {second_stored}");
+    assert!(second_stored * 10 < first_stored, "second backup stored {second_stored} bytes, first {first_stored}");
+    // The second is complete on its own: it materializes and verifies.
+    let base = tempfile::tempdir().expect("tempdir");
+    let pgdata = base.path().join("data");
+    let output = fetch_backup(&agent, second["id"].as_str().expect("id"), &pgdata);
+    assert!(output.status.success(), "fetch-backup failed: {}", stderr(&output));
+    let verify =
+        Command::new(pg_bin().join("pg_verifybackup")).arg("-n").arg(&pgdata).output().expect("run pg_verifybackup");
+    assert!(verify.status.success(), "pg_verifybackup failed: {}", String::from_utf8_lossy(&verify.stderr));
+}
+
+#[test]
+fn killed_backup_is_never_listed_and_the_next_one_succeeds() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.pgbench_init(30);
+    let agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
+    agent.init();
+    let mut child = agent
+        .command(&["backup", "--label", "doomed"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn backup");
+    // Kill it once it has stored some chunks but not finished.
+    let chunks_dir = wait_until("the backup to store chunks", Duration::from_secs(120), || {
+        let backups = std::fs::read_dir(agent.repo.join("backups")).ok()?;
+        backups
+            .flatten()
+            .map(|e| e.path().join("chunks"))
+            .find(|c| std::fs::read_dir(c).map(|mut d| d.next().is_some()).unwrap_or(false))
+    });
+    child.kill().expect("kill backup");
+    let _ = child.wait();
+    let doomed_dir = chunks_dir.parent().expect("backup dir").to_path_buf();
+    assert!(!doomed_dir.join("backup.json").exists(), "the killed backup finished first; make the database bigger");
+    let fetched = fetch_backup(&agent, "latest", &cluster.dir.path().join("nothing"));
+    assert!(!fetched.status.success() && stderr(&fetched).contains("no complete backup"), "{}", stderr(&fetched));
+
+    let next = backup_json(&agent, "next");
+    let next_dir = agent.repo.join("backups").join(next["id"].as_str().expect("id"));
+    assert!(next_dir.join("backup.json").exists());
+    if doomed_dir != next_dir {
+        assert!(empty_or_absent(&doomed_dir.join("chunks")), "the interrupted backup's objects were not cleaned up");
+    }
+}
