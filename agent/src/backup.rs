@@ -137,6 +137,53 @@ impl Receiver<'_> {
     }
 }
 
+/// Scheduled backups for `run`: one at once if the repository has none, then
+/// one every `interval` after the newest backup ended. Runs beside streaming
+/// on its own connection; a failed backup is logged and retried next time.
+pub async fn schedule(
+    settings: Settings,
+    interval: std::time::Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let wait = match next_backup_delay(&settings, interval).await {
+            Ok(wait) => wait,
+            Err(e) => {
+                tracing::warn!("cannot read the backup list, trying again in a minute: {e:#}");
+                std::time::Duration::from_secs(60)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+        tokio::select! {
+            result = backup(&settings, None) => {
+                if let Err(e) = result {
+                    tracing::error!("scheduled base backup failed: {e:#}");
+                    // Do not hammer a server that refuses: wait before trying again.
+                    tokio::select! {
+                        _ = tokio::time::sleep(interval.min(std::time::Duration::from_secs(600))) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn next_backup_delay(settings: &Settings, interval: std::time::Duration) -> anyhow::Result<std::time::Duration> {
+    let repo = Repository::open(&settings.repo_url, false)?;
+    let Some(newest) = complete_backups(&repo).await?.pop() else { return Ok(std::time::Duration::ZERO) };
+    let manifest = read_manifest(&repo, &newest).await?;
+    let ended = time::OffsetDateTime::parse(&manifest.end_time, &time::format_description::well_known::Rfc3339)
+        .context("read the newest backup's end time")?;
+    let age = time::OffsetDateTime::now_utc() - ended;
+    let age = std::time::Duration::try_from(age).unwrap_or_default();
+    Ok(interval.saturating_sub(age))
+}
+
 fn now_rfc3339() -> String {
     crate::init::now_rfc3339()
 }

@@ -34,6 +34,9 @@ struct Args {
     /// Seconds between uploads of the segment still being filled (default 10).
     #[arg(long, global = true, env = "TIDEMARK_PARTIAL_UPLOAD_INTERVAL")]
     partial_upload_interval: Option<u64>,
+    /// Seconds between scheduled base backups in `run` (default 86400, a day; 0 = none).
+    #[arg(long, global = true, env = "TIDEMARK_BACKUP_INTERVAL")]
+    backup_interval: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -172,6 +175,7 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         slot: args.slot.clone(),
         application_name: args.application_name.clone(),
         partial_upload_interval_secs: args.partial_upload_interval,
+        backup_interval_secs: args.backup_interval,
     };
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let mut settings = config::resolve(file, cli, &env)?;

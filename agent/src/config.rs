@@ -19,6 +19,7 @@ pub struct FileConfig {
     pub application_name: Option<String>,
     pub partial_upload_interval_secs: Option<u64>,
     pub status_interval_secs: Option<u64>,
+    pub backup_interval_secs: Option<u64>,
 }
 
 /// What the command line (with its variables) said; `None` where it said nothing.
@@ -31,6 +32,7 @@ pub struct CliConfig {
     pub slot: Option<String>,
     pub application_name: Option<String>,
     pub partial_upload_interval_secs: Option<u64>,
+    pub backup_interval_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -44,6 +46,8 @@ pub struct Settings {
     pub partial_upload_interval: Duration,
     /// How often a standby status update is sent when nothing else prompts one.
     pub status_interval: Duration,
+    /// Time between scheduled base backups in `run` (default a day); 0 turns them off.
+    pub backup_interval: Option<Duration>,
 }
 
 pub const DEFAULT_CONFIG: &str = "tidemark.toml";
@@ -57,7 +61,7 @@ pub fn load_file(path: Option<&Path>) -> Result<FileConfig, Fail> {
         Ok(text) => toml::from_str(&text).map_err(|e| {
             Fail::new(
                 format!("config file {} is invalid: {}", path.display(), e.message()),
-                "fix the file; known keys are repo, pg_url, state_dir, slot, application_name, partial_upload_interval_secs, status_interval_secs",
+                "fix the file; known keys are repo, pg_url, state_dir, slot, application_name, partial_upload_interval_secs, status_interval_secs, backup_interval_secs",
             )
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(FileConfig::default()),
@@ -106,6 +110,10 @@ pub fn resolve(file: FileConfig, cli: CliConfig, env: &BTreeMap<String, String>)
         application_name,
         partial_upload_interval: Duration::from_secs(partial),
         status_interval: Duration::from_secs(status),
+        backup_interval: match cli.backup_interval_secs.or(file.backup_interval_secs).unwrap_or(86_400) {
+            0 => None,
+            secs => Some(Duration::from_secs(secs)),
+        },
     })
 }
 

@@ -116,6 +116,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         system_identifier: meta.system_identifier.clone(),
         stream_start: (TimelineId(meta.stream_start_timeline), Lsn(meta.stream_start_lsn)),
     };
+    let backups = settings
+        .backup_interval
+        .map(|interval| tokio::spawn(crate::backup::schedule(settings.clone(), interval, shutdown.clone())));
     let mut started = false;
     let mut attempt = 0u32;
     let result = loop {
@@ -150,6 +153,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             attempt = 3; // Stay near a few seconds: a restarted server should be picked up fast.
         }
     };
+    if let Some(task) = backups {
+        // A backup still running is abandoned; the next backup removes what it left.
+        task.abort();
+        let _ = task.await;
+    }
     // Let the uploader store what is queued; a later run resumes anything left.
     drop(ctx);
     if tokio::time::timeout(Duration::from_secs(60), uploader_task).await.is_err() {

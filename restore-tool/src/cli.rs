@@ -22,6 +22,11 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Base backups, timelines, archived WAL and the restorable window.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
     /// The restore_command: write WAL file SEGMENT (%f) to PATH (%p).
     /// Exits 1 if the repository has no such file, 200 on corruption or errors.
     WalGet { segment: String, path: PathBuf },
@@ -82,6 +87,24 @@ async fn dispatch(args: Args) -> ExitCode {
         }
     };
     match args.command {
+        Command::List { json } => {
+            let result = async {
+                let repo = RepositoryReader::open(&url)?;
+                crate::catalog::Catalog::load(&repo).await
+            }
+            .await;
+            match result {
+                Ok(catalog) => {
+                    print_list(&catalog, json);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tidemark-restore: error: {e:#}");
+                    eprintln!("hint: check --repo (it must be a repository made by `tidemark-agent init`)");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::FetchBackup { backup, pgdata } => {
             let result = async {
                 let repo = RepositoryReader::open(&url)?;
@@ -148,5 +171,56 @@ async fn dispatch(args: Args) -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn print_list(catalog: &crate::catalog::Catalog, json: bool) {
+    use crate::catalog::backup_json;
+    if json {
+        let value = serde_json::json!({
+            "backups": catalog.restorable.iter().map(backup_json).collect::<Vec<_>>(),
+            "waiting_for_wal": catalog.waiting.iter().map(backup_json).collect::<Vec<_>>(),
+            "timelines": catalog.timelines,
+            "window": catalog.window(),
+            "wal": catalog.ranges,
+        });
+        println!("{value:#}");
+        return;
+    }
+    println!("backups (restorable)");
+    if catalog.restorable.is_empty() {
+        println!("  none");
+    }
+    for b in &catalog.restorable {
+        println!(
+            "  {}  timeline {}  {} .. {}  ended {}  {} bytes ({} stored)  {}",
+            b.id, b.timeline, b.start_lsn, b.end_lsn, b.end_time, b.bytes, b.stored_bytes, b.label
+        );
+    }
+    for b in &catalog.waiting {
+        println!("  {}  waiting for WAL up to {} to be archived", b.id, b.end_lsn);
+    }
+    println!("archived WAL");
+    if catalog.ranges.is_empty() {
+        println!("  none");
+    }
+    for r in &catalog.ranges {
+        println!("  timeline {}: {} .. {}", r.timeline, r.start_lsn, r.end_lsn);
+    }
+    println!("timelines");
+    for t in &catalog.timelines {
+        match (&t.parent, &t.switch_lsn) {
+            (Some(parent), Some(switch)) => println!("  {} (from {} at {})", t.timeline, parent, switch),
+            _ => println!("  {}", t.timeline),
+        }
+    }
+    match catalog.window() {
+        Some(w) => println!(
+            "restorable window\n  from {} ({}) to {} (the latest time needs the WAL audit, not built yet)",
+            w["earliest"].as_str().unwrap_or("?"),
+            w["earliest_lsn"].as_str().unwrap_or("?"),
+            w["latest_lsn"].as_str().unwrap_or("?")
+        ),
+        None => println!("restorable window\n  none (no restorable base backup yet)"),
     }
 }

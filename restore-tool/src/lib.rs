@@ -1,6 +1,7 @@
 //! The Tidemark restore tool: everything it needs comes from the repository.
 //!
 //! Module map:
+//! - [`catalog`]: backups, archived WAL ranges, timelines, the restorable window.
 //! - [`cli`]: commands, settings, error lines and exit codes.
 //! - [`store`]: reading repository objects (and checking their frames).
 //! - [`fetch`]: a base backup into a new data directory.
@@ -8,6 +9,7 @@
 //!
 //! **Architecture invariant:** nothing here reads the agent's state directory.
 
+pub mod catalog;
 pub mod cli;
 pub mod fetch;
 pub mod store;

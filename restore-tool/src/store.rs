@@ -62,6 +62,17 @@ impl RepositoryReader {
         Ok(objects.into_iter().map(|o| o.location.to_string()).collect())
     }
 
+    /// What an object's frame header says, reading only the header.
+    pub async fn frame_info(&self, key: &str) -> Result<tidemark_proto::repo::frame::FrameInfo, ReadError> {
+        let header = self
+            .store
+            .get_range(&ObjectPath::from(key), 0..tidemark_proto::repo::frame::HEADER_LEN as u64)
+            .await
+            .with_context(|| format!("read the header of {key}"))?;
+        tidemark_proto::repo::frame::parse_header(&header)
+            .map_err(|e| ReadError::Corrupt { key: key.into(), reason: e.to_string() })
+    }
+
     /// The raw stored bytes, or `None` if the object does not exist.
     pub async fn get_raw(&self, key: &str) -> Result<Option<Bytes>, ReadError> {
         match self.store.get(&ObjectPath::from(key)).await {

@@ -36,7 +36,9 @@ impl AgentSetup {
             state_dir: base.join("state"),
             pg_url,
             extra_args: Vec::new(),
-            env: Vec::new(),
+            // Scheduled backups off unless a test asks: they would add load
+            // and checkpoints to tests about streaming.
+            env: vec![("TIDEMARK_BACKUP_INTERVAL".into(), "0".into())],
         }
     }
 

@@ -85,6 +85,27 @@ pub fn encode(raw: &[u8], compression: Compression) -> Result<(Vec<u8>, FrameInf
     Ok((out, info))
 }
 
+/// Reads just the header (the first HEADER_LEN bytes) of an object.
+pub fn parse_header(header: &[u8]) -> Result<FrameInfo, FrameError> {
+    let mut bytes = header;
+    let mut magic = [0u8; 4];
+    bytes.try_copy_to_slice(&mut magic).map_err(|_| FrameError::BadMagic)?;
+    if magic != MAGIC {
+        return Err(FrameError::BadMagic);
+    }
+    let short = |_| FrameError::Truncated { expected: HEADER_LEN as u64, found: header.len() as u64 };
+    let version = bytes.try_get_u16_le().map_err(short)?;
+    if version != VERSION {
+        return Err(FrameError::UnknownVersion(version));
+    }
+    let _compression = bytes.try_get_u8().map_err(short)?;
+    let _flags = bytes.try_get_u8().map_err(short)?;
+    let raw_len = bytes.try_get_u64_le().map_err(short)?;
+    let crc32 = bytes.try_get_u32_le().map_err(short)?;
+    let payload_len = bytes.try_get_u64_le().map_err(short)?;
+    Ok(FrameInfo { raw_len, crc32, stored_len: payload_len.saturating_add(HEADER_LEN as u64) })
+}
+
 /// Opens a frame: checks header, decompresses, verifies length and checksum.
 pub fn decode(object: &[u8]) -> Result<Vec<u8>, FrameError> {
     let mut header = object;
@@ -157,6 +178,13 @@ mod tests {
             bad[i] ^= 0x40;
             assert!(decode(&bad).is_err(), "flip at byte {i} went unnoticed");
         }
+    }
+
+    #[test]
+    fn header_alone() {
+        let (object, info) = encode(&[5u8; 100], Compression::Zstd { level: 1 }).expect("encode");
+        assert_eq!(parse_header(&object[..HEADER_LEN]), Ok(info));
+        assert!(parse_header(&object[..10]).is_err());
     }
 
     #[test]

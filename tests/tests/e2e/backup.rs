@@ -153,3 +153,64 @@ fn killed_backup_is_never_listed_and_the_next_one_succeeds() {
         assert!(empty_or_absent(&doomed_dir.join("chunks")), "the interrupted backup's objects were not cleaned up");
     }
 }
+
+#[test]
+fn run_takes_scheduled_backups_while_streaming() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.pgbench_init(2);
+    let mut agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
+    agent.env.push(("TIDEMARK_BACKUP_INTERVAL".into(), "3".into()));
+    agent.init();
+    let running = agent.spawn();
+    let mut pgbench = cluster.pgbench_spawn(&["-T", "15", "-c", "1"]);
+    // The first backup at once (the repository had none), then one every 3 s.
+    let count = || {
+        std::fs::read_dir(agent.repo.join("backups"))
+            .map(|d| d.flatten().filter(|e| e.path().join("backup.json").exists()).count())
+            .unwrap_or(0)
+    };
+    wait_until("two scheduled backups", Duration::from_secs(180), || (count() >= 2).then_some(()));
+    assert!(pgbench.wait().expect("wait pgbench").success());
+    // Streaming went on beside the backups.
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    assert!(running.stop(), "agent did not stop cleanly");
+}
+
+fn list_json(agent: &AgentSetup) -> serde_json::Value {
+    let output = Command::new(bin("tidemark-restore"))
+        .arg("--repo")
+        .arg(agent.repo_url())
+        .args(["list", "--json"])
+        .output()
+        .expect("run list");
+    assert!(output.status.success(), "list failed: {}", stderr(&output));
+    serde_json::from_slice(&output.stdout).expect("list JSON")
+}
+
+#[test]
+fn list_shows_a_backup_only_once_its_wal_is_archived() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.pgbench_init(1);
+    let agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
+    agent.init();
+    // No agent streaming: the backup's WAL is not in the repository.
+    let backup = backup_json(&agent, "before streaming");
+    let list = list_json(&agent);
+    assert_eq!(list["backups"].as_array().map(Vec::len), Some(0), "{list}");
+    assert!(list["window"].is_null(), "{list}");
+    assert_eq!(list["waiting_for_wal"][0]["id"], backup["id"]);
+
+    let running = agent.spawn();
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    assert!(running.stop(), "agent did not stop cleanly");
+    let list = list_json(&agent);
+    assert_eq!(list["backups"][0]["id"], backup["id"], "{list}");
+    assert_eq!(list["backups"][0]["end_lsn"], backup["end_lsn"]);
+    assert_eq!(list["window"]["earliest"], backup["end_time"]);
+    assert_eq!(list["wal"][0]["timeline"], 1);
+    let archived_end: Lsn = list["wal"][0]["end_lsn"].as_str().expect("end").parse().expect("lsn");
+    assert!(archived_end >= end, "{list}");
+    assert_eq!(list["timelines"][0]["timeline"], 1);
+}
