@@ -24,6 +24,61 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::info;
 
+/// Progress of the backup: a bar on a terminal, a log line every 10 s otherwise.
+struct ProgressReport {
+    total_bytes: u64,
+    started: std::time::Instant,
+    last_report: std::time::Instant,
+    terminal: bool,
+}
+
+impl ProgressReport {
+    fn new(total_bytes: u64) -> ProgressReport {
+        // SAFETY: isatty only inspects the descriptor.
+        let terminal = unsafe { libc::isatty(2) } == 1;
+        let now = std::time::Instant::now();
+        ProgressReport { total_bytes, started: now, last_report: now, terminal }
+    }
+
+    fn update(&mut self, done: u64, finished: bool) {
+        let every =
+            if self.terminal { std::time::Duration::from_millis(250) } else { std::time::Duration::from_secs(10) };
+        if !finished && self.last_report.elapsed() < every {
+            return;
+        }
+        self.last_report = std::time::Instant::now();
+        let seconds = self.started.elapsed().as_secs_f64().max(0.001);
+        let rate = done as f64 / seconds;
+        let total = self.total_bytes.max(done);
+        let eta = if rate > 0.0 { (total - done) as f64 / rate } else { 0.0 };
+        let percent = if total > 0 { done as f64 * 100.0 / total as f64 } else { 100.0 };
+        if self.terminal {
+            let filled = (percent / 5.0) as usize;
+            eprint!(
+                "\r[{}{}] {:5.1}%  {:.0}/{:.0} MB  {:.0} MB/s  ETA {:.0}s ",
+                "#".repeat(filled.min(20)),
+                " ".repeat(20 - filled.min(20)),
+                percent,
+                done as f64 / 1e6,
+                total as f64 / 1e6,
+                rate / 1e6,
+                eta
+            );
+            if finished {
+                eprintln!();
+            }
+        } else {
+            info!(
+                done_mb = done / 1_000_000,
+                total_mb = total / 1_000_000,
+                rate_mb_s = (rate / 1e6) as u64,
+                eta_s = eta as u64,
+                "backup progress"
+            );
+        }
+    }
+}
+
 /// Where the file being received stands.
 struct OpenFile {
     file: BackupFile,
@@ -301,6 +356,7 @@ pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Resul
     let mut rows = Vec::new();
     let mut pg_manifest: Vec<u8> = Vec::new();
     let mut in_manifest = false;
+    let mut progress: Option<ProgressReport> = None;
     loop {
         match conn.next_query_event().await.context("BASE_BACKUP")? {
             QueryEvent::Columns(_) => rows = Vec::new(),
@@ -308,6 +364,12 @@ pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Resul
             QueryEvent::Complete => {
                 if !rows.is_empty() || result_sets.len() < 2 {
                     result_sets.push(std::mem::take(&mut rows));
+                }
+                if result_sets.len() == 2 && progress.is_none() {
+                    // The tablespace sizes (kB, thanks to PROGRESS) add up to the total.
+                    let total_kb: u64 =
+                        result_sets[1].iter().filter_map(|row| row.get(2)?.as_ref()?.parse::<u64>().ok()).sum();
+                    progress = Some(ProgressReport::new(total_kb * 1024));
                 }
             }
             QueryEvent::CopyOut | QueryEvent::CopyDone => {}
@@ -331,7 +393,12 @@ pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Resul
                     Some(b'd') if in_manifest => pg_manifest.extend_from_slice(&data),
                     Some(b'd') => receiver.tar_bytes(&data).await?,
                     Some(b'm') => in_manifest = true,
-                    Some(b'p') => {}
+                    Some(b'p') => {
+                        let done = data.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
+                        if let Some(progress) = progress.as_mut() {
+                            progress.update(done, false);
+                        }
+                    }
                     _ => anyhow::bail!("unexpected BASE_BACKUP message type {kind:?}"),
                 }
             }
@@ -339,6 +406,9 @@ pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Resul
         }
     }
     conn.close().await;
+    if let Some(progress) = progress.as_mut() {
+        progress.update(receiver.bytes, true);
+    }
     while let Some(done) = receiver.uploads.join_next().await {
         receiver.stored_bytes += done.context("join upload task")??;
     }

@@ -45,6 +45,13 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
         Err(e) => (None, Some(format!("{e:#}"))),
     };
     let timeline = progress.as_ref().map(|p| p.timeline).unwrap_or(meta.stream_start_timeline);
+    let last_backup = match last_backup(settings).await {
+        Ok(backup) => backup,
+        Err(e) => {
+            tracing::warn!("cannot read the newest backup: {e:#}");
+            None
+        }
+    };
     Ok(Status {
         system_identifier: meta.system_identifier,
         timeline,
@@ -52,11 +59,28 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
         archived_lsn: archived.map(|l| l.to_string()),
         flushed_lsn: progress.map(|p| Lsn(p.flushed_lsn).to_string()),
         lag_bytes: server_lsn.map(|s| s.saturating_sub(archived.unwrap_or(Lsn(meta.stream_start_lsn)))),
-        last_backup: None,
+        last_backup,
         window: None,
         archived_segments: segments.len(),
         server_error,
     })
+}
+
+async fn last_backup(settings: &Settings) -> anyhow::Result<Option<serde_json::Value>> {
+    let repo = crate::store::Repository::open(&settings.repo_url, false)?;
+    let Some(id) = crate::backup::complete_backups(&repo).await?.pop() else { return Ok(None) };
+    let m = crate::backup::read_manifest(&repo, &id).await?;
+    Ok(Some(serde_json::json!({
+        "id": m.id,
+        "label": m.label,
+        "timeline": m.timeline,
+        "start_lsn": m.start_lsn,
+        "end_lsn": m.end_lsn,
+        "start_time": m.start_time,
+        "end_time": m.end_time,
+        "bytes": m.bytes,
+        "stored_bytes": m.stored_bytes,
+    })))
 }
 
 async fn server_position(settings: &Settings) -> anyhow::Result<Lsn> {
@@ -87,7 +111,16 @@ pub fn render_text(status: &Status) -> String {
         out.push_str(&format!("lag                 {lag} bytes\n"));
     }
     out.push_str(&format!("archived segments   {}\n", status.archived_segments));
-    out.push_str("last backup         none\n");
-    out.push_str("restorable window   none (no base backup yet)\n");
+    match &status.last_backup {
+        Some(b) => out.push_str(&format!(
+            "last backup         {} ended {} (WAL {} .. {})\n",
+            b["id"].as_str().unwrap_or("?"),
+            b["end_time"].as_str().unwrap_or("?"),
+            b["start_lsn"].as_str().unwrap_or("?"),
+            b["end_lsn"].as_str().unwrap_or("?")
+        )),
+        None => out.push_str("last backup         none\n"),
+    }
+    out.push_str("restorable window   see `tidemark-restore list`\n");
     out
 }

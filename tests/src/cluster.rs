@@ -187,7 +187,8 @@ impl Cluster {
         assert!(output.status.success(), "promote failed: {}", String::from_utf8_lossy(&output.stderr));
     }
 
-    fn as_pg_user(&self, program: &Path) -> Command {
+    /// A command for `program`, run as the server's OS user when we are root.
+    pub fn as_pg_user(&self, program: &Path) -> Command {
         match self.os_user {
             Some(user) => {
                 let mut command = Command::new("runuser");

@@ -1,0 +1,136 @@
+//! Base backup speed and size, in one run, on the same databases:
+//! `tidemark-agent backup` (a fresh repository each time, so nothing is
+//! reused), `pg_basebackup -Ft` with client-side zstd level 1, and pgBackRest
+//! (zst level 1, process-max 2) to local disk. Two data sets: pgbench's own
+//! (its filler columns are blank and compress about 22x) and the same with
+//! the filler filled with random text (compresses like real data).
+//! Prints figures; asserts nothing. Needs pgbackrest (`./dev test` does not
+//! install it: `apt-get install pgbackrest`).
+//!
+//!     cargo run -p tidemark-tests --bin bench-backup -- [scale, default 50]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+use tidemark_tests::agent::AgentSetup;
+use tidemark_tests::cluster::{chown, pg_bin, Cluster, ClusterOptions, PG_USER_OS};
+
+fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let meta = std::fs::symlink_metadata(&path).ok();
+        total += match meta {
+            Some(m) if m.is_dir() => dir_size(&path),
+            Some(m) => m.len(),
+            None => 0,
+        };
+    }
+    total
+}
+
+fn report(tool: &str, seconds: f64, data_bytes: u64, stored: u64) {
+    println!(
+        "  {tool:<32} {seconds:7.2} s  {:7.1} MB/s  stored {:7.1} MB",
+        data_bytes as f64 / 1e6 / seconds,
+        stored as f64 / 1e6
+    );
+}
+
+fn run(command: &mut Command, what: &str) -> f64 {
+    let began = Instant::now();
+    let output = command.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
+    let seconds = began.elapsed().as_secs_f64();
+    assert!(
+        output.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    seconds
+}
+
+fn measure(cluster: &Cluster, round: &str) {
+    cluster.psql("CHECKPOINT");
+    let data_bytes: u64 = cluster.psql("SELECT sum(pg_database_size(oid)) FROM pg_database").parse().expect("size");
+    println!("{round}: {:.0} MB of databases", data_bytes as f64 / 1e6);
+    let work = cluster.dir.path().join(format!("bench-{}", round.replace(' ', "-")));
+    std::fs::create_dir_all(&work).expect("mkdir");
+
+    // Tidemark, into a fresh repository.
+    let agent = AgentSetup::new(&work.join("tidemark"), cluster.url("postgres"));
+    agent.init();
+    let seconds = run(&mut agent.command(&["backup", "--label", "bench"]), "tidemark-agent backup");
+    report("tidemark-agent backup", seconds, data_bytes, dir_size(&agent.repo.join("backups")));
+
+    // pg_basebackup, tar format, client-side zstd level 1, no WAL.
+    let target = work.join("basebackup");
+    let seconds = run(
+        Command::new(pg_bin().join("pg_basebackup"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-Ft",
+                "-X",
+                "none",
+                "-c",
+                "fast",
+                "--compress=client-zstd:1",
+                "-D",
+            ])
+            .arg(&target)
+            .arg("-p")
+            .arg(cluster.port.to_string()),
+        "pg_basebackup",
+    );
+    report("pg_basebackup -Ft client-zstd:1", seconds, data_bytes, dir_size(&target));
+
+    // pgBackRest: zst level 1, two processes, local repository.
+    let pgbr = work.join("pgbackrest");
+    for sub in ["repo", "log", "lock", "spool"] {
+        std::fs::create_dir_all(pgbr.join(sub)).expect("mkdir");
+    }
+    let conf = pgbr.join("pgbackrest.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[global]\nrepo1-path={}\nlog-path={}\nlock-path={}\nspool-path={}\ncompress-type=zst\ncompress-level=1\nprocess-max=2\nstart-fast=y\narchive-check=n\nrepo1-retention-full=10\nlog-level-console=warn\n\n[bench]\npg1-path={}\npg1-port={}\npg1-socket-path={}\npg1-user=postgres\n",
+            pgbr.join("repo").display(),
+            pgbr.join("log").display(),
+            pgbr.join("lock").display(),
+            pgbr.join("spool").display(),
+            cluster.data.display(),
+            cluster.port,
+            cluster.dir.path().display()
+        ),
+    )
+    .expect("write pgbackrest.conf");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        chown(&pgbr, PG_USER_OS);
+    }
+    let pgbackrest = |args: &[&str]| {
+        let mut command = cluster.as_pg_user(Path::new("pgbackrest"));
+        command.arg(format!("--config={}", conf.display())).arg("--stanza=bench").args(args);
+        command
+    };
+    run(&mut pgbackrest(&["stanza-create"]), "pgbackrest stanza-create");
+    let seconds = run(&mut pgbackrest(&["--type=full", "backup"]), "pgbackrest backup");
+    report("pgbackrest zst-1 process-max 2", seconds, data_bytes, dir_size(&pgbr.join("repo").join("backup")));
+}
+
+fn main() {
+    let scale: u32 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(50);
+    let cluster = Cluster::start(ClusterOptions {
+        conf: vec!["archive_mode = on".into(), "archive_command = '/bin/true'".into(), "max_wal_size = '4GB'".into()],
+        ..Default::default()
+    });
+    cluster.pgbench_init(scale);
+    measure(&cluster, &format!("pgbench scale {scale}"));
+    // Random text in the filler columns: compresses like real data.
+    cluster.psql("UPDATE pgbench_accounts SET filler = md5(random()::text) || md5(random()::text) || substr(md5(random()::text), 1, 20)");
+    cluster.psql("VACUUM FULL pgbench_accounts");
+    measure(&cluster, &format!("pgbench scale {scale} with random filler"));
+}
