@@ -308,13 +308,16 @@ pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Resul
         &identity.system_identifier,
     )?;
     let facts = session::server_facts(&mut conn).await?;
-    if facts.server_version_num < 150000 {
+    if facts.server_version_num < 130000 {
         return Err(Fail::new(
-            format!("base backups of PostgreSQL {} are not supported yet", facts.server_version_num / 10000),
-            "Tidemark's BASE_BACKUP client speaks the PostgreSQL 15+ syntax so far",
+            format!("base backups of PostgreSQL {} are not supported", facts.server_version_num / 10000),
+            "Tidemark supports PostgreSQL 13 and later",
         )
         .into());
     }
+    // 15 replaced BASE_BACKUP's syntax and its answer (one CopyOut with typed
+    // messages instead of one raw CopyOut per tablespace plus the manifest).
+    let legacy = facts.server_version_num < 150000;
     let orphans = remove_orphans(&repo).await?;
     if orphans > 0 {
         info!(objects = orphans, "removed what an interrupted backup left");
@@ -330,11 +333,18 @@ pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Resul
     let label = label.unwrap_or_else(|| format!("tidemark {id}"));
     let start_time = now_rfc3339();
     info!(%id, %label, "starting base backup");
-    conn.send_query(&format!(
-        "BASE_BACKUP (LABEL {}, PROGRESS, CHECKPOINT 'fast', MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C', TABLESPACE_MAP true, WAIT false)",
-        quote_literal(&label)
-    ))
-    .await?;
+    let command = if legacy {
+        format!(
+            "BASE_BACKUP LABEL {} PROGRESS FAST NOWAIT TABLESPACE_MAP MANIFEST 'yes' MANIFEST_CHECKSUMS 'CRC32C'",
+            quote_literal(&label)
+        )
+    } else {
+        format!(
+            "BASE_BACKUP (LABEL {}, PROGRESS, CHECKPOINT 'fast', MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C', TABLESPACE_MAP true, WAIT false)",
+            quote_literal(&label)
+        )
+    };
+    conn.send_query(&command).await?;
 
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) * 2;
     let mut receiver = Receiver {
@@ -357,6 +367,8 @@ pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Resul
     let mut pg_manifest: Vec<u8> = Vec::new();
     let mut in_manifest = false;
     let mut progress: Option<ProgressReport> = None;
+    let mut legacy_copy = 0usize;
+    let mut legacy_bytes = 0u64;
     loop {
         match conn.next_query_event().await.context("BASE_BACKUP")? {
             QueryEvent::Columns(_) => rows = Vec::new(),
@@ -371,6 +383,33 @@ pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Resul
                         result_sets[1].iter().filter_map(|row| row.get(2)?.as_ref()?.parse::<u64>().ok()).sum();
                     progress = Some(ProgressReport::new(total_kb * 1024));
                 }
+            }
+            // Before 15: one CopyOut per tablespace in result-set order (the
+            // data directory last), raw tar without end blocks, then one with the manifest.
+            QueryEvent::CopyOut if legacy => {
+                legacy_copy += 1;
+                let tablespaces = result_sets.get(1).map(Vec::as_slice).unwrap_or_default();
+                match tablespaces.get(legacy_copy - 1) {
+                    Some(row) => {
+                        receiver.archive = row.first().cloned().flatten().unwrap_or_else(|| "base".to_string());
+                        receiver.tar = TarReader::new();
+                    }
+                    None => in_manifest = true,
+                }
+            }
+            QueryEvent::CopyData(data) if legacy => {
+                legacy_bytes += data.len() as u64;
+                if in_manifest {
+                    pg_manifest.extend_from_slice(&data);
+                } else {
+                    receiver.tar_bytes(&data).await?;
+                }
+                if let Some(progress) = progress.as_mut() {
+                    progress.update(legacy_bytes, false);
+                }
+            }
+            QueryEvent::CopyDone if legacy && !in_manifest => {
+                anyhow::ensure!(receiver.open.is_none(), "archive {} ended inside a file", receiver.archive);
             }
             QueryEvent::CopyOut | QueryEvent::CopyDone => {}
             QueryEvent::CopyData(data) => {

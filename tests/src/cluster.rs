@@ -60,6 +60,9 @@ pub struct ClusterOptions {
     pub conf: Vec<String>,
     /// Server certificate and key for ssl = on.
     pub ssl: Option<(PathBuf, PathBuf)>,
+    /// Directory of initdb, pg_ctl and postgres (default: [`pg_bin`]); the
+    /// client tools (psql, pgbench, pg_basebackup) always come from [`pg_bin`].
+    pub server_bin: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -73,8 +76,25 @@ impl Default for ClusterOptions {
             hba: Vec::new(),
             conf: Vec::new(),
             ssl: None,
+            server_bin: None,
         }
     }
+}
+
+/// PostgreSQL 14's server binaries, installed by `./dev install`
+/// (TIDEMARK_PG14_BIN, else the place `./dev` puts them).
+pub fn pg14_bin() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TIDEMARK_PG14_BIN") {
+        return PathBuf::from(dir);
+    }
+    let dir = if running_as_root() {
+        PathBuf::from("/opt/tidemark/postgresql-14")
+    } else {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tidemark/postgresql-14")
+    };
+    let bin = dir.join("native/bin");
+    assert!(bin.join("postgres").exists(), "PostgreSQL 14 is not installed in {}: run `./dev install`", bin.display());
+    bin
 }
 
 pub struct Cluster {
@@ -84,6 +104,8 @@ pub struct Cluster {
     pub port: u16,
     pub log: PathBuf,
     os_user: Option<&'static str>,
+    /// Where initdb, pg_ctl and postgres come from.
+    server_bin: PathBuf,
 }
 
 /// A free port on 127.0.0.1 (bound, then released; the caller retries on a clash).
@@ -98,7 +120,8 @@ impl Cluster {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod test dir");
         let data = dir.path().join("data");
         let log = dir.path().join("postgresql.log");
-        let mut cluster = Cluster { data, port: 0, log, os_user, dir };
+        let server_bin = options.server_bin.clone().unwrap_or_else(pg_bin);
+        let mut cluster = Cluster { data, port: 0, log, os_user, dir, server_bin };
         cluster.initdb(&options);
         // Retry with another port if someone took ours between probe and bind.
         for attempt in 0..5 {
@@ -128,7 +151,7 @@ impl Cluster {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod test dir");
         let data = dir.path().join("data");
         let log = dir.path().join("postgresql.log");
-        let mut standby = Cluster { data, port: 0, log, os_user, dir };
+        let mut standby = Cluster { data, port: 0, log, os_user, dir, server_bin: primary.server_bin.clone() };
         if let Some(user) = os_user {
             chown(standby.dir.path(), user);
         }
@@ -159,10 +182,20 @@ impl Cluster {
     /// backup) inside `dir`, with extra settings appended (recovery ones).
     /// Does not wait for recovery to finish: poll for that.
     pub fn start_existing(dir: tempfile::TempDir, data: PathBuf, extra_conf: &[String]) -> Cluster {
+        Cluster::start_existing_with(pg_bin(), dir, data, extra_conf)
+    }
+
+    /// As [`Cluster::start_existing`], with the server binaries in `server_bin`.
+    pub fn start_existing_with(
+        server_bin: PathBuf,
+        dir: tempfile::TempDir,
+        data: PathBuf,
+        extra_conf: &[String],
+    ) -> Cluster {
         let os_user = ensure_os_user();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod dir");
         let log = dir.path().join("postgresql.log");
-        let cluster = Cluster { data, port: free_port(), log, os_user, dir };
+        let cluster = Cluster { data, port: free_port(), log, os_user, dir, server_bin };
         let mut conf = vec![format!("unix_socket_directories = '{}'", cluster.dir.path().display())];
         conf.extend(extra_conf.iter().cloned());
         let mut file =
@@ -206,7 +239,7 @@ impl Cluster {
             chown(&self.data, user);
         }
         let output = self
-            .as_pg_user(&pg_bin().join("initdb"))
+            .as_pg_user(&self.server_bin.join("initdb"))
             .args([
                 "-D",
                 self.data.to_str().expect("utf-8"),
@@ -269,7 +302,7 @@ impl Cluster {
     }
 
     fn pg_ctl(&self, args: &[&str]) -> Output {
-        self.as_pg_user(&pg_bin().join("pg_ctl"))
+        self.as_pg_user(&self.server_bin.join("pg_ctl"))
             .arg("-D")
             .arg(&self.data)
             .args(args)
