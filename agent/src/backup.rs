@@ -340,8 +340,9 @@ pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Resul
         )
     } else {
         format!(
-            "BASE_BACKUP (LABEL {}, PROGRESS, CHECKPOINT 'fast', MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C', TABLESPACE_MAP true, WAIT false)",
-            quote_literal(&label)
+            "BASE_BACKUP (LABEL {}, PROGRESS, CHECKPOINT '{}', MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C', TABLESPACE_MAP true, WAIT false)",
+            quote_literal(&label),
+            if settings.backup_fast_checkpoint { "fast" } else { "spread" }
         )
     };
     conn.send_query(&command).await?;

@@ -37,6 +37,9 @@ struct Args {
     /// Seconds between scheduled base backups in `run` (default 86400, a day; 0 = none).
     #[arg(long, global = true, env = "TIDEMARK_BACKUP_INTERVAL")]
     backup_interval: Option<u64>,
+    /// The checkpoint a base backup starts with: fast (default) or spread.
+    #[arg(long, global = true, env = "TIDEMARK_BACKUP_CHECKPOINT")]
+    backup_checkpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -67,7 +70,8 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let args = Args::parse();
-    let default_level = if matches!(args.command, Command::Run) { "info" } else { "warn" };
+    // The daemon and a backup report progress in their logs; other commands only problems.
+    let default_level = if matches!(args.command, Command::Run | Command::Backup { .. }) { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEMARK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
@@ -176,6 +180,7 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         application_name: args.application_name.clone(),
         partial_upload_interval_secs: args.partial_upload_interval,
         backup_interval_secs: args.backup_interval,
+        backup_checkpoint: args.backup_checkpoint.clone(),
     };
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let mut settings = config::resolve(file, cli, &env)?;

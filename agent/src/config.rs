@@ -20,6 +20,8 @@ pub struct FileConfig {
     pub partial_upload_interval_secs: Option<u64>,
     pub status_interval_secs: Option<u64>,
     pub backup_interval_secs: Option<u64>,
+    /// `fast` or `spread`: the checkpoint a base backup starts with.
+    pub backup_checkpoint: Option<String>,
 }
 
 /// What the command line (with its variables) said; `None` where it said nothing.
@@ -33,6 +35,7 @@ pub struct CliConfig {
     pub application_name: Option<String>,
     pub partial_upload_interval_secs: Option<u64>,
     pub backup_interval_secs: Option<u64>,
+    pub backup_checkpoint: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -48,6 +51,10 @@ pub struct Settings {
     pub status_interval: Duration,
     /// Time between scheduled base backups in `run` (default a day); 0 turns them off.
     pub backup_interval: Option<Duration>,
+    /// Start backups with an immediate checkpoint (`fast`, the default) or
+    /// let it spread over checkpoint_completion_target (`spread`: less I/O
+    /// burst, but the backup may wait minutes to start).
+    pub backup_fast_checkpoint: bool,
 }
 
 pub const DEFAULT_CONFIG: &str = "tidemark.toml";
@@ -61,7 +68,7 @@ pub fn load_file(path: Option<&Path>) -> Result<FileConfig, Fail> {
         Ok(text) => toml::from_str(&text).map_err(|e| {
             Fail::new(
                 format!("config file {} is invalid: {}", path.display(), e.message()),
-                "fix the file; known keys are repo, pg_url, state_dir, slot, application_name, partial_upload_interval_secs, status_interval_secs, backup_interval_secs",
+                "fix the file; known keys are repo, pg_url, state_dir, slot, application_name, partial_upload_interval_secs, status_interval_secs, backup_interval_secs, backup_checkpoint",
             )
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(FileConfig::default()),
@@ -102,6 +109,13 @@ pub fn resolve(file: FileConfig, cli: CliConfig, env: &BTreeMap<String, String>)
             "fix partial_upload_interval_secs / status_interval_secs",
         ));
     }
+    let backup_fast_checkpoint = match cli.backup_checkpoint.or(file.backup_checkpoint).as_deref() {
+        None | Some("fast") => true,
+        Some("spread") => false,
+        Some(other) => {
+            return Err(Fail::new(format!("invalid backup checkpoint {other:?}"), "use fast or spread"));
+        }
+    };
     Ok(Settings {
         repo_url: cli.repo.or(file.repo).unwrap_or_else(|| "./tidemark-repo".into()),
         conn,
@@ -114,6 +128,7 @@ pub fn resolve(file: FileConfig, cli: CliConfig, env: &BTreeMap<String, String>)
             0 => None,
             secs => Some(Duration::from_secs(secs)),
         },
+        backup_fast_checkpoint,
     })
 }
 
