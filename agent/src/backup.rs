@@ -275,19 +275,22 @@ pub async fn read_manifest(repo: &Repository, id: &str) -> anyhow::Result<Backup
     BackupManifest::from_json(&raw).map_err(|e| anyhow::anyhow!("backup manifest {key}: {e}"))
 }
 
-/// Deletes what interrupted backups left (objects of backups without a manifest).
+/// Deletes what interrupted backups left (backups without a manifest).
 async fn remove_orphans(repo: &Repository) -> anyhow::Result<usize> {
-    let keys = repo.list("backups").await?;
     let complete = complete_backups(repo).await?;
-    let mut removed = 0;
-    for key in keys {
-        let Some(id) = key.strip_prefix("backups/").and_then(|k| k.split('/').next()) else { continue };
-        if !complete.iter().any(|c| c == id) {
-            repo.delete(&key).await?;
-            removed += 1;
-        }
+    let mut orphans: Vec<String> = repo
+        .list("backups")
+        .await?
+        .iter()
+        .filter_map(|key| key.strip_prefix("backups/")?.split('/').next().map(str::to_string))
+        .filter(|id| !complete.contains(id))
+        .collect();
+    orphans.sort();
+    orphans.dedup();
+    for id in &orphans {
+        repo.remove_prefix(&format!("backups/{id}")).await?;
     }
-    Ok(removed)
+    Ok(orphans.len())
 }
 
 fn quote_literal(text: &str) -> String {
@@ -320,7 +323,7 @@ pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Resul
     let legacy = facts.server_version_num < 150000;
     let orphans = remove_orphans(&repo).await?;
     if orphans > 0 {
-        info!(objects = orphans, "removed what an interrupted backup left");
+        info!(backups = orphans, "removed what interrupted backups left");
     }
     let previous = match complete_backups(&repo).await?.last() {
         Some(id) => Some(read_manifest(&repo, id).await?),

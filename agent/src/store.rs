@@ -120,6 +120,24 @@ impl Repository {
         Ok(objects.into_iter().map(|o| o.location.to_string()).collect())
     }
 
+    /// Deletes every object under `prefix` (a directory-like prefix). On a
+    /// local repository the directory goes too, with any staging files
+    /// (`name#N`) a killed put left behind, which listing never shows.
+    pub async fn remove_prefix(&self, prefix: &str) -> anyhow::Result<()> {
+        for key in self.list(prefix).await? {
+            self.delete(&key).await?;
+        }
+        if let Some(root) = &self.local_root {
+            let dir = root.join(prefix);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("remove {}", dir.display())),
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes an object; a missing one is fine.
     pub async fn delete(&self, key: &str) -> anyhow::Result<()> {
         match self.store.delete(&ObjectPath::from(key)).await {

@@ -5,6 +5,9 @@
 //! - [`cli`]: commands, settings, error lines and exit codes.
 //! - [`store`]: reading repository objects (and checking their frames).
 //! - [`fetch`]: a base backup into a new data directory.
+//! - [`target`]: restore targets and their recovery settings; times need a zone.
+//! - [`planner`]: catalog + target -> which backup, which WAL, or why not.
+//! - [`restore`]: checks, fetch, recovery settings, start and wait.
 //! - [`wal_get`]: the restore_command: one WAL file to the path PostgreSQL gives.
 //!
 //! **Architecture invariant:** nothing here reads the agent's state directory.
@@ -12,5 +15,8 @@
 pub mod catalog;
 pub mod cli;
 pub mod fetch;
+pub mod planner;
+pub mod restore;
 pub mod store;
+pub mod target;
 pub mod wal_get;

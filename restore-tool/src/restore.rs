@@ -1,0 +1,281 @@
+//! `tidemark-restore restore`: check everything, then fetch the backup,
+//! write the recovery settings, and (with `--start`) run PostgreSQL until the
+//! target is reached.
+
+use crate::catalog::Catalog;
+use crate::planner::{plan, Plan};
+use crate::store::{ReadError, RepositoryReader};
+use crate::target::Target;
+use anyhow::Context;
+use std::collections::HashSet;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+pub struct RestoreOptions {
+    pub pgdata: PathBuf,
+    pub target: Target,
+    pub backup_id: Option<String>,
+    pub timeline: Option<String>,
+    pub dry_run: bool,
+    pub force: bool,
+    pub start: bool,
+    pub port: u16,
+    pub pause: bool,
+    pub pg_bin: Option<PathBuf>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct RestoreReport {
+    pub backup_id: String,
+    pub target: String,
+    pub pgdata: String,
+    pub dry_run: bool,
+    pub timeline: u32,
+    pub wal_start_lsn: String,
+    pub wal_needed_to_lsn: String,
+    pub wal_available_to_lsn: String,
+    pub bytes_to_fetch: u64,
+    pub segments_to_replay: u64,
+    pub reached_lsn: Option<String>,
+    pub reached_time: Option<String>,
+}
+
+/// A failure of ours with what to do about it.
+#[derive(Debug)]
+pub struct Refusal {
+    pub message: String,
+    pub hint: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+fn refuse(message: impl Into<String>, hint: impl Into<String>) -> anyhow::Error {
+    Refusal { message: message.into(), hint: hint.into() }.into()
+}
+
+/// The pid in `postmaster.pid`, if that process is alive.
+fn running_postmaster(pgdata: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    // SAFETY: signal 0 only checks that the process exists.
+    (unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+}
+
+fn is_empty_or_missing(path: &Path) -> anyhow::Result<bool> {
+    match std::fs::read_dir(path) {
+        Ok(mut entries) => Ok(entries.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e).with_context(|| format!("inspect {}", path.display())),
+    }
+}
+
+pub async fn restore(
+    repo: &RepositoryReader,
+    repo_url: &str,
+    options: RestoreOptions,
+) -> anyhow::Result<RestoreReport> {
+    // 1. The target directory: checked before anything else is read or written.
+    if let Some(pid) = running_postmaster(&options.pgdata) {
+        return Err(refuse(
+            format!("a postmaster (pid {pid}) is running on {}", options.pgdata.display()),
+            "stop that server first; a restore never writes next to a running one",
+        ));
+    }
+    if !is_empty_or_missing(&options.pgdata)? && !options.force {
+        return Err(refuse(
+            format!("{} is not empty", options.pgdata.display()),
+            "restore into a new or empty directory, or pass --force to replace its contents",
+        ));
+    }
+    if options.start && unsafe { libc::geteuid() } == 0 {
+        return Err(refuse(
+            "--start cannot run PostgreSQL as root",
+            "run tidemark-restore as the PostgreSQL OS user (e.g. sudo -u postgres), or restore without --start",
+        ));
+    }
+    // 2. The plan: a backup that reaches the target, and the WAL it needs.
+    let catalog = Catalog::load(repo).await?;
+    let now = time::OffsetDateTime::now_utc();
+    let plan: Plan = plan(&catalog, options.target.clone(), options.backup_id.as_deref(), now)
+        .map_err(|e| refuse(e, "`tidemark-restore list` shows the backups and the window"))?;
+    // 3. Every object the restore reads must be there.
+    let present: HashSet<String> = repo.list("backups").await?.into_iter().collect();
+    let mut bytes_to_fetch = 0;
+    for file in &plan.backup.files {
+        for chunk in &file.chunks {
+            if !present.contains(&chunk.key) {
+                return Err(ReadError::Corrupt {
+                    key: chunk.key.clone(),
+                    reason: format!("missing (needed by {})", file.path),
+                }
+                .into());
+            }
+            bytes_to_fetch += chunk.raw_len;
+        }
+    }
+    if !present.contains(&plan.backup.pg_manifest_key) {
+        return Err(ReadError::Corrupt { key: plan.backup.pg_manifest_key.clone(), reason: "missing".into() }.into());
+    }
+    let meta = repo.meta().await?;
+    let segment_size = meta.wal_segment_size;
+    let segments_to_replay =
+        plan.wal_available_to.segment_no(segment_size).saturating_sub(plan.wal_start.segment_no(segment_size)) + 1;
+    let mut report = RestoreReport {
+        backup_id: plan.backup.id.clone(),
+        target: plan.target.to_string(),
+        pgdata: options.pgdata.display().to_string(),
+        dry_run: options.dry_run,
+        timeline: plan.backup.timeline,
+        wal_start_lsn: plan.wal_start.to_string(),
+        wal_needed_to_lsn: plan.wal_needed_to.to_string(),
+        wal_available_to_lsn: plan.wal_available_to.to_string(),
+        bytes_to_fetch,
+        segments_to_replay,
+        reached_lsn: None,
+        reached_time: None,
+    };
+    if options.dry_run {
+        return Ok(report);
+    }
+    // 4. Write: the backup, then the recovery settings.
+    if options.force && options.pgdata.exists() {
+        for entry in std::fs::read_dir(&options.pgdata)? {
+            let path = entry?.path();
+            if path.is_dir() && !path.is_symlink() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+    }
+    crate::fetch::fetch_backup(repo, &plan.backup, &options.pgdata).await?;
+    write_recovery_settings(&options, &plan, repo_url)?;
+    if options.start {
+        let (lsn, time) = start_and_wait(&options, &plan)?;
+        report.reached_lsn = lsn;
+        report.reached_time = time;
+    }
+    Ok(report)
+}
+
+fn quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// An absolute repository URL: the server runs restore_command in the data directory.
+fn absolute_url(url: &str) -> anyhow::Result<String> {
+    if url.contains("://") && !url.starts_with("file://") {
+        return Ok(url.to_string());
+    }
+    let path = PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
+    let absolute = path.canonicalize().with_context(|| format!("resolve repository path {}", path.display()))?;
+    Ok(format!("file://{}", absolute.display()))
+}
+
+fn write_recovery_settings(options: &RestoreOptions, plan: &Plan, repo_url: &str) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("find this program's path for restore_command")?;
+    let restore_command = format!("'{}' --repo '{}' wal-get %f %p", exe.display(), absolute_url(repo_url)?);
+    let mut settings = vec![("restore_command".to_string(), restore_command)];
+    settings.extend(plan.target.settings());
+    settings.push(("recovery_target_timeline".into(), options.timeline.clone().unwrap_or_else(|| "latest".into())));
+    if !matches!(plan.target, Target::Latest) {
+        settings.push(("recovery_target_action".into(), if options.pause { "pause" } else { "promote" }.into()));
+    }
+    let mut text = format!("\n# Written by tidemark-restore: backup {}, target {}\n", plan.backup.id, plan.target);
+    for (key, value) in settings {
+        text.push_str(&format!("{key} = {}\n", quote(&value)));
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(options.pgdata.join("postgresql.auto.conf"))
+        .context("open postgresql.auto.conf")?;
+    file.write_all(text.as_bytes()).context("write recovery settings")?;
+    file.sync_all().context("fsync postgresql.auto.conf")?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .open(options.pgdata.join("recovery.signal"))
+        .context("create recovery.signal")?;
+    Ok(())
+}
+
+fn pg_bin(options: &RestoreOptions, plan: &Plan) -> PathBuf {
+    options
+        .pg_bin
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/usr/lib/postgresql/{}/bin", plan.backup.server_version_num / 10000)))
+}
+
+/// Starts the restored server on 127.0.0.1:port and waits until recovery
+/// promoted (or paused, with --pause). Returns the replayed LSN and the
+/// commit time of the last replayed transaction.
+fn start_and_wait(options: &RestoreOptions, plan: &Plan) -> anyhow::Result<(Option<String>, Option<String>)> {
+    let bin = pg_bin(options, plan);
+    let pgdata = options.pgdata.canonicalize()?;
+    let log = pgdata.join("tidemark-restore.log");
+    let server_options =
+        format!("-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}'", options.port, pgdata.display());
+    let status = Command::new(bin.join("pg_ctl"))
+        .arg("-D")
+        .arg(&pgdata)
+        .arg("-l")
+        .arg(&log)
+        .arg("-o")
+        .arg(&server_options)
+        .arg("-W")
+        .arg("start")
+        .status()
+        .with_context(|| format!("run {}", bin.join("pg_ctl").display()))?;
+    anyhow::ensure!(status.success(), "pg_ctl could not start the restored server; see {}", log.display());
+    let psql = |sql: &str| -> Option<String> {
+        let output = Command::new(bin.join("psql"))
+            .args(["-X", "-A", "-t", "-q", "-U", "postgres", "-d", "postgres", "-h"])
+            .arg(&pgdata)
+            .arg("-p")
+            .arg(options.port.to_string())
+            .arg("-c")
+            .arg(sql)
+            .output()
+            .ok()?;
+        output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_string())
+    };
+    let started = std::time::Instant::now();
+    let mut seen_pid = false;
+    loop {
+        let alive = running_postmaster(&pgdata).is_some();
+        seen_pid |= alive;
+        if !alive && (seen_pid || started.elapsed() > Duration::from_secs(30)) {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let fatal = text.lines().rev().find(|l| l.contains("FATAL")).unwrap_or("the server exited").to_string();
+            return Err(refuse(
+                format!("recovery failed: {}", fatal.trim()),
+                format!("see {}; is the target inside the window shown by `tidemark-restore list`?", log.display()),
+            ));
+        }
+        if let Some(row) = psql("SELECT pg_is_in_recovery(), pg_get_wal_replay_pause_state(), pg_last_wal_replay_lsn(), pg_last_xact_replay_timestamp()") {
+            let fields: Vec<&str> = row.split('|').collect();
+            let done = match fields.as_slice() {
+                [in_recovery, pause, ..] if options.pause => *in_recovery == "t" && *pause == "paused",
+                [in_recovery, ..] => *in_recovery == "f",
+                _ => false,
+            };
+            if done {
+                let value = |i: usize| fields.get(i).filter(|v| !v.is_empty()).map(|v| v.to_string());
+                return Ok((value(2), value(3)));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
