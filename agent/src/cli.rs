@@ -61,6 +61,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Create a named restore point now (e.g. before a migration).
+    Mark {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Archived-to LSN, lag, last backup and restorable window.
     Status {
         #[arg(long)]
@@ -127,6 +133,15 @@ async fn dispatch(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run => crate::daemon::run(settings).await,
+        Command::Mark { name, json } => {
+            let lsn = mark(&settings, &name).await?;
+            if json {
+                println!("{:#}", serde_json::json!({ "name": name, "lsn": lsn }));
+            } else {
+                println!("restore point {name:?} at {lsn}; restore to it with: tidemark-restore restore --name {name:?} --pgdata DIR");
+            }
+            Ok(())
+        }
         Command::Backup { label, json } => {
             let manifest = crate::backup::backup(&settings, label).await?;
             if json {
@@ -167,6 +182,18 @@ async fn dispatch(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// pg_create_restore_point over an ordinary session (replication sessions run no SQL).
+async fn mark(settings: &Settings, name: &str) -> anyhow::Result<String> {
+    if name.is_empty() || name.len() >= 64 {
+        return Err(Fail::new(format!("invalid restore point name {name:?}"), "use 1 to 63 characters").into());
+    }
+    let mut conn = crate::pg::Connection::connect(&settings.conn, crate::pg::ConnectionKind::Sql).await?;
+    let literal = format!("'{}'", name.replace('\'', "''"));
+    let result = conn.simple_query(&format!("SELECT pg_create_restore_point({literal}) AS lsn")).await?;
+    conn.close().await;
+    Ok(result.value("lsn")?.unwrap_or_default().to_string())
 }
 
 fn settings(args: &Args) -> anyhow::Result<Settings> {

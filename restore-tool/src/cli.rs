@@ -22,6 +22,63 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Rebuild the cluster as of one target into a new data directory.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["time", "lsn", "xid", "before_xid", "name", "latest", "immediate"])))]
+    Restore {
+        /// The new data directory (must be missing or empty, unless --force).
+        #[arg(long)]
+        pgdata: PathBuf,
+        /// A time with a zone: RFC 3339 or `YYYY-MM-DD HH:MM:SS+TZ`.
+        #[arg(long)]
+        time: Option<String>,
+        /// An LSN, X/Y.
+        #[arg(long)]
+        lsn: Option<String>,
+        /// Stop just after this transaction commits.
+        #[arg(long)]
+        xid: Option<u32>,
+        /// Stop just before this transaction commits.
+        #[arg(long)]
+        before_xid: Option<u32>,
+        /// A named restore point (`tidemark-agent mark NAME`).
+        #[arg(long)]
+        name: Option<String>,
+        /// Everything archived.
+        #[arg(long)]
+        latest: bool,
+        /// Only the backup's own consistent point.
+        #[arg(long)]
+        immediate: bool,
+        /// recovery_target_timeline (default latest).
+        #[arg(long)]
+        timeline: Option<String>,
+        /// Use this backup instead of the newest that can reach the target.
+        #[arg(long)]
+        backup: Option<String>,
+        /// Check and print the plan; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Replace the contents of a non-empty --pgdata (never next to a running server).
+        #[arg(long)]
+        force: bool,
+        /// Start PostgreSQL on the result and wait until the target is reached.
+        #[arg(long)]
+        start: bool,
+        /// Port for --start (default 5432).
+        #[arg(long, default_value_t = 5432)]
+        port: u16,
+        /// Pause at the target instead of promoting.
+        #[arg(long)]
+        pause: bool,
+        /// Directory of pg_ctl and psql for --start (default /usr/lib/postgresql/<major>/bin).
+        #[arg(long)]
+        pg_bin: Option<PathBuf>,
+        /// Seconds --start waits for recovery to reach the target (default a day).
+        #[arg(long, default_value_t = 86_400)]
+        wait_timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Base backups, timelines, archived WAL and the restorable window.
     List {
         #[arg(long)]
@@ -87,6 +144,101 @@ async fn dispatch(args: Args) -> ExitCode {
         }
     };
     match args.command {
+        Command::Restore {
+            pgdata,
+            time,
+            lsn,
+            xid,
+            before_xid,
+            name,
+            latest,
+            immediate,
+            timeline,
+            backup,
+            dry_run,
+            force,
+            start,
+            port,
+            pause,
+            pg_bin,
+            wait_timeout,
+            json,
+        } => {
+            use crate::target::{parse_time, Target};
+            let target = if let Some(text) = time {
+                parse_time(&text).map(Target::Time)
+            } else if let Some(text) = lsn {
+                text.parse().map(Target::Lsn).map_err(|e: tidemark_proto::lsn::ParseLsnError| e.to_string())
+            } else if let Some(xid) = xid {
+                Ok(Target::Xid(xid))
+            } else if let Some(xid) = before_xid {
+                Ok(Target::BeforeXid(xid))
+            } else if let Some(name) = name {
+                Ok(Target::Name(name))
+            } else if latest {
+                Ok(Target::Latest)
+            } else {
+                debug_assert!(immediate);
+                Ok(Target::Immediate)
+            };
+            let target = match target {
+                Ok(target) => target,
+                Err(e) => {
+                    eprintln!("tidemark-restore: error: {e}");
+                    eprintln!(
+                        "hint: times need a zone: 2026-11-25T10:31:00Z or \"2026-11-25 10:31:00+00\"; LSNs are X/Y"
+                    );
+                    return ExitCode::FAILURE;
+                }
+            };
+            let options = crate::restore::RestoreOptions {
+                pgdata,
+                target,
+                backup_id: backup,
+                timeline,
+                dry_run,
+                force,
+                start,
+                port,
+                pause,
+                pg_bin,
+                wait_timeout: std::time::Duration::from_secs(wait_timeout),
+            };
+            let result = async {
+                let repo = RepositoryReader::open(&url)?;
+                crate::restore::restore(&repo, &url, options).await
+            }
+            .await;
+            match result {
+                Ok(report) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                    } else {
+                        print_restore(&report);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tidemark-restore: error: {e:#}");
+                    let hint = e
+                        .chain()
+                        .find_map(|c| {
+                            c.downcast_ref::<crate::restore::Refusal>().map(|r| r.hint.clone()).or_else(|| {
+                                c.downcast_ref::<ReadError>().map(|r| match r {
+                                    ReadError::Corrupt { .. } => {
+                                        "an object is missing or damaged; run `tidemark-restore verify`".to_string()
+                                    }
+                                    ReadError::NoRepository(_) => "check --repo".to_string(),
+                                    ReadError::Other(_) => "see the message".to_string(),
+                                })
+                            })
+                        })
+                        .unwrap_or_else(|| "see the message".to_string());
+                    eprintln!("hint: {hint}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::List { json } => {
             let result = async {
                 let repo = RepositoryReader::open(&url)?;
@@ -222,5 +374,27 @@ fn print_list(catalog: &crate::catalog::Catalog, json: bool) {
             w["latest_lsn"].as_str().unwrap_or("?")
         ),
         None => println!("restorable window\n  none (no restorable base backup yet)"),
+    }
+}
+
+fn print_restore(report: &crate::restore::RestoreReport) {
+    let verb = if report.dry_run { "would restore" } else { "restored" };
+    println!("{verb} backup {} into {} for {}", report.backup_id, report.pgdata, report.target);
+    println!(
+        "  {} bytes to fetch; WAL from {} (timeline {}), needed to {}, archived to {} ({} segments)",
+        report.bytes_to_fetch,
+        report.wal_start_lsn,
+        report.timeline,
+        report.wal_needed_to_lsn,
+        report.wal_available_to_lsn,
+        report.segments_to_replay
+    );
+    if let Some(lsn) = &report.reached_lsn {
+        println!("  recovery reached {} (last transaction {})", lsn, report.reached_time.as_deref().unwrap_or("none"));
+    } else if !report.dry_run {
+        println!(
+            "  start it with: pg_ctl -D {} start   (recovery.signal and the recovery settings are in place)",
+            report.pgdata
+        );
     }
 }

@@ -25,6 +25,8 @@ pub struct RestoreOptions {
     pub port: u16,
     pub pause: bool,
     pub pg_bin: Option<PathBuf>,
+    /// How long --start waits for recovery to reach the target.
+    pub wait_timeout: Duration,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -236,6 +238,9 @@ fn start_and_wait(options: &RestoreOptions, plan: &Plan) -> anyhow::Result<(Opti
         .arg(&server_options)
         .arg("-W")
         .arg("start")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .status()
         .with_context(|| format!("run {}", bin.join("pg_ctl").display()))?;
     anyhow::ensure!(status.success(), "pg_ctl could not start the restored server; see {}", log.display());
@@ -264,7 +269,19 @@ fn start_and_wait(options: &RestoreOptions, plan: &Plan) -> anyhow::Result<(Opti
                 format!("see {}; is the target inside the window shown by `tidemark-restore list`?", log.display()),
             ));
         }
-        if let Some(row) = psql("SELECT pg_is_in_recovery(), pg_get_wal_replay_pause_state(), pg_last_wal_replay_lsn(), pg_last_xact_replay_timestamp()") {
+        if started.elapsed() > options.wait_timeout {
+            return Err(refuse(
+                format!("recovery did not reach the target within {} s", options.wait_timeout.as_secs()),
+                format!(
+                    "the server is still running; see {} and pg_stat_activity, or raise --wait-timeout",
+                    log.display()
+                ),
+            ));
+        }
+        // The pause state exists only during recovery (asking after promotion is an error).
+        let query = "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN pg_get_wal_replay_pause_state() ELSE 'not paused' END, \
+                     pg_last_wal_replay_lsn(), pg_last_xact_replay_timestamp()";
+        if let Some(row) = psql(query) {
             let fields: Vec<&str> = row.split('|').collect();
             let done = match fields.as_slice() {
                 [in_recovery, pause, ..] if options.pause => *in_recovery == "t" && *pause == "paused",

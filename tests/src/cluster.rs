@@ -214,6 +214,14 @@ impl Cluster {
         cluster
     }
 
+    /// Wraps a server someone else started (a restore with --start) on `data`
+    /// inside `dir`, listening on 127.0.0.1:`port`, so the test can query it
+    /// and stops it in Drop.
+    pub fn adopt_running(dir: tempfile::TempDir, data: PathBuf, port: u16) -> Cluster {
+        let log = data.join("tidemark-restore.log");
+        Cluster { data, port, log, os_user: ensure_os_user(), dir, server_bin: pg_bin() }
+    }
+
     /// Promotes a standby and waits until it accepts writes.
     pub fn promote(&self) {
         let output = self.pg_ctl(&["promote", "-w", "-t", "120"]);

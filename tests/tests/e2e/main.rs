@@ -5,5 +5,6 @@ mod auth;
 mod backup;
 mod bad_input;
 mod common;
+mod restore;
 mod sync;
 mod timeline;

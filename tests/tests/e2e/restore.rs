@@ -1,0 +1,239 @@
+//! Point-in-time restore from the repository alone: many targets checked row
+//! by row against the source's commit timestamps, a named restore point, a
+//! restore without the agent's state, and every refusal.
+
+use crate::common::*;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use tidemark_tests::agent::{bin, AgentSetup};
+use tidemark_tests::cluster::{chown, free_port, Cluster, ClusterOptions, PG_USER_OS};
+
+fn as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs `tidemark-restore` as the PostgreSQL OS user (PostgreSQL will not
+/// run as root), from a copy of the binary that user can execute.
+struct Restorer {
+    exe: PathBuf,
+    repo_url: String,
+}
+
+impl Restorer {
+    fn new(agent: &AgentSetup, scratch: &Path) -> Restorer {
+        let exe = scratch.join("tidemark-restore");
+        std::fs::copy(bin("tidemark-restore"), &exe).expect("copy tidemark-restore");
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        if as_root() {
+            chown(&agent.repo, PG_USER_OS);
+        }
+        Restorer { exe, repo_url: agent.repo_url() }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let mut command = if as_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", PG_USER_OS, "--"]).arg(&self.exe);
+            c
+        } else {
+            Command::new(&self.exe)
+        };
+        command.arg("--repo").arg(&self.repo_url).args(args).output().expect("run tidemark-restore")
+    }
+
+    /// A fresh directory for one restored cluster, owned by the server's user.
+    fn target_dir() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::Builder::new().prefix("tidemark-restore-").tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        if as_root() {
+            chown(dir.path(), PG_USER_OS);
+        }
+        let pgdata = dir.path().join("data");
+        (dir, pgdata)
+    }
+
+    /// restore --start with `target_args`; returns the running server and the JSON report.
+    fn restore_and_start(&self, target_args: &[&str]) -> (Cluster, serde_json::Value) {
+        let (dir, pgdata) = Restorer::target_dir();
+        let port = free_port();
+        let port_text = port.to_string();
+        let mut args = vec![
+            "restore",
+            "--pgdata",
+            pgdata.to_str().expect("utf-8"),
+            "--start",
+            "--port",
+            &port_text,
+            "--json",
+            "--wait-timeout",
+            "300",
+        ];
+        args.extend_from_slice(target_args);
+        let output = self.run(&args);
+        let server = Cluster::adopt_running(dir, pgdata, port);
+        assert!(output.status.success(), "restore {target_args:?} failed: {}", stderr(&output));
+        (server, serde_json::from_slice(&output.stdout).expect("restore JSON"))
+    }
+}
+
+/// The rows (id, note) of `ledger`, in id order.
+fn rows(cluster: &Cluster, filter: &str) -> Vec<String> {
+    let text = cluster.psql(&format!("SELECT id || ':' || note FROM ledger {filter} ORDER BY id"));
+    text.lines().map(str::to_string).collect()
+}
+
+/// A workload of small commits, one at a time, `pause` seconds apart;
+/// returns the WAL position after each commit, in order (row id i is element i-1).
+fn commit_rows(cluster: &Cluster, from: u32, to: u32, pause: f64) -> Vec<String> {
+    let mut script = String::new();
+    for i in from..=to {
+        script.push_str(&format!(
+            "INSERT INTO ledger (note) VALUES ('row {i}');\nSELECT pg_current_wal_lsn();\nSELECT pg_sleep({pause});\n"
+        ));
+    }
+    cluster.psql_file(&script).lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
+}
+
+#[test]
+fn ledger_restores_exactly_what_committed_before_each_target() {
+    let cluster = Cluster::start(ClusterOptions { track_commit_timestamp: true, ..Default::default() });
+    cluster.psql("CREATE TABLE ledger (id serial PRIMARY KEY, note text NOT NULL)");
+    let agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
+    agent.init();
+    let running = agent.spawn();
+    let output = agent.run_command(&["backup", "--label", "ledger base"]);
+    assert!(output.status.success(), "backup: {}", stderr(&output));
+    // 150 commits over about two minutes.
+    let mut lsns = commit_rows(&cluster, 1, 75, 0.8);
+    let mark = agent.run_command(&["mark", "mid-ledger"]);
+    assert!(mark.status.success(), "mark: {}", stderr(&mark));
+    lsns.extend(commit_rows(&cluster, 76, 150, 0.8));
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    assert!(running.stop(), "agent did not stop cleanly");
+    // The repository alone from here on: the agent's state goes away.
+    std::fs::remove_dir_all(&agent.state_dir).expect("remove agent state");
+
+    let scratch = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let restorer = Restorer::new(&agent, scratch.path());
+    let commit_time =
+        |id: u32| cluster.psql(&format!("SELECT pg_xact_commit_timestamp(xmin) FROM ledger WHERE id = {id}"));
+    let xid = |id: u32| cluster.psql(&format!("SELECT xmin FROM ledger WHERE id = {id}"));
+    let between =
+        cluster.psql("SELECT pg_xact_commit_timestamp(xmin) + interval '7 milliseconds' FROM ledger WHERE id = 100");
+
+    // (target arguments, the source's rows that committed at or before it)
+    let cases: Vec<(Vec<String>, Vec<String>)> = vec![
+        (
+            vec!["--time".into(), commit_time(30)],
+            rows(&cluster, &format!("WHERE pg_xact_commit_timestamp(xmin) <= '{}'", commit_time(30))),
+        ),
+        (
+            vec!["--time".into(), between.clone()],
+            rows(&cluster, &format!("WHERE pg_xact_commit_timestamp(xmin) <= '{between}'")),
+        ),
+        (
+            vec!["--time".into(), commit_time(149)],
+            rows(&cluster, &format!("WHERE pg_xact_commit_timestamp(xmin) <= '{}'", commit_time(149))),
+        ),
+        (vec!["--lsn".into(), lsns[59].clone()], rows(&cluster, "WHERE id <= 60")),
+        (
+            vec!["--xid".into(), xid(120)],
+            rows(&cluster, &format!("WHERE pg_xact_commit_timestamp(xmin) <= '{}'", commit_time(120))),
+        ),
+        (
+            vec!["--before-xid".into(), xid(140)],
+            rows(&cluster, &format!("WHERE pg_xact_commit_timestamp(xmin) < '{}'", commit_time(140))),
+        ),
+        (vec!["--name".into(), "mid-ledger".into()], rows(&cluster, "WHERE id <= 75")),
+    ];
+    assert_eq!(cases[1].1.len(), 100, "the between-commits target must split 100 and 101");
+    assert_eq!(cases[5].1.len(), 139);
+    for (target, expected) in cases {
+        let args: Vec<&str> = target.iter().map(String::as_str).collect();
+        let (restored, report) = restorer.restore_and_start(&args);
+        let got = rows(&restored, "");
+        assert_eq!(
+            got.len(),
+            expected.len(),
+            "target {target:?}: {} rows restored, {} expected",
+            got.len(),
+            expected.len()
+        );
+        assert_eq!(got, expected, "target {target:?}");
+        assert!(report["reached_lsn"].as_str().is_some(), "{report}");
+        assert_eq!(report["pgdata"].as_str(), Some(restored.data.to_str().expect("utf-8")));
+    }
+    // --latest: every committed row.
+    let (restored, _) = restorer.restore_and_start(&["--latest"]);
+    assert_eq!(rows(&restored, ""), rows(&cluster, ""));
+}
+
+#[test]
+fn refusals_write_nothing() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.psql("CREATE TABLE ledger (id serial PRIMARY KEY, note text NOT NULL)");
+    let agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
+    agent.init();
+    let running = agent.spawn();
+    let backup: serde_json::Value = {
+        let output = agent.run_command(&["backup", "--json"]);
+        assert!(output.status.success(), "backup: {}", stderr(&output));
+        serde_json::from_slice(&output.stdout).expect("json")
+    };
+    commit_rows(&cluster, 1, 5, 0.02);
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    assert!(running.stop());
+    let scratch = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let restorer = Restorer::new(&agent, scratch.path());
+    let refused = |args: &[&str], needle: &str| {
+        let output = restorer.run(args);
+        let text = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {text}");
+        assert!(text.contains(needle) && text.contains("hint:"), "{args:?}: {text}");
+    };
+
+    // A time without a zone.
+    let (_dir, pgdata) = Restorer::target_dir();
+    let path = pgdata.to_str().expect("utf-8");
+    refused(&["restore", "--pgdata", path, "--time", "2026-11-25 10:31:00"], "no time zone");
+    assert!(!pgdata.exists());
+    // Before the window: names the window.
+    refused(&["restore", "--pgdata", path, "--time", "2000-01-01 00:00:00+00"], "window starts at");
+    assert!(!pgdata.exists());
+    // Past the archive.
+    refused(&["restore", "--pgdata", path, "--lsn", "FF/0"], "past the archived WAL");
+    assert!(!pgdata.exists());
+    // A non-empty directory.
+    std::fs::create_dir_all(&pgdata).expect("mkdir");
+    std::fs::write(pgdata.join("precious"), "keep me").expect("write");
+    refused(&["restore", "--pgdata", path, "--latest"], "not empty");
+    assert_eq!(std::fs::read_dir(&pgdata).expect("ls").count(), 1);
+    // Next to a running postmaster: the source's own data directory, even with --force.
+    refused(&["restore", "--pgdata", cluster.data.to_str().expect("utf-8"), "--latest", "--force"], "is running");
+    // A corrupt object: named, and nothing left behind.
+    let (_dir2, fresh) = Restorer::target_dir();
+    let chunk_dir = agent.repo.join(format!("backups/{}/chunks", backup["id"].as_str().expect("id")));
+    let chunk = std::fs::read_dir(&chunk_dir).expect("chunks").flatten().next().expect("a chunk").path();
+    let mut bytes = std::fs::read(&chunk).expect("read chunk");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&chunk, &bytes).expect("write chunk");
+    let name = chunk.file_name().expect("name").to_string_lossy().into_owned();
+    refused(&["restore", "--pgdata", fresh.to_str().expect("utf-8"), "--latest"], &name);
+    assert!(!fresh.exists(), "a failed restore left files behind");
+    // The dry run of a good plan writes nothing either.
+    let (_dir3, dry) = Restorer::target_dir();
+    let output =
+        restorer.run(&["restore", "--pgdata", dry.to_str().expect("utf-8"), "--immediate", "--dry-run", "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let plan: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(plan["backup_id"], backup["id"]);
+    assert!(plan["segments_to_replay"].as_u64().expect("segments") >= 1);
+    assert!(!dry.exists());
+}
