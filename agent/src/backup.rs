@@ -258,14 +258,8 @@ fn backup_id() -> String {
 
 /// Ids of complete backups (those with a manifest), oldest first.
 pub async fn complete_backups(repo: &Repository) -> anyhow::Result<Vec<String>> {
-    let mut ids: Vec<String> = repo
-        .list("backups")
-        .await?
-        .into_iter()
-        .filter_map(|key| key.strip_prefix("backups/")?.strip_suffix("/backup.json").map(str::to_string))
-        .collect();
-    ids.sort();
-    Ok(ids)
+    let keys = repo.list("backups").await?;
+    Ok(tidemark_proto::repo::backup::complete_backup_ids(keys.iter().map(String::as_str)))
 }
 
 pub async fn read_manifest(repo: &Repository, id: &str) -> anyhow::Result<BackupManifest> {

@@ -223,15 +223,9 @@ async fn dispatch(args: Args) -> ExitCode {
                     let hint = e
                         .chain()
                         .find_map(|c| {
-                            c.downcast_ref::<crate::restore::Refusal>().map(|r| r.hint.clone()).or_else(|| {
-                                c.downcast_ref::<ReadError>().map(|r| match r {
-                                    ReadError::Corrupt { .. } => {
-                                        "an object is missing or damaged; run `tidemark-restore verify`".to_string()
-                                    }
-                                    ReadError::NoRepository(_) => "check --repo".to_string(),
-                                    ReadError::Other(_) => "see the message".to_string(),
-                                })
-                            })
+                            c.downcast_ref::<crate::restore::Refusal>()
+                                .map(|r| r.hint.clone())
+                                .or_else(|| c.downcast_ref::<ReadError>().map(|r| r.hint().to_string()))
                         })
                         .unwrap_or_else(|| "see the message".to_string());
                     eprintln!("hint: {hint}");
@@ -287,15 +281,7 @@ async fn dispatch(args: Args) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("tidemark-restore: error: {e:#}");
-                    eprintln!(
-                        "hint: {}",
-                        match e {
-                            ReadError::Corrupt { .. } =>
-                                "an object does not match its checksum; run `tidemark-restore verify`",
-                            ReadError::NoRepository(_) => "check --repo",
-                            ReadError::Other(_) => "see the message; nothing was left in --pgdata",
-                        }
-                    );
+                    eprintln!("hint: {}", e.hint());
                     ExitCode::FAILURE
                 }
             }
@@ -313,12 +299,7 @@ async fn dispatch(args: Args) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("tidemark-restore: error: wal-get {segment}: {e:#}");
-                    let hint = match &e {
-                        ReadError::Corrupt { .. } => "the object does not match its checksum; run `tidemark-restore verify` and restore from another copy",
-                        ReadError::NoRepository(_) => "check --repo / TIDEMARK_REPO in restore_command",
-                        ReadError::Other(_) => "check the repository is reachable; recovery stops rather than guess",
-                    };
-                    eprintln!("hint: {hint}");
+                    eprintln!("hint: {}", e.hint());
                     ExitCode::from(ABORT_RECOVERY)
                 }
             }

@@ -19,14 +19,8 @@ use tidemark_proto::repo::backup::{manifest_key, BackupFile, BackupManifest, Fil
 const PARALLEL_FILES: usize = 8;
 
 pub async fn list_backups(repo: &RepositoryReader) -> Result<Vec<String>, ReadError> {
-    let mut ids: Vec<String> = repo
-        .list("backups")
-        .await?
-        .into_iter()
-        .filter_map(|key| key.strip_prefix("backups/")?.strip_suffix("/backup.json").map(str::to_string))
-        .collect();
-    ids.sort();
-    Ok(ids)
+    let keys = repo.list("backups").await?;
+    Ok(tidemark_proto::repo::backup::complete_backup_ids(keys.iter().map(String::as_str)))
 }
 
 pub async fn read_manifest(repo: &RepositoryReader, id: &str) -> Result<BackupManifest, ReadError> {

@@ -18,6 +18,19 @@ pub enum ReadError {
     Other(#[from] anyhow::Error),
 }
 
+impl ReadError {
+    /// What to do about it, for the `hint:` line.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            ReadError::Corrupt { .. } => {
+                "an object is missing or does not match its checksum; run `tidemark-restore verify` and restore from another copy"
+            }
+            ReadError::NoRepository(_) => "check --repo / TIDEMARK_REPO",
+            ReadError::Other(_) => "check the repository is reachable; nothing is guessed",
+        }
+    }
+}
+
 pub struct RepositoryReader {
     store: Arc<dyn ObjectStore>,
     pub display: String,

@@ -331,8 +331,10 @@ impl Cluster {
         String::from_utf8_lossy(&output.stdout).trim().to_string()
     }
 
-    pub fn psql_output(&self, sql: &str) -> Output {
-        Command::new(pg_bin().join("psql"))
+    /// psql as the superuser over TCP: unaligned, tuples only, stop on error.
+    fn psql_command(&self) -> Command {
+        let mut command = Command::new(pg_bin().join("psql"));
+        command
             .args([
                 "-X",
                 "-A",
@@ -348,39 +350,19 @@ impl Cluster {
                 "postgres",
             ])
             .arg("-p")
-            .arg(self.port.to_string())
-            .arg("-c")
-            .arg(sql)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run psql")
+            .arg(self.port.to_string());
+        command
+    }
+
+    pub fn psql_output(&self, sql: &str) -> Output {
+        self.psql_command().arg("-c").arg(sql).stdin(Stdio::null()).output().expect("run psql")
     }
 
     /// Runs a psql script from a file (for many statements in one session).
     pub fn psql_file(&self, script: &str) -> String {
         let path = self.dir.path().join(format!("script-{}.sql", std::process::id()));
         fs::write(&path, script).expect("write script");
-        let output = Command::new(pg_bin().join("psql"))
-            .args([
-                "-X",
-                "-A",
-                "-t",
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-            ])
-            .arg("-p")
-            .arg(self.port.to_string())
-            .arg("-f")
-            .arg(&path)
-            .output()
-            .expect("run psql");
+        let output = self.psql_command().arg("-f").arg(&path).output().expect("run psql");
         assert!(output.status.success(), "psql script failed: {}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8_lossy(&output.stdout).trim().to_string()
     }

@@ -212,19 +212,8 @@ impl Connection {
         let mut error = None;
         loop {
             match self.read_message().await? {
-                Message::RowDescription(body) => {
-                    result.columns = body.fields().map(|f| Ok(f.name().to_string())).collect()?;
-                }
-                Message::DataRow(body) => {
-                    let buffer = body.buffer();
-                    let row = body
-                        .ranges()
-                        .map(|range| {
-                            Ok(range.and_then(|r| buffer.get(r)).map(|v| String::from_utf8_lossy(v).into_owned()))
-                        })
-                        .collect()?;
-                    result.rows.push(row);
-                }
+                Message::RowDescription(body) => result.columns = column_names(&body)?,
+                Message::DataRow(body) => result.rows.push(row_values(&body)?),
                 Message::ErrorResponse(body) => error = Some(server_error(&body)),
                 Message::ReadyForQuery(_) => break,
                 _ => {}
@@ -266,19 +255,8 @@ impl Connection {
     pub async fn next_query_event(&mut self) -> Result<QueryEvent, PgError> {
         loop {
             let event = match self.read_message().await? {
-                Message::RowDescription(body) => {
-                    QueryEvent::Columns(body.fields().map(|f| Ok(f.name().to_string())).collect()?)
-                }
-                Message::DataRow(body) => {
-                    let buffer = body.buffer();
-                    QueryEvent::Row(
-                        body.ranges()
-                            .map(|range| {
-                                Ok(range.and_then(|r| buffer.get(r)).map(|v| String::from_utf8_lossy(v).into_owned()))
-                            })
-                            .collect()?,
-                    )
-                }
+                Message::RowDescription(body) => QueryEvent::Columns(column_names(&body)?),
+                Message::DataRow(body) => QueryEvent::Row(row_values(&body)?),
                 Message::CommandComplete(_) => QueryEvent::Complete,
                 Message::CopyOutResponse(_) => QueryEvent::CopyOut,
                 Message::CopyData(body) => QueryEvent::CopyData(body.into_bytes()),
@@ -336,19 +314,8 @@ impl Connection {
         let mut result = QueryResult::default();
         loop {
             match self.read_message().await? {
-                Message::RowDescription(body) => {
-                    result.columns = body.fields().map(|f| Ok(f.name().to_string())).collect()?;
-                }
-                Message::DataRow(body) => {
-                    let buffer = body.buffer();
-                    let row = body
-                        .ranges()
-                        .map(|range| {
-                            Ok(range.and_then(|r| buffer.get(r)).map(|v| String::from_utf8_lossy(v).into_owned()))
-                        })
-                        .collect()?;
-                    result.rows.push(row);
-                }
+                Message::RowDescription(body) => result.columns = column_names(&body)?,
+                Message::DataRow(body) => result.rows.push(row_values(&body)?),
                 Message::ErrorResponse(body) => return Err(PgError::Server(server_error(&body))),
                 Message::ReadyForQuery(_) => return Ok(result),
                 // CopyData still in flight when we ended our side.
@@ -430,6 +397,19 @@ impl Connection {
 enum Raw {
     Message(Message),
     CopyBothResponse,
+}
+
+fn column_names(body: &postgres_protocol::message::backend::RowDescriptionBody) -> Result<Vec<String>, PgError> {
+    Ok(body.fields().map(|f| Ok(f.name().to_string())).collect()?)
+}
+
+/// A row's values as text; NULL is `None`.
+fn row_values(body: &postgres_protocol::message::backend::DataRowBody) -> Result<Vec<Option<String>>, PgError> {
+    let buffer = body.buffer();
+    Ok(body
+        .ranges()
+        .map(|range| Ok(range.and_then(|r| buffer.get(r)).map(|v| String::from_utf8_lossy(v).into_owned())))
+        .collect()?)
 }
 
 fn server_error(body: &postgres_protocol::message::backend::ErrorResponseBody) -> ServerError {

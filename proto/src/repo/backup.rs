@@ -94,6 +94,17 @@ pub fn pg_manifest_key(id: &str) -> String {
     format!("backups/{id}/backup_manifest")
 }
 
+/// Ids of complete backups (those with a `backup.json`) among repository
+/// keys, oldest first.
+pub fn complete_backup_ids<'a>(keys: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut ids: Vec<String> = keys
+        .into_iter()
+        .filter_map(|key| key.strip_prefix("backups/")?.strip_suffix("/backup.json").map(str::to_string))
+        .collect();
+    ids.sort();
+    ids
+}
+
 impl BackupManifest {
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
@@ -161,6 +172,18 @@ mod tests {
         assert_eq!(back, m);
         assert!(back.file("base", "PG_VERSION").is_some());
         assert!(back.file("16384", "PG_VERSION").is_none());
+    }
+
+    #[test]
+    fn complete_ids_from_keys() {
+        let keys = [
+            "backups/B/backup.json",
+            "backups/A/chunks/00000000",
+            "backups/A/backup.json",
+            "backups/C/chunks/1",
+            "wal/x",
+        ];
+        assert_eq!(complete_backup_ids(keys), vec!["A".to_string(), "B".to_string()]);
     }
 
     #[test]
