@@ -73,6 +73,10 @@ enum Command {
         /// Directory of pg_ctl and psql for --start (default /usr/lib/postgresql/<major>/bin).
         #[arg(long)]
         pg_bin: Option<PathBuf>,
+        /// With --start: fetch WAL only when PostgreSQL asks, without staging
+        /// it ahead of replay (for measuring what staging saves).
+        #[arg(long)]
+        no_prefetch: bool,
         /// Seconds --start waits for recovery to reach the target (default a day).
         #[arg(long, default_value_t = 86_400)]
         wait_timeout: u64,
@@ -86,7 +90,13 @@ enum Command {
     },
     /// The restore_command: write WAL file SEGMENT (%f) to PATH (%p).
     /// Exits 1 if the repository has no such file, 200 on corruption or errors.
-    WalGet { segment: String, path: PathBuf },
+    WalGet {
+        segment: String,
+        path: PathBuf,
+        /// A directory where `restore --start` stages segments ahead of replay.
+        #[arg(long)]
+        staged: Option<PathBuf>,
+    },
     /// Write a base backup's files into a new or empty directory (no recovery
     /// configuration yet: a building block of `restore`).
     FetchBackup {
@@ -162,6 +172,7 @@ async fn dispatch(args: Args) -> ExitCode {
             pause,
             pg_bin,
             wait_timeout,
+            no_prefetch,
             json,
         } => {
             use crate::target::{parse_time, Target};
@@ -203,6 +214,7 @@ async fn dispatch(args: Args) -> ExitCode {
                 pause,
                 pg_bin,
                 wait_timeout: std::time::Duration::from_secs(wait_timeout),
+                prefetch: !no_prefetch,
             };
             let result = async {
                 let repo = RepositoryReader::open(&url)?;
@@ -286,7 +298,10 @@ async fn dispatch(args: Args) -> ExitCode {
                 }
             }
         }
-        Command::WalGet { segment, path } => {
+        Command::WalGet { segment, path, staged } => {
+            if staged.is_some_and(|dir| crate::prefetch::take_staged(&dir, &segment, &path)) {
+                return ExitCode::SUCCESS;
+            }
             let result = match RepositoryReader::open(&url) {
                 Ok(repo) => wal_get(&repo, &segment, &path).await,
                 Err(e) => Err(e),

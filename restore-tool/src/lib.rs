@@ -7,6 +7,7 @@
 //! - [`fetch`]: a base backup into a new data directory.
 //! - [`target`]: restore targets and their recovery settings; times need a zone.
 //! - [`planner`]: catalog + target -> which backup, which WAL, or why not.
+//! - [`prefetch`]: WAL staged ahead of replay during `restore --start`.
 //! - [`restore`]: checks, fetch, recovery settings, start and wait.
 //! - [`wal_get`]: the restore_command: one WAL file to the path PostgreSQL gives.
 //!
@@ -16,6 +17,7 @@ pub mod catalog;
 pub mod cli;
 pub mod fetch;
 pub mod planner;
+pub mod prefetch;
 pub mod restore;
 pub mod store;
 pub mod target;

@@ -9,7 +9,7 @@ use crate::target::Target;
 use anyhow::Context;
 use std::collections::HashSet;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -27,6 +27,8 @@ pub struct RestoreOptions {
     pub pg_bin: Option<PathBuf>,
     /// How long --start waits for recovery to reach the target.
     pub wait_timeout: Duration,
+    /// Stage WAL ahead of replay during --start.
+    pub prefetch: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -160,12 +162,36 @@ pub async fn restore(
         }
     }
     crate::fetch::fetch_backup(repo, &plan.backup, &options.pgdata).await?;
-    write_recovery_settings(&options, &plan, repo_url)?;
-    if options.start {
-        let (lsn, time) = start_and_wait(&options, &plan)?;
-        report.reached_lsn = lsn;
-        report.reached_time = time;
+    if !options.start || !options.prefetch {
+        write_recovery_settings(&options, &plan, repo_url, None)?;
+        if options.start {
+            let (lsn, time) =
+                tokio::task::spawn_blocking(move || start_and_wait(&options, &plan)).await.context("join")??;
+            report.reached_lsn = lsn;
+            report.reached_time = time;
+        }
+        return Ok(report);
     }
+    // Stage WAL ahead of replay while the server recovers.
+    let staging = options.pgdata.canonicalize()?.join("tidemark_wal_staging");
+    std::fs::DirBuilder::new().mode(0o700).create(&staging).context("create the WAL staging directory")?;
+    write_recovery_settings(&options, &plan, repo_url, Some(&staging))?;
+    let first = plan.wal_start.segment_no(segment_size);
+    let last = plan.wal_available_to.segment_no(segment_size);
+    let timeline = tidemark_proto::TimelineId(plan.backup.timeline);
+    let segments: Vec<_> =
+        (first..=last).map(|segment_no| tidemark_proto::segment::SegmentId { timeline, segment_no }).collect();
+    let waiting = tokio::task::spawn_blocking(move || start_and_wait(&options, &plan));
+    let staging_task = crate::prefetch::stage(repo, segments, segment_size, staging.clone());
+    tokio::pin!(waiting);
+    tokio::select! {
+        _ = staging_task => {}
+        _ = &mut waiting => {}
+    }
+    let (lsn, time) = waiting.await.context("join the recovery wait")??;
+    let _ = std::fs::remove_dir_all(&staging);
+    report.reached_lsn = lsn;
+    report.reached_time = time;
     Ok(report)
 }
 
@@ -183,9 +209,15 @@ fn absolute_url(url: &str) -> anyhow::Result<String> {
     Ok(format!("file://{}", absolute.display()))
 }
 
-fn write_recovery_settings(options: &RestoreOptions, plan: &Plan, repo_url: &str) -> anyhow::Result<()> {
+fn write_recovery_settings(
+    options: &RestoreOptions,
+    plan: &Plan,
+    repo_url: &str,
+    staged: Option<&Path>,
+) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("find this program's path for restore_command")?;
-    let restore_command = format!("'{}' --repo '{}' wal-get %f %p", exe.display(), absolute_url(repo_url)?);
+    let staged = staged.map(|dir| format!(" --staged '{}'", dir.display())).unwrap_or_default();
+    let restore_command = format!("'{}' --repo '{}' wal-get{staged} %f %p", exe.display(), absolute_url(repo_url)?);
     let mut settings = vec![("restore_command".to_string(), restore_command)];
     settings.extend(plan.target.settings());
     settings.push(("recovery_target_timeline".into(), options.timeline.clone().unwrap_or_else(|| "latest".into())));
