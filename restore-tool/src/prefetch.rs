@@ -8,7 +8,7 @@
 //! with one rename, and falls back to the repository for anything not staged.
 
 use crate::store::RepositoryReader;
-use crate::wal_get::{wal_get, Fetched};
+use crate::wal_get::{fetch_wal, Durability, Fetched};
 use futures::StreamExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -37,7 +37,7 @@ pub async fn stage(repo: &RepositoryReader, segments: Vec<SegmentId>, segment_si
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let name = segment.file_name(segment_size);
-            wal_get(repo, &name, &dir.join(&name)).await
+            fetch_wal(repo, &name, &dir.join(&name), Durability::PageCache).await
         }
     }))
     .buffered(PARALLEL);

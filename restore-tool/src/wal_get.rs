@@ -25,6 +25,24 @@ pub enum Fetched {
 }
 
 pub async fn wal_get(repo: &RepositoryReader, name: &str, destination: &Path) -> Result<Fetched, ReadError> {
+    fetch_wal(repo, name, destination, Durability::Fsync).await
+}
+
+/// Whether a written WAL file is fsynced. Staged files are not: nothing
+/// durable depends on them (a restore that crashes starts over), and an fsync
+/// per 16 MiB segment would slow replay down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    Fsync,
+    PageCache,
+}
+
+pub async fn fetch_wal(
+    repo: &RepositoryReader,
+    name: &str,
+    destination: &Path,
+    durability: Durability,
+) -> Result<Fetched, ReadError> {
     let meta = repo.meta().await?;
     let size = meta.wal_segment_size;
     let file = WalFileName::parse(name, size).map_err(|e| ReadError::Other(e.into()))?;
@@ -55,20 +73,24 @@ pub async fn wal_get(repo: &RepositoryReader, name: &str, destination: &Path) ->
             });
         }
     }
-    write_atomically(destination, &content)?;
+    write_atomically(destination, &content, durability)?;
     Ok(Fetched::Written { bytes: content.len() as u64, partial })
 }
 
 /// Temp file beside the destination, fsync, rename, fsync the directory:
 /// PostgreSQL never sees a half-written file under the name it asked for.
-fn write_atomically(destination: &Path, content: &[u8]) -> anyhow::Result<()> {
+fn write_atomically(destination: &Path, content: &[u8], durability: Durability) -> anyhow::Result<()> {
     let dir = destination.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let file_name = destination.file_name().context("destination has no file name")?;
     let temp = dir.join(format!(".{}.tidemark-tmp", file_name.to_string_lossy()));
     let mut file = std::fs::File::create(&temp).with_context(|| format!("create {}", temp.display()))?;
     file.write_all(content).with_context(|| format!("write {}", temp.display()))?;
-    file.sync_all().with_context(|| format!("fsync {}", temp.display()))?;
+    if durability == Durability::Fsync {
+        file.sync_all().with_context(|| format!("fsync {}", temp.display()))?;
+    }
     std::fs::rename(&temp, destination).with_context(|| format!("rename to {}", destination.display()))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync {}", dir.display()))?;
+    if durability == Durability::Fsync {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync {}", dir.display()))?;
+    }
     Ok(())
 }
