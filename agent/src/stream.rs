@@ -125,6 +125,7 @@ async fn stream_timeline(
     partial_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_partial: Option<(SegmentId, u64)> = None;
     let mut last_progress_write = std::time::Instant::now();
+    let mut last_reported = writer.flushed();
     loop {
         tokio::select! {
             event = conn.recv_copy() => {
@@ -161,9 +162,15 @@ async fn stream_timeline(
                 }
                 if writer.position() > writer.flushed() {
                     tokio::task::block_in_place(|| writer.flush())?;
+                }
+                // Report every advance of the flushed position, including one
+                // made by completing a segment exactly at the batch's end (a
+                // synchronous commit there must not wait for the next tick).
+                if writer.flushed() > last_reported {
                     record_progress(ctx, &writer, server_lsn)?;
                     last_progress_write = std::time::Instant::now();
                     send_status(conn, &writer, false).await?;
+                    last_reported = writer.flushed();
                 } else if reply_now {
                     send_status(conn, &writer, false).await?;
                 }
