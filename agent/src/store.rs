@@ -35,17 +35,7 @@ fn local_path(url: &str) -> Option<PathBuf> {
     Some(PathBuf::from(url))
 }
 
-/// The URL with any user name or password removed.
-pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() || !parsed.username().is_empty() => {
-            let _ = parsed.set_username("");
-            let _ = parsed.set_password(None);
-            parsed.to_string()
-        }
-        _ => url.to_string(),
-    }
-}
+pub use tidemark_proto::repo::redact_url;
 
 impl Repository {
     /// Opens a repository. With `create`, a missing local directory is made
@@ -171,12 +161,6 @@ fn fsync_file_and_dir(file: &std::path::Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn credentials_never_displayed() {
-        assert_eq!(redact_url("s3://key:secret@bucket/prefix"), "s3://bucket/prefix");
-        assert_eq!(redact_url("file:///tmp/repo"), "file:///tmp/repo");
-    }
 
     #[tokio::test]
     async fn local_put_get_delete() {

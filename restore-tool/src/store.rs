@@ -38,7 +38,7 @@ pub struct RepositoryReader {
 
 impl RepositoryReader {
     pub fn open(url: &str) -> Result<RepositoryReader, ReadError> {
-        let display = redact(url);
+        let display = tidemark_proto::repo::redact_url(url);
         let local =
             url.strip_prefix("file://").map(str::to_string).or_else(|| (!url.contains("://")).then(|| url.to_string()));
         if let Some(dir) = local {
@@ -110,16 +110,5 @@ impl RepositoryReader {
             ReadError::Other(anyhow::anyhow!("{} has no {META_KEY}; is it a Tidemark repository?", self.display))
         })?;
         RepositoryMeta::from_json(&bytes).map_err(|reason| ReadError::Corrupt { key: META_KEY.into(), reason })
-    }
-}
-
-fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() || !parsed.username().is_empty() => {
-            let _ = parsed.set_username("");
-            let _ = parsed.set_password(None);
-            parsed.to_string()
-        }
-        _ => url.to_string(),
     }
 }

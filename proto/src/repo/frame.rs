@@ -85,56 +85,58 @@ pub fn encode(raw: &[u8], compression: Compression) -> Result<(Vec<u8>, FrameInf
     Ok((out, info))
 }
 
-/// Reads just the header (the first HEADER_LEN bytes) of an object.
-pub fn parse_header(header: &[u8]) -> Result<FrameInfo, FrameError> {
-    let mut bytes = header;
+/// The fields of a frame header.
+struct Header {
+    compression: u8,
+    raw_len: u64,
+    crc32: u32,
+    payload_len: u64,
+}
+
+fn read_header(object: &[u8]) -> Result<(Header, &[u8]), FrameError> {
+    let mut bytes = object;
     let mut magic = [0u8; 4];
     bytes.try_copy_to_slice(&mut magic).map_err(|_| FrameError::BadMagic)?;
     if magic != MAGIC {
         return Err(FrameError::BadMagic);
     }
-    let short = |_| FrameError::Truncated { expected: HEADER_LEN as u64, found: header.len() as u64 };
+    let short = |_| FrameError::Truncated { expected: HEADER_LEN as u64, found: object.len() as u64 };
     let version = bytes.try_get_u16_le().map_err(short)?;
     if version != VERSION {
         return Err(FrameError::UnknownVersion(version));
     }
-    let _compression = bytes.try_get_u8().map_err(short)?;
-    let _flags = bytes.try_get_u8().map_err(short)?;
+    let compression = bytes.try_get_u8().map_err(short)?;
+    let flags = bytes.try_get_u8().map_err(short)?;
+    if flags != 0 {
+        return Err(FrameError::UnknownFlags(flags));
+    }
     let raw_len = bytes.try_get_u64_le().map_err(short)?;
     let crc32 = bytes.try_get_u32_le().map_err(short)?;
     let payload_len = bytes.try_get_u64_le().map_err(short)?;
-    Ok(FrameInfo { raw_len, crc32, stored_len: payload_len.saturating_add(HEADER_LEN as u64) })
+    Ok((Header { compression, raw_len, crc32, payload_len }, bytes))
+}
+
+/// Reads just the header (the first HEADER_LEN bytes) of an object.
+pub fn parse_header(header: &[u8]) -> Result<FrameInfo, FrameError> {
+    let (header, _) = read_header(header)?;
+    Ok(FrameInfo {
+        raw_len: header.raw_len,
+        crc32: header.crc32,
+        stored_len: header.payload_len.saturating_add(HEADER_LEN as u64),
+    })
 }
 
 /// Opens a frame: checks header, decompresses, verifies length and checksum.
 pub fn decode(object: &[u8]) -> Result<Vec<u8>, FrameError> {
-    let mut header = object;
-    let mut magic = [0u8; 4];
-    header.try_copy_to_slice(&mut magic).map_err(|_| FrameError::BadMagic)?;
-    if magic != MAGIC {
-        return Err(FrameError::BadMagic);
-    }
-    let short = |_| FrameError::Truncated { expected: HEADER_LEN as u64, found: object.len() as u64 };
-    let version = header.try_get_u16_le().map_err(short)?;
-    if version != VERSION {
-        return Err(FrameError::UnknownVersion(version));
-    }
-    let compression = header.try_get_u8().map_err(short)?;
-    let flags = header.try_get_u8().map_err(short)?;
-    if flags != 0 {
-        return Err(FrameError::UnknownFlags(flags));
-    }
-    let raw_len = header.try_get_u64_le().map_err(short)?;
-    let stored_crc = header.try_get_u32_le().map_err(short)?;
-    let payload_len = header.try_get_u64_le().map_err(short)?;
+    let (header, payload) = read_header(object)?;
+    let raw_len = header.raw_len;
     if raw_len > MAX_RAW_LEN {
         return Err(FrameError::TooLarge(raw_len));
     }
-    let payload = header;
-    if payload.len() as u64 != payload_len {
-        return Err(FrameError::Truncated { expected: payload_len, found: payload.len() as u64 });
+    if payload.len() as u64 != header.payload_len {
+        return Err(FrameError::Truncated { expected: header.payload_len, found: payload.len() as u64 });
     }
-    let raw = match compression {
+    let raw = match header.compression {
         0 => payload.to_vec(),
         1 => {
             // The capacity bound makes zstd refuse to produce more than the header promised.
@@ -147,8 +149,8 @@ pub fn decode(object: &[u8]) -> Result<Vec<u8>, FrameError> {
         return Err(FrameError::LengthMismatch { expected: raw_len, found: raw.len() as u64 });
     }
     let computed = crc32fast::hash(&raw);
-    if computed != stored_crc {
-        return Err(FrameError::ChecksumMismatch { stored: stored_crc, computed });
+    if computed != header.crc32 {
+        return Err(FrameError::ChecksumMismatch { stored: header.crc32, computed });
     }
     Ok(raw)
 }
