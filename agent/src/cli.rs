@@ -145,17 +145,7 @@ async fn dispatch(args: Args) -> anyhow::Result<()> {
         Command::Backup { label, json } => {
             let manifest = crate::backup::backup(&settings, label).await?;
             if json {
-                let value = serde_json::json!({
-                    "id": manifest.id,
-                    "label": manifest.label,
-                    "timeline": manifest.timeline,
-                    "start_lsn": manifest.start_lsn,
-                    "end_lsn": manifest.end_lsn,
-                    "start_time": manifest.start_time,
-                    "end_time": manifest.end_time,
-                    "bytes": manifest.bytes,
-                    "stored_bytes": manifest.stored_bytes,
-                });
+                let value = manifest.summary();
                 println!("{value:#}");
             } else {
                 println!(

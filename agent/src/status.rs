@@ -70,17 +70,7 @@ async fn last_backup(settings: &Settings) -> anyhow::Result<Option<serde_json::V
     let repo = crate::store::Repository::open(&settings.repo_url, false)?;
     let Some(id) = crate::backup::complete_backups(&repo).await?.pop() else { return Ok(None) };
     let m = crate::backup::read_manifest(&repo, &id).await?;
-    Ok(Some(serde_json::json!({
-        "id": m.id,
-        "label": m.label,
-        "timeline": m.timeline,
-        "start_lsn": m.start_lsn,
-        "end_lsn": m.end_lsn,
-        "start_time": m.start_time,
-        "end_time": m.end_time,
-        "bytes": m.bytes,
-        "stored_bytes": m.stored_bytes,
-    })))
+    Ok(Some(m.summary()))
 }
 
 async fn server_position(settings: &Settings) -> anyhow::Result<Lsn> {

@@ -139,20 +139,6 @@ impl Catalog {
     }
 }
 
-pub fn backup_json(backup: &BackupManifest) -> serde_json::Value {
-    serde_json::json!({
-        "id": backup.id,
-        "label": backup.label,
-        "timeline": backup.timeline,
-        "start_lsn": backup.start_lsn,
-        "end_lsn": backup.end_lsn,
-        "start_time": backup.start_time,
-        "end_time": backup.end_time,
-        "bytes": backup.bytes,
-        "stored_bytes": backup.stored_bytes,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@ use crate::wal_get::{wal_get, Fetched};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tidemark_proto::repo::backup::BackupManifest;
 
 #[derive(Parser, Debug)]
 #[command(name = "tidemark-restore", version, about = "Restores PostgreSQL from a Tidemark repository")]
@@ -323,11 +324,10 @@ async fn dispatch(args: Args) -> ExitCode {
 }
 
 fn print_list(catalog: &crate::catalog::Catalog, json: bool) {
-    use crate::catalog::backup_json;
     if json {
         let value = serde_json::json!({
-            "backups": catalog.restorable.iter().map(backup_json).collect::<Vec<_>>(),
-            "waiting_for_wal": catalog.waiting.iter().map(backup_json).collect::<Vec<_>>(),
+            "backups": catalog.restorable.iter().map(BackupManifest::summary).collect::<Vec<_>>(),
+            "waiting_for_wal": catalog.waiting.iter().map(BackupManifest::summary).collect::<Vec<_>>(),
             "timelines": catalog.timelines,
             "window": catalog.window(),
             "wal": catalog.ranges,

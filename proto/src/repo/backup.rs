@@ -106,6 +106,22 @@ pub fn complete_backup_ids<'a>(keys: impl IntoIterator<Item = &'a str>) -> Vec<S
 }
 
 impl BackupManifest {
+    /// The backup as reports show it (`list --json`, `status --json`,
+    /// `backup --json`): the stable fields of DESIGN.md, without the file list.
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "label": self.label,
+            "timeline": self.timeline,
+            "start_lsn": self.start_lsn,
+            "end_lsn": self.end_lsn,
+            "start_time": self.start_time,
+            "end_time": self.end_time,
+            "bytes": self.bytes,
+            "stored_bytes": self.stored_bytes,
+        })
+    }
+
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
