@@ -8,6 +8,7 @@
 //! - [`replication`]: messages of the physical replication stream.
 //! - [`repo`]: the repository layout and the envelope every stored object is framed in.
 //! - [`tar`]: a streaming reader of the tar archives BASE_BACKUP sends.
+//! - [`wal`]: the WAL page and record decoder and the per-segment audit summary.
 //!
 //! **Architecture invariant:** this crate does no I/O, spawns nothing and never
 //! panics on any input; every decoder of outside bytes returns an error instead.
@@ -20,6 +21,7 @@ pub mod repo;
 pub mod segment;
 pub mod tar;
 pub mod timeline;
+pub mod wal;
 
 pub use lsn::Lsn;
 pub use timeline::TimelineId;

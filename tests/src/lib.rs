@@ -5,8 +5,10 @@
 //! - [`agent`]: the real `tidemark-agent` and `tidemark-restore` binaries.
 //! - [`wait`]: waiting on conditions with generous deadlines, never fixed sleeps.
 //! - [`tls`]: a test certificate authority made with openssl.
+//! - [`waldump`]: pg_waldump output and our decoder turned into comparable facts.
 
 pub mod agent;
 pub mod cluster;
 pub mod tls;
 pub mod wait;
+pub mod waldump;

@@ -8,3 +8,4 @@ mod common;
 mod restore;
 mod sync;
 mod timeline;
+mod wal_decoder;
