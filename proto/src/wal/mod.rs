@@ -10,8 +10,7 @@ pub mod reader;
 pub mod record;
 pub mod rmgr;
 pub mod summary;
-#[cfg(test)]
-mod testwal;
+pub mod writer;
 
 pub use page::PgMajor;
 pub use reader::{EndOfWal, RawRecord, WalReader};

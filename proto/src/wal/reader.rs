@@ -358,7 +358,7 @@ fn crc_matches(bytes: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testwal::WalWriter;
+    use super::super::writer::WalWriter;
     use super::*;
 
     const SEG: u64 = 1024 * 1024;

@@ -1,7 +1,7 @@
-//! A minimal WAL writer for unit tests: lays records out on pages the way the
-//! server does (aligned starts, page headers, continuation lengths, CRC), so
-//! the reader's edge cases can be produced on purpose. Real WAL from a real
-//! server is checked against pg_waldump in the end-to-end tests.
+//! A minimal WAL writer for tests and the fuzz target: lays records out on
+//! pages the way the server does (aligned starts, page headers, continuation
+//! lengths, CRC), so the reader's edge cases can be produced on purpose. Real
+//! WAL from a real server is checked against pg_waldump in the end-to-end tests.
 
 use super::page::{XLP_FIRST_IS_CONTRECORD, XLP_LONG_HEADER};
 use crate::Lsn;
