@@ -1,6 +1,7 @@
 //! `tidemark-agent run`: one agent per state directory, streaming with
 //! reconnects, the uploader beside it, a clean stop on SIGINT/SIGTERM.
 
+use crate::catalog::Catalog;
 use crate::config::Settings;
 use crate::fail::Fail;
 use crate::index::Index;
@@ -8,6 +9,7 @@ use crate::pg::PgError;
 use crate::spool::Spool;
 use crate::store::Repository;
 use crate::stream::{stream_once, StreamContext};
+use crate::summarizer::Summarizer;
 use crate::uploader::{UploadJob, Uploader};
 use anyhow::Context;
 use std::io::Write;
@@ -93,11 +95,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     for file in spool.scan()?.into_iter().filter(|f| f.complete) {
         uploads.send(UploadJob::Complete { segment: file.segment, path: file.path })?;
     }
+    // Four segments of slack; beyond that the summarizer catches up from the repository.
+    let (summaries, segments) = mpsc::channel(4);
+    let catalog = Catalog::new(settings.conn.clone(), index.clone())?;
+    let summarizer = Summarizer::new(repo.clone(), index.clone(), catalog, meta.wal_segment_size);
+    let summarizer_task = tokio::spawn(summarizer.run(segments));
     let uploader = Uploader {
         repo: repo.clone(),
         index: index.clone(),
         segment_size: meta.wal_segment_size,
         compression_level: 3,
+        summaries: Some(summaries),
     };
     let uploader_task = tokio::spawn(uploader.run(jobs));
 
@@ -162,6 +170,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     drop(ctx);
     if tokio::time::timeout(Duration::from_secs(60), uploader_task).await.is_err() {
         warn!("stopping with uploads still queued; the next run uploads them");
+    }
+    // The uploader is gone, so the summarizer's queue is closed: let it finish.
+    if tokio::time::timeout(Duration::from_secs(30), summarizer_task).await.is_err() {
+        warn!("stopping before the audit caught up; the next run continues it");
     }
     info!("stopped");
     result

@@ -7,12 +7,16 @@
 //! - `progress`                     -> Progress
 //! - `seg` + tli u32 + segno u64    -> SegmentRecord (a complete segment object)
 //! - `par` + tli u32 + segno u64    -> SegmentRecord (the latest partial object)
+//! - `sum` + tli u32 + segno u64    -> SegmentSummary (the audit facts of a segment)
+//! - `summary_next`                 -> the segment number the summarizer decodes next
+//! - `rel` + db u32 + filenode u32  -> RelName (what a relation file was named)
 
 use anyhow::Context;
 use rocksdb::{Options, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tidemark_proto::segment::SegmentId;
+use tidemark_proto::wal::summary::SegmentSummary;
 use tidemark_proto::{Lsn, TimelineId};
 
 pub struct Index {
@@ -55,6 +59,20 @@ fn segment_key(prefix: &[u8; 3], segment: SegmentId) -> Vec<u8> {
     key.extend_from_slice(&segment.timeline.0.to_be_bytes());
     key.extend_from_slice(&segment.segment_no.to_be_bytes());
     key
+}
+
+fn rel_key(database: u32, filenode: u32) -> Vec<u8> {
+    let mut key = b"rel".to_vec();
+    key.extend_from_slice(&database.to_be_bytes());
+    key.extend_from_slice(&filenode.to_be_bytes());
+    key
+}
+
+/// What a relation file was, as the catalog named it: a user table
+/// (schema-qualified, quoted as needed) or something the audit skips.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelName {
+    pub table: Option<String>,
 }
 
 fn parse_segment_key(key: &[u8]) -> Option<SegmentId> {
@@ -143,7 +161,41 @@ impl Index {
         self.scan(b"par")
     }
 
-    fn scan(&self, prefix: &[u8; 3]) -> anyhow::Result<Vec<(SegmentId, SegmentRecord)>> {
+    pub fn put_summary(&self, segment: SegmentId, summary: &SegmentSummary) -> anyhow::Result<()> {
+        self.put_json(&segment_key(b"sum", segment), summary, false)
+    }
+
+    pub fn summaries(&self) -> anyhow::Result<Vec<(SegmentId, SegmentSummary)>> {
+        self.scan(b"sum")
+    }
+
+    pub fn summary_next(&self) -> anyhow::Result<Option<u64>> {
+        self.get_json(b"summary_next")
+    }
+
+    pub fn put_summary_next(&self, segment_no: u64) -> anyhow::Result<()> {
+        self.put_json(b"summary_next", &segment_no, true)
+    }
+
+    pub fn put_rel_name(&self, database: u32, filenode: u32, name: &RelName) -> anyhow::Result<()> {
+        self.put_json(&rel_key(database, filenode), name, false)
+    }
+
+    pub fn rel_names(&self) -> anyhow::Result<Vec<((u32, u32), RelName)>> {
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator(b"rel") {
+            let (key, value) = item.context("scan index")?;
+            if !key.starts_with(b"rel") {
+                break;
+            }
+            let database = u32::from_be_bytes(key.get(3..7).context("corrupt index key")?.try_into()?);
+            let filenode = u32::from_be_bytes(key.get(7..11).context("corrupt index key")?.try_into()?);
+            out.push(((database, filenode), serde_json::from_slice(&value).context("decode index value")?));
+        }
+        Ok(out)
+    }
+
+    fn scan<T: for<'de> Deserialize<'de>>(&self, prefix: &[u8; 3]) -> anyhow::Result<Vec<(SegmentId, T)>> {
         let mut out = Vec::new();
         for item in self.db.prefix_iterator(prefix) {
             let (key, value) = item.context("scan index")?;

@@ -8,6 +8,8 @@
 //! - [`stream`]: the receiver loop: XLogData into the spool, status updates, timeline ends.
 //! - [`spool`]: segment files in the state directory, fsynced before they count.
 //! - [`uploader`]: frames, compresses and stores spool segments, then records them.
+//! - [`summarizer`]: decodes stored segments into the audit's per-segment summaries.
+//! - [`catalog`]: names relation files (database, file number) after their tables.
 //! - [`store`]: the repository as an object store, with durable local puts.
 //! - [`index`]: the RocksDB index (the only module that names rocksdb).
 //! - [`daemon`]: `run`: the state-directory lock, tasks, reconnects, shutdown.
@@ -19,6 +21,7 @@
 
 pub mod backoff;
 pub mod backup;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -31,4 +34,5 @@ pub mod spool;
 pub mod status;
 pub mod store;
 pub mod stream;
+pub mod summarizer;
 pub mod uploader;

@@ -5,6 +5,7 @@
 
 use crate::index::{Index, SegmentRecord};
 use crate::store::Repository;
+use crate::summarizer::SegmentBytes;
 use anyhow::Context;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,6 +31,9 @@ pub struct Uploader {
     pub index: Arc<Index>,
     pub segment_size: u64,
     pub compression_level: i32,
+    /// Where stored segments go to be summarized for the audit. Never waited
+    /// on: when it is behind, the summarizer reads the segment back later.
+    pub summaries: Option<mpsc::Sender<SegmentBytes>>,
 }
 
 fn now_unix() -> i64 {
@@ -79,8 +83,12 @@ impl Uploader {
             raw.len(),
             self.segment_size
         );
-        let record = self.store(&segment_key(segment, self.segment_size), raw, segment).await?;
+        let raw = Arc::new(raw);
+        let record = self.store(&segment_key(segment, self.segment_size), raw.clone(), segment).await?;
         self.index.put_segment(segment, &record)?;
+        if let Some(summaries) = &self.summaries {
+            let _ = summaries.try_send((segment, raw));
+        }
         // The complete object supersedes any partial one.
         self.repo.delete(&partial_segment_key(segment, self.segment_size)).await?;
         self.index.delete_partial(segment)?;
@@ -99,7 +107,7 @@ impl Uploader {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e).with_context(|| format!("read spool file {}", path.display())),
         };
-        let record = self.store(&partial_segment_key(segment, self.segment_size), raw, segment).await?;
+        let record = self.store(&partial_segment_key(segment, self.segment_size), Arc::new(raw), segment).await?;
         self.index.put_partial(segment, &record)?;
         if last {
             remove_durably(path)?;
@@ -108,7 +116,7 @@ impl Uploader {
         Ok(())
     }
 
-    async fn store(&self, key: &str, raw: Vec<u8>, segment: SegmentId) -> anyhow::Result<SegmentRecord> {
+    async fn store(&self, key: &str, raw: Arc<Vec<u8>>, segment: SegmentId) -> anyhow::Result<SegmentRecord> {
         let level = self.compression_level;
         let raw_len = raw.len() as u64;
         let (object, info) = tokio::task::spawn_blocking(move || frame::encode(&raw, Compression::Zstd { level }))

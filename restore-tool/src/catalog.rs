@@ -122,6 +122,27 @@ impl Catalog {
         Ok(Catalog { restorable, waiting, ranges, timelines })
     }
 
+    /// The newest timeline and its ancestors: the history a restore follows
+    /// by default.
+    pub fn lineage(&self) -> Vec<u32> {
+        let mut lineage = Vec::new();
+        let mut current = self.timelines.iter().map(|t| t.timeline).max();
+        while let Some(timeline) = current {
+            if lineage.contains(&timeline) {
+                break;
+            }
+            lineage.push(timeline);
+            current = self.timelines.iter().find(|t| t.timeline == timeline).and_then(|t| t.parent);
+        }
+        lineage
+    }
+
+    /// The archived range that ends the current history (newest timeline, highest end).
+    pub fn current_range(&self) -> Option<&WalRange> {
+        let lineage = self.lineage();
+        self.ranges.iter().filter(|r| lineage.contains(&r.timeline)).max_by_key(|r| (r.timeline, r.end))
+    }
+
     /// The window: from the end of the oldest restorable backup to the end of
     /// the WAL archived after it on its timeline.
     pub fn window(&self) -> Option<serde_json::Value> {

@@ -1,6 +1,8 @@
 //! The Tidemark restore tool: everything it needs comes from the repository.
 //!
 //! Module map:
+//! - [`audit`]: transactions and their table changes from the agent's WAL summaries (cached locally).
+//! - [`timeline`]: the `timeline` command's table, JSON and per-period views.
 //! - [`catalog`]: backups, archived WAL ranges, timelines, the restorable window.
 //! - [`cli`]: commands, settings, error lines and exit codes.
 //! - [`store`]: reading repository objects (and checking their frames).
@@ -13,6 +15,7 @@
 //!
 //! **Architecture invariant:** nothing here reads the agent's state directory.
 
+pub mod audit;
 pub mod catalog;
 pub mod cli;
 pub mod fetch;
@@ -21,4 +24,5 @@ pub mod prefetch;
 pub mod restore;
 pub mod store;
 pub mod target;
+pub mod timeline;
 pub mod wal_get;

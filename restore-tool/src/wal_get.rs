@@ -12,7 +12,7 @@ use anyhow::Context;
 use std::io::Write;
 use std::path::Path;
 use tidemark_proto::repo::layout::{history_key, partial_segment_key, segment_key};
-use tidemark_proto::segment::WalFileName;
+use tidemark_proto::segment::{SegmentId, WalFileName};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Fetched {
@@ -51,18 +51,9 @@ pub async fn fetch_wal(
             Some(content) => (content, false),
             None => return Ok(Fetched::Missing),
         },
-        WalFileName::Segment(segment) => match repo.get(&segment_key(segment, size)).await? {
-            Some(content) => (content, false),
-            None => match repo.get(&partial_segment_key(segment, size)).await? {
-                // The segment still being filled when it was last archived:
-                // its durable prefix, padded with zeros as PostgreSQL pads a new
-                // segment, so recovery reads up to the last archived record.
-                Some(mut prefix) => {
-                    prefix.resize(size as usize, 0);
-                    (prefix, true)
-                }
-                None => return Ok(Fetched::Missing),
-            },
+        WalFileName::Segment(segment) => match segment_bytes(repo, segment, size).await? {
+            Some(found) => found,
+            None => return Ok(Fetched::Missing),
         },
     };
     if let WalFileName::Segment(_) = file {
@@ -75,6 +66,24 @@ pub async fn fetch_wal(
     }
     write_atomically(destination, &content, durability)?;
     Ok(Fetched::Written { bytes: content.len() as u64, partial })
+}
+
+/// A segment's bytes: the complete object, or else the partial one (the
+/// segment still being filled when it was last archived: its durable prefix,
+/// padded with zeros as PostgreSQL pads a new segment, so a reader stops at
+/// the last archived record). The flag says it was partial.
+pub async fn segment_bytes(
+    repo: &RepositoryReader,
+    segment: SegmentId,
+    size: u64,
+) -> Result<Option<(Vec<u8>, bool)>, ReadError> {
+    if let Some(content) = repo.get(&segment_key(segment, size)).await? {
+        return Ok(Some((content, false)));
+    }
+    Ok(repo.get(&partial_segment_key(segment, size)).await?.map(|mut prefix| {
+        prefix.resize(size as usize, 0);
+        (prefix, true)
+    }))
 }
 
 /// Temp file beside the destination, fsync, rename, fsync the directory:

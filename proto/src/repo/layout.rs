@@ -72,6 +72,14 @@ pub fn history_key(timeline: TimelineId) -> String {
     format!("timelines/{}", history_file_name(timeline))
 }
 
+/// Where the audit summaries live: `summaries/<timeline>/<segment name>`.
+pub const SUMMARIES_PREFIX: &str = "summaries/";
+
+/// Key of the audit summary of the records starting in `segment`.
+pub fn summary_key(segment: SegmentId, segment_size: u64) -> String {
+    format!("{SUMMARIES_PREFIX}{:08X}/{}", segment.timeline.0, segment.file_name(segment_size))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! End-to-end tests against real PostgreSQL servers started by the harness.
 
 mod archive;
+mod audit;
 mod auth;
 mod backup;
 mod bad_input;

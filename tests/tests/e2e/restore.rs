@@ -16,13 +16,13 @@ fn as_root() -> bool {
 
 /// Runs `tidemark-restore` as the PostgreSQL OS user (PostgreSQL will not
 /// run as root), from a copy of the binary that user can execute.
-struct Restorer {
+pub struct Restorer {
     exe: PathBuf,
     repo_url: String,
 }
 
 impl Restorer {
-    fn new(agent: &AgentSetup, scratch: &Path) -> Restorer {
+    pub fn new(agent: &AgentSetup, scratch: &Path) -> Restorer {
         let exe = scratch.join("tidemark-restore");
         std::fs::copy(bin("tidemark-restore"), &exe).expect("copy tidemark-restore");
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -32,7 +32,7 @@ impl Restorer {
         Restorer { exe, repo_url: agent.repo_url() }
     }
 
-    fn run(&self, args: &[&str]) -> Output {
+    pub fn run(&self, args: &[&str]) -> Output {
         let mut command = if as_root() {
             let mut c = Command::new("runuser");
             c.args(["-u", PG_USER_OS, "--"]).arg(&self.exe);
@@ -44,7 +44,7 @@ impl Restorer {
     }
 
     /// A fresh directory for one restored cluster, owned by the server's user.
-    fn target_dir() -> (tempfile::TempDir, PathBuf) {
+    pub fn target_dir() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::Builder::new().prefix("tidemark-restore-").tempdir().expect("tempdir");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
         if as_root() {
@@ -55,7 +55,7 @@ impl Restorer {
     }
 
     /// restore --start with `target_args`; returns the running server and the JSON report.
-    fn restore_and_start(&self, target_args: &[&str]) -> (Cluster, serde_json::Value) {
+    pub fn restore_and_start(&self, target_args: &[&str]) -> (Cluster, serde_json::Value) {
         let (dir, pgdata) = Restorer::target_dir();
         let port = free_port();
         let port_text = port.to_string();

@@ -1,0 +1,338 @@
+//! The WAL audit as the restore tool reads it: transactions with commit time,
+//! xid, LSN and per-table row counts, from the agent's per-segment summaries
+//! in the repository, plus WAL archived after the last summary (decoded here,
+//! with tables shown by file number since only the agent can name them).
+//!
+//! Summaries are replayed once into a local RocksDB cache (derived data,
+//! safe to delete), indexed so a query reads only what it returns:
+//! - `state`                                   -> ingested position + assembler state
+//! - `tm` + time i64 + lsn u64                 -> Transaction (all, by commit time)
+//! - `tt` + table + 0x00 + time i64 + lsn u64  -> Transaction (per table)
+//! - `xi` + xid u32 + lsn u64                  -> Transaction
+//! - `rp` + lsn u64                            -> RestorePoint
+//! - `hi` + table                              -> rows-per-transaction histogram
+//! Times are stored with the sign bit flipped so byte order is time order.
+
+use crate::catalog::Catalog;
+use crate::store::{ReadError, RepositoryReader};
+use anyhow::Context;
+use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tidemark_proto::repo::layout::SUMMARIES_PREFIX;
+use tidemark_proto::segment::WalFileName;
+use tidemark_proto::wal::page::major_for_magic;
+use tidemark_proto::wal::summary::{Assembler, Naming, RestorePoint, SegmentSummary, SummaryBuilder, Transaction};
+use tidemark_proto::wal::{self, WalReader};
+use tidemark_proto::Lsn;
+
+/// Histogram buckets: bucket b holds transactions that changed 2^b .. 2^(b+1)-1 rows.
+const BUCKETS: usize = 40;
+
+#[derive(Default, Serialize, Deserialize)]
+struct CacheState {
+    /// The last summarized segment replayed, and its timeline.
+    last_segment: Option<u64>,
+    last_timeline: u32,
+    assembler: Assembler,
+}
+
+pub struct Audit {
+    db: DB,
+    state: CacheState,
+    /// Transactions from WAL not summarized yet (newest stretch), oldest first.
+    pub tail: Vec<Transaction>,
+    pub tail_restore_points: Vec<RestorePoint>,
+    /// End of the WAL the audit covers.
+    pub covered_to: Lsn,
+}
+
+fn time_key(time: i64) -> [u8; 8] {
+    ((time as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn tx_key(prefix: &[u8], time: i64, lsn: u64) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(&time_key(time));
+    key.extend_from_slice(&lsn.to_be_bytes());
+    key
+}
+
+fn table_prefix(table: &str) -> Vec<u8> {
+    let mut key = b"tt".to_vec();
+    key.extend_from_slice(table.as_bytes());
+    key.push(0);
+    key
+}
+
+/// The default cache directory: `$XDG_CACHE_HOME` or `~/.cache`, per cluster.
+pub fn default_cache_dir(system_identifier: &str) -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("tidemark").join("audit").join(system_identifier)
+}
+
+impl Audit {
+    /// Opens the cache and brings it up to date with the repository.
+    pub async fn load(repo: &RepositoryReader, catalog: &Catalog, cache_dir: Option<&Path>) -> anyhow::Result<Audit> {
+        let meta = repo.meta().await?;
+        let dir = cache_dir.map(Path::to_path_buf).unwrap_or_else(|| default_cache_dir(&meta.system_identifier));
+        std::fs::create_dir_all(&dir).with_context(|| format!("create audit cache {}", dir.display()))?;
+        let mut options = rocksdb::Options::default();
+        options.create_if_missing(true);
+        let db = DB::open(&options, &dir).with_context(|| format!("open audit cache {}", dir.display()))?;
+        let state = match db.get(b"state")? {
+            Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            None => CacheState::default(),
+        };
+        let mut audit = Audit { db, state, tail: Vec::new(), tail_restore_points: Vec::new(), covered_to: Lsn::ZERO };
+        let size = meta.wal_segment_size;
+        let lineage = catalog.lineage();
+        // Per segment, the summary on the newest timeline of the current history.
+        let mut chosen: BTreeMap<u64, (u32, String)> = BTreeMap::new();
+        for key in repo.list(SUMMARIES_PREFIX.trim_end_matches('/')).await? {
+            let Some(name) = key.rsplit('/').next() else { continue };
+            let Ok(WalFileName::Segment(segment)) = WalFileName::parse(name, size) else { continue };
+            if !lineage.contains(&segment.timeline.0) {
+                continue;
+            }
+            let entry = chosen.entry(segment.segment_no).or_insert((segment.timeline.0, key.clone()));
+            if segment.timeline.0 > entry.0 {
+                *entry = (segment.timeline.0, key);
+            }
+        }
+        for (segment_no, (timeline, key)) in &chosen {
+            if audit.state.last_segment.is_some_and(|last| *segment_no <= last) {
+                continue;
+            }
+            let object = repo.get(key).await?.ok_or_else(|| ReadError::Other(anyhow::anyhow!("{key} vanished")))?;
+            let summary =
+                SegmentSummary::from_json(&object).map_err(|reason| ReadError::Corrupt { key: key.clone(), reason })?;
+            audit.ingest(&summary, *segment_no, *timeline)?;
+        }
+        audit.covered_to = Lsn(audit.state.last_segment.map(|s| (s + 1) * size).unwrap_or(0));
+        audit.decode_tail(repo, catalog, size).await?;
+        Ok(audit)
+    }
+
+    fn ingest(&mut self, summary: &SegmentSummary, segment_no: u64, timeline: u32) -> anyhow::Result<()> {
+        let mut batch = WriteBatch::default();
+        let mut histograms: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for tx in self.state.assembler.add(summary) {
+            let json = serde_json::to_vec(&tx)?;
+            batch.put(tx_key(b"tm", tx.time, tx.lsn), &json);
+            let mut xid_key = b"xi".to_vec();
+            xid_key.extend_from_slice(&tx.xid.to_be_bytes());
+            xid_key.extend_from_slice(&tx.lsn.to_be_bytes());
+            batch.put(xid_key, &json);
+            for change in &tx.tables {
+                let mut key = table_prefix(&change.table);
+                key.extend_from_slice(&time_key(tx.time));
+                key.extend_from_slice(&tx.lsn.to_be_bytes());
+                batch.put(key, &json);
+                let histogram = match histograms.get_mut(&change.table) {
+                    Some(h) => h,
+                    None => histograms.entry(change.table.clone()).or_insert(self.histogram(&change.table)?),
+                };
+                let rows = change.inserted + change.updated + change.deleted;
+                if let Some(bucket) = histogram.get_mut(bucket_of(rows)) {
+                    *bucket += 1;
+                }
+            }
+        }
+        for (table, histogram) in histograms {
+            let mut key = b"hi".to_vec();
+            key.extend_from_slice(table.as_bytes());
+            batch.put(key, serde_json::to_vec(&histogram)?);
+        }
+        for point in &summary.restore_points {
+            let mut key = b"rp".to_vec();
+            key.extend_from_slice(&point.lsn.to_be_bytes());
+            batch.put(key, serde_json::to_vec(point)?);
+        }
+        self.state.last_segment = Some(segment_no);
+        self.state.last_timeline = timeline;
+        batch.put(b"state", serde_json::to_vec(&self.state)?);
+        self.db.write(batch).context("write audit cache")
+    }
+
+    fn histogram(&self, table: &str) -> anyhow::Result<Vec<u64>> {
+        let mut key = b"hi".to_vec();
+        key.extend_from_slice(table.as_bytes());
+        Ok(match self.db.get(key)? {
+            Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|_| vec![0; BUCKETS]),
+            None => vec![0; BUCKETS],
+        })
+    }
+
+    /// Decodes archived WAL past the last summary (complete and partial
+    /// segments of the current history), so the newest commits count too.
+    async fn decode_tail(&mut self, repo: &RepositoryReader, catalog: &Catalog, size: u64) -> anyhow::Result<()> {
+        let Some(last_range) = catalog.current_range() else { return Ok(()) };
+        let mut start = self.covered_to.max(last_range.start.segment_start(size));
+        if start >= last_range.end {
+            self.covered_to = self.covered_to.max(last_range.end);
+            return Ok(());
+        }
+        // Summaries resume at a segment start: a record continued from before is skipped.
+        let mut reader = WalReader::new(start, size);
+        let mut builder = SummaryBuilder::default();
+        let mut assembler: Assembler = serde_json::from_slice(&serde_json::to_vec(&self.state.assembler)?)?;
+        let timeline = tidemark_proto::TimelineId(last_range.timeline);
+        while start < last_range.end {
+            let segment = tidemark_proto::segment::SegmentId::containing(timeline, start, size);
+            let Some((bytes, _)) = crate::wal_get::segment_bytes(repo, segment, size).await? else { break };
+            let Some(major) = bytes.get(..2).and_then(|b| major_for_magic(u16::from_le_bytes([b[0], b[1]]))) else {
+                break;
+            };
+            reader.feed(&bytes, |raw| {
+                if let Ok(record) = wal::decode(raw.lsn, raw.end, raw.bytes, major) {
+                    builder.add(&record, major);
+                }
+            });
+            start = segment.end_lsn(size);
+            if reader.end().is_some() {
+                break;
+            }
+        }
+        let summary = builder.finish(timeline.0, self.covered_to, |_| Naming::Unknown);
+        self.covered_to = Lsn(summary.end_lsn).max(self.covered_to);
+        self.tail = assembler.add(&summary);
+        self.tail_restore_points = summary.restore_points;
+        Ok(())
+    }
+
+    fn scan(&self, from: Vec<u8>, prefix_len: usize) -> impl Iterator<Item = Transaction> + '_ {
+        let prefix = from.get(..prefix_len).unwrap_or_default().to_vec();
+        self.db
+            .iterator(IteratorMode::From(&from, Direction::Forward))
+            .map_while(move |item| item.ok().filter(|(k, _)| k.starts_with(&prefix)))
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+    }
+
+    /// Transactions matching the filter, oldest first.
+    pub fn query(&self, filter: &Filter) -> Vec<Transaction> {
+        let since = filter.since.unwrap_or(i64::MIN);
+        let until = filter.until.unwrap_or(i64::MAX);
+        let in_range = |t: &Transaction| t.time >= since && t.time <= until;
+        let mut out: Vec<Transaction> = match (&filter.xid, &filter.table) {
+            (Some(xid), _) => {
+                let mut key = b"xi".to_vec();
+                key.extend_from_slice(&xid.to_be_bytes());
+                self.scan(key, 6).collect()
+            }
+            (None, Some(table)) => {
+                let mut key = table_prefix(table);
+                let prefix_len = key.len();
+                key.extend_from_slice(&time_key(since));
+                self.scan(key, prefix_len).take_while(|t| t.time <= until).collect()
+            }
+            (None, None) => self.scan(tx_key(b"tm", since, 0), 2).take_while(|t| t.time <= until).collect(),
+        };
+        out.extend(self.tail.iter().cloned());
+        out.retain(|t| {
+            in_range(t)
+                && filter.xid.is_none_or(|x| t.xid == x)
+                && filter.table.as_ref().is_none_or(|name| t.tables.iter().any(|c| &c.table == name))
+        });
+        out.sort_by_key(|t| t.lsn);
+        out.dedup_by_key(|t| t.lsn);
+        out
+    }
+
+    pub fn restore_points(&self) -> Vec<RestorePoint> {
+        let mut points: Vec<RestorePoint> = self
+            .db
+            .prefix_iterator(b"rp")
+            .map_while(|item| item.ok().filter(|(k, _)| k.starts_with(b"rp")))
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect();
+        points.extend(self.tail_restore_points.iter().cloned());
+        points
+    }
+
+    /// The typical number of rows one transaction changes in `table` (the
+    /// upper end of the median histogram bucket), if there is history.
+    pub fn typical_rows(&self, table: &str) -> Option<u64> {
+        let histogram = self.histogram(table).ok()?;
+        typical_of(&histogram)
+    }
+
+    /// The last commit the audit knows of.
+    pub fn last_commit(&self) -> Option<Transaction> {
+        if let Some(last) =
+            self.tail.iter().rev().find(|t| t.status == tidemark_proto::wal::rmgr::XactStatus::Committed)
+        {
+            return Some(last.clone());
+        }
+        self.db
+            .iterator(IteratorMode::From(&tx_key(b"tm", i64::MAX, u64::MAX), Direction::Reverse))
+            .map_while(|item| item.ok().filter(|(k, _)| k.starts_with(b"tm")))
+            .filter_map(|(_, v)| serde_json::from_slice::<Transaction>(&v).ok())
+            .find(|t| t.status == tidemark_proto::wal::rmgr::XactStatus::Committed)
+    }
+}
+
+#[derive(Default)]
+pub struct Filter {
+    pub table: Option<String>,
+    /// Unix microseconds.
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub xid: Option<u32>,
+}
+
+fn bucket_of(rows: u64) -> usize {
+    (64 - rows.max(1).leading_zeros() as usize - 1).min(BUCKETS - 1)
+}
+
+fn typical_of(histogram: &[u64]) -> Option<u64> {
+    let total: u64 = histogram.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let mut seen = 0;
+    for (bucket, count) in histogram.iter().enumerate() {
+        seen += count;
+        if seen * 2 >= total {
+            return Some((1u64 << (bucket + 1)) - 1);
+        }
+    }
+    None
+}
+
+/// Whether `rows` is far beyond what transactions usually change in a table:
+/// ten times the typical count, and at least 50 rows.
+pub fn is_unusual(rows: u64, typical: Option<u64>) -> bool {
+    typical.is_some_and(|t| rows >= 50 && rows >= 10 * t.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_and_typical_size() {
+        assert_eq!(bucket_of(0), 0);
+        assert_eq!(bucket_of(1), 0);
+        assert_eq!(bucket_of(2), 1);
+        assert_eq!(bucket_of(1000), 9);
+        let mut histogram = vec![0; BUCKETS];
+        histogram[0] = 90; // single-row transactions
+        histogram[9] = 1; // one of ~1000 rows
+        assert_eq!(typical_of(&histogram), Some(1));
+        assert!(is_unusual(1000, typical_of(&histogram)));
+        assert!(!is_unusual(3, typical_of(&histogram)));
+        assert!(!is_unusual(1000, None));
+    }
+
+    #[test]
+    fn time_keys_sort_like_times() {
+        assert!(time_key(-5) < time_key(0));
+        assert!(time_key(0) < time_key(7));
+        assert!(time_key(i64::MIN) < time_key(i64::MAX));
+    }
+}
