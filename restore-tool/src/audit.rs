@@ -19,6 +19,7 @@ use anyhow::Context;
 use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use tidemark_proto::repo::layout::SUMMARIES_PREFIX;
 use tidemark_proto::segment::WalFileName;
@@ -66,6 +67,13 @@ fn table_prefix(table: &str) -> Vec<u8> {
     key
 }
 
+fn writable(dir: &Path) -> bool {
+    let probe = dir.join(".tidemark-probe");
+    let ok = std::fs::write(&probe, b"").is_ok();
+    let _ = std::fs::remove_file(probe);
+    ok
+}
+
 /// The default cache directory: `$XDG_CACHE_HOME` or `~/.cache`, per cluster.
 pub fn default_cache_dir(system_identifier: &str) -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
@@ -79,8 +87,30 @@ impl Audit {
     /// Opens the cache and brings it up to date with the repository.
     pub async fn load(repo: &RepositoryReader, catalog: &Catalog, cache_dir: Option<&Path>) -> anyhow::Result<Audit> {
         let meta = repo.meta().await?;
-        let dir = cache_dir.map(Path::to_path_buf).unwrap_or_else(|| default_cache_dir(&meta.system_identifier));
-        std::fs::create_dir_all(&dir).with_context(|| format!("create audit cache {}", dir.display()))?;
+        let dir = match cache_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).with_context(|| format!("create audit cache {}", dir.display()))?;
+                dir.to_path_buf()
+            }
+            // The cache is derived data: when the home directory is not ours
+            // to write (sudo -u postgres), a private directory in /tmp does.
+            None => {
+                let home = default_cache_dir(&meta.system_identifier);
+                if std::fs::create_dir_all(&home).is_ok() && writable(&home) {
+                    home
+                } else {
+                    // SAFETY: geteuid has no preconditions.
+                    let uid = unsafe { libc::geteuid() };
+                    let tmp = std::env::temp_dir().join(format!("tidemark-audit-{uid}-{}", meta.system_identifier));
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(&tmp)
+                        .with_context(|| format!("create audit cache {}", tmp.display()))?;
+                    tmp
+                }
+            }
+        };
         let mut options = rocksdb::Options::default();
         options.create_if_missing(true);
         let db = DB::open(&options, &dir).with_context(|| format!("open audit cache {}", dir.display()))?;
@@ -259,6 +289,16 @@ impl Audit {
     pub fn typical_rows(&self, table: &str) -> Option<u64> {
         let histogram = self.histogram(table).ok()?;
         typical_of(&histogram)
+    }
+
+    /// Where recovery to a time stops: the earliest (in WAL order) of the
+    /// transaction ends timed after `micros`. Commit times follow WAL order
+    /// closely but not exactly, so a few ends after the time are compared.
+    pub fn first_end_after(&self, micros: i64) -> Option<Lsn> {
+        let after = micros.checked_add(1)?;
+        let cached = self.scan(tx_key(b"tm", after, 0), 2).take(64).map(|t| t.lsn).min();
+        let tail = self.tail.iter().filter(|t| t.time > micros).map(|t| t.lsn).min();
+        cached.into_iter().chain(tail).min().map(Lsn)
     }
 
     /// The last commit the audit knows of.

@@ -146,14 +146,19 @@ impl Catalog {
     /// The window: from the end of the oldest restorable backup to the end of
     /// the WAL archived after it on its timeline.
     pub fn window(&self) -> Option<serde_json::Value> {
+        self.window_until(None)
+    }
+
+    /// The window, with its latest restorable time (the last archived commit,
+    /// from the WAL audit) when known.
+    pub fn window_until(&self, latest_commit: Option<String>) -> Option<serde_json::Value> {
         let oldest = self.restorable.first()?;
         let end_lsn: Lsn = oldest.end_lsn.parse().ok()?;
         let latest =
             self.ranges.iter().filter(|r| r.timeline >= oldest.timeline && r.end >= end_lsn).map(|r| r.end).max()?;
         Some(serde_json::json!({
             "earliest": oldest.end_time,
-            // Needs commit times from the WAL (the audit); until then the LSN only.
-            "latest": null,
+            "latest": latest_commit,
             "earliest_lsn": oldest.end_lsn,
             "latest_lsn": latest.to_string(),
         }))

@@ -81,6 +81,10 @@ enum Command {
         /// Seconds --start waits for recovery to reach the target (default a day).
         #[arg(long, default_value_t = 86_400)]
         wait_timeout: u64,
+        /// The audit cache that resolves time, xid and name targets
+        /// (default ~/.cache/tidemark/audit/<system id>).
+        #[arg(long, env = "TIDEMARK_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -114,6 +118,9 @@ enum Command {
     },
     /// Base backups, timelines, archived WAL and the restorable window.
     List {
+        /// The audit cache, which knows the last archived commit (the window's end).
+        #[arg(long, env = "TIDEMARK_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -202,6 +209,7 @@ async fn dispatch(args: Args) -> ExitCode {
             pg_bin,
             wait_timeout,
             no_prefetch,
+            cache_dir,
             json,
         } => {
             use crate::target::{parse_time, Target};
@@ -244,6 +252,7 @@ async fn dispatch(args: Args) -> ExitCode {
                 pg_bin,
                 wait_timeout: std::time::Duration::from_secs(wait_timeout),
                 prefetch: !no_prefetch,
+                cache_dir,
             };
             let result = async {
                 let repo = RepositoryReader::open(&url)?;
@@ -308,15 +317,18 @@ async fn dispatch(args: Args) -> ExitCode {
                 }
             }
         }
-        Command::List { json } => {
+        Command::List { json, cache_dir } => {
             let result = async {
                 let repo = RepositoryReader::open(&url)?;
-                crate::catalog::Catalog::load(&repo).await
+                let catalog = crate::catalog::Catalog::load(&repo).await?;
+                let audit = crate::audit::Audit::load(&repo, &catalog, cache_dir.as_deref()).await?;
+                let latest = audit.last_commit().map(|c| crate::timeline::time_text(c.time));
+                Ok::<_, anyhow::Error>((catalog, latest))
             }
             .await;
             match result {
-                Ok(catalog) => {
-                    print_list(&catalog, json);
+                Ok((catalog, latest)) => {
+                    print_list(&catalog, latest, json);
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -385,13 +397,14 @@ async fn dispatch(args: Args) -> ExitCode {
     }
 }
 
-fn print_list(catalog: &crate::catalog::Catalog, json: bool) {
+fn print_list(catalog: &crate::catalog::Catalog, latest: Option<String>, json: bool) {
+    let window = catalog.window_until(latest);
     if json {
         let value = serde_json::json!({
             "backups": catalog.restorable.iter().map(BackupManifest::summary).collect::<Vec<_>>(),
             "waiting_for_wal": catalog.waiting.iter().map(BackupManifest::summary).collect::<Vec<_>>(),
             "timelines": catalog.timelines,
-            "window": catalog.window(),
+            "window": window,
             "wal": catalog.ranges,
         });
         println!("{value:#}");
@@ -424,11 +437,12 @@ fn print_list(catalog: &crate::catalog::Catalog, json: bool) {
             _ => println!("  {}", t.timeline),
         }
     }
-    match catalog.window() {
+    match window {
         Some(w) => println!(
-            "restorable window\n  from {} ({}) to {} (the latest time needs the WAL audit, not built yet)",
+            "restorable window\n  from {} ({}) to the last archived commit at {} (WAL archived to {})",
             w["earliest"].as_str().unwrap_or("?"),
             w["earliest_lsn"].as_str().unwrap_or("?"),
+            w["latest"].as_str().unwrap_or("(none yet)"),
             w["latest_lsn"].as_str().unwrap_or("?")
         ),
         None => println!("restorable window\n  none (no restorable base backup yet)"),

@@ -40,7 +40,19 @@ fn available_to(ranges: &[WalRange], timeline: u32, from: Lsn) -> Option<Lsn> {
     ranges.iter().filter(|r| r.timeline == timeline && r.start <= from && r.end >= from).map(|r| r.end).max()
 }
 
-pub fn plan(catalog: &Catalog, target: Target, backup_id: Option<&str>, now: OffsetDateTime) -> Result<Plan, String> {
+/// Chooses the backup and WAL for `target`. `stop_lsn` is where the WAL
+/// audit says recovery will stop for a time, xid or restore-point target (the
+/// first commit after the time, the transaction's commit, the restore point):
+/// the backup must be consistent before it, or PostgreSQL would refuse to stop
+/// there. Without it (no audit), times compare with backup end times and an
+/// xid or name takes the oldest backup, which reaches any of them.
+pub fn plan(
+    catalog: &Catalog,
+    target: Target,
+    backup_id: Option<&str>,
+    stop_lsn: Option<Lsn>,
+    now: OffsetDateTime,
+) -> Result<Plan, String> {
     if catalog.restorable.is_empty() {
         return Err(format!("nothing to restore: {}", window_text(catalog)));
     }
@@ -58,22 +70,32 @@ pub fn plan(catalog: &Catalog, target: Target, backup_id: Option<&str>, now: Off
         None => catalog.restorable.iter().collect(),
     };
     // The newest backup that can still reach the target.
-    let chosen = match &target {
-        Target::Time(t) => {
-            if *t > now {
-                return Err(format!("the target {} is in the future", format_time(*t)));
-            }
-            candidates.iter().rev().find(|b| backup_end_time(b).is_some_and(|end| end <= *t)).copied().ok_or_else(
-                || {
-                    format!(
-                        "the target {} is before the chosen backup's end: {}",
-                        format_time(*t),
-                        window_text(catalog)
-                    )
-                },
-            )?
+    let before_stop = |stop: Lsn| {
+        candidates.iter().rev().find(|b| b.end_lsn.parse::<Lsn>().is_ok_and(|end| end <= stop)).copied().ok_or_else(
+            || {
+                format!(
+                    "recovery for {target} stops at {stop}, before any restorable backup is consistent: {}",
+                    window_text(catalog)
+                )
+            },
+        )
+    };
+    if let Target::Time(t) = &target {
+        if *t > now {
+            return Err(format!("the target {} is in the future", format_time(*t)));
         }
-        Target::Lsn(lsn) => candidates
+    }
+    let chosen = match (&target, stop_lsn) {
+        (Target::Time(_) | Target::Xid(_) | Target::BeforeXid(_) | Target::Name(_), Some(stop)) => before_stop(stop)?,
+        (Target::Time(t), None) => candidates
+            .iter()
+            .rev()
+            .find(|b| backup_end_time(b).is_some_and(|end| end <= *t))
+            .copied()
+            .ok_or_else(|| {
+                format!("the target {} is before the chosen backup's end: {}", format_time(*t), window_text(catalog))
+            })?,
+        (Target::Lsn(lsn), _) => candidates
             .iter()
             .rev()
             .find(|b| b.end_lsn.parse::<Lsn>().is_ok_and(|end| end <= *lsn))
@@ -83,8 +105,10 @@ pub fn plan(catalog: &Catalog, target: Target, backup_id: Option<&str>, now: Off
             })?,
         // Without the WAL audit the position of an xid or a restore point is
         // unknown: the oldest backup reaches any of them that is in the window.
-        Target::Xid(_) | Target::BeforeXid(_) | Target::Name(_) => candidates.first().copied().ok_or("no backup")?,
-        Target::Latest | Target::Immediate => candidates.last().copied().ok_or("no backup")?,
+        (Target::Xid(_) | Target::BeforeXid(_) | Target::Name(_), None) => {
+            candidates.first().copied().ok_or("no backup")?
+        }
+        (Target::Latest | Target::Immediate, _) => candidates.last().copied().ok_or("no backup")?,
     };
     let wal_start: Lsn = chosen.start_lsn.parse().map_err(|e| format!("backup {}: {e}", chosen.id))?;
     let backup_end: Lsn = chosen.end_lsn.parse().map_err(|e| format!("backup {}: {e}", chosen.id))?;

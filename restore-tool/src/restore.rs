@@ -2,6 +2,7 @@
 //! write the recovery settings, and (with `--start`) run PostgreSQL until the
 //! target is reached.
 
+use crate::audit::{Audit, Filter};
 use crate::catalog::Catalog;
 use crate::planner::{plan, Plan};
 use crate::store::{ReadError, RepositoryReader};
@@ -13,6 +14,8 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+use tidemark_proto::wal::rmgr::XactStatus;
+use tidemark_proto::Lsn;
 
 pub struct RestoreOptions {
     pub pgdata: PathBuf,
@@ -29,6 +32,63 @@ pub struct RestoreOptions {
     pub wait_timeout: Duration,
     /// Stage WAL ahead of replay during --start.
     pub prefetch: bool,
+    /// The audit cache (default under ~/.cache).
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Where recovery will stop for a time, xid or restore-point target,
+/// according to the WAL audit; a refusal when it never would.
+fn resolve_stop(audit: &Audit, target: &Target) -> anyhow::Result<Lsn> {
+    let timeline_hint = "`tidemark-restore timeline` lists the archived transactions and restore points";
+    match target {
+        Target::Time(t) => {
+            let micros = (t.unix_timestamp_nanos() / 1000) as i64;
+            match audit.first_end_after(micros) {
+                Some(lsn) => Ok(lsn),
+                None => {
+                    let last = audit
+                        .last_commit()
+                        .map(|c| format!("the last archived commit is at {}", crate::timeline::time_text(c.time)))
+                        .unwrap_or_else(|| "no commit is archived yet".into());
+                    Err(refuse(
+                        format!(
+                            "no transaction ends after {} in the archived WAL ({last}); recovery would run out of WAL before reaching the target",
+                            crate::target::format_time(*t)
+                        ),
+                        "restore with --latest to get everything archived, or retry once a later commit is archived",
+                    ))
+                }
+            }
+        }
+        Target::Xid(xid) | Target::BeforeXid(xid) => {
+            let found = audit.query(&Filter { xid: Some(*xid), ..Default::default() });
+            match found.iter().rev().find(|t| t.status == XactStatus::Committed) {
+                Some(t) => Ok(Lsn(t.lsn)),
+                None if !found.is_empty() => Err(refuse(
+                    format!("transaction {xid} aborted; recovery never stops at an aborted transaction"),
+                    timeline_hint,
+                )),
+                None => Err(refuse(
+                    format!("transaction {xid} has no commit in the archived WAL (audited up to {})", audit.covered_to),
+                    timeline_hint,
+                )),
+            }
+        }
+        Target::Name(name) => {
+            let points = audit.restore_points();
+            match points.iter().filter(|p| &p.name == name).map(|p| p.lsn).max() {
+                Some(lsn) => Ok(Lsn(lsn)),
+                None => {
+                    let known: Vec<&str> = points.iter().rev().take(5).map(|p| p.name.as_str()).collect();
+                    Err(refuse(
+                        format!("there is no restore point named {name:?} in the archived WAL (newest: {known:?})"),
+                        timeline_hint,
+                    ))
+                }
+            }
+        }
+        _ => Err(anyhow::anyhow!("only time, xid and name targets are resolved by the audit")),
+    }
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -109,7 +169,14 @@ pub async fn restore(
     // 2. The plan: a backup that reaches the target, and the WAL it needs.
     let catalog = Catalog::load(repo).await?;
     let now = time::OffsetDateTime::now_utc();
-    let plan: Plan = plan(&catalog, options.target.clone(), options.backup_id.as_deref(), now)
+    let stop_lsn = match &options.target {
+        Target::Time(_) | Target::Xid(_) | Target::BeforeXid(_) | Target::Name(_) => {
+            let audit = Audit::load(repo, &catalog, options.cache_dir.as_deref()).await?;
+            Some(resolve_stop(&audit, &options.target)?)
+        }
+        _ => None,
+    };
+    let plan: Plan = plan(&catalog, options.target.clone(), options.backup_id.as_deref(), stop_lsn, now)
         .map_err(|e| refuse(e, "`tidemark-restore list` shows the backups and the window"))?;
     // 3. Every object the restore reads must be there.
     let present: HashSet<String> = repo.list("backups").await?.into_iter().collect();

@@ -103,12 +103,18 @@ fn ledger_restores_exactly_what_committed_before_each_target() {
     let agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
     agent.init();
     let running = agent.spawn();
-    let output = agent.run_command(&["backup", "--label", "ledger base"]);
-    assert!(output.status.success(), "backup: {}", stderr(&output));
-    // 150 commits over about two minutes.
+    let backup = |label: &str| -> String {
+        let output = agent.run_command(&["backup", "--label", label, "--json"]);
+        assert!(output.status.success(), "backup: {}", stderr(&output));
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("backup JSON");
+        report["id"].as_str().expect("id").to_string()
+    };
+    let first = backup("ledger base");
+    // 150 commits over about two minutes, a second backup in the middle.
     let mut lsns = commit_rows(&cluster, 1, 75, 0.8);
     let mark = agent.run_command(&["mark", "mid-ledger"]);
     assert!(mark.status.success(), "mark: {}", stderr(&mark));
+    let second = backup("mid ledger");
     lsns.extend(commit_rows(&cluster, 76, 150, 0.8));
     let end = cluster.switch_wal();
     wait_archived(&agent, end);
@@ -125,34 +131,40 @@ fn ledger_restores_exactly_what_committed_before_each_target() {
     let between =
         cluster.psql("SELECT pg_xact_commit_timestamp(xmin) + interval '7 milliseconds' FROM ledger WHERE id = 100");
 
-    // (target arguments, the source's rows that committed at or before it)
-    let cases: Vec<(Vec<String>, Vec<String>)> = vec![
+    // (target arguments, the source's rows that committed at or before it,
+    // the backup to start from: the newest one consistent before the target)
+    let cases: Vec<(Vec<String>, Vec<String>, &String)> = vec![
         (
             vec!["--time".into(), commit_time(30)],
             rows(&cluster, &format!("WHERE pg_xact_commit_timestamp(xmin) <= '{}'", commit_time(30))),
+            &first,
         ),
         (
             vec!["--time".into(), between.clone()],
             rows(&cluster, &format!("WHERE pg_xact_commit_timestamp(xmin) <= '{between}'")),
+            &second,
         ),
         (
             vec!["--time".into(), commit_time(149)],
             rows(&cluster, &format!("WHERE pg_xact_commit_timestamp(xmin) <= '{}'", commit_time(149))),
+            &second,
         ),
-        (vec!["--lsn".into(), lsns[59].clone()], rows(&cluster, "WHERE id <= 60")),
+        (vec!["--lsn".into(), lsns[59].clone()], rows(&cluster, "WHERE id <= 60"), &first),
         (
             vec!["--xid".into(), xid(120)],
             rows(&cluster, &format!("WHERE pg_xact_commit_timestamp(xmin) <= '{}'", commit_time(120))),
+            &second,
         ),
         (
             vec!["--before-xid".into(), xid(140)],
             rows(&cluster, &format!("WHERE pg_xact_commit_timestamp(xmin) < '{}'", commit_time(140))),
+            &second,
         ),
-        (vec!["--name".into(), "mid-ledger".into()], rows(&cluster, "WHERE id <= 75")),
+        (vec!["--name".into(), "mid-ledger".into()], rows(&cluster, "WHERE id <= 75"), &first),
     ];
     assert_eq!(cases[1].1.len(), 100, "the between-commits target must split 100 and 101");
     assert_eq!(cases[5].1.len(), 139);
-    for (target, expected) in cases {
+    for (target, expected, backup_id) in cases {
         let args: Vec<&str> = target.iter().map(String::as_str).collect();
         let (restored, report) = restorer.restore_and_start(&args);
         let got = rows(&restored, "");
@@ -166,6 +178,7 @@ fn ledger_restores_exactly_what_committed_before_each_target() {
         assert_eq!(got, expected, "target {target:?}");
         assert!(report["reached_lsn"].as_str().is_some(), "{report}");
         assert_eq!(report["pgdata"].as_str(), Some(restored.data.to_str().expect("utf-8")));
+        assert_eq!(report["backup_id"].as_str(), Some(backup_id.as_str()), "target {target:?}");
     }
     // --latest: every committed row.
     let (restored, _) = restorer.restore_and_start(&["--latest"]);
@@ -208,6 +221,14 @@ fn refusals_write_nothing() {
     assert!(!pgdata.exists());
     // Past the archive.
     refused(&["restore", "--pgdata", path, "--lsn", "FF/0"], "past the archived WAL");
+    assert!(!pgdata.exists());
+    // A quiet stretch: after the last commit, so recovery would never get there.
+    let quiet = cluster.psql("SELECT now()");
+    refused(&["restore", "--pgdata", path, "--time", &quiet], "no transaction ends after");
+    assert!(!pgdata.exists());
+    // A transaction that never committed, a restore point that does not exist.
+    refused(&["restore", "--pgdata", path, "--xid", "3999999"], "has no commit");
+    refused(&["restore", "--pgdata", path, "--name", "no-such-point"], "no restore point named");
     assert!(!pgdata.exists());
     // A non-empty directory.
     std::fs::create_dir_all(&pgdata).expect("mkdir");
