@@ -18,7 +18,7 @@ use crate::store::{ReadError, RepositoryReader};
 use anyhow::Context;
 use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use tidemark_proto::repo::layout::SUMMARIES_PREFIX;
@@ -243,34 +243,80 @@ impl Audit {
             .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
     }
 
-    /// Transactions matching the filter, oldest first.
-    pub fn query(&self, filter: &Filter) -> Vec<Transaction> {
+    /// Transactions matching the filter, oldest first: with `limit`, only the
+    /// newest `limit` of them. Older matches past the limit are counted from
+    /// their keys without being decoded, so a query over millions of indexed
+    /// transactions costs about what it shows.
+    pub fn query(&self, filter: &Filter, limit: Option<usize>) -> Page {
         let since = filter.since.unwrap_or(i64::MIN);
         let until = filter.until.unwrap_or(i64::MAX);
-        let in_range = |t: &Transaction| t.time >= since && t.time <= until;
-        let mut out: Vec<Transaction> = match (&filter.xid, &filter.table) {
-            (Some(xid), _) => {
-                let mut key = b"xi".to_vec();
-                key.extend_from_slice(&xid.to_be_bytes());
-                self.scan(key, 6).collect()
-            }
-            (None, Some(table)) => {
-                let mut key = table_prefix(table);
-                let prefix_len = key.len();
-                key.extend_from_slice(&time_key(since));
-                self.scan(key, prefix_len).take_while(|t| t.time <= until).collect()
-            }
-            (None, None) => self.scan(tx_key(b"tm", since, 0), 2).take_while(|t| t.time <= until).collect(),
-        };
-        out.extend(self.tail.iter().cloned());
-        out.retain(|t| {
-            in_range(t)
+        let keep = |t: &Transaction| {
+            t.time >= since
+                && t.time <= until
                 && filter.xid.is_none_or(|x| t.xid == x)
                 && filter.table.as_ref().is_none_or(|name| t.tables.iter().any(|c| &c.table == name))
-        });
-        out.sort_by_key(|t| t.lsn);
-        out.dedup_by_key(|t| t.lsn);
-        out
+        };
+        let want = limit.unwrap_or(usize::MAX);
+        // The tail (WAL past the last summary) is newer than everything indexed.
+        let mut tail: Vec<Transaction> = self.tail.iter().filter(|t| keep(t)).cloned().collect();
+        let tail_lsns: HashSet<u64> = self.tail.iter().map(|t| t.lsn).collect();
+        let mut matched = tail.len();
+        let (prefix, upper, time_in_key) = match (&filter.xid, &filter.table) {
+            (Some(xid), _) => {
+                let mut prefix = b"xi".to_vec();
+                prefix.extend_from_slice(&xid.to_be_bytes());
+                let mut upper = prefix.clone();
+                upper.extend_from_slice(&u64::MAX.to_be_bytes());
+                (prefix, upper, false)
+            }
+            (None, Some(table)) => {
+                let prefix = table_prefix(table);
+                let mut upper = prefix.clone();
+                upper.extend_from_slice(&time_key(until));
+                upper.extend_from_slice(&u64::MAX.to_be_bytes());
+                (prefix, upper, true)
+            }
+            (None, None) => (b"tm".to_vec(), tx_key(b"tm", until, u64::MAX), true),
+        };
+        let mut newest_first = Vec::new();
+        let mut it = self.db.raw_iterator();
+        it.seek_for_prev(&upper);
+        while let Some(key) = it.key() {
+            if !key.starts_with(&prefix) || key.len() < prefix.len() + 8 {
+                break;
+            }
+            let lsn = u64::from_be_bytes(key[key.len() - 8..].try_into().unwrap_or_default());
+            if time_in_key && key.len() >= prefix.len() + 16 {
+                let time = u64::from_be_bytes(key[key.len() - 16..key.len() - 8].try_into().unwrap_or_default());
+                if ((time ^ (1 << 63)) as i64) < since {
+                    break;
+                }
+            }
+            if !tail_lsns.contains(&lsn) {
+                if !time_in_key || matched < want {
+                    // Decoded: it is shown, or its time decides whether it matches.
+                    if let Some(t) = it.value().and_then(|v| serde_json::from_slice::<Transaction>(v).ok()) {
+                        if keep(&t) {
+                            matched += 1;
+                            if newest_first.len() + tail.len() < want {
+                                newest_first.push(t);
+                            }
+                        }
+                    }
+                } else {
+                    matched += 1;
+                }
+            }
+            it.prev();
+        }
+        newest_first.reverse();
+        newest_first.append(&mut tail);
+        let mut transactions = newest_first;
+        transactions.sort_by_key(|t| t.lsn);
+        if transactions.len() > want {
+            transactions.drain(..transactions.len() - want);
+        }
+        Page { transactions, matched }
     }
 
     pub fn restore_points(&self) -> Vec<RestorePoint> {
@@ -314,6 +360,12 @@ impl Audit {
             .filter_map(|(_, v)| serde_json::from_slice::<Transaction>(&v).ok())
             .find(|t| t.status == tidemark_proto::wal::rmgr::XactStatus::Committed)
     }
+}
+
+/// A query's answer: the transactions shown (oldest first) and how many matched.
+pub struct Page {
+    pub transactions: Vec<Transaction>,
+    pub matched: usize,
 }
 
 #[derive(Default)]

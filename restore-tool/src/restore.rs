@@ -61,7 +61,7 @@ fn resolve_stop(audit: &Audit, target: &Target) -> anyhow::Result<Lsn> {
             }
         }
         Target::Xid(xid) | Target::BeforeXid(xid) => {
-            let found = audit.query(&Filter { xid: Some(*xid), ..Default::default() });
+            let found = audit.query(&Filter { xid: Some(*xid), ..Default::default() }, None).transactions;
             match found.iter().rev().find(|t| t.status == XactStatus::Committed) {
                 Some(t) => Ok(Lsn(t.lsn)),
                 None if !found.is_empty() => Err(refuse(

@@ -44,11 +44,12 @@ fn status_text(status: XactStatus) -> &'static str {
 }
 
 pub fn render(audit: &Audit, options: &TimelineOptions, filter: &Filter) -> String {
-    let mut transactions = audit.query(filter);
-    let total = transactions.len();
-    if transactions.len() > options.limit {
-        transactions.drain(..transactions.len() - options.limit);
+    if let Some(per) = &options.per {
+        // Periods add up every matching transaction, not only the newest ones.
+        return render_per_period(&audit.query(filter, None).transactions, per, options.json);
     }
+    let page = audit.query(filter, Some(options.limit));
+    let (transactions, total) = (page.transactions, page.matched);
     let typical: BTreeMap<String, Option<u64>> = transactions
         .iter()
         .flat_map(|t| t.tables.iter().map(|c| c.table.clone()))
@@ -63,9 +64,6 @@ pub fn render(audit: &Audit, options: &TimelineOptions, filter: &Filter) -> Stri
         .into_iter()
         .filter(|p| filter.since.is_none_or(|s| p.time >= s) && filter.until.is_none_or(|u| p.time <= u))
         .collect();
-    if let Some(per) = &options.per {
-        return render_per_period(&transactions, per, options.json);
-    }
     if options.json {
         let value = serde_json::json!({
             "transactions": transactions.iter().map(|t| serde_json::json!({

@@ -135,6 +135,25 @@ fn attendance_corruption_is_found_and_restored_away() {
         periods["periods"].as_array().expect("periods").iter().map(|p| p["updated"].as_u64().unwrap_or(0)).sum();
     assert!(updated >= present.parse::<u64>().expect("n"));
 
+    // --limit shows the newest transactions and counts the rest; the
+    // per-minute view adds up all of them, whatever the limit.
+    let limited: serde_json::Value =
+        serde_json::from_str(&timeline(&["--table", "\"AttendanceRecord\"", "--json", "--limit", "5"])).expect("json");
+    assert_eq!(limited["matched"].as_u64(), Some(transactions.len() as u64), "{limited}");
+    assert_eq!(limited["shown"].as_u64(), Some(5));
+    assert_eq!(limited["transactions"].as_array().expect("array")[..], transactions[transactions.len() - 5..]);
+    let per_minute_limited: serde_json::Value = serde_json::from_str(&timeline(&[
+        "--table",
+        "\"AttendanceRecord\"",
+        "--per",
+        "minute",
+        "--json",
+        "--limit",
+        "5",
+    ]))
+    .expect("json");
+    assert_eq!(per_minute_limited, periods);
+
     // Restore to just before the corruption: whole table, user 7 still there.
     let (restored, report) = restorer.restore_and_start(&["--before-xid", &bad_xid.to_string()]);
     assert!(report["reached_lsn"].as_str().is_some(), "{report}");
