@@ -11,14 +11,17 @@
 //! - `xi` + xid u32 + lsn u64                  -> Transaction
 //! - `rp` + lsn u64                            -> RestorePoint
 //! - `hi` + table                              -> rows-per-transaction histogram
+//! - `tc` + table + 0x00 + hour i64            -> transactions that hour (u64;
+//!                                                table "" counts all of them)
 //! Times are stored with the sign bit flipped so byte order is time order.
+//! The hourly counts let a query count its matches without visiting each.
 
 use crate::catalog::Catalog;
 use crate::store::{ReadError, RepositoryReader};
 use anyhow::Context;
 use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use tidemark_proto::repo::layout::SUMMARIES_PREFIX;
@@ -31,8 +34,19 @@ use tidemark_proto::Lsn;
 /// Histogram buckets: bucket b holds transactions that changed 2^b .. 2^(b+1)-1 rows.
 const BUCKETS: usize = 40;
 
+/// The cache's layout; a cache of another version is rebuilt.
+const CACHE_VERSION: u32 = 2;
+
+const HOUR: i64 = 3_600_000_000;
+
 #[derive(Default, Serialize, Deserialize)]
 struct CacheState {
+    #[serde(default)]
+    version: u32,
+    /// The history (timelines, newest first) the cache was built along; when
+    /// the repository's changes (a promotion), the cache is rebuilt.
+    #[serde(default)]
+    lineage: Vec<u32>,
     /// The last summarized segment replayed, and its timeline.
     last_segment: Option<u64>,
     last_timeline: u32,
@@ -57,6 +71,26 @@ fn tx_key(prefix: &[u8], time: i64, lsn: u64) -> Vec<u8> {
     let mut key = prefix.to_vec();
     key.extend_from_slice(&time_key(time));
     key.extend_from_slice(&lsn.to_be_bytes());
+    key
+}
+
+/// The time of a `tm`/`tt` key: the 8 bytes before its trailing LSN.
+fn time_of_key(key: &[u8]) -> Option<i64> {
+    let bytes: [u8; 8] = key.get(key.len().checked_sub(16)?..key.len() - 8)?.try_into().ok()?;
+    Some((u64::from_be_bytes(bytes) ^ (1 << 63)) as i64)
+}
+
+/// The hour of a `tc` key: its last 8 bytes.
+fn time_of_hour_key(key: &[u8]) -> i64 {
+    let bytes: [u8; 8] = key.get(key.len().saturating_sub(8)..).and_then(|b| b.try_into().ok()).unwrap_or([0; 8]);
+    (u64::from_be_bytes(bytes) ^ (1 << 63)) as i64
+}
+
+fn count_key(table: &str, hour: i64) -> Vec<u8> {
+    let mut key = b"tc".to_vec();
+    key.extend_from_slice(table.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&time_key(hour));
     key
 }
 
@@ -113,14 +147,23 @@ impl Audit {
         };
         let mut options = rocksdb::Options::default();
         options.create_if_missing(true);
-        let db = DB::open(&options, &dir).with_context(|| format!("open audit cache {}", dir.display()))?;
-        let state = match db.get(b"state")? {
-            Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
-            None => CacheState::default(),
+        let lineage = catalog.lineage();
+        let mut db = DB::open(&options, &dir).with_context(|| format!("open audit cache {}", dir.display()))?;
+        let stored: Option<CacheState> = db.get(b"state")?.and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        let state = match stored {
+            Some(state) if state.version == CACHE_VERSION && state.lineage == lineage => state,
+            // Empty, of another layout, or built along another history: start over.
+            other => {
+                if other.is_some() || db.get(b"state")?.is_some() {
+                    drop(db);
+                    DB::destroy(&options, &dir).with_context(|| format!("clear audit cache {}", dir.display()))?;
+                    db = DB::open(&options, &dir).with_context(|| format!("open audit cache {}", dir.display()))?;
+                }
+                CacheState { version: CACHE_VERSION, lineage: lineage.clone(), ..Default::default() }
+            }
         };
         let mut audit = Audit { db, state, tail: Vec::new(), tail_restore_points: Vec::new(), covered_to: Lsn::ZERO };
         let size = meta.wal_segment_size;
-        let lineage = catalog.lineage();
         // Per segment, the summary on the newest timeline of the current history.
         let mut chosen: BTreeMap<u64, (u32, String)> = BTreeMap::new();
         for key in repo.list(SUMMARIES_PREFIX.trim_end_matches('/')).await? {
@@ -151,7 +194,13 @@ impl Audit {
     fn ingest(&mut self, summary: &SegmentSummary, segment_no: u64, timeline: u32) -> anyhow::Result<()> {
         let mut batch = WriteBatch::default();
         let mut histograms: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        let mut counts: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
         for tx in self.state.assembler.add(summary) {
+            let hour = tx.time.div_euclid(HOUR);
+            *counts.entry(count_key("", hour)).or_default() += 1;
+            for change in &tx.tables {
+                *counts.entry(count_key(&change.table, hour)).or_default() += 1;
+            }
             let json = serde_json::to_vec(&tx)?;
             batch.put(tx_key(b"tm", tx.time, tx.lsn), &json);
             let mut xid_key = b"xi".to_vec();
@@ -177,6 +226,10 @@ impl Audit {
             let mut key = b"hi".to_vec();
             key.extend_from_slice(table.as_bytes());
             batch.put(key, serde_json::to_vec(&histogram)?);
+        }
+        for (key, added) in counts {
+            let before = self.db.get(&key)?.and_then(|v| v.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
+            batch.put(key, (before + added).to_be_bytes());
         }
         for point in &summary.restore_points {
             let mut key = b"rp".to_vec();
@@ -244,9 +297,10 @@ impl Audit {
     }
 
     /// Transactions matching the filter, oldest first: with `limit`, only the
-    /// newest `limit` of them. Older matches past the limit are counted from
-    /// their keys without being decoded, so a query over millions of indexed
-    /// transactions costs about what it shows.
+    /// newest `limit` of them, and how many matched in all. Only what is
+    /// shown is decoded; the count comes from hourly counts plus the keys of
+    /// the two partial hours at the ends of the range, so a query over
+    /// millions of indexed transactions costs about what it shows.
     pub fn query(&self, filter: &Filter, limit: Option<usize>) -> Page {
         let since = filter.since.unwrap_or(i64::MIN);
         let until = filter.until.unwrap_or(i64::MAX);
@@ -257,66 +311,94 @@ impl Audit {
                 && filter.table.as_ref().is_none_or(|name| t.tables.iter().any(|c| &c.table == name))
         };
         let want = limit.unwrap_or(usize::MAX);
-        // The tail (WAL past the last summary) is newer than everything indexed.
+        // The tail (WAL past the last summary) is newer than everything
+        // indexed, and disjoint from it: its transactions end after the
+        // last summarized segment.
         let mut tail: Vec<Transaction> = self.tail.iter().filter(|t| keep(t)).cloned().collect();
-        let tail_lsns: HashSet<u64> = self.tail.iter().map(|t| t.lsn).collect();
-        let mut matched = tail.len();
-        let (prefix, upper, time_in_key) = match (&filter.xid, &filter.table) {
-            (Some(xid), _) => {
-                let mut prefix = b"xi".to_vec();
-                prefix.extend_from_slice(&xid.to_be_bytes());
-                let mut upper = prefix.clone();
-                upper.extend_from_slice(&u64::MAX.to_be_bytes());
-                (prefix, upper, false)
-            }
-            (None, Some(table)) => {
-                let prefix = table_prefix(table);
-                let mut upper = prefix.clone();
-                upper.extend_from_slice(&time_key(until));
-                upper.extend_from_slice(&u64::MAX.to_be_bytes());
-                (prefix, upper, true)
-            }
-            (None, None) => (b"tm".to_vec(), tx_key(b"tm", until, u64::MAX), true),
-        };
-        let mut newest_first = Vec::new();
-        let mut it = self.db.raw_iterator();
-        it.seek_for_prev(&upper);
-        while let Some(key) = it.key() {
-            if !key.starts_with(&prefix) || key.len() < prefix.len() + 8 {
-                break;
-            }
-            let lsn = u64::from_be_bytes(key[key.len() - 8..].try_into().unwrap_or_default());
-            if time_in_key && key.len() >= prefix.len() + 16 {
-                let time = u64::from_be_bytes(key[key.len() - 16..key.len() - 8].try_into().unwrap_or_default());
-                if ((time ^ (1 << 63)) as i64) < since {
+        let (mut indexed, indexed_matches) = if let Some(xid) = filter.xid {
+            // Few entries per xid (wraparound): decode them all.
+            let mut prefix = b"xi".to_vec();
+            prefix.extend_from_slice(&xid.to_be_bytes());
+            let all: Vec<Transaction> = self.scan(prefix, 6).filter(|t| keep(t)).collect();
+            let count = all.len();
+            (all, count)
+        } else {
+            let (prefix, table) = match &filter.table {
+                Some(table) => (table_prefix(table), table.as_str()),
+                None => (b"tm".to_vec(), ""),
+            };
+            let mut upper = prefix.clone();
+            upper.extend_from_slice(&time_key(until));
+            upper.extend_from_slice(&u64::MAX.to_be_bytes());
+            let room = want.saturating_sub(tail.len());
+            let mut newest_first = Vec::new();
+            let mut it = self.db.raw_iterator();
+            it.seek_for_prev(&upper);
+            while newest_first.len() < room {
+                let (Some(key), Some(value)) = (it.key(), it.value()) else { break };
+                if !key.starts_with(&prefix) || time_of_key(key).is_none_or(|t| t < since) {
                     break;
                 }
-            }
-            if !tail_lsns.contains(&lsn) {
-                if !time_in_key || matched < want {
-                    // Decoded: it is shown, or its time decides whether it matches.
-                    if let Some(t) = it.value().and_then(|v| serde_json::from_slice::<Transaction>(v).ok()) {
-                        if keep(&t) {
-                            matched += 1;
-                            if newest_first.len() + tail.len() < want {
-                                newest_first.push(t);
-                            }
-                        }
-                    }
-                } else {
-                    matched += 1;
+                if let Ok(t) = serde_json::from_slice::<Transaction>(value) {
+                    newest_first.push(t);
                 }
+                it.prev();
             }
-            it.prev();
-        }
-        newest_first.reverse();
-        newest_first.append(&mut tail);
-        let mut transactions = newest_first;
+            newest_first.reverse();
+            let count = if newest_first.len() < room {
+                newest_first.len() // all of them were read
+            } else {
+                self.count_between(&prefix, table, since, until)
+            };
+            (newest_first, count)
+        };
+        let matched = tail.len() + indexed_matches;
+        indexed.append(&mut tail);
+        let mut transactions = indexed;
         transactions.sort_by_key(|t| t.lsn);
         if transactions.len() > want {
             transactions.drain(..transactions.len() - want);
         }
         Page { transactions, matched }
+    }
+
+    /// How many keys under `prefix` (tm or tt+table) have a time in [since, until].
+    fn count_between(&self, prefix: &[u8], table: &str, since: i64, until: i64) -> usize {
+        let (first_hour, last_hour) = (since.div_euclid(HOUR), until.div_euclid(HOUR));
+        if first_hour == last_hour {
+            return self.count_keys(prefix, since, until);
+        }
+        // The partial first and last hours key by key, the hours between from their counts.
+        let mut count = self.count_keys(prefix, since, (first_hour + 1).saturating_mul(HOUR) - 1)
+            + self.count_keys(prefix, last_hour.saturating_mul(HOUR), until);
+        let start = count_key(table, first_hour + 1);
+        let count_prefix = &start[..start.len() - 8];
+        let mut it = self.db.raw_iterator();
+        it.seek(&start);
+        while let (Some(key), Some(value)) = (it.key(), it.value()) {
+            if !key.starts_with(count_prefix) || time_of_hour_key(key) >= last_hour {
+                break;
+            }
+            count += value.try_into().map(u64::from_be_bytes).unwrap_or(0) as usize;
+            it.next();
+        }
+        count
+    }
+
+    fn count_keys(&self, prefix: &[u8], since: i64, until: i64) -> usize {
+        let mut start = prefix.to_vec();
+        start.extend_from_slice(&time_key(since));
+        let mut it = self.db.raw_iterator();
+        it.seek(&start);
+        let mut count = 0;
+        while let Some(key) = it.key() {
+            if !key.starts_with(prefix) || time_of_key(key).is_none_or(|t| t > until) {
+                break;
+            }
+            count += 1;
+            it.next();
+        }
+        count
     }
 
     pub fn restore_points(&self) -> Vec<RestorePoint> {
@@ -405,6 +487,76 @@ pub fn is_unusual(rows: u64, typical: Option<u64>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tidemark_proto::wal::rmgr::XactStatus;
+    use tidemark_proto::wal::summary::{Change, End};
+
+    fn cache() -> (tempfile::TempDir, Audit) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = DB::open_default(dir.path()).expect("open");
+        let state = CacheState { version: CACHE_VERSION, ..Default::default() };
+        (dir, Audit { db, state, tail: Vec::new(), tail_restore_points: Vec::new(), covered_to: Lsn::ZERO })
+    }
+
+    /// One segment with a transaction every 7 minutes over `n`, alternately
+    /// touching tables a and b.
+    fn summary(segment: u64, first: u32, n: u32) -> SegmentSummary {
+        let mut changes = Vec::new();
+        let mut ends = Vec::new();
+        for xid in first..first + n {
+            let table = if xid % 2 == 0 { "public.a" } else { "public.b" };
+            changes.push(Change { xid, db: 5, filenode: 1, table: Some(table.into()), ins: 1, ..Default::default() });
+            let time = i64::from(xid) * 7 * 60_000_000;
+            ends.push(End {
+                xid,
+                status: XactStatus::Committed,
+                time,
+                lsn: u64::from(xid) * 100,
+                subxacts: vec![],
+                prepared: false,
+            });
+        }
+        SegmentSummary {
+            version: 1,
+            timeline: 1,
+            start_lsn: segment << 24,
+            end_lsn: (segment + 1) << 24,
+            records: 0,
+            changes,
+            ends,
+            restore_points: vec![],
+            prepared: vec![],
+            finished_below: None,
+        }
+    }
+
+    #[test]
+    fn counts_and_limits_agree_with_a_full_scan() {
+        let (_dir, mut audit) = cache();
+        audit.ingest(&summary(1, 1, 60), 1, 1).expect("ingest");
+        audit.ingest(&summary(2, 61, 60), 2, 1).expect("ingest");
+        let minutes = |m: i64| Some(m * 60_000_000);
+        for table in [None, Some("public.a".to_string())] {
+            for (since, until) in
+                [(None, None), (minutes(30), minutes(500)), (minutes(61), minutes(119)), (None, minutes(200))]
+            {
+                let filter = Filter { table: table.clone(), since, until, xid: None };
+                let all = audit.query(&filter, None);
+                let expected: Vec<u32> = (1..=120u32)
+                    .filter(|x| table.is_none() || x % 2 == 0)
+                    .filter(|x| {
+                        let t = i64::from(*x) * 7 * 60_000_000;
+                        since.is_none_or(|s| t >= s) && until.is_none_or(|u| t <= u)
+                    })
+                    .collect();
+                assert_eq!(all.transactions.iter().map(|t| t.xid).collect::<Vec<_>>(), expected, "{since:?} {until:?}");
+                assert_eq!(all.matched, expected.len());
+                let page = audit.query(&filter, Some(3));
+                assert_eq!(page.matched, expected.len(), "{table:?} {since:?} {until:?}");
+                let newest: Vec<u32> = expected[expected.len().saturating_sub(3)..].to_vec();
+                assert_eq!(page.transactions.iter().map(|t| t.xid).collect::<Vec<_>>(), newest);
+            }
+        }
+    }
 
     #[test]
     fn histogram_buckets_and_typical_size() {

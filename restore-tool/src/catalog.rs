@@ -34,6 +34,10 @@ pub struct TimelineInfo {
     pub timeline: u32,
     pub parent: Option<u32>,
     pub switch_lsn: Option<String>,
+    /// Every ancestor and where it ended, oldest first (the history file's
+    /// entries): enough to follow this timeline without its ancestors' files.
+    #[serde(skip)]
+    pub ancestors: Vec<(u32, Lsn)>,
 }
 
 /// Merges pieces into contiguous ranges per timeline (pieces may overlap:
@@ -82,7 +86,7 @@ impl Catalog {
         let meta = repo.meta().await?;
         let size = meta.wal_segment_size;
         let mut pieces = Vec::new();
-        let mut timelines = vec![TimelineInfo { timeline: 1, parent: None, switch_lsn: None }];
+        let mut timelines = vec![TimelineInfo { timeline: 1, parent: None, switch_lsn: None, ancestors: Vec::new() }];
         for key in repo.list("wal").await? {
             let Some(name) = key.rsplit('/').next() else { continue };
             let (base, partial) = match name.strip_suffix(".partial") {
@@ -105,6 +109,7 @@ impl Catalog {
                 timeline: timeline.0,
                 parent: last.map(|e| e.parent.0),
                 switch_lsn: last.map(|e| e.switch_lsn.to_string()),
+                ancestors: entries.iter().map(|e| (e.parent.0, e.switch_lsn)).collect(),
             });
         }
         timelines.sort_by_key(|t| t.timeline);

@@ -50,7 +50,7 @@ enum Command {
         /// Only the backup's own consistent point.
         #[arg(long)]
         immediate: bool,
-        /// recovery_target_timeline (default latest).
+        /// The timeline to follow: latest (default, the newest archived), current (the backup's) or a number.
         #[arg(long)]
         timeline: Option<String>,
         /// Use this backup instead of the newest that can reach the target.
@@ -453,12 +453,13 @@ fn print_restore(report: &crate::restore::RestoreReport) {
     let verb = if report.dry_run { "would restore" } else { "restored" };
     println!("{verb} backup {} into {} for {}", report.backup_id, report.pgdata, report.target);
     println!(
-        "  {} bytes to fetch; WAL from {} (timeline {}), needed to {}, archived to {} ({} segments)",
+        "  {} bytes to fetch; WAL from {} (timeline {}), needed to {}, archived to {} on timeline {} ({} segments)",
         report.bytes_to_fetch,
         report.wal_start_lsn,
         report.timeline,
         report.wal_needed_to_lsn,
         report.wal_available_to_lsn,
+        report.target_timeline,
         report.segments_to_replay
     );
     if let Some(lsn) = &report.reached_lsn {

@@ -97,7 +97,9 @@ pub struct RestoreReport {
     pub target: String,
     pub pgdata: String,
     pub dry_run: bool,
+    /// The backup's timeline, and the one recovery follows to the target.
     pub timeline: u32,
+    pub target_timeline: u32,
     pub wal_start_lsn: String,
     pub wal_needed_to_lsn: String,
     pub wal_available_to_lsn: String,
@@ -176,8 +178,15 @@ pub async fn restore(
         }
         _ => None,
     };
-    let plan: Plan = plan(&catalog, options.target.clone(), options.backup_id.as_deref(), stop_lsn, now)
-        .map_err(|e| refuse(e, "`tidemark-restore list` shows the backups and the window"))?;
+    let plan: Plan = plan(
+        &catalog,
+        options.target.clone(),
+        options.backup_id.as_deref(),
+        options.timeline.as_deref(),
+        stop_lsn,
+        now,
+    )
+    .map_err(|e| refuse(e, "`tidemark-restore list` shows the backups and the window"))?;
     // 3. Every object the restore reads must be there.
     let present: HashSet<String> = repo.list("backups").await?.into_iter().collect();
     let mut bytes_to_fetch = 0;
@@ -206,6 +215,7 @@ pub async fn restore(
         pgdata: options.pgdata.display().to_string(),
         dry_run: options.dry_run,
         timeline: plan.backup.timeline,
+        target_timeline: plan.target_timeline,
         wal_start_lsn: plan.wal_start.to_string(),
         wal_needed_to_lsn: plan.wal_needed_to.to_string(),
         wal_available_to_lsn: plan.wal_available_to.to_string(),
@@ -243,11 +253,7 @@ pub async fn restore(
     let staging = options.pgdata.canonicalize()?.join("tidemark_wal_staging");
     std::fs::DirBuilder::new().mode(0o700).create(&staging).context("create the WAL staging directory")?;
     write_recovery_settings(&options, &plan, repo_url, Some(&staging))?;
-    let first = plan.wal_start.segment_no(segment_size);
-    let last = plan.wal_available_to.segment_no(segment_size);
-    let timeline = tidemark_proto::TimelineId(plan.backup.timeline);
-    let segments: Vec<_> =
-        (first..=last).map(|segment_no| tidemark_proto::segment::SegmentId { timeline, segment_no }).collect();
+    let segments = crate::planner::segments_along(&plan.history, plan.wal_start, plan.wal_available_to, segment_size);
     let waiting = tokio::task::spawn_blocking(move || start_and_wait(&options, &plan));
     let staging_task = crate::prefetch::stage(repo, segments, segment_size, staging.clone());
     tokio::pin!(waiting);
@@ -286,8 +292,14 @@ fn write_recovery_settings(
     let staged = staged.map(|dir| format!(" --staged '{}'", dir.display())).unwrap_or_default();
     let restore_command = format!("'{}' --repo '{}' wal-get{staged} %f %p", exe.display(), absolute_url(repo_url)?);
     let mut settings = vec![("restore_command".to_string(), restore_command)];
+    // A backup of a standby carries its primary_conninfo: the restored
+    // cluster must never stream from (or hold a slot on) the server it came
+    // from, only replay the repository's WAL.
+    settings.push(("primary_conninfo".into(), String::new()));
+    settings.push(("primary_slot_name".into(), String::new()));
     settings.extend(plan.target.settings());
-    settings.push(("recovery_target_timeline".into(), options.timeline.clone().unwrap_or_else(|| "latest".into())));
+    // The timeline the plan checked, by number: one that appears later is not followed blindly.
+    settings.push(("recovery_target_timeline".into(), plan.target_timeline.to_string()));
     if !matches!(plan.target, Target::Latest) {
         settings.push(("recovery_target_action".into(), if options.pause { "pause" } else { "promote" }.into()));
     }
@@ -303,6 +315,13 @@ fn write_recovery_settings(
         .context("open postgresql.auto.conf")?;
     file.write_all(text.as_bytes()).context("write recovery settings")?;
     file.sync_all().context("fsync postgresql.auto.conf")?;
+    // standby.signal (in a standby's backup) would keep the server in standby
+    // mode past the end of the archive instead of ending recovery.
+    match std::fs::remove_file(options.pgdata.join("standby.signal")) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).context("remove standby.signal"),
+    }
     std::fs::OpenOptions::new()
         .write(true)
         .create(true)

@@ -16,6 +16,7 @@ use super::rmgr::{self, XactStatus};
 use crate::Lsn;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 
 pub const SUMMARY_VERSION: u32 = 1;
 
@@ -105,8 +106,80 @@ impl SegmentSummary {
 
 /// Collects the facts of records as they are decoded; the owner decides
 /// which segment's records go into which builder.
-/// (xid, database, relfilenode, tablespace) → (inserted, updated, deleted).
-type ChangeCounts = BTreeMap<(u32, u32, u32, u32), (u64, u64, u64)>;
+/// (xid, database, relfilenode, tablespace).
+type ChangeKey = (u32, u32, u32, u32);
+
+/// Row counts (inserted, updated, deleted) per [`ChangeKey`], in first-seen
+/// order. Decoding spends much of its time here, so the lookup is cheap: the
+/// last entry is checked first (one transaction's rows of one table usually
+/// come together), then the few entries of the same xid, found through a
+/// small per-xid index (a segment has far fewer xids than row changes, so
+/// that index stays in cache).
+#[derive(Default)]
+struct ChangeCounts {
+    entries: Vec<CountEntry>,
+    /// xid → its newest entry; older ones of the same xid are chained.
+    by_xid: HashMap<u32, usize, BuildHasherDefault<FastHasher>>,
+}
+
+struct CountEntry {
+    key: ChangeKey,
+    counts: (u64, u64, u64),
+    /// The previous entry of the same xid.
+    older: Option<usize>,
+}
+
+impl ChangeCounts {
+    fn add(&mut self, key: ChangeKey, inserted: u64, updated: u64, deleted: u64) {
+        let found = match self.entries.last() {
+            Some(last) if last.key == key => Some(self.entries.len() - 1),
+            _ => {
+                let mut at = self.by_xid.get(&key.0).copied();
+                while let Some(i) = at {
+                    match self.entries.get(i) {
+                        Some(entry) if entry.key == key => break,
+                        Some(entry) => at = entry.older,
+                        None => at = None,
+                    }
+                }
+                at
+            }
+        };
+        let at = found.unwrap_or_else(|| {
+            let older = self.by_xid.insert(key.0, self.entries.len());
+            self.entries.push(CountEntry { key, counts: (0, 0, 0), older });
+            self.entries.len() - 1
+        });
+        if let Some(entry) = self.entries.get_mut(at) {
+            entry.counts.0 += inserted;
+            entry.counts.1 += updated;
+            entry.counts.2 += deleted;
+        }
+    }
+}
+
+/// A multiply-rotate hasher for small integer keys (the keys come from our
+/// own server's WAL; flooding resistance is not needed here).
+#[derive(Default)]
+struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    fn finish(&self) -> u64 {
+        // The product's high bits are its best mixed; hash tables index by the low ones.
+        self.0.rotate_left(26)
+    }
+}
 
 #[derive(Default)]
 pub struct SummaryBuilder {
@@ -129,10 +202,7 @@ impl SummaryBuilder {
         self.end_lsn = self.end_lsn.max(record.end.0);
         if let Some(change) = rmgr::parse_row_change(record) {
             let key = (record.xid, change.rel.database, change.rel.relfilenode, change.rel.tablespace);
-            let counts = self.changes.entry(key).or_default();
-            counts.0 += u64::from(change.inserted);
-            counts.1 += u64::from(change.updated);
-            counts.2 += u64::from(change.deleted);
+            self.changes.add(key, u64::from(change.inserted), u64::from(change.updated), u64::from(change.deleted));
         } else if let Some(end) = rmgr::parse_xact_end(record, major) {
             self.ends.push(End {
                 xid: end.xid,
@@ -162,10 +232,10 @@ impl SummaryBuilder {
 
     /// The relation files this stretch changed rows in.
     pub fn touched(&self) -> impl Iterator<Item = RelFileLocator> + '_ {
-        self.changes.keys().map(|&(_, database, relfilenode, tablespace)| RelFileLocator {
-            tablespace,
-            database,
-            relfilenode,
+        self.changes.entries.iter().map(|e| RelFileLocator {
+            tablespace: e.key.3,
+            database: e.key.1,
+            relfilenode: e.key.2,
         })
     }
 
@@ -178,7 +248,7 @@ impl SummaryBuilder {
         mut name: impl FnMut(RelFileLocator) -> Naming,
     ) -> SegmentSummary {
         let mut changes = Vec::new();
-        for ((xid, db, filenode, tablespace), (ins, upd, del)) in self.changes {
+        for CountEntry { key: (xid, db, filenode, tablespace), counts: (ins, upd, del), .. } in self.changes.entries {
             let rel = RelFileLocator { tablespace, database: db, relfilenode: filenode };
             let table = match name(rel) {
                 Naming::Table(t) => Some(t),

@@ -2,6 +2,8 @@
 //! follows the server onto the new timeline and archives its history file.
 
 use crate::common::*;
+use crate::restore::Restorer;
+use std::os::unix::fs::PermissionsExt;
 use tidemark_proto::segment::SegmentId;
 use tidemark_proto::TimelineId;
 use tidemark_tests::agent::AgentSetup;
@@ -81,4 +83,114 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
     }
     out.sort();
     out
+}
+
+/// Commits rows `from..=to` of `ledger` one transaction each, 0.1 s apart;
+/// returns per row its xid, the WAL position and the server's clock after the commit.
+fn commit_ledger(cluster: &Cluster, from: u32, to: u32) -> Vec<(u32, String, String)> {
+    let mut script = String::new();
+    for i in from..=to {
+        script.push_str(&format!(
+            "INSERT INTO ledger (id) VALUES ({i}) RETURNING txid_current();\n\
+             SELECT pg_current_wal_lsn() || '|' || clock_timestamp();\nSELECT pg_sleep(0.1);\n"
+        ));
+    }
+    let text = cluster.psql_file(&script);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines
+        .chunks(2)
+        .map(|pair| {
+            let (lsn, time) = pair[1].split_once('|').expect("lsn|time");
+            (pair[0].parse().expect("xid"), lsn.to_string(), time.to_string())
+        })
+        .collect()
+}
+
+fn ids(cluster: &Cluster) -> Vec<u32> {
+    cluster.psql("SELECT id FROM ledger ORDER BY id").lines().map(|l| l.parse().expect("id")).collect()
+}
+
+/// A backup taken on timeline 1 restores to targets on both sides of a
+/// promotion: before it (time, LSN), after it (xid, latest) along timeline
+/// 2's history, and on timeline 1 alone when asked.
+#[test]
+fn restore_follows_the_history_across_a_promotion() {
+    let primary = Cluster::start(ClusterOptions::default());
+    primary.psql("CREATE TABLE ledger (id int PRIMARY KEY)");
+    let standby = Cluster::standby_of(&primary);
+    let agent = AgentSetup::new(standby.dir.path(), standby.url("postgres"));
+    agent.init();
+    let running = agent.spawn();
+    // A backup on a standby starts at its last restartpoint, which must not
+    // predate the archive: a checkpoint on the primary, replayed, gives one.
+    primary.psql("CHECKPOINT");
+    let checkpoint = primary.current_lsn();
+    tidemark_tests::wait::wait_until(
+        "the standby to replay the checkpoint",
+        std::time::Duration::from_secs(120),
+        || (standby.psql(&format!("SELECT pg_last_wal_replay_lsn() >= '{checkpoint}'")) == "t").then_some(()),
+    );
+    let output = agent.run_command(&["backup", "--json"]);
+    assert!(output.status.success(), "backup on the standby failed: {}", stderr(&output));
+    let backup: serde_json::Value = serde_json::from_slice(&output.stdout).expect("backup json");
+    assert_eq!(backup["timeline"], 1);
+
+    let before = commit_ledger(&primary, 1, 20);
+    let on_primary = primary.current_lsn();
+    tidemark_tests::wait::wait_until("the standby to replay", std::time::Duration::from_secs(120), || {
+        (standby.psql(&format!("SELECT pg_last_wal_replay_lsn() >= '{on_primary}'")) == "t").then_some(())
+    });
+    standby.promote();
+    tidemark_tests::wait::wait_until("the promotion", std::time::Duration::from_secs(120), || {
+        (standby.psql("SELECT pg_is_in_recovery()") == "f").then_some(())
+    });
+    let after = commit_ledger(&standby, 21, 40);
+    let end = standby.switch_wal();
+    wait_archived(&agent, end);
+    assert!(running.stop(), "agent did not stop cleanly");
+
+    let scratch = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let restorer = Restorer::new(&agent, scratch.path());
+    let upto = |n: u32| (1..=n).collect::<Vec<u32>>();
+
+    // Before the promotion, by time and by LSN: timeline 1's part of the history.
+    let (restored, report) = restorer.restore_and_start(&["--time", &before[14].2]);
+    assert_eq!(ids(&restored), upto(15), "{report}");
+    assert_eq!((report["timeline"].as_u64(), report["target_timeline"].as_u64()), (Some(1), Some(2)));
+    drop(restored);
+    let (restored, report) = restorer.restore_and_start(&["--lsn", &before[9].1]);
+    assert_eq!(ids(&restored), upto(10), "{report}");
+    drop(restored);
+
+    // After it: from the timeline 1 backup through the switch onto timeline 2.
+    let (restored, report) = restorer.restore_and_start(&["--xid", &after[9].0.to_string()]);
+    assert_eq!(ids(&restored), upto(30), "{report}");
+    drop(restored);
+    let (restored, report) = restorer.restore_and_start(&["--latest"]);
+    assert_eq!(ids(&restored), upto(40), "{report}");
+    // The standby's backup named its primary: the restored cluster must not stream from it.
+    assert_eq!(restored.psql("SHOW primary_conninfo"), "");
+    assert!(!restored.data.join("standby.signal").exists());
+    drop(restored);
+
+    // Timeline 1 alone ends at the switch: everything the old primary had sent.
+    let (restored, report) = restorer.restore_and_start(&["--latest", "--timeline", "1"]);
+    assert_eq!(ids(&restored), upto(20), "{report}");
+    assert_eq!(report["target_timeline"].as_u64(), Some(1));
+    drop(restored);
+    // ...and a target past the switch on timeline 1 is refused before anything is written.
+    let (_dir, pgdata) = Restorer::target_dir();
+    let output = restorer.run(&[
+        "restore",
+        "--pgdata",
+        pgdata.to_str().expect("utf-8"),
+        "--timeline",
+        "1",
+        "--lsn",
+        &after[5].1,
+    ]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("past the WAL archived on timeline 1's history"), "{}", stderr(&output));
+    assert!(empty_or_absent(&pgdata));
 }
