@@ -220,7 +220,7 @@ fn refusals_write_nothing() {
     refused(&["restore", "--pgdata", path, "--time", "2000-01-01 00:00:00+00"], "window starts at");
     assert!(!pgdata.exists());
     // Past the archive.
-    refused(&["restore", "--pgdata", path, "--lsn", "FF/0"], "past the archived WAL");
+    refused(&["restore", "--pgdata", path, "--lsn", "FF/0"], "past the WAL archived");
     assert!(!pgdata.exists());
     // A quiet stretch: after the last commit, so recovery would never get there.
     let quiet = cluster.psql("SELECT now()");
