@@ -23,9 +23,7 @@ fn promotion_moves_the_archive_to_the_next_timeline() {
     // More WAL without a switch, so the promotion happens mid-segment.
     primary.psql("INSERT INTO t SELECT g, repeat('c', 100) FROM generate_series(1, 1000) g");
     let on_primary = primary.current_lsn();
-    tidemark_tests::wait::wait_until("the standby to replay", std::time::Duration::from_secs(120), || {
-        (standby.psql(&format!("SELECT pg_last_wal_replay_lsn() >= '{on_primary}'")) == "t").then_some(())
-    });
+    wait_replayed(&standby, on_primary);
     wait_archived(&agent, on_primary);
 
     standby.promote();
@@ -69,6 +67,13 @@ fn promotion_moves_the_archive_to_the_next_timeline() {
         "the old timeline's last segment was not kept as partial; repository: {listing:?}\nagent log:\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
+}
+
+/// Waits until `standby` has replayed the primary's WAL up to `lsn`.
+fn wait_replayed(standby: &Cluster, lsn: tidemark_proto::Lsn) {
+    tidemark_tests::wait::wait_until("the standby to replay", std::time::Duration::from_secs(120), || {
+        (standby.psql(&format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'")) == "t").then_some(())
+    });
 }
 
 fn walk(dir: &std::path::Path) -> Vec<String> {
@@ -125,11 +130,7 @@ fn restore_follows_the_history_across_a_promotion() {
     // predate the archive: a checkpoint on the primary, replayed, gives one.
     primary.psql("CHECKPOINT");
     let checkpoint = primary.current_lsn();
-    tidemark_tests::wait::wait_until(
-        "the standby to replay the checkpoint",
-        std::time::Duration::from_secs(120),
-        || (standby.psql(&format!("SELECT pg_last_wal_replay_lsn() >= '{checkpoint}'")) == "t").then_some(()),
-    );
+    wait_replayed(&standby, checkpoint);
     let output = agent.run_command(&["backup", "--json"]);
     assert!(output.status.success(), "backup on the standby failed: {}", stderr(&output));
     let backup: serde_json::Value = serde_json::from_slice(&output.stdout).expect("backup json");
@@ -137,9 +138,7 @@ fn restore_follows_the_history_across_a_promotion() {
 
     let before = commit_ledger(&primary, 1, 20);
     let on_primary = primary.current_lsn();
-    tidemark_tests::wait::wait_until("the standby to replay", std::time::Duration::from_secs(120), || {
-        (standby.psql(&format!("SELECT pg_last_wal_replay_lsn() >= '{on_primary}'")) == "t").then_some(())
-    });
+    wait_replayed(&standby, on_primary);
     standby.promote();
     tidemark_tests::wait::wait_until("the promotion", std::time::Duration::from_secs(120), || {
         (standby.psql("SELECT pg_is_in_recovery()") == "f").then_some(())
