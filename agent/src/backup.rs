@@ -229,7 +229,7 @@ pub async fn schedule(
 }
 
 async fn next_backup_delay(settings: &Settings, interval: std::time::Duration) -> anyhow::Result<std::time::Duration> {
-    let repo = Repository::open(&settings.repo_url, false)?;
+    let (repo, _) = Repository::open_initialized(&settings.repo_url, &settings.key_files, false).await?;
     let Some(newest) = complete_backups(&repo).await?.pop() else { return Ok(std::time::Duration::ZERO) };
     let manifest = read_manifest(&repo, &newest).await?;
     let ended = time::OffsetDateTime::parse(&manifest.end_time, &time::format_description::well_known::Rfc3339)
@@ -293,10 +293,7 @@ fn quote_literal(text: &str) -> String {
 
 pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Result<BackupManifest> {
     let _lock = crate::daemon::lock_file(&settings.state_dir, "backup.lock", "another backup")?;
-    let repo = Repository::open(&settings.repo_url, false)?;
-    let repo_meta = repo.read_meta().await?.ok_or_else(|| {
-        Fail::new(format!("repository {} is not initialized", repo.display), "run `tidemark-agent init` first")
-    })?;
+    let (repo, repo_meta) = Repository::open_initialized(&settings.repo_url, &settings.key_files, true).await?;
     let mut conn = session::connect_replication(&settings.conn).await?;
     let identity = session::identify(&mut conn).await?;
     session::check_same_cluster(

@@ -40,6 +40,15 @@ struct Args {
     /// The checkpoint a base backup starts with: fast (default) or spread.
     #[arg(long, global = true, env = "TIDEMARK_BACKUP_CHECKPOINT")]
     backup_checkpoint: Option<String>,
+    /// Key file of an encrypted repository: 64 hex digits (`keygen`) or a
+    /// passphrase. Repeat it (or separate paths with `:` in the variable)
+    /// to give old keys after a rotation; the current key must be among them.
+    #[arg(long = "key-file", global = true, env = "TIDEMARK_KEY_FILE", value_delimiter = ':')]
+    key_files: Vec<PathBuf>,
+    /// MiB of WAL the spool may hold waiting for the repository; at the limit
+    /// the agent stops receiving (the server keeps the WAL in the slot). 0 = no limit (default).
+    #[arg(long, global = true, env = "TIDEMARK_SPOOL_LIMIT_MB")]
+    spool_limit_mb: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -72,9 +81,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a new random encryption key to PATH (owner-only; never overwrites).
+    Keygen { path: PathBuf },
+    /// Make the key in --new-key-file the one new objects are sealed with;
+    /// old objects stay readable while their key file is also given.
+    RotateKey {
+        #[arg(long)]
+        new_key_file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-seal every object not under the current key (resumable: run it again after an interruption).
+    Reencrypt {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn main() -> ExitCode {
+    owner_only_files();
     let args = Args::parse();
     // The daemon and a backup report progress in their logs; other commands only problems.
     let default_level = if matches!(args.command, Command::Run | Command::Backup { .. }) { "info" } else { "warn" };
@@ -162,6 +187,42 @@ async fn dispatch(args: Args) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Keygen { path } => {
+            let id = crate::keys::keygen(&path)?;
+            println!(
+                "key {id} written to {}; keep a copy somewhere safe: without it the repository cannot be read",
+                path.display()
+            );
+            Ok(())
+        }
+        Command::RotateKey { new_key_file, json } => {
+            let rotation = crate::keys::rotate_key(&settings, &new_key_file).await?;
+            if json {
+                println!("{:#}", serde_json::json!({ "old_key": rotation.old_key, "new_key": rotation.new_key }));
+            } else {
+                println!(
+                    "new objects are sealed with key {}; objects under key {} stay readable while its key file is given too.\n\
+                     next: restart the agent with both --key-file options, then run `tidemark-agent reencrypt`",
+                    rotation.new_key, rotation.old_key
+                );
+            }
+            Ok(())
+        }
+        Command::Reencrypt { json } => {
+            let report = crate::keys::reencrypt(&settings).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{} objects re-sealed with key {}, {} already were",
+                    report.resealed, report.current_key, report.already_current
+                );
+                for key in &report.left_to_the_agent {
+                    println!("  left to the running agent (it rewrites it under the current key): {key}");
+                }
+            }
+            Ok(())
+        }
         Command::Status { json } => {
             let status = crate::status::status(&settings).await?;
             if json {
@@ -198,6 +259,8 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         partial_upload_interval_secs: args.partial_upload_interval,
         backup_interval_secs: args.backup_interval,
         backup_checkpoint: args.backup_checkpoint.clone(),
+        key_files: args.key_files.clone(),
+        spool_limit_mb: args.spool_limit_mb,
     };
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let mut settings = config::resolve(file, cli, &env)?;
@@ -272,4 +335,12 @@ fn pg_hint(error: &PgError) -> String {
         PgError::Tls(_) => "check sslmode and sslrootcert (libpq semantics); the server needs ssl = on for require and above".into(),
         PgError::Protocol(_) | PgError::Io(_) => "check that --pg-url points at a PostgreSQL server; retry".into(),
     }
+}
+
+/// Everything this process creates (spool, index, a local repository, key
+/// files) is for its owner only, whatever umask it was started with; modes
+/// given explicitly are narrowed by this too, never widened.
+pub fn owner_only_files() {
+    // SAFETY: umask only sets the process's file mode creation mask.
+    unsafe { libc::umask(0o077) };
 }

@@ -22,6 +22,10 @@ pub struct FileConfig {
     pub backup_interval_secs: Option<u64>,
     /// `fast` or `spread`: the checkpoint a base backup starts with.
     pub backup_checkpoint: Option<String>,
+    /// Key files of an encrypted repository (the current key and any older ones).
+    pub key_files: Option<Vec<PathBuf>>,
+    /// Most WAL (MiB) the spool holds waiting for the repository; 0 = no limit.
+    pub spool_limit_mb: Option<u64>,
 }
 
 /// What the command line (with its variables) said; `None` where it said nothing.
@@ -36,6 +40,8 @@ pub struct CliConfig {
     pub partial_upload_interval_secs: Option<u64>,
     pub backup_interval_secs: Option<u64>,
     pub backup_checkpoint: Option<String>,
+    pub key_files: Vec<PathBuf>,
+    pub spool_limit_mb: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +61,11 @@ pub struct Settings {
     /// let it spread over checkpoint_completion_target (`spread`: less I/O
     /// burst, but the backup may wait minutes to start).
     pub backup_fast_checkpoint: bool,
+    /// Key files of an encrypted repository; empty for a plain one.
+    pub key_files: Vec<PathBuf>,
+    /// Most complete-segment bytes the spool holds waiting for the
+    /// repository before streaming pauses; `None` = only the disk limits it.
+    pub spool_limit: Option<u64>,
 }
 
 pub const DEFAULT_CONFIG: &str = "tidemark.toml";
@@ -68,7 +79,7 @@ pub fn load_file(path: Option<&Path>) -> Result<FileConfig, Fail> {
         Ok(text) => toml::from_str(&text).map_err(|e| {
             Fail::new(
                 format!("config file {} is invalid: {}", path.display(), e.message()),
-                "fix the file; known keys are repo, pg_url, state_dir, slot, application_name, partial_upload_interval_secs, status_interval_secs, backup_interval_secs, backup_checkpoint",
+                "fix the file; known keys are repo, pg_url, state_dir, slot, application_name, partial_upload_interval_secs, status_interval_secs, backup_interval_secs, backup_checkpoint, key_files, spool_limit_mb",
             )
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(FileConfig::default()),
@@ -129,6 +140,11 @@ pub fn resolve(file: FileConfig, cli: CliConfig, env: &BTreeMap<String, String>)
             secs => Some(Duration::from_secs(secs)),
         },
         backup_fast_checkpoint,
+        key_files: if cli.key_files.is_empty() { file.key_files.unwrap_or_default() } else { cli.key_files },
+        spool_limit: match cli.spool_limit_mb.or(file.spool_limit_mb).unwrap_or(0) {
+            0 => None,
+            mb => Some(mb << 20),
+        },
     })
 }
 

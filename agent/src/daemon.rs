@@ -73,21 +73,12 @@ pub fn open_state(settings: &Settings) -> anyhow::Result<(Arc<Index>, crate::ind
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let _lock = lock_state_dir(&settings.state_dir)?;
     let (index, meta) = open_state(&settings)?;
-    let repo = Repository::open(&settings.repo_url, false)?;
-    match repo.read_meta().await? {
-        Some(repo_meta) => crate::pg::session::check_same_cluster(
-            &format!("repository {}", repo.display),
-            &repo_meta.system_identifier,
-            &meta.system_identifier,
-        )?,
-        None => {
-            return Err(Fail::new(
-                format!("repository {} is not initialized", repo.display),
-                "run `tidemark-agent init` with the same --repo first",
-            )
-            .into())
-        }
-    }
+    let (repo, repo_meta) = Repository::open_initialized(&settings.repo_url, &settings.key_files, true).await?;
+    crate::pg::session::check_same_cluster(
+        &format!("repository {}", repo.display),
+        &repo_meta.system_identifier,
+        &meta.system_identifier,
+    )?;
     let spool = Spool::open(&settings.state_dir, meta.wal_segment_size)?;
     check_spool_space(&spool)?;
     let (uploads, jobs) = mpsc::unbounded_channel();

@@ -8,7 +8,7 @@ use crate::index::{Index, IndexMeta};
 use crate::pg::session;
 use crate::store::Repository;
 use std::os::unix::fs::DirBuilderExt;
-use tidemark_proto::repo::layout::{RepositoryMeta, FORMAT_VERSION};
+use tidemark_proto::repo::layout::{RepositoryMeta, FORMAT_VERSION, FORMAT_VERSION_PLAIN};
 
 pub struct InitReport {
     pub system_identifier: String,
@@ -26,7 +26,7 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
     crate::preflight::check(&facts)?;
 
     // 2. The repository and state directory: empty or this cluster's.
-    let repo = Repository::open(&settings.repo_url, false).or_else(|e| {
+    let mut repo = Repository::open(&settings.repo_url, false).or_else(|e| {
         // A missing local directory is created below; anything else is an error.
         if settings.repo_url.contains("://") && !settings.repo_url.starts_with("file://") {
             Err(e)
@@ -43,6 +43,17 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
             &identity.system_identifier,
         )?;
     }
+    // Keys: an existing repository checks the given ones; a new one with
+    // key files is created encrypted (compression before encryption, every
+    // object sealed), and one without stays plain.
+    let encryption = match &existing {
+        Some(meta) => {
+            crate::store::unlock(meta, &repo.display, &settings.key_files)?;
+            None
+        }
+        None if settings.key_files.is_empty() => None,
+        None => Some(crate::keys::new_encryption(&settings.key_files)?),
+    };
     let index_dir = settings.state_dir.join("index");
     let prior_state = if index_dir.is_dir() { Index::open(&index_dir)?.meta()? } else { None };
     if let Some(state) = &prior_state {
@@ -57,12 +68,18 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
     let slot_created = session::ensure_slot(&mut conn, &settings.slot).await?;
     conn.close().await;
     if existing.is_none() {
+        let (format_version, encryption, keyring) = match encryption {
+            Some((meta, keyring)) => (FORMAT_VERSION, Some(meta), Some(keyring)),
+            None => (FORMAT_VERSION_PLAIN, None, None),
+        };
+        repo.set_keyring(keyring);
         repo.write_meta(&RepositoryMeta {
-            format_version: FORMAT_VERSION,
+            format_version,
             system_identifier: identity.system_identifier.clone(),
             wal_segment_size: facts.wal_segment_size,
             server_version_num: facts.server_version_num,
             created_at: now_rfc3339(),
+            encryption,
         })
         .await?;
     }

@@ -28,6 +28,7 @@ pub mod daemon;
 pub mod fail;
 pub mod index;
 pub mod init;
+pub mod keys;
 pub mod pg;
 pub mod preflight;
 pub mod spool;

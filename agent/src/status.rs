@@ -23,6 +23,11 @@ pub struct Status {
     pub window: Option<serde_json::Value>,
     pub archived_segments: usize,
     pub server_error: Option<String>,
+    /// WAL durable in the spool but not yet in the repository: how far the
+    /// repository is behind (it grows during an object-store outage).
+    pub repository_behind_bytes: Option<u64>,
+    /// Why the repository could not be read, if it could not (an outage).
+    pub repository_error: Option<String>,
 }
 
 pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
@@ -45,13 +50,33 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
         Err(e) => (None, Some(format!("{e:#}"))),
     };
     let timeline = progress.as_ref().map(|p| p.timeline).unwrap_or(meta.stream_start_timeline);
-    let last_backup = match last_backup(settings).await {
-        Ok(backup) => backup,
-        Err(e) => {
-            tracing::warn!("cannot read the newest backup: {e:#}");
-            None
+    // An unreachable repository is reported (it is what status is for during
+    // an outage); a wrong key or another cluster's repository is an error.
+    let repo = crate::store::Repository::open(&settings.repo_url, false)?;
+    let meta_read = tokio::time::timeout(Duration::from_secs(10), repo.read_meta())
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer from {} within 10 s", repo.display)));
+    let (last_backup, repository_error) = match meta_read {
+        Ok(Some(repo_meta)) => {
+            let mut repo = repo;
+            repo.set_keyring(crate::store::unlock(&repo_meta, &repo.display, &settings.key_files)?);
+            match last_backup(&repo).await {
+                Ok(backup) => (backup, None),
+                Err(e) => (None, Some(format!("{e:#}"))),
+            }
         }
+        Ok(None) => {
+            return Err(Fail::new(
+                format!("repository {} is not initialized", repo.display),
+                "run `tidemark-agent init` with the same --repo",
+            )
+            .into())
+        }
+        Err(e) => (None, Some(format!("{e:#}"))),
     };
+    let flushed = progress.as_ref().map(|p| Lsn(p.flushed_lsn));
+    let repository_behind_bytes =
+        flushed.map(|f| f.0.saturating_sub(archived.map(|a| a.0).unwrap_or(meta.stream_start_lsn)));
     Ok(Status {
         system_identifier: meta.system_identifier,
         timeline,
@@ -63,13 +88,14 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
         window: None,
         archived_segments: segments.len(),
         server_error,
+        repository_behind_bytes,
+        repository_error,
     })
 }
 
-async fn last_backup(settings: &Settings) -> anyhow::Result<Option<serde_json::Value>> {
-    let repo = crate::store::Repository::open(&settings.repo_url, false)?;
-    let Some(id) = crate::backup::complete_backups(&repo).await?.pop() else { return Ok(None) };
-    let m = crate::backup::read_manifest(&repo, &id).await?;
+async fn last_backup(repo: &crate::store::Repository) -> anyhow::Result<Option<serde_json::Value>> {
+    let Some(id) = crate::backup::complete_backups(repo).await?.pop() else { return Ok(None) };
+    let m = crate::backup::read_manifest(repo, &id).await?;
     Ok(Some(m.summary()))
 }
 
@@ -99,6 +125,12 @@ pub fn render_text(status: &Status) -> String {
     out.push_str(&format!("archived LSN        {}   (durable in the repository)\n", or_none(&status.archived_lsn)));
     if let Some(lag) = status.lag_bytes {
         out.push_str(&format!("lag                 {lag} bytes\n"));
+    }
+    if let Some(behind) = status.repository_behind_bytes.filter(|b| *b > 0) {
+        out.push_str(&format!("repository behind   {behind} bytes   (waiting in the spool for the repository)\n"));
+    }
+    if let Some(e) = &status.repository_error {
+        out.push_str(&format!("repository          UNREACHABLE: {e}\n"));
     }
     out.push_str(&format!("archived segments   {}\n", status.archived_segments));
     match &status.last_backup {

@@ -126,9 +126,13 @@ async fn stream_timeline(
     let mut last_partial: Option<(SegmentId, u64)> = None;
     let mut last_progress_write = std::time::Instant::now();
     let mut last_reported = writer.flushed();
+    // At the spool limit nothing more is read: the flushed position (and so
+    // the slot) stops, and the server keeps the WAL until the repository
+    // catches up. Status updates go on, so the connection stays alive.
+    let mut paused = false;
     loop {
         tokio::select! {
-            event = conn.recv_copy() => {
+            event = conn.recv_copy(), if !paused => {
                 let mut event = event?;
                 let mut reply_now = false;
                 let mut ended = false;
@@ -139,6 +143,9 @@ async fn stream_timeline(
                         CopyEvent::Data(payload) => match ServerMessage::parse(payload)? {
                             ServerMessage::XLogData { start, server_wal_end, data } => {
                                 let completed = tokio::task::block_in_place(|| writer.write(start, &data))?;
+                                if !completed.is_empty() && ctx.settings.spool_limit.is_some() {
+                                    paused = spool_limit_state(ctx, paused)?;
+                                }
                                 for done in completed {
                                     ctx.uploads.send(UploadJob::Complete { segment: done.segment, path: done.path })
                                         .context("the uploader stopped")?;
@@ -179,6 +186,9 @@ async fn stream_timeline(
                 }
             }
             _ = status_tick.tick() => {
+                if ctx.settings.spool_limit.is_some() {
+                    paused = spool_limit_state(ctx, paused)?;
+                }
                 send_status(conn, &writer, false).await?;
                 if last_progress_write.elapsed() >= ctx.settings.status_interval {
                     record_progress(ctx, &writer, server_lsn)?;
@@ -228,6 +238,24 @@ async fn end_of_timeline(
         warn!(next_timeline, "server named a timeline that is not newer");
     }
     Ok((TimelineId(next_timeline), next_start))
+}
+
+/// Whether streaming must pause for the spool limit, logging each change.
+fn spool_limit_state(ctx: &StreamContext, paused: bool) -> anyhow::Result<bool> {
+    let Some(limit) = ctx.settings.spool_limit else { return Ok(false) };
+    let waiting = ctx.spool.scan()?.iter().filter(|f| f.complete).count() as u64 * ctx.spool.segment_size;
+    let over = waiting >= limit;
+    if over && !paused {
+        tracing::error!(
+            "SPOOL LIMIT REACHED: {waiting} bytes of WAL wait for the repository (limit {limit}); \
+             no longer receiving or acknowledging WAL, so the server keeps it in slot \"{}\" (watch its disk). \
+             Nothing is deleted; streaming resumes when uploads catch up",
+            ctx.settings.slot
+        );
+    } else if !over && paused {
+        info!("spool below its limit again ({waiting} bytes waiting); streaming resumes");
+    }
+    Ok(over)
 }
 
 fn record_progress(ctx: &StreamContext, writer: &SegmentWriter, server_lsn: Lsn) -> anyhow::Result<()> {

@@ -36,27 +36,59 @@ pub struct Uploader {
     pub summaries: Option<mpsc::Sender<SegmentBytes>>,
 }
 
+/// How often a stuck upload is reported.
+const BEHIND_REPORT: Duration = Duration::from_secs(10);
+
 fn now_unix() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 impl Uploader {
     /// Runs jobs until the channel closes; each is retried until it succeeds.
+    /// While one is stuck (the repository unreachable), the log says every
+    /// 10 s how far behind the repository is; WAL keeps landing in the spool.
     pub async fn run(self, mut jobs: mpsc::UnboundedReceiver<UploadJob>) {
         while let Some(job) = jobs.recv().await {
+            let started = std::time::Instant::now();
             let mut attempt = 0;
+            let mut report = tokio::time::interval_at(tokio::time::Instant::now() + BEHIND_REPORT, BEHIND_REPORT);
+            let mut upload = Box::pin(self.upload(&job));
             loop {
-                match self.upload(&job).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        let wait = crate::backoff::delay(attempt, Duration::from_secs(30));
-                        warn!("upload failed, retrying in {:.1}s: {e:#}", wait.as_secs_f64());
-                        attempt += 1;
-                        tokio::time::sleep(wait).await;
+                tokio::select! {
+                    result = &mut upload => match result {
+                        Ok(()) => {
+                            if attempt > 0 || started.elapsed() >= BEHIND_REPORT {
+                                info!("repository reachable again after {:.0}s; uploading the backlog in order ({} jobs queued)", started.elapsed().as_secs_f64(), jobs.len());
+                            }
+                            break;
+                        }
+                        Err(e) => {
+                            let wait = crate::backoff::delay(attempt, Duration::from_secs(30));
+                            warn!("upload failed, retrying in {:.1}s: {e:#}", wait.as_secs_f64());
+                            attempt += 1;
+                            tokio::time::sleep(wait).await;
+                            upload = Box::pin(self.upload(&job));
+                        }
+                    },
+                    _ = report.tick() => {
+                        warn!(
+                            "repository {} is behind by {} bytes of WAL: an upload has not finished for {:.0}s; {} uploads wait, the WAL is safe in the spool",
+                            self.repo.display,
+                            self.behind_bytes().map(|b| b.to_string()).unwrap_or_else(|_| "?".into()),
+                            started.elapsed().as_secs_f64(),
+                            jobs.len() + 1,
+                        );
                     }
                 }
             }
         }
+    }
+
+    /// WAL durable in the spool but not yet in the repository.
+    fn behind_bytes(&self) -> anyhow::Result<u64> {
+        let flushed = self.index.progress()?.map(|p| p.flushed_lsn).unwrap_or(0);
+        let archived = crate::index::archived_end(&self.index.segments()?, &self.index.partials()?);
+        Ok(flushed.saturating_sub(archived.map(|a| a.0).unwrap_or(0)))
     }
 
     pub async fn upload(&self, job: &UploadJob) -> anyhow::Result<()> {

@@ -17,6 +17,10 @@ struct Args {
     /// Repository URL: file:///path (default ./tidemark-repo) or s3://bucket/prefix.
     #[arg(long, global = true, env = "TIDEMARK_REPO")]
     repo: Option<String>,
+    /// Key file of an encrypted repository; repeat it (or separate paths
+    /// with `:` in the variable) for objects sealed before a key rotation.
+    #[arg(long = "key-file", global = true, env = "TIDEMARK_KEY_FILE", value_delimiter = ':')]
+    key_files: Vec<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -124,6 +128,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Read every object the backups need (files, WAL to the end of the
+    /// archive, history, summaries) and check authentication, framing and
+    /// checksums; name each bad object and exit 1 if there is one.
+    Verify {
+        /// Only this backup (default: every complete backup).
+        #[arg(long)]
+        backup: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The restore_command: write WAL file SEGMENT (%f) to PATH (%p).
     /// Exits 1 if the repository has no such file, 200 on corruption or errors.
     WalGet {
@@ -148,6 +162,10 @@ enum Command {
 const ABORT_RECOVERY: u8 = 200;
 
 pub fn main() -> ExitCode {
+    // Restored files, staged WAL, the audit cache and the recovery settings
+    // are for their owner only (PostgreSQL wants that of a data directory too).
+    // SAFETY: umask only sets the process's file mode creation mask.
+    unsafe { libc::umask(0o077) };
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEMARK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -189,6 +207,7 @@ async fn dispatch(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let key_files = args.key_files.clone();
     match args.command {
         Command::Restore {
             pgdata,
@@ -255,7 +274,7 @@ async fn dispatch(args: Args) -> ExitCode {
                 cache_dir,
             };
             let result = async {
-                let repo = RepositoryReader::open(&url)?;
+                let repo = RepositoryReader::open(&url, &key_files)?;
                 crate::restore::restore(&repo, &url, options).await
             }
             .await;
@@ -296,7 +315,7 @@ async fn dispatch(args: Args) -> ExitCode {
                 }
             };
             let result = async {
-                let repo = RepositoryReader::open(&url)?;
+                let repo = RepositoryReader::open(&url, &key_files)?;
                 let catalog = crate::catalog::Catalog::load(&repo).await?;
                 crate::audit::Audit::load(&repo, &catalog, cache_dir.as_deref()).await
             }
@@ -319,7 +338,7 @@ async fn dispatch(args: Args) -> ExitCode {
         }
         Command::List { json, cache_dir } => {
             let result = async {
-                let repo = RepositoryReader::open(&url)?;
+                let repo = RepositoryReader::open(&url, &key_files)?;
                 let catalog = crate::catalog::Catalog::load(&repo).await?;
                 let audit = crate::audit::Audit::load(&repo, &catalog, cache_dir.as_deref()).await?;
                 let latest = audit.last_commit().map(|c| crate::timeline::time_text(c.time));
@@ -340,7 +359,7 @@ async fn dispatch(args: Args) -> ExitCode {
         }
         Command::FetchBackup { backup, pgdata } => {
             let result = async {
-                let repo = RepositoryReader::open(&url)?;
+                let repo = RepositoryReader::open(&url, &key_files)?;
                 let id = if backup == "latest" {
                     crate::fetch::list_backups(&repo)
                         .await?
@@ -373,11 +392,53 @@ async fn dispatch(args: Args) -> ExitCode {
                 }
             }
         }
+        Command::Verify { backup, json } => {
+            let result = async {
+                let repo = RepositoryReader::open(&url, &key_files)?;
+                crate::verify::verify(&repo, backup.as_deref()).await
+            }
+            .await;
+            match result {
+                Ok(report) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                    } else {
+                        for problem in &report.problems {
+                            println!("BAD {}: {}", problem.key, problem.problem);
+                        }
+                        println!(
+                            "verified backup{} {}: {} objects, {} bytes checked, {} bad",
+                            if report.backups.len() == 1 { "" } else { "s" },
+                            report.backups.join(", "),
+                            report.objects_checked,
+                            report.bytes_checked,
+                            report.problems.len()
+                        );
+                    }
+                    if report.problems.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        eprintln!(
+                            "tidemark-restore: error: {} bad objects in {}",
+                            report.problems.len(),
+                            url_display(&url)
+                        );
+                        eprintln!("hint: restore from a backup whose objects all verify, or replace the bad objects from a copy");
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("tidemark-restore: error: {e:#}");
+                    eprintln!("hint: {}", e.hint());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::WalGet { segment, path, staged } => {
             if staged.is_some_and(|dir| crate::prefetch::take_staged(&dir, &segment, &path)) {
                 return ExitCode::SUCCESS;
             }
-            let result = match RepositoryReader::open(&url) {
+            let result = match RepositoryReader::open(&url, &key_files) {
                 Ok(repo) => wal_get(&repo, &segment, &path).await,
                 Err(e) => Err(e),
             };
@@ -470,4 +531,8 @@ fn print_restore(report: &crate::restore::RestoreReport) {
             report.pgdata
         );
     }
+}
+
+fn url_display(url: &str) -> String {
+    tidemark_proto::repo::redact_url(url)
 }

@@ -25,4 +25,5 @@ pub mod restore;
 pub mod store;
 pub mod target;
 pub mod timeline;
+pub mod verify;
 pub mod wal_get;

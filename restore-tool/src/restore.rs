@@ -240,7 +240,7 @@ pub async fn restore(
     }
     crate::fetch::fetch_backup(repo, &plan.backup, &options.pgdata).await?;
     if !options.start || !options.prefetch {
-        write_recovery_settings(&options, &plan, repo_url, None)?;
+        write_recovery_settings(&options, &plan, repo_url, &repo.key_files, None)?;
         if options.start {
             let (lsn, time) =
                 tokio::task::spawn_blocking(move || start_and_wait(&options, &plan)).await.context("join")??;
@@ -252,7 +252,7 @@ pub async fn restore(
     // Stage WAL ahead of replay while the server recovers.
     let staging = options.pgdata.canonicalize()?.join("tidemark_wal_staging");
     std::fs::DirBuilder::new().mode(0o700).create(&staging).context("create the WAL staging directory")?;
-    write_recovery_settings(&options, &plan, repo_url, Some(&staging))?;
+    write_recovery_settings(&options, &plan, repo_url, &repo.key_files, Some(&staging))?;
     let segments = crate::planner::segments_along(&plan.history, plan.wal_start, plan.wal_available_to, segment_size);
     let waiting = tokio::task::spawn_blocking(move || start_and_wait(&options, &plan));
     let staging_task = crate::prefetch::stage(repo, segments, segment_size, staging.clone());
@@ -286,11 +286,18 @@ fn write_recovery_settings(
     options: &RestoreOptions,
     plan: &Plan,
     repo_url: &str,
+    key_files: &[PathBuf],
     staged: Option<&Path>,
 ) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("find this program's path for restore_command")?;
     let staged = staged.map(|dir| format!(" --staged '{}'", dir.display())).unwrap_or_default();
-    let restore_command = format!("'{}' --repo '{}' wal-get{staged} %f %p", exe.display(), absolute_url(repo_url)?);
+    let mut keys = String::new();
+    for file in key_files {
+        let absolute = file.canonicalize().with_context(|| format!("resolve key file {}", file.display()))?;
+        keys.push_str(&format!(" --key-file '{}'", absolute.display()));
+    }
+    let restore_command =
+        format!("'{}' --repo '{}'{keys} wal-get{staged} %f %p", exe.display(), absolute_url(repo_url)?);
     let mut settings = vec![("restore_command".to_string(), restore_command)];
     // A backup of a standby carries its primary_conninfo: the restored
     // cluster must never stream from (or hold a slot on) the server it came

@@ -27,6 +27,10 @@ pub struct AgentSetup {
     pub pg_url: String,
     pub extra_args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// A repository URL other than the local `repo` directory (an S3 bucket).
+    pub url: Option<String>,
+    /// Key files of an encrypted repository, passed to both binaries.
+    pub key_files: Vec<PathBuf>,
 }
 
 impl AgentSetup {
@@ -39,11 +43,18 @@ impl AgentSetup {
             // Scheduled backups off unless a test asks: they would add load
             // and checkpoints to tests about streaming.
             env: vec![("TIDEMARK_BACKUP_INTERVAL".into(), "0".into())],
+            url: None,
+            key_files: Vec::new(),
         }
     }
 
     pub fn repo_url(&self) -> String {
-        format!("file://{}", self.repo.display())
+        self.url.clone().unwrap_or_else(|| format!("file://{}", self.repo.display()))
+    }
+
+    /// `--key-file` for each key file.
+    pub fn key_args(&self) -> Vec<String> {
+        self.key_files.iter().flat_map(|k| ["--key-file".to_string(), k.display().to_string()]).collect()
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
@@ -56,8 +67,10 @@ impl AgentSetup {
             .arg("--pg-url")
             .arg(&self.pg_url)
             .args(&self.extra_args)
+            .args(self.key_args())
             .args(args)
             .env_remove("PGPASSWORD")
+            .env_remove("TIDEMARK_KEY_FILE")
             .env_remove("DATABASE_URL")
             .env_remove("TIDEMARK_CONFIG")
             .stdin(Stdio::null());
@@ -107,13 +120,9 @@ impl AgentSetup {
 
     /// `tidemark-restore wal-get NAME DEST` against this repository.
     pub fn wal_get(&self, name: &str, destination: &Path) -> Output {
-        Command::new(bin("tidemark-restore"))
-            .arg("--repo")
-            .arg(self.repo_url())
-            .args(["wal-get", name])
-            .arg(destination)
-            .output()
-            .expect("run tidemark-restore wal-get")
+        let mut command = Command::new(bin("tidemark-restore"));
+        command.arg("--repo").arg(self.repo_url()).args(self.key_args()).args(["wal-get", name]).arg(destination);
+        command.envs(self.env.iter().map(|(k, v)| (k, v))).output().expect("run tidemark-restore wal-get")
     }
 }
 

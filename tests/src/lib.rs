@@ -3,12 +3,14 @@
 //! - [`cluster`]: throwaway PostgreSQL clusters (initdb, free loopback port,
 //!   chosen settings and pg_hba lines), SQL through psql, pgbench, stop in Drop.
 //! - [`agent`]: the real `tidemark-agent` and `tidemark-restore` binaries.
+//! - [`s3`]: a real S3-protocol server (s3s-fs) on loopback, stoppable.
 //! - [`wait`]: waiting on conditions with generous deadlines, never fixed sleeps.
 //! - [`tls`]: a test certificate authority made with openssl.
 //! - [`waldump`]: pg_waldump output and our decoder turned into comparable facts.
 
 pub mod agent;
 pub mod cluster;
+pub mod s3;
 pub mod tls;
 pub mod wait;
 pub mod waldump;

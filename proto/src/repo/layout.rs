@@ -18,7 +18,11 @@ use crate::TimelineId;
 use serde::{Deserialize, Serialize};
 
 pub const META_KEY: &str = "repository.json";
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest format this build reads and writes. Version 2 adds encryption;
+/// an unencrypted repository is still written as version 1, so older builds
+/// keep reading it, while an encrypted one is refused by them with "upgrade".
+pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION_PLAIN: u32 = 1;
 
 /// Written once when the repository is created; read by every command that opens it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +34,28 @@ pub struct RepositoryMeta {
     pub wal_segment_size: u64,
     pub server_version_num: u32,
     pub created_at: String,
+    /// Present when every object but this one is sealed (see `seal`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionMeta>,
+}
+
+/// How the repository is encrypted and which keys it accepts: the key check.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncryptionMeta {
+    /// Always `xchacha20-poly1305`.
+    pub cipher: String,
+    /// How a passphrase becomes a key (unused for raw keys).
+    pub kdf: crate::repo::seal::KdfParams,
+    /// Every key objects may be sealed with, oldest first.
+    pub keys: Vec<KeyRecord>,
+    /// The id of the key new objects are sealed with.
+    pub current_key: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub id: String,
+    pub added_at: String,
 }
 
 impl RepositoryMeta {
@@ -46,6 +72,14 @@ impl RepositoryMeta {
                 "repository format {} is newer than this build understands ({FORMAT_VERSION}); upgrade Tidemark",
                 meta.format_version
             ));
+        }
+        if let Some(encryption) = &meta.encryption {
+            if encryption.cipher != crate::repo::seal::CIPHER_NAME {
+                return Err(format!("unknown cipher {:?}; upgrade Tidemark", encryption.cipher));
+            }
+            if !encryption.keys.iter().any(|k| k.id == encryption.current_key) {
+                return Err(format!("current key {} is not among the repository's keys", encryption.current_key));
+            }
         }
         if !crate::segment::is_valid_segment_size(meta.wal_segment_size) {
             return Err(format!("invalid wal_segment_size {}", meta.wal_segment_size));
@@ -101,6 +135,7 @@ mod tests {
             wal_segment_size: 16 << 20,
             server_version_num: 150018,
             created_at: "2026-11-25T01:00:00Z".into(),
+            encryption: None,
         };
         assert_eq!(RepositoryMeta::from_json(&meta.to_json()), Ok(meta.clone()));
         let newer = RepositoryMeta { format_version: 99, ..meta.clone() };

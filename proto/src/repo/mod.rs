@@ -3,6 +3,9 @@
 pub mod backup;
 pub mod frame;
 pub mod layout;
+#[cfg(feature = "remote")]
+pub mod remote;
+pub mod seal;
 
 /// A repository URL with any user name or password removed, for messages and logs.
 pub fn redact_url(url: &str) -> String {

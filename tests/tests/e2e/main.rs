@@ -6,6 +6,8 @@ mod auth;
 mod backup;
 mod bad_input;
 mod common;
+mod encryption;
+mod object_store;
 mod restore;
 mod sync;
 mod timeline;

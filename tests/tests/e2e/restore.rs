@@ -19,6 +19,8 @@ fn as_root() -> bool {
 pub struct Restorer {
     exe: PathBuf,
     repo_url: String,
+    key_args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Restorer {
@@ -27,9 +29,14 @@ impl Restorer {
         std::fs::copy(bin("tidemark-restore"), &exe).expect("copy tidemark-restore");
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         if as_root() {
-            chown(&agent.repo, PG_USER_OS);
+            if agent.url.is_none() {
+                chown(&agent.repo, PG_USER_OS);
+            }
+            for key in &agent.key_files {
+                chown(key, PG_USER_OS);
+            }
         }
-        Restorer { exe, repo_url: agent.repo_url() }
+        Restorer { exe, repo_url: agent.repo_url(), key_args: agent.key_args(), env: agent.env.clone() }
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
@@ -40,7 +47,15 @@ impl Restorer {
         } else {
             Command::new(&self.exe)
         };
-        command.arg("--repo").arg(&self.repo_url).args(args).output().expect("run tidemark-restore")
+        command
+            .arg("--repo")
+            .arg(&self.repo_url)
+            .args(&self.key_args)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env_remove("TIDEMARK_KEY_FILE")
+            .output()
+            .expect("run tidemark-restore")
     }
 
     /// A fresh directory for one restored cluster, owned by the server's user.
@@ -79,14 +94,14 @@ impl Restorer {
 }
 
 /// The rows (id, note) of `ledger`, in id order.
-fn rows(cluster: &Cluster, filter: &str) -> Vec<String> {
+pub fn rows(cluster: &Cluster, filter: &str) -> Vec<String> {
     let text = cluster.psql(&format!("SELECT id || ':' || note FROM ledger {filter} ORDER BY id"));
     text.lines().map(str::to_string).collect()
 }
 
 /// A workload of small commits, one at a time, `pause` seconds apart;
 /// returns the WAL position after each commit, in order (row id i is element i-1).
-fn commit_rows(cluster: &Cluster, from: u32, to: u32, pause: f64) -> Vec<String> {
+pub fn commit_rows(cluster: &Cluster, from: u32, to: u32, pause: f64) -> Vec<String> {
     let mut script = String::new();
     for i in from..=to {
         script.push_str(&format!(

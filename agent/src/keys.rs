@@ -1,0 +1,168 @@
+//! Encryption keys: `keygen`, the encryption settings of a new repository,
+//! `rotate-key` and `reencrypt`.
+//!
+//! Rotation never rewrites an object by itself: `rotate-key` only adds the
+//! new key to `repository.json` and makes it current, so objects sealed
+//! before stay readable as long as the old key file is also given.
+//! `reencrypt` then re-seals old objects one by one; each object is replaced
+//! atomically, and objects already under the current key are skipped, so an
+//! interrupted run is simply started again.
+
+use crate::config::Settings;
+use crate::fail::Fail;
+use crate::store::{read_key_files, Repository};
+use anyhow::Context;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tidemark_proto::repo::layout::{EncryptionMeta, KeyRecord, RepositoryMeta, META_KEY};
+use tidemark_proto::repo::seal::{self, KdfParams, Keyring};
+use tidemark_proto::segment::WalFileName;
+
+/// Writes a new random key (64 hex digits) to `path`, owner-only, never over an existing file.
+pub fn keygen(path: &Path) -> anyhow::Result<String> {
+    let mut key = [0u8; 32];
+    getrandom::getrandom(&mut key).context("draw a random key")?;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
+        Fail::new(format!("cannot create key file {}: {e}", path.display()), "choose a path that does not exist yet")
+    })?;
+    file.write_all(format!("{}\n", seal::hex_encode(&key)).as_bytes())?;
+    file.sync_all()?;
+    Ok(seal::Key::from_bytes(key).id.to_string())
+}
+
+/// The encryption settings and keys of a repository being created with `key_files`.
+pub fn new_encryption(key_files: &[PathBuf]) -> anyhow::Result<(EncryptionMeta, Arc<Keyring>)> {
+    let mut salt = [0u8; 16];
+    getrandom::getrandom(&mut salt).context("draw a random salt")?;
+    let kdf = KdfParams::new(salt);
+    let mut records: Vec<KeyRecord> = Vec::new();
+    let mut keys = Vec::new();
+    for (_, material) in read_key_files(key_files)? {
+        let key = material.derive(&kdf)?;
+        if !records.iter().any(|r| r.id == key.id.to_string()) {
+            records.push(KeyRecord { id: key.id.to_string(), added_at: crate::init::now_rfc3339() });
+            keys.push(key);
+        }
+    }
+    let current = keys.first().cloned().context("no key given")?;
+    let meta =
+        EncryptionMeta { cipher: seal::CIPHER_NAME.into(), kdf, keys: records, current_key: current.id.to_string() };
+    Ok((meta, Arc::new(Keyring { keys, current: Some(current) })))
+}
+
+pub struct Rotation {
+    pub old_key: String,
+    pub new_key: String,
+}
+
+/// Adds the key in `new_key_file` to the repository and makes it current.
+pub async fn rotate_key(settings: &Settings, new_key_file: &Path) -> anyhow::Result<Rotation> {
+    let (repo, mut meta) = Repository::open_initialized(&settings.repo_url, &settings.key_files, true).await?;
+    let Some(encryption) = meta.encryption.as_mut() else {
+        return Err(Fail::new(
+            format!("repository {} is not encrypted", repo.display),
+            "encryption is chosen when the repository is created (`tidemark-agent init --key-file`)",
+        )
+        .into());
+    };
+    let (_, material) = read_key_files(&[new_key_file.to_path_buf()])?.pop().context("read the new key file")?;
+    let new_key = material.derive(&encryption.kdf)?;
+    let new_id = new_key.id.to_string();
+    let old_id = encryption.current_key.clone();
+    if new_id == old_id {
+        return Err(Fail::new(
+            format!("{} holds the current key {old_id} already", new_key_file.display()),
+            "create a new key with `tidemark-agent keygen PATH`",
+        )
+        .into());
+    }
+    if !encryption.keys.iter().any(|k| k.id == new_id) {
+        encryption.keys.push(KeyRecord { id: new_id.clone(), added_at: crate::init::now_rfc3339() });
+    }
+    encryption.current_key = new_id.clone();
+    // Checked by the reader's own rules before it replaces the old metadata.
+    RepositoryMeta::from_json(&meta.to_json()).map_err(|e| anyhow::anyhow!("new repository.json: {e}"))?;
+    repo.write_meta(&meta).await?;
+    Ok(Rotation { old_key: old_id, new_key: new_id })
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Reencryption {
+    pub current_key: String,
+    pub resealed: usize,
+    pub already_current: usize,
+    /// Partial segments of the newest timeline: the running agent replaces
+    /// them itself (under the current key), so rewriting them here could race it.
+    pub left_to_the_agent: Vec<String>,
+}
+
+/// Re-seals every object not under the current key.
+pub async fn reencrypt(settings: &Settings) -> anyhow::Result<Reencryption> {
+    let (repo, meta) = Repository::open_initialized(&settings.repo_url, &settings.key_files, true).await?;
+    let Some(encryption) = &meta.encryption else {
+        return Err(Fail::new(format!("repository {} is not encrypted", repo.display), "nothing to re-encrypt").into());
+    };
+    let current: seal::KeyId = encryption.current_key.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let mut keys = repo.list("").await?;
+    keys.retain(|k| k != META_KEY);
+    keys.sort();
+    let newest_timeline =
+        keys.iter().filter_map(|k| k.strip_prefix("wal/")).filter_map(|k| k.get(..8)).max().map(str::to_string);
+    let mut report = Reencryption { current_key: current.to_string(), ..Default::default() };
+    for key in keys {
+        if repo.sealed_key_id(&key).await? == Some(current) {
+            report.already_current += 1;
+            continue;
+        }
+        if is_live_partial(&key, newest_timeline.as_deref(), meta.wal_segment_size) {
+            report.left_to_the_agent.push(key);
+            continue;
+        }
+        if repo.reseal(&key).await? {
+            report.resealed += 1;
+            tracing::info!("re-sealed {key} with key {current}");
+        }
+    }
+    Ok(report)
+}
+
+/// A `.partial` object on the newest timeline: the one the agent may still be rewriting.
+fn is_live_partial(key: &str, newest_timeline: Option<&str>, segment_size: u64) -> bool {
+    let Some(rest) = key.strip_prefix("wal/") else { return false };
+    let Some((timeline, name)) = rest.split_once('/') else { return false };
+    let Some(segment) = name.strip_suffix(".partial") else { return false };
+    Some(timeline) == newest_timeline
+        && matches!(WalFileName::parse(segment, segment_size), Ok(WalFileName::Segment(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_newest_timelines_partials_are_left_alone() {
+        let size = 16 << 20;
+        let newest = Some("00000002");
+        assert!(is_live_partial("wal/00000002/000000020000000000000005.partial", newest, size));
+        assert!(!is_live_partial("wal/00000001/000000010000000000000005.partial", newest, size));
+        assert!(!is_live_partial("wal/00000002/000000020000000000000005", newest, size));
+        assert!(!is_live_partial("backups/x/files/0.partial", newest, size));
+    }
+
+    #[test]
+    fn keygen_writes_owner_only_and_never_overwrites() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("k");
+        let id = keygen(&path).expect("keygen");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o077, 0);
+        let Ok(seal::KeyMaterial::Raw(raw)) = seal::KeyMaterial::parse(&std::fs::read(&path).expect("read")) else {
+            panic!("keygen writes a raw key")
+        };
+        assert_eq!(seal::Key::from_bytes(raw).id.to_string(), id);
+        assert!(keygen(&path).is_err());
+    }
+}
