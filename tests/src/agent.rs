@@ -19,6 +19,19 @@ pub fn bin(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} is missing beside {}: run `cargo build --bins` first", dir.display()))
 }
 
+/// `tidemark-agent keygen PATH`: a new random key file; returns its key id.
+pub fn keygen(path: &Path) -> String {
+    let output = Command::new(bin("tidemark-agent")).arg("keygen").arg(path).output().expect("run keygen");
+    assert!(output.status.success(), "keygen failed: {}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.split_whitespace().nth(1).expect("keygen prints the key id").to_string()
+}
+
+/// Whether s3s-fs (the tests' S3 server) is installed, for benchmarks that add S3 lines.
+pub fn have_s3_server() -> bool {
+    crate::s3::binary().exists() || Command::new("s3s-fs").arg("--version").output().is_ok()
+}
+
 /// Where one agent keeps its state and repository, and how it reaches the server.
 #[derive(Clone, Debug)]
 pub struct AgentSetup {

@@ -20,7 +20,8 @@ pub struct S3Server {
     _dir: tempfile::TempDir,
 }
 
-fn s3s_fs() -> PathBuf {
+/// The s3s-fs binary: in ~/.cargo/bin (where `cargo install` puts it) or on PATH.
+pub fn binary() -> PathBuf {
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
     let in_cargo = Path::new(&home).join(".cargo/bin/s3s-fs");
     if in_cargo.exists() {
@@ -49,7 +50,7 @@ impl S3Server {
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "the S3 server is already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
-        let child = Command::new(s3s_fs())
+        let child = Command::new(binary())
             .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
             .arg(&self.root)

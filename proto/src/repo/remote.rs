@@ -11,7 +11,7 @@
 //! agent's uploader retries the whole upload on its own schedule, so an
 //! outage of any length only delays uploads.
 
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
+use object_store::{BackoffConfig, ObjectStore, RetryConfig};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,37 +30,67 @@ fn retry() -> RetryConfig {
     }
 }
 
-fn client_options() -> ClientOptions {
-    // A hung connection must fail, not hold an upload forever; a 16 MiB
-    // segment at a slow 1 MB/s still fits in the request timeout.
-    ClientOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(120))
-}
+// A hung connection must fail, not hold an upload forever; a 16 MiB
+// segment at a slow 1 MB/s still fits in the request timeout. Set as config
+// values so the variables from_env read (AWS_ALLOW_HTTP, ...) still apply.
+const CONNECT_TIMEOUT: &str = "5s";
+const REQUEST_TIMEOUT: &str = "120s";
 
 /// The store for a remote URL, `None` if the scheme is not a remote one.
 pub fn open(url: &str) -> Option<Result<Arc<dyn ObjectStore>, object_store::Error>> {
+    use object_store::ClientConfigKey::{ConnectTimeout, Timeout};
     let store: Result<Arc<dyn ObjectStore>, object_store::Error> = if url.starts_with("s3://") {
-        object_store::aws::AmazonS3Builder::from_env()
+        use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey::Client};
+        AmazonS3Builder::from_env()
             .with_url(url)
             .with_retry(retry())
-            .with_client_options(client_options())
+            .with_config(Client(ConnectTimeout), CONNECT_TIMEOUT)
+            .with_config(Client(Timeout), REQUEST_TIMEOUT)
             .build()
             .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
     } else if url.starts_with("gs://") {
-        object_store::gcp::GoogleCloudStorageBuilder::from_env()
+        use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey::Client};
+        GoogleCloudStorageBuilder::from_env()
             .with_url(url)
             .with_retry(retry())
-            .with_client_options(client_options())
+            .with_config(Client(ConnectTimeout), CONNECT_TIMEOUT)
+            .with_config(Client(Timeout), REQUEST_TIMEOUT)
             .build()
             .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
     } else if url.starts_with("az://") {
-        object_store::azure::MicrosoftAzureBuilder::from_env()
+        use object_store::azure::{AzureConfigKey::Client, MicrosoftAzureBuilder};
+        MicrosoftAzureBuilder::from_env()
             .with_url(url)
             .with_retry(retry())
-            .with_client_options(client_options())
+            .with_config(Client(ConnectTimeout), CONNECT_TIMEOUT)
+            .with_config(Client(Timeout), REQUEST_TIMEOUT)
             .build()
             .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
     } else {
         return None;
     };
-    Some(store)
+    // The builders take only the bucket from the URL; the rest is our prefix.
+    let prefix = prefix_of(url);
+    Some(store.map(|store| match prefix {
+        Some(prefix) => Arc::new(object_store::prefix::PrefixStore::new(store, prefix)) as Arc<dyn ObjectStore>,
+        None => store,
+    }))
+}
+
+/// The path after the bucket, without leading or trailing slashes.
+fn prefix_of(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let path = rest.split_once('/')?.1.trim_matches('/');
+    (!path.is_empty()).then(|| path.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn prefixes() {
+        assert_eq!(super::prefix_of("s3://bucket/prod/cluster-a/").as_deref(), Some("prod/cluster-a"));
+        assert_eq!(super::prefix_of("s3://bucket"), None);
+        assert_eq!(super::prefix_of("s3://bucket/"), None);
+        assert_eq!(super::prefix_of("gs://b/x").as_deref(), Some("x"));
+    }
 }

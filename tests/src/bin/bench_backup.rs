@@ -4,7 +4,8 @@
 //! (zst level 1, process-max 2) to local disk. Two data sets: pgbench's own
 //! (its filler columns are blank and compress about 22x) and the same with
 //! the filler filled with random text (compresses like real data).
-//! Prints figures; asserts nothing. Needs pgbackrest (`./dev test` does not
+//! Tidemark also runs encrypted, and into S3 (s3s-fs on loopback, when
+//! installed), so those costs show. Prints figures; asserts nothing. Needs pgbackrest (`./dev test` does not
 //! install it: `apt-get install pgbackrest`).
 //!
 //!     cargo run -p tidemark-tests --bin bench-backup -- [scale, default 50]
@@ -12,8 +13,9 @@
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
-use tidemark_tests::agent::AgentSetup;
+use tidemark_tests::agent::{have_s3_server, keygen, AgentSetup};
 use tidemark_tests::cluster::{chown, pg_bin, Cluster, ClusterOptions, PG_USER_OS};
+use tidemark_tests::s3::S3Server;
 
 fn dir_size(dir: &Path) -> u64 {
     let mut total = 0;
@@ -50,7 +52,7 @@ fn run(command: &mut Command, what: &str) -> f64 {
     seconds
 }
 
-fn measure(cluster: &Cluster, round: &str) {
+fn measure(cluster: &Cluster, round: &str, s3: Option<&S3Server>) {
     cluster.psql("CHECKPOINT");
     let data_bytes: u64 = cluster.psql("SELECT sum(pg_database_size(oid)) FROM pg_database").parse().expect("size");
     println!("{round}: {:.0} MB of databases", data_bytes as f64 / 1e6);
@@ -62,6 +64,28 @@ fn measure(cluster: &Cluster, round: &str) {
     agent.init();
     let seconds = run(&mut agent.command(&["backup", "--label", "bench"]), "tidemark-agent backup");
     report("tidemark-agent backup", seconds, data_bytes, dir_size(&agent.repo.join("backups")));
+    // The same, encrypted: the cost of sealing every chunk.
+    let key = work.join("bench.key");
+    keygen(&key);
+    let mut encrypted = AgentSetup::new(&work.join("tidemark-encrypted"), cluster.url("postgres"));
+    encrypted.key_files = vec![key.clone()];
+    encrypted.init();
+    let seconds = run(&mut encrypted.command(&["backup", "--label", "bench"]), "tidemark-agent backup (encrypted)");
+    report("tidemark-agent backup, encrypted", seconds, data_bytes, dir_size(&encrypted.repo.join("backups")));
+    // Into S3 (s3s-fs on loopback), plain and encrypted.
+    for (label, keyed) in [("tidemark-agent backup, s3s-fs", false), ("  ... s3s-fs, encrypted", true)] {
+        let Some(s3) = s3 else { break };
+        let prefix = format!("{}-{keyed}", round.replace(' ', "-"));
+        let mut remote = AgentSetup::new(&work.join(&prefix), cluster.url("postgres"));
+        remote.url = Some(s3.url(&prefix));
+        remote.env.extend(s3.env());
+        if keyed {
+            remote.key_files = vec![key.clone()];
+        }
+        remote.init();
+        let seconds = run(&mut remote.command(&["backup", "--label", "bench"]), label);
+        report(label, seconds, data_bytes, dir_size(&s3.object_path(&prefix, "backups")));
+    }
 
     // pg_basebackup, tar format, client-side zstd level 1, no WAL.
     let target = work.join("basebackup");
@@ -128,9 +152,13 @@ fn main() {
         ..Default::default()
     });
     cluster.pgbench_init(scale);
-    measure(&cluster, &format!("pgbench scale {scale}"));
+    let s3 = have_s3_server().then(S3Server::start);
+    if s3.is_none() {
+        println!("(s3s-fs is not installed: no S3 lines; `./dev test` installs it)");
+    }
+    measure(&cluster, &format!("pgbench scale {scale}"), s3.as_ref());
     // Random text in the filler columns: compresses like real data.
     cluster.psql("UPDATE pgbench_accounts SET filler = md5(random()::text) || md5(random()::text) || substr(md5(random()::text), 1, 20)");
     cluster.psql("VACUUM FULL pgbench_accounts");
-    measure(&cluster, &format!("pgbench scale {scale} with random filler"));
+    measure(&cluster, &format!("pgbench scale {scale} with random filler"), s3.as_ref());
 }

@@ -7,19 +7,11 @@ use crate::restore::Restorer;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tidemark_tests::agent::{bin, AgentSetup};
+use tidemark_tests::agent::{keygen, AgentSetup};
 use tidemark_tests::cluster::{Cluster, ClusterOptions};
 
 /// Text the workload writes; it must never appear in an encrypted object.
 const MARKER: &[u8] = b"TIDEMARK-PLAINTEXT-MARKER";
-
-/// `tidemark-agent keygen PATH`; returns the key id it printed.
-fn keygen(path: &Path) -> String {
-    let output = Command::new(bin("tidemark-agent")).arg("keygen").arg(path).output().expect("keygen");
-    assert!(output.status.success(), "keygen: {}", stderr(&output));
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    text.split_whitespace().nth(1).expect("key id").to_string()
-}
 
 /// Every file under `dir`, recursively.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
