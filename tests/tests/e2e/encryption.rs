@@ -157,6 +157,14 @@ fn encrypted_repository_hides_authenticates_rotates_and_verifies() {
     let target_text = target.to_string();
     let (from_secret, _) = secret_restorer.restore_and_start(&["--lsn", &target_text]);
     let (from_plain, _) = plain_restorer.restore_and_start(&["--lsn", &target_text]);
+    // Owner-only: the agent's spool and index, and the restored recovery settings.
+    let mut local_files = files_under(&secret.state_dir);
+    local_files.push(from_secret.data.join("postgresql.auto.conf"));
+    local_files.push(key_a.clone());
+    for file in &local_files {
+        let mode = std::fs::metadata(file).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{} has mode {mode:o}", file.display());
+    }
     let restored = rows(&from_secret);
     assert_eq!(restored.len(), 2000);
     assert_eq!(restored, rows(&from_plain));
@@ -235,4 +243,49 @@ fn encrypted_repository_hides_authenticates_rotates_and_verifies() {
     let bad: Vec<&str> = text.lines().filter(|l| l.starts_with("BAD ")).collect();
     assert_eq!(bad.len(), 1, "{text}");
     assert!(bad[0].starts_with(&format!("BAD {key}: ")) && bad[0].contains("does not authenticate"), "{text}");
+}
+
+#[test]
+fn a_passphrase_repository_refuses_a_wrong_passphrase() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.psql("CREATE TABLE secrets (id serial PRIMARY KEY, note text NOT NULL)");
+    let keys = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(keys.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let (right, wrong) = (keys.path().join("right.pass"), keys.path().join("wrong.pass"));
+    std::fs::write(&right, "correct horse battery staple\n").expect("write");
+    std::fs::write(&wrong, "correct horse battery stapler\n").expect("write");
+    let mut agent = setup(&cluster, "phrase");
+    agent.key_files = vec![right.clone()];
+    agent.init();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(agent.repo.join("repository.json")).expect("meta")).expect("json");
+    assert_eq!(meta["encryption"]["kdf"]["algorithm"], "argon2id", "{meta}");
+    let running = agent.spawn();
+    let output = agent.run_command(&["backup", "--json"]);
+    assert!(output.status.success(), "backup: {}", stderr(&output));
+    cluster.psql("INSERT INTO secrets (note) SELECT 'TIDEMARK-PLAINTEXT-MARKER ' || g FROM generate_series(1, 100) g");
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    assert!(running.stop());
+    for object in objects(&agent.repo) {
+        assert!(!contains(&std::fs::read(&object).expect("read"), MARKER), "{} holds plaintext", object.display());
+    }
+    let restorer = Restorer::new(&agent, keys.path());
+    let (restored, _) = restorer.restore_and_start(&["--latest"]);
+    assert_eq!(rows(&restored), rows(&cluster));
+    drop(restored);
+    let mut mistyped = agent.clone();
+    mistyped.key_files = vec![wrong];
+    let output = Restorer::new(&mistyped, keys.path()).run(&["list"]);
+    assert!(
+        !output.status.success() && stderr(&output).contains("not a key of this repository"),
+        "{}",
+        stderr(&output)
+    );
+    let output = mistyped.run_command(&["backup"]);
+    assert!(
+        !output.status.success() && stderr(&output).contains("not a key of this repository"),
+        "{}",
+        stderr(&output)
+    );
 }
