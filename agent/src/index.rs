@@ -75,6 +75,9 @@ pub struct RelName {
     pub table: Option<String>,
 }
 
+/// A three-letter prefix, the timeline (4 bytes) and the segment number (8 bytes).
+const SEGMENT_KEY_LEN: usize = 15;
+
 fn parse_segment_key(key: &[u8]) -> Option<SegmentId> {
     let tli = u32::from_be_bytes(key.get(3..7)?.try_into().ok()?);
     let segno = u64::from_be_bytes(key.get(7..15)?.try_into().ok()?);
@@ -169,6 +172,32 @@ impl Index {
         self.scan(b"sum")
     }
 
+    /// The newest commit in the summaries (Unix microseconds, LSN), reading
+    /// them newest first and stopping at the first that has one.
+    pub fn last_commit(&self) -> anyhow::Result<Option<(i64, u64)>> {
+        let upper = [b's', b'u', b'm', 0xff];
+        let mode = rocksdb::IteratorMode::From(&upper, rocksdb::Direction::Reverse);
+        for item in self.db.iterator(mode) {
+            let (key, value) = item.context("scan index")?;
+            if !key.starts_with(b"sum") {
+                break;
+            }
+            if key.len() != SEGMENT_KEY_LEN {
+                continue; // `summary_next` shares the prefix
+            }
+            let summary: SegmentSummary = serde_json::from_slice(&value).context("decode index value")?;
+            let last = summary
+                .ends
+                .iter()
+                .filter(|e| e.status == tidemark_proto::wal::rmgr::XactStatus::Committed)
+                .max_by_key(|e| e.lsn);
+            if let Some(end) = last {
+                return Ok(Some((end.time, end.lsn)));
+            }
+        }
+        Ok(None)
+    }
+
     pub fn summary_next(&self) -> anyhow::Result<Option<u64>> {
         self.get_json(b"summary_next")
     }
@@ -201,6 +230,9 @@ impl Index {
             let (key, value) = item.context("scan index")?;
             if !key.starts_with(prefix) {
                 break;
+            }
+            if key.len() != SEGMENT_KEY_LEN {
+                continue; // another key with the same first letters (`summary_next`)
             }
             let segment = parse_segment_key(&key).context("corrupt index key")?;
             out.push((segment, serde_json::from_slice(&value).context("decode index value")?));

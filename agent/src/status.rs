@@ -56,13 +56,17 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
     let meta_read = tokio::time::timeout(Duration::from_secs(10), repo.read_meta())
         .await
         .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer from {} within 10 s", repo.display)));
-    let (last_backup, repository_error) = match meta_read {
+    let last_commit = index.last_commit()?;
+    let (last_backup, window, repository_error) = match meta_read {
         Ok(Some(repo_meta)) => {
             let mut repo = repo;
             repo.set_keyring(crate::store::unlock(&repo_meta, &repo.display, &settings.key_files)?);
-            match last_backup(&repo).await {
-                Ok(backup) => (backup, None),
-                Err(e) => (None, Some(format!("{e:#}"))),
+            let found = async {
+                Ok::<_, anyhow::Error>((last_backup(&repo).await?, window(&repo, archived, last_commit).await?))
+            };
+            match found.await {
+                Ok((backup, window)) => (backup, window, None),
+                Err(e) => (None, None, Some(format!("{e:#}"))),
             }
         }
         Ok(None) => {
@@ -72,7 +76,7 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
             )
             .into())
         }
-        Err(e) => (None, Some(format!("{e:#}"))),
+        Err(e) => (None, None, Some(format!("{e:#}"))),
     };
     let flushed = progress.as_ref().map(|p| Lsn(p.flushed_lsn));
     let repository_behind_bytes =
@@ -85,12 +89,44 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
         flushed_lsn: progress.map(|p| Lsn(p.flushed_lsn).to_string()),
         lag_bytes: server_lsn.map(|s| s.saturating_sub(archived.unwrap_or(Lsn(meta.stream_start_lsn)))),
         last_backup,
-        window: None,
+        window,
         archived_segments: segments.len(),
         server_error,
         repository_behind_bytes,
         repository_error,
     })
+}
+
+/// The restorable window as far as this agent knows: from the end of the
+/// oldest backup whose WAL is archived to the newest archived commit the
+/// summaries hold (the unsummarized tail, at most a segment and the partial,
+/// is not counted; `tidemark-restore list` decodes it too).
+async fn window(
+    repo: &crate::store::Repository,
+    archived: Option<Lsn>,
+    last_commit: Option<(i64, u64)>,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let Some(archived) = archived else { return Ok(None) };
+    for id in crate::backup::complete_backups(repo).await? {
+        let manifest = crate::backup::read_manifest(repo, &id).await?;
+        let Ok(end) = manifest.end_lsn.parse::<Lsn>() else { continue };
+        if end > archived {
+            continue; // its WAL is not all archived yet
+        }
+        let latest = last_commit.filter(|(_, lsn)| *lsn >= end.0 && *lsn < archived.0).and_then(|(micros, _)| {
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000)
+                .ok()?
+                .format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        });
+        return Ok(Some(serde_json::json!({
+            "earliest": manifest.end_time,
+            "latest": latest,
+            "earliest_lsn": manifest.end_lsn,
+            "latest_lsn": archived.to_string(),
+        })));
+    }
+    Ok(None)
 }
 
 async fn last_backup(repo: &crate::store::Repository) -> anyhow::Result<Option<serde_json::Value>> {
@@ -143,6 +179,14 @@ pub fn render_text(status: &Status) -> String {
         )),
         None => out.push_str("last backup         none\n"),
     }
-    out.push_str("restorable window   see `tidemark-restore list`\n");
+    match &status.window {
+        Some(w) => out.push_str(&format!(
+            "restorable window   {} .. {} (WAL to {})\n",
+            w["earliest"].as_str().unwrap_or("?"),
+            w["latest"].as_str().unwrap_or("(no commit archived since)"),
+            w["latest_lsn"].as_str().unwrap_or("?")
+        )),
+        None => out.push_str("restorable window   none yet (no backup with its WAL archived)\n"),
+    }
     out
 }

@@ -164,19 +164,7 @@ impl Audit {
         };
         let mut audit = Audit { db, state, tail: Vec::new(), tail_restore_points: Vec::new(), covered_to: Lsn::ZERO };
         let size = meta.wal_segment_size;
-        // Per segment, the summary on the newest timeline of the current history.
-        let mut chosen: BTreeMap<u64, (u32, String)> = BTreeMap::new();
-        for key in repo.list(SUMMARIES_PREFIX.trim_end_matches('/')).await? {
-            let Some(name) = key.rsplit('/').next() else { continue };
-            let Ok(WalFileName::Segment(segment)) = WalFileName::parse(name, size) else { continue };
-            if !lineage.contains(&segment.timeline.0) {
-                continue;
-            }
-            let entry = chosen.entry(segment.segment_no).or_insert((segment.timeline.0, key.clone()));
-            if segment.timeline.0 > entry.0 {
-                *entry = (segment.timeline.0, key);
-            }
-        }
+        let chosen = summaries_along(repo, &lineage, size).await?;
         for (segment_no, (timeline, key)) in &chosen {
             if audit.state.last_segment.is_some_and(|last| *segment_no <= last) {
                 continue;
@@ -254,34 +242,13 @@ impl Audit {
     /// Decodes archived WAL past the last summary (complete and partial
     /// segments of the current history), so the newest commits count too.
     async fn decode_tail(&mut self, repo: &RepositoryReader, catalog: &Catalog, size: u64) -> anyhow::Result<()> {
-        let Some(last_range) = catalog.current_range() else { return Ok(()) };
-        let mut start = self.covered_to.max(last_range.start.segment_start(size));
-        if start >= last_range.end {
-            self.covered_to = self.covered_to.max(last_range.end);
-            return Ok(());
-        }
-        // Summaries resume at a segment start: a record continued from before is skipped.
-        let mut reader = WalReader::new(start, size);
-        let mut builder = SummaryBuilder::default();
-        let mut assembler: Assembler = serde_json::from_slice(&serde_json::to_vec(&self.state.assembler)?)?;
-        let timeline = tidemark_proto::TimelineId(last_range.timeline);
-        while start < last_range.end {
-            let segment = tidemark_proto::segment::SegmentId::containing(timeline, start, size);
-            let Some((bytes, _)) = crate::wal_get::segment_bytes(repo, segment, size).await? else { break };
-            let Some(major) = bytes.get(..2).and_then(|b| major_for_magic(u16::from_le_bytes([b[0], b[1]]))) else {
-                break;
-            };
-            reader.feed(&bytes, |raw| {
-                if let Ok(record) = wal::decode(raw.lsn, raw.end, raw.bytes, major) {
-                    builder.add(&record, major);
-                }
-            });
-            start = segment.end_lsn(size);
-            if reader.end().is_some() {
-                break;
+        let Some(summary) = decode_past(repo, catalog, self.covered_to, size).await? else {
+            if let Some(range) = catalog.current_range() {
+                self.covered_to = self.covered_to.max(range.end);
             }
-        }
-        let summary = builder.finish(timeline.0, self.covered_to, |_| Naming::Unknown);
+            return Ok(());
+        };
+        let mut assembler: Assembler = serde_json::from_slice(&serde_json::to_vec(&self.state.assembler)?)?;
         self.covered_to = Lsn(summary.end_lsn).max(self.covered_to);
         self.tail = assembler.add(&summary);
         self.tail_restore_points = summary.restore_points;
@@ -579,4 +546,124 @@ mod tests {
         assert!(time_key(0) < time_key(7));
         assert!(time_key(i64::MIN) < time_key(i64::MAX));
     }
+}
+
+/// Per segment number, the summary on the newest timeline of `lineage`:
+/// (timeline, object key), in segment order.
+async fn summaries_along(
+    repo: &RepositoryReader,
+    lineage: &[u32],
+    size: u64,
+) -> Result<BTreeMap<u64, (u32, String)>, ReadError> {
+    let mut chosen: BTreeMap<u64, (u32, String)> = BTreeMap::new();
+    for key in repo.list(SUMMARIES_PREFIX.trim_end_matches('/')).await? {
+        let Some(name) = key.rsplit('/').next() else { continue };
+        let Ok(WalFileName::Segment(segment)) = WalFileName::parse(name, size) else { continue };
+        if !lineage.contains(&segment.timeline.0) {
+            continue;
+        }
+        let entry = chosen.entry(segment.segment_no).or_insert((segment.timeline.0, key.clone()));
+        if segment.timeline.0 > entry.0 {
+            *entry = (segment.timeline.0, key);
+        }
+    }
+    Ok(chosen)
+}
+
+/// Decodes the archived WAL of the current range from `covered_to` on (the
+/// part no summary covers yet) into one summary; `None` if there is none.
+async fn decode_past(
+    repo: &RepositoryReader,
+    catalog: &Catalog,
+    covered_to: Lsn,
+    size: u64,
+) -> anyhow::Result<Option<SegmentSummary>> {
+    let Some(last_range) = catalog.current_range() else { return Ok(None) };
+    let mut start = covered_to.max(last_range.start.segment_start(size));
+    if start >= last_range.end {
+        return Ok(None);
+    }
+    // Summaries resume at a segment start: a record continued from before is skipped.
+    let mut reader = WalReader::new(start, size);
+    let mut builder = SummaryBuilder::default();
+    let timeline = tidemark_proto::TimelineId(last_range.timeline);
+    while start < last_range.end {
+        let segment = tidemark_proto::segment::SegmentId::containing(timeline, start, size);
+        let Some((bytes, _)) = crate::wal_get::segment_bytes(repo, segment, size).await? else { break };
+        let Some(major) = bytes.get(..2).and_then(|b| major_for_magic(u16::from_le_bytes([b[0], b[1]]))) else {
+            break;
+        };
+        reader.feed(&bytes, |raw| {
+            if let Ok(record) = wal::decode(raw.lsn, raw.end, raw.bytes, major) {
+                builder.add(&record, major);
+            }
+        });
+        start = segment.end_lsn(size);
+        if reader.end().is_some() {
+            break;
+        }
+    }
+    Ok(Some(builder.finish(timeline.0, covered_to, |_| Naming::Unknown)))
+}
+
+/// The transaction ends of a stored summary, without building its changes.
+async fn summary_ends(repo: &RepositoryReader, key: &str) -> anyhow::Result<Vec<tidemark_proto::wal::summary::End>> {
+    #[derive(serde::Deserialize)]
+    struct EndsOnly {
+        version: u32,
+        ends: Vec<tidemark_proto::wal::summary::End>,
+    }
+    let object = repo.get(key).await?.ok_or_else(|| ReadError::Other(anyhow::anyhow!("{key} vanished")))?;
+    let summary: EndsOnly = serde_json::from_slice(&object)
+        .map_err(|e| ReadError::Corrupt { key: key.to_string(), reason: e.to_string() })?;
+    if summary.version != tidemark_proto::wal::summary::SUMMARY_VERSION {
+        return Err(ReadError::Corrupt {
+            key: key.to_string(),
+            reason: format!("summary version {}", summary.version),
+        }
+        .into());
+    }
+    Ok(summary.ends)
+}
+
+/// The LSN of the first transaction end (commit or abort, as PostgreSQL's
+/// recovery_target_time counts them) after `micros`, found without the
+/// cache: the unsummarized tail, then summaries newest first, until two
+/// segments with transactions all ended at or before `micros` (one more than
+/// commit order needs: commit times are taken just before the record is
+/// written, so they are in LSN order to within a moment). Reads only what
+/// lies after the target, so a restore to a recent time (the usual case)
+/// costs a few summaries, not the whole archive. `None`: nothing ends after it.
+pub async fn first_end_after_quick(
+    repo: &RepositoryReader,
+    catalog: &Catalog,
+    micros: i64,
+) -> anyhow::Result<Option<Lsn>> {
+    let size = repo.meta().await?.wal_segment_size;
+    let chosen = summaries_along(repo, &catalog.lineage(), size).await?;
+    let covered_to = Lsn(chosen.keys().next_back().map(|s| (s + 1) * size).unwrap_or(0));
+    let mut first: Option<u64> = None;
+    let mut consider = |lsn: u64| first = Some(first.map_or(lsn, |f| f.min(lsn)));
+    if let Some(tail) = decode_past(repo, catalog, covered_to, size).await? {
+        tail.ends.iter().filter(|e| e.time > micros).for_each(|e| consider(e.lsn));
+    }
+    let mut settled = 0;
+    for (_, key) in chosen.values().rev() {
+        let ends = summary_ends(repo, key).await?;
+        if ends.is_empty() {
+            continue;
+        }
+        let mut any_after = false;
+        for end in ends.iter().filter(|e| e.time > micros) {
+            consider(end.lsn);
+            any_after = true;
+        }
+        if !any_after {
+            settled += 1;
+            if settled == 2 {
+                break;
+            }
+        }
+    }
+    Ok(first.map(Lsn))
 }

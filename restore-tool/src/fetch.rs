@@ -65,6 +65,9 @@ pub async fn fetch_backup(repo: &RepositoryReader, manifest: &BackupManifest, pg
             // rename(2) replaces an empty directory.
             std::fs::rename(&staging, pgdata)
                 .with_context(|| format!("move the restored files into {}", pgdata.display()))?;
+            std::fs::File::open(parent)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("fsync {}", parent.display()))?;
             Ok(bytes)
         }
         Err(e) => {
@@ -104,7 +107,21 @@ async fn fill(repo: &RepositoryReader, manifest: &BackupManifest, root: &Path) -
         ReadError::Other(anyhow::anyhow!("backup {} lacks the server's backup_manifest", manifest.id))
     })?;
     std::fs::write(root.join("backup_manifest"), pg_manifest).context("write backup_manifest")?;
+    sync_tree(root)?;
     Ok(bytes)
+}
+
+/// Makes everything written under `root` durable with one syncfs(2) of its
+/// filesystem: far cheaper than an fsync per file when a backup has
+/// thousands, and the same guarantee once it returns.
+fn sync_tree(root: &Path) -> anyhow::Result<()> {
+    let dir = std::fs::File::open(root).with_context(|| format!("open {}", root.display()))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: syncfs only reads the descriptor, which `dir` keeps open.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("syncfs {}", root.display()));
+    }
+    Ok(())
 }
 
 async fn write_file(repo: &RepositoryReader, root: &Path, file: &BackupFile) -> Result<u64, ReadError> {
@@ -144,7 +161,7 @@ async fn write_file(repo: &RepositoryReader, root: &Path, file: &BackupFile) -> 
         });
     }
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(file.mode & 0o700)).context("chmod")?;
-    out.sync_all().with_context(|| format!("fsync {}", path.display()))?;
+    // Made durable all at once at the end (`sync_tree`), not file by file.
     Ok(written)
 }
 

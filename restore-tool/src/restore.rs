@@ -107,6 +107,16 @@ pub struct RestoreReport {
     pub segments_to_replay: u64,
     pub reached_lsn: Option<String>,
     pub reached_time: Option<String>,
+    /// Where the time went: planning (catalog, target resolution, checks),
+    /// fetching the backup, and recovery until the target (with --start).
+    pub seconds: Timings,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Timings {
+    pub plan: f64,
+    pub fetch: f64,
+    pub recovery: Option<f64>,
 }
 
 /// A failure of ours with what to do about it.
@@ -171,7 +181,16 @@ pub async fn restore(
     // 2. The plan: a backup that reaches the target, and the WAL it needs.
     let catalog = Catalog::load(repo).await?;
     let now = time::OffsetDateTime::now_utc();
+    let planning = std::time::Instant::now();
+    let quick = match &options.target {
+        // A time needs only the ends after it: no audit cache to build.
+        Target::Time(t) => {
+            crate::audit::first_end_after_quick(repo, &catalog, (t.unix_timestamp_nanos() / 1000) as i64).await?
+        }
+        _ => None,
+    };
     let stop_lsn = match &options.target {
+        Target::Time(_) if quick.is_some() => quick,
         Target::Time(_) | Target::Xid(_) | Target::BeforeXid(_) | Target::Name(_) => {
             let audit = Audit::load(repo, &catalog, options.cache_dir.as_deref()).await?;
             Some(resolve_stop(&audit, &options.target)?)
@@ -223,6 +242,7 @@ pub async fn restore(
         segments_to_replay,
         reached_lsn: None,
         reached_time: None,
+        seconds: Timings { plan: planning.elapsed().as_secs_f64(), ..Default::default() },
     };
     if options.dry_run {
         return Ok(report);
@@ -238,34 +258,73 @@ pub async fn restore(
             }
         }
     }
-    crate::fetch::fetch_backup(repo, &plan.backup, &options.pgdata).await?;
-    if !options.start || !options.prefetch {
-        write_recovery_settings(&options, &plan, repo_url, &repo.key_files, None)?;
-        if options.start {
-            let (lsn, time) =
-                tokio::task::spawn_blocking(move || start_and_wait(&options, &plan)).await.context("join")??;
-            report.reached_lsn = lsn;
-            report.reached_time = time;
+    // With --start, WAL is staged ahead of replay from now on, while the
+    // backup is fetched, into a directory beside --pgdata.
+    let staging = if options.start && options.prefetch { Some(wal_staging_dir(&options.pgdata)?) } else { None };
+    let segments = crate::planner::segments_along(&plan.history, plan.wal_start, plan.wal_available_to, segment_size);
+    let stage = async {
+        if let Some(dir) = &staging {
+            crate::prefetch::stage(repo, segments, segment_size, dir.clone()).await;
         }
+    };
+    tokio::pin!(stage);
+    let mut staged = staging.is_none();
+    let fetching = std::time::Instant::now();
+    let fetched = {
+        let fetch = crate::fetch::fetch_backup(repo, &plan.backup, &options.pgdata);
+        tokio::pin!(fetch);
+        loop {
+            tokio::select! {
+                result = &mut fetch => break result,
+                _ = &mut stage, if !staged => staged = true,
+            }
+        }
+    };
+    let remove_staging = || {
+        if let Some(dir) = &staging {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    };
+    if let Err(e) = fetched {
+        remove_staging();
+        return Err(e.into());
+    }
+    report.seconds.fetch = fetching.elapsed().as_secs_f64();
+    if let Err(e) = write_recovery_settings(&options, &plan, repo_url, &repo.key_files, staging.as_deref()) {
+        remove_staging();
+        return Err(e);
+    }
+    if !options.start {
         return Ok(report);
     }
-    // Stage WAL ahead of replay while the server recovers.
-    let staging = options.pgdata.canonicalize()?.join("tidemark_wal_staging");
-    std::fs::DirBuilder::new().mode(0o700).create(&staging).context("create the WAL staging directory")?;
-    write_recovery_settings(&options, &plan, repo_url, &repo.key_files, Some(&staging))?;
-    let segments = crate::planner::segments_along(&plan.history, plan.wal_start, plan.wal_available_to, segment_size);
+    let recovering = std::time::Instant::now();
     let waiting = tokio::task::spawn_blocking(move || start_and_wait(&options, &plan));
-    let staging_task = crate::prefetch::stage(repo, segments, segment_size, staging.clone());
     tokio::pin!(waiting);
-    tokio::select! {
-        _ = staging_task => {}
-        _ = &mut waiting => {}
-    }
-    let (lsn, time) = waiting.await.context("join the recovery wait")??;
-    let _ = std::fs::remove_dir_all(&staging);
+    let result = loop {
+        tokio::select! {
+            result = &mut waiting => break result,
+            _ = &mut stage, if !staged => staged = true,
+        }
+    };
+    remove_staging();
+    let (lsn, time) = result.context("join the recovery wait")??;
+    report.seconds.recovery = Some(recovering.elapsed().as_secs_f64());
     report.reached_lsn = lsn;
     report.reached_time = time;
     Ok(report)
+}
+
+/// A new, empty directory beside `pgdata` for WAL staged ahead of replay
+/// (outside the data directory, so staging can start before it exists).
+fn wal_staging_dir(pgdata: &Path) -> anyhow::Result<PathBuf> {
+    let name = pgdata.file_name().context("--pgdata has no directory name")?.to_string_lossy().into_owned();
+    let parent = pgdata.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = parent.join(format!(".{name}.tidemark-wal"));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("remove stale {}", dir.display()))?;
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).with_context(|| format!("create {}", dir.display()))?;
+    Ok(dir.canonicalize()?)
 }
 
 fn quote(value: &str) -> String {

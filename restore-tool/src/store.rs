@@ -135,17 +135,7 @@ impl RepositoryReader {
         if key == META_KEY {
             return Ok(stored);
         }
-        let corrupt = |reason: String| ReadError::Corrupt { key: key.to_string(), reason };
-        match (self.keys().await?, seal::is_sealed(&stored)) {
-            (None, false) => Ok(stored),
-            (None, true) => Err(corrupt("it is encrypted, but repository.json says the repository is not".into())),
-            (Some(_), false) => Err(corrupt("it is not encrypted, but the repository is: refusing it".into())),
-            (Some(keys), true) => match seal::open(keys, key, &stored) {
-                Ok(frame) => Ok(Bytes::from(frame)),
-                Err(e @ seal::SealError::MissingKey(_)) => Err(ReadError::Keys(format!("object {key} is {e}"))),
-                Err(e) => Err(corrupt(e.to_string())),
-            },
-        }
+        unseal_with(self.keys().await?, key, stored)
     }
 
     /// Keys of every object under `prefix`.
@@ -202,10 +192,19 @@ impl RepositoryReader {
     }
 
     /// An object's content after checking its frame (checksum, length).
+    ///
+    /// Opening and decompressing run on a blocking thread, so the callers
+    /// that fetch several objects at once (backup chunks, staged WAL) use
+    /// every core instead of the one their task runs on.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, ReadError> {
-        let Some(object) = self.get_raw(key).await? else { return Ok(None) };
-        let raw = tidemark_proto::repo::frame::decode(&object)
-            .map_err(|e| ReadError::Corrupt { key: key.to_string(), reason: e.to_string() })?;
+        let Some(stored) = self.get_stored(key).await? else { return Ok(None) };
+        let keys = if key == META_KEY { None } else { self.keys().await?.map(<[Key]>::to_vec) };
+        let key = key.to_string();
+        let work = move || {
+            let frame = if key == META_KEY { stored } else { unseal_with(keys.as_deref(), &key, stored)? };
+            tidemark_proto::repo::frame::decode(&frame).map_err(|e| ReadError::Corrupt { key, reason: e.to_string() })
+        };
+        let raw = tokio::task::spawn_blocking(work).await.map_err(|e| ReadError::Other(e.into()))??;
         Ok(Some(raw))
     }
 
@@ -214,5 +213,22 @@ impl RepositoryReader {
             ReadError::Other(anyhow::anyhow!("{} has no {META_KEY}; is it a Tidemark repository?", self.display))
         })?;
         RepositoryMeta::from_json(&bytes).map_err(|reason| ReadError::Corrupt { key: META_KEY.into(), reason })
+    }
+}
+
+/// Opens stored bytes with `keys` (`None`: a plain repository): in an
+/// encrypted repository every object must be sealed and authentic; in a
+/// plain one none may be sealed.
+fn unseal_with(keys: Option<&[Key]>, key: &str, stored: Bytes) -> Result<Bytes, ReadError> {
+    let corrupt = |reason: String| ReadError::Corrupt { key: key.to_string(), reason };
+    match (keys, seal::is_sealed(&stored)) {
+        (None, false) => Ok(stored),
+        (None, true) => Err(corrupt("it is encrypted, but repository.json says the repository is not".into())),
+        (Some(_), false) => Err(corrupt("it is not encrypted, but the repository is: refusing it".into())),
+        (Some(keys), true) => match seal::open(keys, key, &stored) {
+            Ok(frame) => Ok(Bytes::from(frame)),
+            Err(e @ seal::SealError::MissingKey(_)) => Err(ReadError::Keys(format!("object {key} is {e}"))),
+            Err(e) => Err(corrupt(e.to_string())),
+        },
     }
 }

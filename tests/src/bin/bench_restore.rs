@@ -203,6 +203,14 @@ fn main() {
         assert!(output.status.success(), "restore failed: {}", String::from_utf8_lossy(&output.stderr));
         assert_eq!(server.psql("SELECT count(*) FROM pg_class WHERE relname = 'after_target'"), "0");
         report(label, seconds, wal, &redo_time(&server.data.join("tidemark-restore.log")));
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        let part = |name: &str| json["seconds"][name].as_f64().map(|s| format!("{s:.2} s")).unwrap_or("?".into());
+        println!(
+            "    of which: plan {}, fetch (WAL staged meanwhile) {}, recovery {}",
+            part("plan"),
+            part("fetch"),
+            part("recovery")
+        );
         tidemark_seconds.get_or_insert(seconds);
         drop(server);
     }

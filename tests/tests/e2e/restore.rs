@@ -6,8 +6,11 @@ use crate::common::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 use tidemark_tests::agent::{bin, AgentSetup};
 use tidemark_tests::cluster::{chown, free_port, Cluster, ClusterOptions, PG_USER_OS};
+use tidemark_tests::wait::wait_until;
+use time::format_description::well_known::Rfc3339;
 
 fn as_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -133,6 +136,16 @@ fn ledger_restores_exactly_what_committed_before_each_target() {
     lsns.extend(commit_rows(&cluster, 76, 150, 0.8));
     let end = cluster.switch_wal();
     wait_archived(&agent, end);
+    // The agent's status shows the window too, up to the last commit once summarized.
+    let last_commit: f64 = cluster
+        .psql("SELECT extract(epoch FROM pg_xact_commit_timestamp(xmin)) FROM ledger WHERE id = 150")
+        .parse()
+        .expect("epoch");
+    let status_window = wait_until("status shows the window to the last commit", Duration::from_secs(120), || {
+        let window = agent.status()["window"].clone();
+        let latest = time::OffsetDateTime::parse(window["latest"].as_str()?, &Rfc3339).ok()?;
+        (latest.unix_timestamp_nanos() as f64 / 1e9 >= last_commit - 1e-6).then_some(window)
+    });
     assert!(running.stop(), "agent did not stop cleanly");
     // The repository alone from here on: the agent's state goes away.
     std::fs::remove_dir_all(&agent.state_dir).expect("remove agent state");
@@ -140,6 +153,10 @@ fn ledger_restores_exactly_what_committed_before_each_target() {
     let scratch = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let restorer = Restorer::new(&agent, scratch.path());
+    let listed: serde_json::Value =
+        serde_json::from_slice(&restorer.run(&["list", "--json"]).stdout).expect("list JSON");
+    assert_eq!(status_window["earliest_lsn"], listed["window"]["earliest_lsn"], "{status_window} vs {listed}");
+    assert_eq!(status_window["earliest"], listed["window"]["earliest"]);
     let commit_time =
         |id: u32| cluster.psql(&format!("SELECT pg_xact_commit_timestamp(xmin) FROM ledger WHERE id = {id}"));
     let xid = |id: u32| cluster.psql(&format!("SELECT xmin FROM ledger WHERE id = {id}"));
