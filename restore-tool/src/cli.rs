@@ -369,7 +369,7 @@ async fn dispatch(args: Args) -> ExitCode {
                     backup
                 };
                 let manifest = crate::fetch::read_manifest(&repo, &id).await?;
-                let bytes = crate::fetch::fetch_backup(&repo, &manifest, &pgdata).await?;
+                let bytes = crate::fetch::fetch_backup(&repo, &manifest, &pgdata, true).await?;
                 Ok::<_, ReadError>((manifest, bytes))
             }
             .await;

@@ -45,7 +45,17 @@ pub fn check_target(pgdata: &Path) -> anyhow::Result<()> {
     }
 }
 
-pub async fn fetch_backup(repo: &RepositoryReader, manifest: &BackupManifest, pgdata: &Path) -> Result<u64, ReadError> {
+/// Writes the backup into `pgdata`. With `sync`, everything is durable when
+/// this returns; without it the caller relies on PostgreSQL, which fsyncs
+/// the whole data directory itself when it starts from a backup
+/// (recovery_init_sync_method) — `restore --start` starts it at once, and
+/// leaving the pages to that one pass keeps them from being written twice.
+pub async fn fetch_backup(
+    repo: &RepositoryReader,
+    manifest: &BackupManifest,
+    pgdata: &Path,
+    sync: bool,
+) -> Result<u64, ReadError> {
     check_target(pgdata)?;
     if !manifest.tablespaces.is_empty() {
         return Err(ReadError::Other(anyhow::anyhow!(
@@ -59,7 +69,7 @@ pub async fn fetch_backup(repo: &RepositoryReader, manifest: &BackupManifest, pg
     if staging.exists() {
         std::fs::remove_dir_all(&staging).with_context(|| format!("remove stale {}", staging.display()))?;
     }
-    let result = fill(repo, manifest, &staging).await;
+    let result = fill(repo, manifest, &staging, sync).await;
     match result {
         Ok(bytes) => {
             // rename(2) replaces an empty directory.
@@ -77,7 +87,7 @@ pub async fn fetch_backup(repo: &RepositoryReader, manifest: &BackupManifest, pg
     }
 }
 
-async fn fill(repo: &RepositoryReader, manifest: &BackupManifest, root: &Path) -> Result<u64, ReadError> {
+async fn fill(repo: &RepositoryReader, manifest: &BackupManifest, root: &Path, sync: bool) -> Result<u64, ReadError> {
     std::fs::DirBuilder::new().mode(0o700).create(root).with_context(|| format!("create {}", root.display()))?;
     // Directories first (the tar lists them before their files), then links.
     for file in manifest.files.iter().filter(|f| f.archive == "base") {
@@ -107,7 +117,9 @@ async fn fill(repo: &RepositoryReader, manifest: &BackupManifest, root: &Path) -
         ReadError::Other(anyhow::anyhow!("backup {} lacks the server's backup_manifest", manifest.id))
     })?;
     std::fs::write(root.join("backup_manifest"), pg_manifest).context("write backup_manifest")?;
-    sync_tree(root)?;
+    if sync {
+        sync_tree(root)?;
+    }
     Ok(bytes)
 }
 

@@ -271,7 +271,7 @@ pub async fn restore(
     let mut staged = staging.is_none();
     let fetching = std::time::Instant::now();
     let fetched = {
-        let fetch = crate::fetch::fetch_backup(repo, &plan.backup, &options.pgdata);
+        let fetch = crate::fetch::fetch_backup(repo, &plan.backup, &options.pgdata, !options.start);
         tokio::pin!(fetch);
         loop {
             tokio::select! {
@@ -363,6 +363,10 @@ fn write_recovery_settings(
     // from, only replay the repository's WAL.
     settings.push(("primary_conninfo".into(), String::new()));
     settings.push(("primary_slot_name".into(), String::new()));
+    // Nor may it push its WAL (a new timeline) into the source's archive
+    // through an archive_command it inherited; Tidemark itself streams and
+    // needs no archiving. Re-enable it deliberately on a restored cluster.
+    settings.push(("archive_mode".into(), "off".into()));
     settings.extend(plan.target.settings());
     // The timeline the plan checked, by number: one that appears later is not followed blindly.
     settings.push(("recovery_target_timeline".into(), plan.target_timeline.to_string()));

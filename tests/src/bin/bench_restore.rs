@@ -35,6 +35,15 @@ fn as_pg(program: &Path) -> Command {
     }
 }
 
+/// Every restore starts from the same state: the source checkpointed and
+/// nothing dirty left for the kernel to write back during the timed run
+/// (otherwise whichever restore runs first pays for the WAL generation's writeback).
+fn quiesce(cluster: &Cluster) {
+    cluster.psql("CHECKPOINT");
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
+}
+
 fn has_pgbackrest() -> bool {
     Command::new("pgbackrest").arg("version").output().is_ok_and(|o| o.status.success())
 }
@@ -196,6 +205,7 @@ fn main() {
             .arg("--pgdata")
             .arg(&pgdata);
         command.args(extra);
+        quiesce(&cluster);
         let began = Instant::now();
         let output = command.output().expect("run restore");
         let seconds = began.elapsed().as_secs_f64();
@@ -203,6 +213,10 @@ fn main() {
         assert!(output.status.success(), "restore failed: {}", String::from_utf8_lossy(&output.stderr));
         assert_eq!(server.psql("SELECT count(*) FROM pg_class WHERE relname = 'after_target'"), "0");
         report(label, seconds, wal, &redo_time(&server.data.join("tidemark-restore.log")));
+        let _ = std::fs::copy(
+            server.data.join("tidemark-restore.log"),
+            format!("/tmp/bench-restore-tidemark-{}.log", extra.is_some()),
+        );
         let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
         let part = |name: &str| json["seconds"][name].as_f64().map(|s| format!("{s:.2} s")).unwrap_or("?".into());
         println!(
@@ -226,6 +240,7 @@ fn main() {
     if root() {
         chown(restored_dir.path(), PG_USER_OS);
     }
+    quiesce(&cluster);
     let began = Instant::now();
     let pg1_path = format!("--pg1-path={}", pgdata.display());
     let target_arg = format!("--target={target}");
@@ -242,6 +257,7 @@ fn main() {
     let seconds = began.elapsed().as_secs_f64();
     assert_eq!(server.psql("SELECT count(*) FROM pg_class WHERE relname = 'after_target'"), "0");
     report("pgBackRest restore --type=time, archive-async", seconds, wal, &redo_time(&server.log));
+    let _ = std::fs::copy(&server.log, "/tmp/bench-restore-pgbackrest.log");
     if let Some(ours) = tidemark_seconds {
         println!("  tidemark (staged) / pgBackRest = {:.2} (target: at most 0.8)", ours / seconds);
     }
