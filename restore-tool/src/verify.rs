@@ -15,7 +15,6 @@ use futures::StreamExt;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use tidemark_proto::repo::backup::{complete_backup_ids, manifest_key, BackupManifest};
-use tidemark_proto::repo::frame;
 use tidemark_proto::segment::{SegmentId, WalFileName};
 use tidemark_proto::{Lsn, TimelineId};
 
@@ -169,9 +168,8 @@ fn problem_of(key: &str, error: ReadError) -> Result<Problem, ReadError> {
 
 async fn check_object(repo: &RepositoryReader, key: &str, expect: &Expect) -> Result<u64, ReadError> {
     let corrupt = |reason: String| ReadError::Corrupt { key: key.to_string(), reason };
-    // get_raw opens the seal (authentication); the frame is checked here.
-    let stored = repo.get_raw(key).await?.ok_or_else(|| corrupt("missing (listed, then gone)".into()))?;
-    let raw = frame::decode(&stored).map_err(|e| corrupt(e.to_string()))?;
+    // get opens the seal (authentication) and checks the frame (length, CRC-32).
+    let raw = repo.get(key).await?.ok_or_else(|| corrupt("missing (listed, then gone)".into()))?;
     let len = raw.len() as u64;
     match *expect {
         Expect::Frame => {}

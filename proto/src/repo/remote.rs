@@ -39,33 +39,24 @@ const REQUEST_TIMEOUT: &str = "120s";
 /// The store for a remote URL, `None` if the scheme is not a remote one.
 pub fn open(url: &str) -> Option<Result<Arc<dyn ObjectStore>, object_store::Error>> {
     use object_store::ClientConfigKey::{ConnectTimeout, Timeout};
+    // The three builders have the same methods but no common trait.
+    macro_rules! build {
+        ($builder:ty, $client:path) => {
+            <$builder>::from_env()
+                .with_url(url)
+                .with_retry(retry())
+                .with_config($client(ConnectTimeout), CONNECT_TIMEOUT)
+                .with_config($client(Timeout), REQUEST_TIMEOUT)
+                .build()
+                .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
+        };
+    }
     let store: Result<Arc<dyn ObjectStore>, object_store::Error> = if url.starts_with("s3://") {
-        use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey::Client};
-        AmazonS3Builder::from_env()
-            .with_url(url)
-            .with_retry(retry())
-            .with_config(Client(ConnectTimeout), CONNECT_TIMEOUT)
-            .with_config(Client(Timeout), REQUEST_TIMEOUT)
-            .build()
-            .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
+        build!(object_store::aws::AmazonS3Builder, object_store::aws::AmazonS3ConfigKey::Client)
     } else if url.starts_with("gs://") {
-        use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey::Client};
-        GoogleCloudStorageBuilder::from_env()
-            .with_url(url)
-            .with_retry(retry())
-            .with_config(Client(ConnectTimeout), CONNECT_TIMEOUT)
-            .with_config(Client(Timeout), REQUEST_TIMEOUT)
-            .build()
-            .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
+        build!(object_store::gcp::GoogleCloudStorageBuilder, object_store::gcp::GoogleConfigKey::Client)
     } else if url.starts_with("az://") {
-        use object_store::azure::{AzureConfigKey::Client, MicrosoftAzureBuilder};
-        MicrosoftAzureBuilder::from_env()
-            .with_url(url)
-            .with_retry(retry())
-            .with_config(Client(ConnectTimeout), CONNECT_TIMEOUT)
-            .with_config(Client(Timeout), REQUEST_TIMEOUT)
-            .build()
-            .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
+        build!(object_store::azure::MicrosoftAzureBuilder, object_store::azure::AzureConfigKey::Client)
     } else {
         return None;
     };

@@ -170,7 +170,11 @@ fn restore_follows_the_history_across_a_promotion() {
     assert_eq!(ids(&restored), upto(40), "{report}");
     // The standby's backup named its primary: the restored cluster must not stream from it.
     assert_eq!(restored.psql("SHOW primary_conninfo"), "");
-    assert_eq!(restored.psql("SHOW archive_mode"), "off", "a restored cluster never archives into the source's archive");
+    assert_eq!(
+        restored.psql("SHOW archive_mode"),
+        "off",
+        "a restored cluster never archives into the source's archive"
+    );
     assert!(!restored.data.join("standby.signal").exists());
     drop(restored);
 
