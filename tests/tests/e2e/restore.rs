@@ -43,6 +43,23 @@ impl Restorer {
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
+        // The copy of the binary was open for writing in this process; a child
+        // that another test thread forked meanwhile holds that descriptor until
+        // it execs, and an exec of the copy in that window fails with ETXTBSY.
+        // The window is short: try again a few times.
+        for _ in 0..50 {
+            match self.run_once(args) {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {}
+                Err(e) => panic!("run tidemark-restore: {e}"),
+                Ok(output) if output.status.code() == Some(126) && stderr(&output).contains("Text file busy") => {}
+                Ok(output) => return output,
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.run_once(args).expect("run tidemark-restore")
+    }
+
+    fn run_once(&self, args: &[&str]) -> std::io::Result<Output> {
         let mut command = if as_root() {
             let mut c = Command::new("runuser");
             c.args(["-u", PG_USER_OS, "--"]).arg(&self.exe);
@@ -58,7 +75,6 @@ impl Restorer {
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env_remove("TIDEMARK_KEY_FILE")
             .output()
-            .expect("run tidemark-restore")
     }
 
     /// A fresh directory for one restored cluster, owned by the server's user.
