@@ -66,6 +66,11 @@ enum Command {
         /// Replace the contents of a non-empty --pgdata (never next to a running server).
         #[arg(long)]
         force: bool,
+        /// Put a tablespace elsewhere than its original location: FROM (its
+        /// OID or original location, see --dry-run) = TO (an absolute,
+        /// missing or empty directory). Repeatable.
+        #[arg(long = "tablespace-map", value_name = "FROM=TO", value_parser = crate::tablespaces::parse_mapping)]
+        tablespace_map: Vec<(String, PathBuf)>,
         /// Start PostgreSQL on the result and wait until the target is reached.
         #[arg(long)]
         start: bool,
@@ -155,6 +160,9 @@ enum Command {
         backup: String,
         #[arg(long)]
         pgdata: PathBuf,
+        /// As for restore: FROM=TO, FROM a tablespace's OID or original location.
+        #[arg(long = "tablespace-map", value_name = "FROM=TO", value_parser = crate::tablespaces::parse_mapping)]
+        tablespace_map: Vec<(String, PathBuf)>,
     },
 }
 
@@ -222,6 +230,7 @@ async fn dispatch(args: Args) -> ExitCode {
             backup,
             dry_run,
             force,
+            tablespace_map,
             start,
             port,
             pause,
@@ -272,6 +281,7 @@ async fn dispatch(args: Args) -> ExitCode {
                 wait_timeout: std::time::Duration::from_secs(wait_timeout),
                 prefetch: !no_prefetch,
                 cache_dir,
+                tablespace_map,
             };
             let result = async {
                 let repo = RepositoryReader::open(&url, &key_files)?;
@@ -357,7 +367,7 @@ async fn dispatch(args: Args) -> ExitCode {
                 }
             }
         }
-        Command::FetchBackup { backup, pgdata } => {
+        Command::FetchBackup { backup, pgdata, tablespace_map } => {
             let result = async {
                 let repo = RepositoryReader::open(&url, &key_files)?;
                 let id = if backup == "latest" {
@@ -369,7 +379,11 @@ async fn dispatch(args: Args) -> ExitCode {
                     backup
                 };
                 let manifest = crate::fetch::read_manifest(&repo, &id).await?;
-                let bytes = crate::fetch::fetch_backup(&repo, &manifest, &pgdata, true).await?;
+                let absolute = std::path::absolute(&pgdata)
+                    .map_err(|e| ReadError::Other(anyhow::Error::new(e).context("resolve --pgdata")))?;
+                let placements = crate::tablespaces::place(&manifest.tablespaces, &tablespace_map, &absolute)
+                    .map_err(|e| ReadError::Other(anyhow::anyhow!(e)))?;
+                let bytes = crate::fetch::fetch_backup(&repo, &manifest, &pgdata, &placements, true).await?;
                 Ok::<_, ReadError>((manifest, bytes))
             }
             .await;
@@ -523,6 +537,15 @@ fn print_restore(report: &crate::restore::RestoreReport) {
         report.target_timeline,
         report.segments_to_replay
     );
+    for placement in &report.tablespaces {
+        let moved = if std::path::Path::new(&placement.original) == placement.target { "" } else { " (moved)" };
+        println!(
+            "  tablespace {} (on the source {}) into {}{moved}",
+            placement.oid,
+            placement.original,
+            placement.target.display()
+        );
+    }
     if let Some(lsn) = &report.reached_lsn {
         println!("  recovery reached {} (last transaction {})", lsn, report.reached_time.as_deref().unwrap_or("none"));
     } else if !report.dry_run {

@@ -7,6 +7,7 @@
 //! - [`cli`]: commands, settings, error lines and exit codes.
 //! - [`store`]: reading repository objects (and checking their frames).
 //! - [`fetch`]: a base backup into a new data directory.
+//! - [`tablespaces`]: where each tablespace goes (original place or `--tablespace-map`).
 //! - [`target`]: restore targets and their recovery settings; times need a zone.
 //! - [`planner`]: catalog + target -> which backup, which WAL, or why not.
 //! - [`prefetch`]: WAL staged ahead of replay during `restore --start`.
@@ -23,6 +24,7 @@ pub mod planner;
 pub mod prefetch;
 pub mod restore;
 pub mod store;
+pub mod tablespaces;
 pub mod target;
 pub mod timeline;
 pub mod verify;

@@ -34,6 +34,8 @@ pub struct RestoreOptions {
     pub prefetch: bool,
     /// The audit cache (default under ~/.cache).
     pub cache_dir: Option<PathBuf>,
+    /// `--tablespace-map FROM=TO`: tablespaces placed elsewhere than on the source.
+    pub tablespace_map: Vec<(String, PathBuf)>,
 }
 
 /// Where recovery will stop for a time, xid or restore-point target,
@@ -105,6 +107,8 @@ pub struct RestoreReport {
     pub wal_available_to_lsn: String,
     pub bytes_to_fetch: u64,
     pub segments_to_replay: u64,
+    /// Where each tablespace goes (its original location unless mapped).
+    pub tablespaces: Vec<crate::tablespaces::Placement>,
     pub reached_lsn: Option<String>,
     pub reached_time: Option<String>,
     /// Where the time went: planning (catalog, target resolution, checks),
@@ -224,6 +228,12 @@ pub async fn restore(
     if !present.contains(&plan.backup.pg_manifest_key) {
         return Err(ReadError::Corrupt { key: plan.backup.pg_manifest_key.clone(), reason: "missing".into() }.into());
     }
+    // 4. Where the tablespaces go: each directory missing or empty.
+    let absolute_pgdata = std::path::absolute(&options.pgdata).context("resolve --pgdata")?;
+    let placements = crate::tablespaces::place(&plan.backup.tablespaces, &options.tablespace_map, &absolute_pgdata)
+        .map_err(|e| refuse(e, "`restore --dry-run --json` shows each tablespace's OID and original location"))?;
+    crate::fetch::check_placements(&plan.backup, &placements)
+        .map_err(|e| refuse(e.to_string(), "a tablespace directory must be new or empty; --force never clears one"))?;
     let meta = repo.meta().await?;
     let segment_size = meta.wal_segment_size;
     let segments_to_replay =
@@ -240,6 +250,7 @@ pub async fn restore(
         wal_available_to_lsn: plan.wal_available_to.to_string(),
         bytes_to_fetch,
         segments_to_replay,
+        tablespaces: placements.clone(),
         reached_lsn: None,
         reached_time: None,
         seconds: Timings { plan: planning.elapsed().as_secs_f64(), ..Default::default() },
@@ -247,7 +258,7 @@ pub async fn restore(
     if options.dry_run {
         return Ok(report);
     }
-    // 4. Write: the backup, then the recovery settings.
+    // 5. Write: the backup, then the recovery settings.
     if options.force && options.pgdata.exists() {
         for entry in std::fs::read_dir(&options.pgdata)? {
             let path = entry?.path();
@@ -271,7 +282,7 @@ pub async fn restore(
     let mut staged = staging.is_none();
     let fetching = std::time::Instant::now();
     let fetched = {
-        let fetch = crate::fetch::fetch_backup(repo, &plan.backup, &options.pgdata, !options.start);
+        let fetch = crate::fetch::fetch_backup(repo, &plan.backup, &options.pgdata, &placements, !options.start);
         tokio::pin!(fetch);
         loop {
             tokio::select! {

@@ -10,6 +10,9 @@
 //!     cargo run -p tidemark-tests --bin bench-restore -- [scale, default 50] [WAL MB, default 1024]
 //!
 //! Without pgbackrest on the PATH the pgBackRest line is skipped (said so).
+//! With BENCH_RESTORE_PERF=DIR each restore runs under a system-wide
+//! `perf record -g` into DIR/<tidemark|no-prefetch|pgbackrest>.data, to see
+//! where the time goes (`perf report -i FILE --comm postgres`).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -42,6 +45,44 @@ fn quiesce(cluster: &Cluster) {
     cluster.psql("CHECKPOINT");
     // SAFETY: sync(2) has no preconditions.
     unsafe { libc::sync() };
+}
+
+/// A system-wide `perf record -g` while it lives, when BENCH_RESTORE_PERF names a directory.
+struct Profile(Option<std::process::Child>);
+
+impl Profile {
+    fn start(name: &str) -> Profile {
+        let Some(dir) = std::env::var_os("BENCH_RESTORE_PERF") else { return Profile(None) };
+        let output = Path::new(&dir).join(format!("{name}.data"));
+        let child = Command::new("perf")
+            .args(["record", "-a", "-g", "-F", "499", "-q", "-o"])
+            .arg(&output)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run perf");
+        println!("  (profiling into {})", output.display());
+        Profile(Some(child))
+    }
+}
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The kernel's dirty and under-writeback page cache, for the report.
+fn dirty() -> String {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).unwrap_or("?").to_string()
+    };
+    format!("dirty {} kB, writeback {} kB", field("Dirty:"), field("Writeback:"))
 }
 
 fn has_pgbackrest() -> bool {
@@ -206,9 +247,12 @@ fn main() {
             .arg(&pgdata);
         command.args(extra);
         quiesce(&cluster);
+        let profile = Profile::start(if extra.is_some() { "no-prefetch" } else { "tidemark" });
         let began = Instant::now();
         let output = command.output().expect("run restore");
         let seconds = began.elapsed().as_secs_f64();
+        drop(profile);
+        println!("    page cache after it: {}", dirty());
         let server = Cluster::adopt_running(tempfile::tempdir().expect("tempdir"), pgdata, port.parse().expect("port"));
         assert!(output.status.success(), "restore failed: {}", String::from_utf8_lossy(&output.stderr));
         assert_eq!(server.psql("SELECT count(*) FROM pg_class WHERE relname = 'after_target'"), "0");
@@ -241,10 +285,13 @@ fn main() {
         chown(restored_dir.path(), PG_USER_OS);
     }
     quiesce(&cluster);
+    let profile = Profile::start("pgbackrest");
     let began = Instant::now();
     let pg1_path = format!("--pg1-path={}", pgdata.display());
     let target_arg = format!("--target={target}");
     pgbr.run(&[&pg1_path, "--type=time", &target_arg, "--target-action=promote", "restore"]);
+    let files_written = began.elapsed().as_secs_f64();
+    println!("    files restored after {files_written:.2} s; page cache then: {}", dirty());
     let server = Cluster::start_existing_with(
         pg_bin(),
         restored_dir,
@@ -255,6 +302,8 @@ fn main() {
         (server.psql("SELECT pg_is_in_recovery()") == "f").then_some(())
     });
     let seconds = began.elapsed().as_secs_f64();
+    drop(profile);
+    println!("    page cache after it: {}", dirty());
     assert_eq!(server.psql("SELECT count(*) FROM pg_class WHERE relname = 'after_target'"), "0");
     report("pgBackRest restore --type=time, archive-async", seconds, wal, &redo_time(&server.log));
     let _ = std::fs::copy(&server.log, "/tmp/bench-restore-pgbackrest.log");

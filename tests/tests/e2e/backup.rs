@@ -16,12 +16,13 @@ fn backup_json(agent: &AgentSetup, label: &str) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).expect("backup JSON")
 }
 
-fn fetch_backup(agent: &AgentSetup, id: &str, pgdata: &std::path::Path) -> std::process::Output {
+fn fetch_backup(agent: &AgentSetup, id: &str, pgdata: &std::path::Path, maps: &[String]) -> std::process::Output {
     Command::new(bin("tidemark-restore"))
         .arg("--repo")
         .arg(agent.repo_url())
         .args(["fetch-backup", "--backup", id, "--pgdata"])
         .arg(pgdata)
+        .args(maps.iter().flat_map(|m| ["--tablespace-map", m.as_str()]))
         .output()
         .expect("run fetch-backup")
 }
@@ -63,7 +64,7 @@ fn backup_under_load_round_trip(server_bin: Option<std::path::PathBuf>) {
     let end_lsn: Lsn = backup["end_lsn"].as_str().expect("end").parse().expect("lsn");
     let base = tempfile::Builder::new().prefix("tidemark-restored-").tempdir().expect("tempdir");
     let pgdata = base.path().join("data");
-    let output = fetch_backup(&agent, backup["id"].as_str().expect("id"), &pgdata);
+    let output = fetch_backup(&agent, backup["id"].as_str().expect("id"), &pgdata, &[]);
     assert!(output.status.success(), "fetch-backup failed: {}", stderr(&output));
 
     // The WAL the backup needs, from the repository through wal-get.
@@ -137,7 +138,7 @@ fn second_backup_stores_only_what_changed() {
     // The second is complete on its own: it materializes and verifies.
     let base = tempfile::tempdir().expect("tempdir");
     let pgdata = base.path().join("data");
-    let output = fetch_backup(&agent, second["id"].as_str().expect("id"), &pgdata);
+    let output = fetch_backup(&agent, second["id"].as_str().expect("id"), &pgdata, &[]);
     assert!(output.status.success(), "fetch-backup failed: {}", stderr(&output));
     let verify =
         Command::new(pg_bin().join("pg_verifybackup")).arg("-n").arg(&pgdata).output().expect("run pg_verifybackup");
@@ -167,7 +168,7 @@ fn killed_backup_is_never_listed_and_the_next_one_succeeds() {
     let _ = child.wait();
     let doomed_dir = chunks_dir.parent().expect("backup dir").to_path_buf();
     assert!(!doomed_dir.join("backup.json").exists(), "the killed backup finished first; make the database bigger");
-    let fetched = fetch_backup(&agent, "latest", &cluster.dir.path().join("nothing"));
+    let fetched = fetch_backup(&agent, "latest", &cluster.dir.path().join("nothing"), &[]);
     assert!(!fetched.status.success() && stderr(&fetched).contains("no complete backup"), "{}", stderr(&fetched));
 
     let next = backup_json(&agent, "next");
@@ -302,9 +303,33 @@ fn tablespaces_and_tablespace_map_are_stored() {
     }
     assert!(total > 8 << 20, "the table's data is not there: {total} bytes");
 
-    // fetch-backup cannot place tablespaces yet: it says so and writes nothing.
+    // The tablespace goes back where it was by default: here the running
+    // source's own directory, so fetch-backup refuses and writes nothing.
     let pgdata = cluster.dir.path().join("restored");
-    let output = fetch_backup(&agent, id, &pgdata);
-    assert!(!output.status.success() && stderr(&output).contains("tablespaces"), "{}", stderr(&output));
+    let output = fetch_backup(&agent, id, &pgdata, &[]);
+    assert!(!output.status.success() && stderr(&output).contains("is not empty"), "{}", stderr(&output));
+    assert!(stderr(&output).contains(&format!("--tablespace-map {oid}=")), "{}", stderr(&output));
     assert!(!pgdata.exists());
+    // Moved elsewhere: pg_tblspc/OID links to the new place, and
+    // pg_verifybackup checks every file there against the server's manifest
+    // (all but tablespace_map, rewritten to name the new place).
+    let moved = cluster.dir.path().join("tablespace moved");
+    let output = fetch_backup(&agent, id, &pgdata, &[format!("{oid}={}", moved.display())]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(std::fs::read_link(pgdata.join("pg_tblspc").join(&oid)).expect("link"), moved);
+    let map = std::fs::read_to_string(pgdata.join("tablespace_map")).expect("map");
+    assert_eq!(map, format!("{oid} {}\n", moved.display()));
+    let verify = Command::new(pg_bin().join("pg_verifybackup"))
+        .args(["-n", "-i", "tablespace_map"])
+        .arg(&pgdata)
+        .output()
+        .expect("run pg_verifybackup");
+    assert!(
+        verify.status.success(),
+        "pg_verifybackup failed:\n{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let unverified = Command::new(pg_bin().join("pg_verifybackup")).arg("-n").arg(&pgdata).output().expect("run");
+    assert!(String::from_utf8_lossy(&unverified.stderr).contains("tablespace_map"), "the map was not rewritten");
 }

@@ -306,3 +306,122 @@ fn refusals_write_nothing() {
     assert!(plan["segments_to_replay"].as_u64().expect("segments") >= 1);
     assert!(!dry.exists());
 }
+
+/// Every path under `dir` with its size, sorted: to see that nothing changed.
+fn listing(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        for entry in std::fs::read_dir(&next).expect("read_dir").flatten() {
+            let meta = entry.metadata().expect("metadata");
+            if meta.is_dir() {
+                pending.push(entry.path());
+            }
+            found.push((entry.path(), if meta.is_dir() { 0 } else { meta.len() }));
+        }
+    }
+    found.sort();
+    found
+}
+
+#[test]
+fn tablespaces_go_back_where_they_were_or_where_mapped() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    let ts_dir = cluster.dir.path().join("ts-fast");
+    std::fs::create_dir(&ts_dir).expect("mkdir");
+    std::fs::set_permissions(&ts_dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    if as_root() {
+        chown(&ts_dir, PG_USER_OS);
+    }
+    cluster.psql(&format!("CREATE TABLESPACE fast LOCATION '{}'", ts_dir.display()));
+    cluster.psql("CREATE TABLE ledger (id serial PRIMARY KEY, note text NOT NULL) TABLESPACE fast");
+    let oid = cluster.psql("SELECT oid FROM pg_tablespace WHERE spcname = 'fast'");
+    commit_rows(&cluster, 1, 10, 0.0);
+    let agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
+    agent.init();
+    let running = agent.spawn();
+    let output = agent.run_command(&["backup", "--json"]);
+    assert!(output.status.success(), "backup: {}", stderr(&output));
+    // Rows after the backup: recovery writes them into the tablespace.
+    let lsns = commit_rows(&cluster, 11, 40, 0.02);
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    assert!(running.stop());
+    // Stopped, so its tablespace directory holds still while we compare it.
+    cluster.stop("fast");
+    let source_rows_to_30: Vec<String> = (1..=30).map(|i| format!("{i}:row {i}")).collect();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let restorer = Restorer::new(&agent, scratch.path());
+    let refused = |args: &[&str], needle: &str| {
+        let output = restorer.run(args);
+        let text = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {text}");
+        assert!(text.contains(needle) && text.contains("hint:"), "{args:?}: {text}");
+    };
+    let source_files = listing(&ts_dir);
+    let siblings = || listing(cluster.dir.path()).into_iter().filter(|(p, _)| !p.starts_with(&ts_dir)).count();
+    let siblings_before = siblings();
+
+    // By default a tablespace goes back where it was: here, the source's own
+    // directory, which is not empty. Refused, with the way out; nothing written.
+    let (_dir, pgdata) = Restorer::target_dir();
+    let path = pgdata.to_str().expect("utf-8");
+    refused(&["restore", "--pgdata", path, "--latest"], &format!("--tablespace-map {oid}=NEW_DIR"));
+    refused(&["restore", "--pgdata", path, "--latest", "--force"], "is not empty");
+    // A mapping that names no tablespace of the backup, and a relative target.
+    refused(&["restore", "--pgdata", path, "--latest", "--tablespace-map", "99999=/tmp/x"], "no tablespace 99999");
+    refused(
+        &["restore", "--pgdata", path, "--latest", "--tablespace-map", &format!("{oid}=relative")],
+        "not an absolute",
+    );
+    assert!(!pgdata.exists());
+    assert_eq!(listing(&ts_dir), source_files, "a refused restore touched the source's tablespace");
+    assert_eq!(siblings(), siblings_before, "a refused restore left something beside the tablespace");
+
+    // The dry run, mapping by the original location, shows the placement.
+    let homes = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(homes.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    if as_root() {
+        chown(homes.path(), PG_USER_OS);
+    }
+    let new_home = homes.path().join("fast-restored");
+    let by_location = format!("{}={}", ts_dir.display(), new_home.display());
+    let output = restorer.run(&[
+        "restore",
+        "--pgdata",
+        path,
+        "--lsn",
+        &lsns[19],
+        "--dry-run",
+        "--json",
+        "--tablespace-map",
+        &by_location,
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let plan: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(plan["tablespaces"][0]["oid"].to_string(), oid, "{plan}");
+    assert_eq!(plan["tablespaces"][0]["original"].as_str(), ts_dir.to_str(), "{plan}");
+    assert_eq!(plan["tablespaces"][0]["target"].as_str(), new_home.to_str(), "{plan}");
+    assert!(!pgdata.exists() && !new_home.exists());
+
+    // The restore, mapping by OID: the rows of the tablespace's table as of
+    // the target, the tablespace in its new home, the source's untouched.
+    let by_oid = format!("{oid}={}", new_home.display());
+    let (restored, report) = restorer.restore_and_start(&["--lsn", &lsns[19], "--tablespace-map", &by_oid]);
+    assert_eq!(rows(&restored, ""), source_rows_to_30);
+    assert_eq!(report["tablespaces"][0]["target"].as_str(), new_home.to_str(), "{report}");
+    assert_eq!(restored.psql(&format!("SELECT pg_tablespace_location({oid})")), new_home.to_str().expect("utf-8"));
+    assert_eq!(std::fs::read_link(restored.data.join("pg_tblspc").join(&oid)).expect("link"), new_home);
+    let version_dirs: Vec<String> = std::fs::read_dir(&new_home)
+        .expect("new home")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(version_dirs.len() == 1 && version_dirs[0].starts_with("PG_15_"), "{version_dirs:?}");
+    // New rows land in the new home.
+    let before = listing(&new_home).iter().map(|(_, size)| size).sum::<u64>();
+    restored.psql("INSERT INTO ledger (note) SELECT 'more' FROM generate_series(1, 20000); CHECKPOINT");
+    assert!(listing(&new_home).iter().map(|(_, size)| size).sum::<u64>() > before);
+    assert_eq!(listing(&ts_dir), source_files, "the restore touched the source's tablespace");
+}

@@ -1,0 +1,170 @@
+//! Where a backup's tablespaces go on restore.
+//!
+//! By default each tablespace goes back to the directory it had on the
+//! source (what an operator restoring onto a replacement machine expects).
+//! `--tablespace-map FROM=TO` moves one: FROM is the tablespace's OID or its
+//! original location, as `restore --dry-run` shows them. Every target must be
+//! missing or empty — also with `--force`, which only ever clears --pgdata:
+//! restoring on the source's own machine, a tablespace's original directory
+//! is the live one of the running source.
+
+use std::path::{Path, PathBuf};
+use tidemark_proto::repo::backup::Tablespace;
+
+/// One tablespace of the backup and the directory it is restored into.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Placement {
+    pub oid: u32,
+    /// The location on the source, from the backup.
+    pub original: String,
+    pub target: PathBuf,
+}
+
+/// `FROM=TO` from the command line.
+pub fn parse_mapping(text: &str) -> Result<(String, PathBuf), String> {
+    match text.split_once('=') {
+        Some((from, to)) if !from.is_empty() && !to.is_empty() => Ok((from.to_string(), PathBuf::from(to))),
+        _ => Err(format!("--tablespace-map {text:?} is not FROM=TO (FROM: the tablespace's OID or original location)")),
+    }
+}
+
+/// Characters PostgreSQL escapes in tablespace_map; refused in a location we write there.
+fn awkward(path: &str) -> bool {
+    path.contains(['\n', '\r', '\\'])
+}
+
+/// The placement of every tablespace in `tablespaces`: the mapped directory
+/// or the original one. Refuses a mapping that names no tablespace of the
+/// backup, a relative or awkward target, two tablespaces in one directory,
+/// and a target inside `pgdata` (or `pgdata` inside a target).
+pub fn place(
+    tablespaces: &[Tablespace],
+    mappings: &[(String, PathBuf)],
+    pgdata: &Path,
+) -> Result<Vec<Placement>, String> {
+    let known = || {
+        let list: Vec<String> = tablespaces.iter().map(|t| format!("{} ({})", t.oid, t.location)).collect();
+        if list.is_empty() {
+            "it has none".to_string()
+        } else {
+            format!("it has {}", list.join(", "))
+        }
+    };
+    for (from, _) in mappings {
+        let matches = tablespaces.iter().filter(|t| t.oid.to_string() == *from || t.location == *from).count();
+        if matches == 0 {
+            return Err(format!("--tablespace-map {from}=…: the backup has no tablespace {from}; {}", known()));
+        }
+    }
+    let mut placements: Vec<Placement> = Vec::new();
+    for tablespace in tablespaces {
+        let mapped: Vec<&PathBuf> = mappings
+            .iter()
+            .filter(|(from, _)| tablespace.oid.to_string() == *from || tablespace.location == *from)
+            .map(|(_, to)| to)
+            .collect();
+        let target = match mapped.as_slice() {
+            [] => PathBuf::from(&tablespace.location),
+            [one] => (*one).clone(),
+            _ => return Err(format!("tablespace {} is mapped more than once", tablespace.oid)),
+        };
+        let text = target.to_string_lossy();
+        if !target.is_absolute() {
+            return Err(format!("tablespace {} would go to {text:?}, which is not an absolute path", tablespace.oid));
+        }
+        if awkward(&text) {
+            return Err(format!(
+                "tablespace {} would go to {text:?}; choose a path without newlines or backslashes",
+                tablespace.oid
+            ));
+        }
+        if let Some(other) = placements.iter().find(|p| p.target == target) {
+            return Err(format!("tablespaces {} and {} would both go to {text}", other.oid, tablespace.oid));
+        }
+        if target.starts_with(pgdata) || pgdata.starts_with(&target) {
+            return Err(format!(
+                "tablespace {} would go to {text}, which overlaps --pgdata {}",
+                tablespace.oid,
+                pgdata.display()
+            ));
+        }
+        placements.push(Placement { oid: tablespace.oid, original: tablespace.location.clone(), target });
+    }
+    Ok(placements)
+}
+
+/// True when some tablespace moves: the backup's tablespace_map must then be rewritten.
+pub fn relocated(placements: &[Placement]) -> bool {
+    placements.iter().any(|p| Path::new(&p.original) != p.target)
+}
+
+/// The tablespace_map PostgreSQL reads at the start of recovery: a line
+/// `OID LOCATION` per tablespace (it makes pg_tblspc/OID a link to LOCATION).
+/// `place` refused the characters PostgreSQL would escape.
+pub fn tablespace_map(placements: &[Placement]) -> String {
+    placements.iter().map(|p| format!("{} {}\n", p.oid, p.target.display())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spaces() -> Vec<Tablespace> {
+        vec![
+            Tablespace { oid: 16384, location: "/srv/ts/fast".into() },
+            Tablespace { oid: 16390, location: "/srv/ts/slow".into() },
+        ]
+    }
+
+    fn map(from: &str, to: &str) -> (String, PathBuf) {
+        (from.to_string(), PathBuf::from(to))
+    }
+
+    #[test]
+    fn parses_from_equals_to() {
+        assert_eq!(parse_mapping("16384=/new/fast").unwrap(), map("16384", "/new/fast"));
+        assert_eq!(parse_mapping("/srv/ts/fast=/new/fast").unwrap(), map("/srv/ts/fast", "/new/fast"));
+        for bad in ["16384", "=/x", "16384=", ""] {
+            assert!(parse_mapping(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unmapped_tablespaces_go_back_where_they_were() {
+        let placed = place(&spaces(), &[], Path::new("/restore/data")).unwrap();
+        assert_eq!(placed[0].target, PathBuf::from("/srv/ts/fast"));
+        assert_eq!(placed[1].target, PathBuf::from("/srv/ts/slow"));
+        assert!(!relocated(&placed));
+        assert_eq!(tablespace_map(&placed), "16384 /srv/ts/fast\n16390 /srv/ts/slow\n");
+    }
+
+    #[test]
+    fn maps_by_oid_or_by_original_location() {
+        let placed = place(
+            &spaces(),
+            &[map("16384", "/new/fast"), map("/srv/ts/slow", "/new/slow")],
+            Path::new("/restore/data"),
+        )
+        .unwrap();
+        assert_eq!(placed[0].target, PathBuf::from("/new/fast"));
+        assert_eq!(placed[1].target, PathBuf::from("/new/slow"));
+        assert!(relocated(&placed));
+        assert_eq!(tablespace_map(&placed), "16384 /new/fast\n16390 /new/slow\n");
+    }
+
+    #[test]
+    fn refuses_what_cannot_work() {
+        let pgdata = Path::new("/restore/data");
+        let error = place(&spaces(), &[map("99", "/x")], pgdata).unwrap_err();
+        assert!(error.contains("no tablespace 99") && error.contains("16384 (/srv/ts/fast)"), "{error}");
+        assert!(place(&[], &[map("99", "/x")], pgdata).unwrap_err().contains("it has none"));
+        assert!(place(&spaces(), &[map("16384", "relative/dir")], pgdata).unwrap_err().contains("not an absolute"));
+        assert!(place(&spaces(), &[map("16384", "/a\nb")], pgdata).unwrap_err().contains("newlines"));
+        let error = place(&spaces(), &[map("16384", "/same"), map("16390", "/same")], pgdata).unwrap_err();
+        assert!(error.contains("both go to /same"), "{error}");
+        let error = place(&spaces(), &[map("16384", "/a"), map("/srv/ts/fast", "/b")], pgdata).unwrap_err();
+        assert!(error.contains("more than once"), "{error}");
+        assert!(place(&spaces(), &[map("16384", "/restore/data/ts")], pgdata).unwrap_err().contains("overlaps"));
+        assert!(place(&spaces(), &[map("16384", "/restore")], pgdata).unwrap_err().contains("overlaps"));
+    }
+}
