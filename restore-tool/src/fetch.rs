@@ -70,6 +70,8 @@ pub async fn fetch_backup(
 ) -> Result<u64, ReadError> {
     check_target(pgdata)?;
     check_placements(manifest, placements)?;
+    let existed_before: Vec<&Path> =
+        placements.iter().map(|p| p.target.as_path()).filter(|target| target.exists()).collect();
     let staging = staging_beside(pgdata)?;
     let mut roots = vec![("base".to_string(), staging.clone())];
     for placement in placements {
@@ -96,10 +98,19 @@ pub async fn fetch_backup(
         .map(|(to, (_, from))| (from.as_path(), to))
         .collect();
     finals.push((staging.as_path(), pgdata));
+    let mut moved: Vec<(&Path, bool)> = Vec::new();
     for (from, to) in finals {
         // rename(2) replaces an empty directory.
         if let Err(e) = std::fs::rename(from, to) {
             remove_all(&roots);
+            // Tablespaces already moved in were missing or empty before:
+            // put them back as they were.
+            for (done, existed) in moved {
+                let _ = std::fs::remove_dir_all(done);
+                if existed {
+                    let _ = std::fs::DirBuilder::new().mode(0o700).create(done);
+                }
+            }
             return Err(ReadError::Other(
                 anyhow::Error::new(e).context(format!("move the restored files into {}", to.display())),
             ));
@@ -108,6 +119,7 @@ pub async fn fetch_backup(
         std::fs::File::open(parent)
             .and_then(|d| d.sync_all())
             .with_context(|| format!("fsync {}", parent.display()))?;
+        moved.push((to, existed_before.contains(&to)));
     }
     Ok(bytes)
 }
