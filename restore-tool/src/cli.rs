@@ -379,9 +379,7 @@ async fn dispatch(args: Args) -> ExitCode {
                     backup
                 };
                 let manifest = crate::fetch::read_manifest(&repo, &id).await?;
-                let absolute = std::path::absolute(&pgdata)
-                    .map_err(|e| ReadError::Other(anyhow::Error::new(e).context("resolve --pgdata")))?;
-                let placements = crate::tablespaces::place(&manifest.tablespaces, &tablespace_map, &absolute)
+                let placements = crate::tablespaces::place(&manifest.tablespaces, &tablespace_map, &pgdata)
                     .map_err(|e| ReadError::Other(anyhow::anyhow!(e)))?;
                 let bytes = crate::fetch::fetch_backup(&repo, &manifest, &pgdata, &placements, true).await?;
                 Ok::<_, ReadError>((manifest, bytes))
@@ -538,7 +536,7 @@ fn print_restore(report: &crate::restore::RestoreReport) {
         report.segments_to_replay
     );
     for placement in &report.tablespaces {
-        let moved = if std::path::Path::new(&placement.original) == placement.target { "" } else { " (moved)" };
+        let moved = if placement.moved() { " (moved)" } else { "" };
         println!(
             "  tablespace {} (on the source {}) into {}{moved}",
             placement.oid,

@@ -39,20 +39,23 @@ pub async fn read_manifest(repo: &RepositoryReader, id: &str) -> Result<BackupMa
     BackupManifest::from_json(&raw).map_err(|reason| ReadError::Corrupt { key, reason })
 }
 
+/// True for a missing or empty directory: the only kind a restore writes into.
+pub fn is_empty_or_missing(path: &Path) -> anyhow::Result<bool> {
+    match std::fs::read_dir(path) {
+        Ok(mut entries) => Ok(entries.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e).with_context(|| format!("inspect {}", path.display())),
+    }
+}
+
 /// Refuses anything but a missing or empty directory.
 pub fn check_target(pgdata: &Path) -> anyhow::Result<()> {
-    match std::fs::read_dir(pgdata) {
-        Ok(mut entries) => {
-            anyhow::ensure!(
-                entries.next().is_none(),
-                "{} is not empty; restore into a new or empty directory",
-                pgdata.display()
-            );
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("inspect {}", pgdata.display())),
-    }
+    anyhow::ensure!(
+        is_empty_or_missing(pgdata)?,
+        "{} is not empty; restore into a new or empty directory",
+        pgdata.display()
+    );
+    Ok(())
 }
 
 /// Writes the backup into `pgdata`, and each tablespace into its placement
@@ -72,10 +75,10 @@ pub async fn fetch_backup(
     check_placements(manifest, placements)?;
     let existed_before: Vec<&Path> =
         placements.iter().map(|p| p.target.as_path()).filter(|target| target.exists()).collect();
-    let staging = staging_beside(pgdata)?;
+    let staging = staging_beside(pgdata, "staging")?;
     let mut roots = vec![("base".to_string(), staging.clone())];
     for placement in placements {
-        roots.push((placement.oid.to_string(), staging_beside(&placement.target)?));
+        roots.push((placement.oid.to_string(), staging_beside(&placement.target, "staging")?));
     }
     let remove_all = |roots: &[(String, PathBuf)]| {
         for (_, root) in roots {
@@ -137,18 +140,14 @@ pub fn check_placements(manifest: &BackupManifest, placements: &[Placement]) -> 
         );
     }
     for placement in placements {
-        match std::fs::read_dir(&placement.target) {
-            Ok(mut entries) => anyhow::ensure!(
-                entries.next().is_none(),
-                "tablespace {} would be restored into {}, which is not empty (with the source on this machine it is \
-                 the source's own); place it elsewhere with --tablespace-map {}=NEW_DIR",
-                placement.oid,
-                placement.target.display(),
-                placement.oid
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("inspect {}", placement.target.display())),
-        }
+        anyhow::ensure!(
+            is_empty_or_missing(&placement.target)?,
+            "tablespace {} would be restored into {}, which is not empty (with the source on this machine it is \
+             the source's own); place it elsewhere with --tablespace-map {}=NEW_DIR",
+            placement.oid,
+            placement.target.display(),
+            placement.oid
+        );
     }
     Ok(())
 }
@@ -157,9 +156,10 @@ fn parent_of(path: &Path) -> &Path {
     path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
-/// A fresh `.NAME.tidemark-staging` beside `path` (its parent created if
-/// missing): files are written there and renamed into place when all are.
-fn staging_beside(path: &Path) -> anyhow::Result<PathBuf> {
+/// A fresh (stale one removed, not yet created) `.NAME.tidemark-SUFFIX`
+/// beside `path`, its parent created if missing: restored files are written
+/// into `staging` ones and renamed into place when all are.
+pub fn staging_beside(path: &Path, suffix: &str) -> anyhow::Result<PathBuf> {
     let name = path.file_name().with_context(|| format!("{} has no directory name", path.display()))?;
     let parent = parent_of(path);
     std::fs::DirBuilder::new()
@@ -167,7 +167,7 @@ fn staging_beside(path: &Path) -> anyhow::Result<PathBuf> {
         .mode(0o700)
         .create(parent)
         .with_context(|| format!("create {}", parent.display()))?;
-    let staging = parent.join(format!(".{}.tidemark-staging", name.to_string_lossy()));
+    let staging = parent.join(format!(".{}.tidemark-{suffix}", name.to_string_lossy()));
     if staging.exists() {
         std::fs::remove_dir_all(&staging).with_context(|| format!("remove stale {}", staging.display()))?;
     }

@@ -150,14 +150,6 @@ fn running_postmaster(pgdata: &Path) -> Option<i32> {
     (unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
 }
 
-fn is_empty_or_missing(path: &Path) -> anyhow::Result<bool> {
-    match std::fs::read_dir(path) {
-        Ok(mut entries) => Ok(entries.next().is_none()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
-        Err(e) => Err(e).with_context(|| format!("inspect {}", path.display())),
-    }
-}
-
 pub async fn restore(
     repo: &RepositoryReader,
     repo_url: &str,
@@ -170,7 +162,7 @@ pub async fn restore(
             "stop that server first; a restore never writes next to a running one",
         ));
     }
-    if !is_empty_or_missing(&options.pgdata)? && !options.force {
+    if !crate::fetch::is_empty_or_missing(&options.pgdata)? && !options.force {
         return Err(refuse(
             format!("{} is not empty", options.pgdata.display()),
             "restore into a new or empty directory, or pass --force to replace its contents",
@@ -229,8 +221,7 @@ pub async fn restore(
         return Err(ReadError::Corrupt { key: plan.backup.pg_manifest_key.clone(), reason: "missing".into() }.into());
     }
     // 4. Where the tablespaces go: each directory missing or empty.
-    let absolute_pgdata = std::path::absolute(&options.pgdata).context("resolve --pgdata")?;
-    let placements = crate::tablespaces::place(&plan.backup.tablespaces, &options.tablespace_map, &absolute_pgdata)
+    let placements = crate::tablespaces::place(&plan.backup.tablespaces, &options.tablespace_map, &options.pgdata)
         .map_err(|e| refuse(e, "`restore --dry-run --json` shows each tablespace's OID and original location"))?;
     crate::fetch::check_placements(&plan.backup, &placements)
         .map_err(|e| refuse(e.to_string(), "a tablespace directory must be new or empty; --force never clears one"))?;
@@ -328,12 +319,7 @@ pub async fn restore(
 /// A new, empty directory beside `pgdata` for WAL staged ahead of replay
 /// (outside the data directory, so staging can start before it exists).
 fn wal_staging_dir(pgdata: &Path) -> anyhow::Result<PathBuf> {
-    let name = pgdata.file_name().context("--pgdata has no directory name")?.to_string_lossy().into_owned();
-    let parent = pgdata.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let dir = parent.join(format!(".{name}.tidemark-wal"));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("remove stale {}", dir.display()))?;
-    }
+    let dir = crate::fetch::staging_beside(pgdata, "wal")?;
     std::fs::DirBuilder::new().mode(0o700).create(&dir).with_context(|| format!("create {}", dir.display()))?;
     Ok(dir.canonicalize()?)
 }

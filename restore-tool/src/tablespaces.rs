@@ -20,6 +20,13 @@ pub struct Placement {
     pub target: PathBuf,
 }
 
+impl Placement {
+    /// True when the tablespace goes elsewhere than on the source.
+    pub fn moved(&self) -> bool {
+        Path::new(&self.original) != self.target
+    }
+}
+
 /// `FROM=TO` from the command line.
 pub fn parse_mapping(text: &str) -> Result<(String, PathBuf), String> {
     match text.split_once('=') {
@@ -81,7 +88,7 @@ pub fn place(
         if let Some(other) = placements.iter().find(|p| p.target == target) {
             return Err(format!("tablespaces {} and {} would both go to {text}", other.oid, tablespace.oid));
         }
-        if target.starts_with(pgdata) || pgdata.starts_with(&target) {
+        if target.starts_with(&pgdata) || pgdata.starts_with(&target) {
             return Err(format!(
                 "tablespace {} would go to {text}, which overlaps --pgdata {}",
                 tablespace.oid,
@@ -95,7 +102,7 @@ pub fn place(
 
 /// True when some tablespace moves: the backup's tablespace_map must then be rewritten.
 pub fn relocated(placements: &[Placement]) -> bool {
-    placements.iter().any(|p| Path::new(&p.original) != p.target)
+    placements.iter().any(Placement::moved)
 }
 
 /// The tablespace_map PostgreSQL reads at the start of recovery: a line

@@ -77,6 +77,15 @@ impl Restorer {
             .output()
     }
 
+    /// Runs `args` and checks it was refused: exit 1, `needle` in the
+    /// message, and a hint.
+    pub fn refused(&self, args: &[&str], needle: &str) {
+        let output = self.run(args);
+        let text = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {text}");
+        assert!(text.contains(needle) && text.contains("hint:"), "{args:?}: {text}");
+    }
+
     /// A fresh directory for one restored cluster, owned by the server's user.
     pub fn target_dir() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::Builder::new().prefix("tidemark-restore-").tempdir().expect("tempdir");
@@ -252,12 +261,7 @@ fn refusals_write_nothing() {
     let scratch = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let restorer = Restorer::new(&agent, scratch.path());
-    let refused = |args: &[&str], needle: &str| {
-        let output = restorer.run(args);
-        let text = stderr(&output);
-        assert_eq!(output.status.code(), Some(1), "{args:?}: {text}");
-        assert!(text.contains(needle) && text.contains("hint:"), "{args:?}: {text}");
-    };
+    let refused = |args: &[&str], needle: &str| restorer.refused(args, needle);
 
     // A time without a zone.
     let (_dir, pgdata) = Restorer::target_dir();
@@ -353,12 +357,7 @@ fn tablespaces_go_back_where_they_were_or_where_mapped() {
     let scratch = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let restorer = Restorer::new(&agent, scratch.path());
-    let refused = |args: &[&str], needle: &str| {
-        let output = restorer.run(args);
-        let text = stderr(&output);
-        assert_eq!(output.status.code(), Some(1), "{args:?}: {text}");
-        assert!(text.contains(needle) && text.contains("hint:"), "{args:?}: {text}");
-    };
+    let refused = |args: &[&str], needle: &str| restorer.refused(args, needle);
     let source_files = listing(&ts_dir);
     let siblings = || listing(cluster.dir.path()).into_iter().filter(|(p, _)| !p.starts_with(&ts_dir)).count();
     let siblings_before = siblings();
