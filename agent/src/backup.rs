@@ -7,19 +7,18 @@
 //! chunk at the same place is referenced instead of stored again.
 
 use crate::config::Settings;
-use crate::fail::Fail;
-use crate::pg::{session, QueryEvent};
-use crate::store::Repository;
+use crate::pg::{session, Connection, QueryEvent};
 use anyhow::Context;
-use bytes::Bytes;
 use std::sync::Arc;
+use tidemark_proto::base_backup::{self, BackupMessage, BackupResults, Row};
 use tidemark_proto::repo::backup::{
-    chunk_key, manifest_key, pg_manifest_key, BackupFile, BackupManifest, ChunkRef, FileKind, Tablespace, CHUNK_SIZE,
+    chunk_key, manifest_key, pg_manifest_key, BackupFile, BackupManifest, ChunkRef, FileKind, CHUNK_SIZE,
     FORMAT_VERSION,
 };
 use tidemark_proto::repo::frame::{self, Compression};
 use tidemark_proto::tar::{EntryKind, TarEvent, TarReader};
-use tidemark_proto::Lsn;
+use tidemark_repo::Fail;
+use tidemark_repo::{catalog, Repository};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::info;
@@ -230,8 +229,8 @@ pub async fn schedule(
 
 async fn next_backup_delay(settings: &Settings, interval: std::time::Duration) -> anyhow::Result<std::time::Duration> {
     let (repo, _) = Repository::open_initialized(&settings.repo_url, &settings.key_files, false).await?;
-    let Some(newest) = complete_backups(&repo).await?.pop() else { return Ok(std::time::Duration::ZERO) };
-    let manifest = read_manifest(&repo, &newest).await?;
+    let Some(newest) = catalog::complete_backups(&repo).await?.pop() else { return Ok(std::time::Duration::ZERO) };
+    let manifest = catalog::read_manifest(&repo, &newest).await?;
     let ended = time::OffsetDateTime::parse(&manifest.end_time, &time::format_description::well_known::Rfc3339)
         .context("read the newest backup's end time")?;
     let age = time::OffsetDateTime::now_utc() - ended;
@@ -239,39 +238,9 @@ async fn next_backup_delay(settings: &Settings, interval: std::time::Duration) -
     Ok(interval.saturating_sub(age))
 }
 
-fn now_rfc3339() -> String {
-    crate::init::now_rfc3339()
-}
-
-fn backup_id() -> String {
-    let now = time::OffsetDateTime::now_utc();
-    format!(
-        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
-        now.year(),
-        u8::from(now.month()),
-        now.day(),
-        now.hour(),
-        now.minute(),
-        now.second()
-    )
-}
-
-/// Ids of complete backups (those with a manifest), oldest first.
-pub async fn complete_backups(repo: &Repository) -> anyhow::Result<Vec<String>> {
-    let keys = repo.list("backups").await?;
-    Ok(tidemark_proto::repo::backup::complete_backup_ids(keys.iter().map(String::as_str)))
-}
-
-pub async fn read_manifest(repo: &Repository, id: &str) -> anyhow::Result<BackupManifest> {
-    let key = manifest_key(id);
-    let object = repo.get(&key).await?.with_context(|| format!("backup {id} has no manifest"))?;
-    let raw = frame::decode(&object).with_context(|| format!("object {key} is corrupt"))?;
-    BackupManifest::from_json(&raw).map_err(|e| anyhow::anyhow!("backup manifest {key}: {e}"))
-}
-
 /// Deletes what interrupted backups left (backups without a manifest).
 async fn remove_orphans(repo: &Repository) -> anyhow::Result<usize> {
-    let complete = complete_backups(repo).await?;
+    let complete = catalog::complete_backups(repo).await?;
     let mut orphans: Vec<String> = repo
         .list("backups")
         .await?
@@ -292,7 +261,7 @@ fn quote_literal(text: &str) -> String {
 }
 
 pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Result<BackupManifest> {
-    let _lock = crate::daemon::lock_file(&settings.state_dir, "backup.lock", "another backup")?;
+    let _lock = crate::lock::lock_file(&settings.state_dir, "backup.lock", "another backup")?;
     let (repo, repo_meta) = Repository::open_initialized(&settings.repo_url, &settings.key_files, true).await?;
     let mut conn = session::connect_replication(&settings.conn).await?;
     let identity = session::identify(&mut conn).await?;
@@ -309,40 +278,27 @@ pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Resul
         )
         .into());
     }
-    // 15 replaced BASE_BACKUP's syntax and its answer (one CopyOut with typed
-    // messages instead of one raw CopyOut per tablespace plus the manifest).
-    let legacy = facts.server_version_num < 150000;
     let orphans = remove_orphans(&repo).await?;
     if orphans > 0 {
         info!(backups = orphans, "removed what interrupted backups left");
     }
-    let previous = match complete_backups(&repo).await?.last() {
-        Some(id) => Some(read_manifest(&repo, id).await?),
+    let previous = match catalog::complete_backups(&repo).await?.last() {
+        Some(id) => Some(catalog::read_manifest(&repo, id).await?),
         None => None,
     };
-    let mut id = backup_id();
-    if repo.get(&manifest_key(&id)).await?.is_some() {
+    let mut id = crate::clock::backup_id(time::OffsetDateTime::now_utc());
+    if repo.exists(&manifest_key(&id)).await? {
         id.push_str("-2");
     }
     let label = label.unwrap_or_else(|| format!("tidemark {id}"));
-    let start_time = now_rfc3339();
+    let start_time = crate::clock::now_rfc3339();
     info!(%id, %label, "starting base backup");
-    let command = if legacy {
-        format!(
-            "BASE_BACKUP LABEL {} PROGRESS FAST NOWAIT TABLESPACE_MAP MANIFEST 'yes' MANIFEST_CHECKSUMS 'CRC32C'",
-            quote_literal(&label)
-        )
-    } else {
-        format!(
-            "BASE_BACKUP (LABEL {}, PROGRESS, CHECKPOINT '{}', MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C', TABLESPACE_MAP true, WAIT false)",
-            quote_literal(&label),
-            if settings.backup_fast_checkpoint { "fast" } else { "spread" }
-        )
-    };
-    conn.send_query(&command).await?;
-
+    // 15 replaced BASE_BACKUP's syntax and its answer (one CopyOut with typed
+    // messages instead of one raw CopyOut per tablespace plus the manifest).
+    let legacy = facts.server_version_num < 150000;
+    conn.send_query(&base_backup_command(&label, legacy, settings.backup_fast_checkpoint)).await?;
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) * 2;
-    let mut receiver = Receiver {
+    let receiver = Receiver {
         repo: repo.clone(),
         id: id.clone(),
         previous: previous.as_ref(),
@@ -356,119 +312,18 @@ pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Resul
         bytes: 0,
         stored_bytes: 0,
     };
-    // Result sets: start position, tablespaces; then the archives; then the end position.
-    let mut result_sets: Vec<Vec<Vec<Option<String>>>> = Vec::new();
-    let mut rows = Vec::new();
-    let mut pg_manifest: Vec<u8> = Vec::new();
-    let mut in_manifest = false;
-    let mut progress: Option<ProgressReport> = None;
-    let mut legacy_copy = 0usize;
-    let mut legacy_bytes = 0u64;
-    loop {
-        match conn.next_query_event().await.context("BASE_BACKUP")? {
-            QueryEvent::Columns(_) => rows = Vec::new(),
-            QueryEvent::Row(row) => rows.push(row),
-            QueryEvent::Complete => {
-                if !rows.is_empty() || result_sets.len() < 2 {
-                    result_sets.push(std::mem::take(&mut rows));
-                }
-                if result_sets.len() == 2 && progress.is_none() {
-                    // The tablespace sizes (kB, thanks to PROGRESS) add up to the total.
-                    let total_kb: u64 =
-                        result_sets[1].iter().filter_map(|row| row.get(2)?.as_ref()?.parse::<u64>().ok()).sum();
-                    progress = Some(ProgressReport::new(total_kb * 1024));
-                }
-            }
-            // Before 15: one CopyOut per tablespace in result-set order (the
-            // data directory last), raw tar without end blocks, then one with the manifest.
-            QueryEvent::CopyOut if legacy => {
-                legacy_copy += 1;
-                let tablespaces = result_sets.get(1).map(Vec::as_slice).unwrap_or_default();
-                match tablespaces.get(legacy_copy - 1) {
-                    Some(row) => {
-                        receiver.archive = row.first().cloned().flatten().unwrap_or_else(|| "base".to_string());
-                        receiver.tar = TarReader::new();
-                    }
-                    None => in_manifest = true,
-                }
-            }
-            QueryEvent::CopyData(data) if legacy => {
-                legacy_bytes += data.len() as u64;
-                if in_manifest {
-                    pg_manifest.extend_from_slice(&data);
-                } else {
-                    receiver.tar_bytes(&data).await?;
-                }
-                if let Some(progress) = progress.as_mut() {
-                    progress.update(legacy_bytes, false);
-                }
-            }
-            QueryEvent::CopyDone if legacy && !in_manifest => {
-                anyhow::ensure!(receiver.open.is_none(), "archive {} ended inside a file", receiver.archive);
-            }
-            QueryEvent::CopyOut | QueryEvent::CopyDone => {}
-            QueryEvent::CopyData(data) => {
-                let mut data: Bytes = data;
-                let kind = data.first().copied();
-                data = data.slice(1.min(data.len())..);
-                match kind {
-                    Some(b'n') => {
-                        let name = data
-                            .split(|b| *b == 0)
-                            .next()
-                            .map(|n| String::from_utf8_lossy(n).into_owned())
-                            .unwrap_or_default();
-                        receiver.archive = match name.as_str() {
-                            "base.tar" => "base".to_string(),
-                            other => other.trim_end_matches(".tar").to_string(),
-                        };
-                        receiver.tar = TarReader::new();
-                    }
-                    Some(b'd') if in_manifest => pg_manifest.extend_from_slice(&data),
-                    Some(b'd') => receiver.tar_bytes(&data).await?,
-                    Some(b'm') => in_manifest = true,
-                    Some(b'p') => {
-                        let done = data.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
-                        if let Some(progress) = progress.as_mut() {
-                            progress.update(done, false);
-                        }
-                    }
-                    _ => anyhow::bail!("unexpected BASE_BACKUP message type {kind:?}"),
-                }
-            }
-            QueryEvent::Ready => break,
-        }
-    }
+    let mut stream = BackupStream::new(receiver, legacy);
+    stream.run(&mut conn).await?;
     conn.close().await;
-    if let Some(progress) = progress.as_mut() {
-        progress.update(receiver.bytes, true);
-    }
+    let BackupStream { mut receiver, results, pg_manifest, .. } = stream;
     while let Some(done) = receiver.uploads.join_next().await {
         receiver.stored_bytes += done.context("join upload task")??;
     }
-    let mut stored_bytes = receiver.stored_bytes;
-    let first = |set: Option<&Vec<Vec<Option<String>>>>, column: usize| -> anyhow::Result<String> {
-        set.and_then(|rows| rows.first())
-            .and_then(|row| row.get(column).cloned().flatten())
-            .context("BASE_BACKUP result is missing a value")
-    };
-    let start_lsn: Lsn = first(result_sets.first(), 0)?.parse()?;
-    let timeline: u32 = first(result_sets.first(), 1)?.parse()?;
-    let end_lsn: Lsn = first(result_sets.last(), 0)?.parse()?;
-    let tablespaces = result_sets
-        .get(1)
-        .map(|rows| {
-            rows.iter()
-                .filter_map(|row| {
-                    Some(Tablespace { oid: row.first()?.as_ref()?.parse().ok()?, location: row.get(1)?.clone()? })
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let (start_lsn, timeline) = results.start.context("BASE_BACKUP sent no start position")?;
+    let end_lsn = results.end.context("BASE_BACKUP sent no end position")?;
     anyhow::ensure!(!pg_manifest.is_empty(), "the server sent no backup_manifest");
     let (object, info) = frame::encode(&pg_manifest, Compression::Zstd { level: 3 })?;
     repo.put(&pg_manifest_key(&id), object).await?;
-    stored_bytes += info.stored_len;
     let manifest = BackupManifest {
         format_version: FORMAT_VERSION,
         id: id.clone(),
@@ -476,19 +331,140 @@ pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Resul
         system_identifier: identity.system_identifier,
         server_version_num: facts.server_version_num,
         timeline,
-        start_lsn: start_lsn.to_string(),
-        end_lsn: end_lsn.to_string(),
+        start_lsn,
+        end_lsn,
         start_time,
-        end_time: now_rfc3339(),
-        tablespaces,
+        end_time: crate::clock::now_rfc3339(),
+        tablespaces: results.manifest_tablespaces(),
         files: receiver.files,
         pg_manifest_key: pg_manifest_key(&id),
         bytes: receiver.bytes,
-        stored_bytes,
+        stored_bytes: receiver.stored_bytes + info.stored_len,
     };
     // Written last: only now does the backup exist.
     let (object, _) = frame::encode(&manifest.to_json(), Compression::Zstd { level: 3 })?;
     repo.put(&manifest_key(&id), object).await?;
     info!(%id, bytes = manifest.bytes, stored_bytes = manifest.stored_bytes, "base backup complete");
     Ok(manifest)
+}
+
+fn base_backup_command(label: &str, legacy: bool, fast_checkpoint: bool) -> String {
+    if legacy {
+        format!(
+            "BASE_BACKUP LABEL {} PROGRESS FAST NOWAIT TABLESPACE_MAP MANIFEST 'yes' MANIFEST_CHECKSUMS 'CRC32C'",
+            quote_literal(label)
+        )
+    } else {
+        format!(
+            "BASE_BACKUP (LABEL {}, PROGRESS, CHECKPOINT '{}', MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C', TABLESPACE_MAP true, WAIT false)",
+            quote_literal(label),
+            if fast_checkpoint { "fast" } else { "spread" }
+        )
+    }
+}
+
+/// BASE_BACKUP's answer as it arrives: result sets, archives into the
+/// receiver, the server's manifest, progress.
+struct BackupStream<'a> {
+    receiver: Receiver<'a>,
+    legacy: bool,
+    results: BackupResults,
+    rows: Vec<Row>,
+    pg_manifest: Vec<u8>,
+    in_manifest: bool,
+    progress: Option<ProgressReport>,
+    /// Before 15: CopyOuts seen (one per tablespace, then the manifest's).
+    legacy_copies: usize,
+    legacy_bytes: u64,
+}
+
+impl<'a> BackupStream<'a> {
+    fn new(receiver: Receiver<'a>, legacy: bool) -> BackupStream<'a> {
+        BackupStream {
+            receiver,
+            legacy,
+            results: BackupResults::default(),
+            rows: Vec::new(),
+            pg_manifest: Vec::new(),
+            in_manifest: false,
+            progress: None,
+            legacy_copies: 0,
+            legacy_bytes: 0,
+        }
+    }
+
+    async fn run(&mut self, conn: &mut Connection) -> anyhow::Result<()> {
+        loop {
+            match conn.next_query_event().await.context("BASE_BACKUP")? {
+                QueryEvent::Columns(_) => self.rows = Vec::new(),
+                QueryEvent::Row(row) => self.rows.push(row),
+                QueryEvent::Complete => {
+                    self.results.add(std::mem::take(&mut self.rows))?;
+                    if let (None, Some(total)) = (&self.progress, self.results.total_bytes()) {
+                        self.progress = Some(ProgressReport::new(total));
+                    }
+                }
+                QueryEvent::CopyOut if self.legacy => self.legacy_copy_out(),
+                QueryEvent::CopyData(data) if self.legacy => self.legacy_data(&data).await?,
+                QueryEvent::CopyDone if self.legacy && !self.in_manifest => {
+                    anyhow::ensure!(
+                        self.receiver.open.is_none(),
+                        "archive {} ended inside a file",
+                        self.receiver.archive
+                    );
+                }
+                QueryEvent::CopyOut | QueryEvent::CopyDone => {}
+                QueryEvent::CopyData(data) => self.message(base_backup::parse_message(data)?).await?,
+                QueryEvent::Ready => break,
+            }
+        }
+        if let Some(progress) = self.progress.as_mut() {
+            progress.update(self.receiver.bytes, true);
+        }
+        Ok(())
+    }
+
+    /// Before 15: one CopyOut per tablespace in result-set order (the data
+    /// directory last), raw tar without end blocks, then one with the manifest.
+    fn legacy_copy_out(&mut self) {
+        self.legacy_copies += 1;
+        let tablespaces = self.results.tablespaces.as_deref().unwrap_or_default();
+        match tablespaces.get(self.legacy_copies - 1) {
+            Some(tablespace) => self.begin_archive(tablespace.archive()),
+            None => self.in_manifest = true,
+        }
+    }
+
+    async fn legacy_data(&mut self, data: &[u8]) -> anyhow::Result<()> {
+        self.legacy_bytes += data.len() as u64;
+        if self.in_manifest {
+            self.pg_manifest.extend_from_slice(data);
+        } else {
+            self.receiver.tar_bytes(data).await?;
+        }
+        if let Some(progress) = self.progress.as_mut() {
+            progress.update(self.legacy_bytes, false);
+        }
+        Ok(())
+    }
+
+    async fn message(&mut self, message: BackupMessage) -> anyhow::Result<()> {
+        match message {
+            BackupMessage::Archive(name) => self.begin_archive(name),
+            BackupMessage::Data(data) if self.in_manifest => self.pg_manifest.extend_from_slice(&data),
+            BackupMessage::Data(data) => self.receiver.tar_bytes(&data).await?,
+            BackupMessage::ManifestFollows => self.in_manifest = true,
+            BackupMessage::Progress(done) => {
+                if let Some(progress) = self.progress.as_mut() {
+                    progress.update(done, false);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn begin_archive(&mut self, name: String) {
+        self.receiver.archive = name;
+        self.receiver.tar = TarReader::new();
+    }
 }

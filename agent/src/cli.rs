@@ -2,12 +2,12 @@
 //! plus a hint. Exit codes: 0 success, 1 failure, 2 usage (clap's).
 
 use crate::config::{self, CliConfig, Settings};
-use crate::fail::Fail;
 use crate::pg::PgError;
 use clap::{Parser, Subcommand};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tidemark_repo::Fail;
 
 #[derive(Parser, Debug)]
 #[command(name = "tidemark-agent", version, about = "Streams PostgreSQL WAL into a Tidemark repository")]
@@ -131,30 +131,7 @@ async fn dispatch(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Init { json } => {
             let report = crate::init::init(&settings).await?;
-            if json {
-                let value = serde_json::json!({
-                    "system_identifier": report.system_identifier,
-                    "timeline": report.timeline,
-                    "slot": settings.slot,
-                    "slot_created": report.slot_created,
-                    "repository": crate::store::redact_url(&settings.repo_url),
-                    "repository_created": report.repository_created,
-                    "stream_start_lsn": report.stream_start,
-                });
-                println!("{value:#}");
-            } else {
-                println!(
-                    "cluster {} (timeline {}): slot \"{}\" {}, repository {} {}; streaming will start at {}",
-                    report.system_identifier,
-                    report.timeline,
-                    settings.slot,
-                    if report.slot_created { "created" } else { "already existed" },
-                    crate::store::redact_url(&settings.repo_url),
-                    if report.repository_created { "created" } else { "adopted" },
-                    report.stream_start
-                );
-                println!("next: tidemark-agent run");
-            }
+            print_init(&settings, &report, json);
             Ok(())
         }
         Command::Run => crate::daemon::run(settings).await,
@@ -170,8 +147,8 @@ async fn dispatch(args: Args) -> anyhow::Result<()> {
         Command::Backup { label, json } => {
             let manifest = crate::backup::backup(&settings, label).await?;
             if json {
-                let value = manifest.summary();
-                println!("{value:#}");
+                // Through a JSON value, whose maps keep their keys sorted.
+                println!("{:#}", serde_json::to_value(manifest.summary())?);
             } else {
                 println!(
                     "backup {} ({}): {} files, {} bytes, {} bytes stored; WAL {} to {} on timeline {}",
@@ -210,18 +187,7 @@ async fn dispatch(args: Args) -> anyhow::Result<()> {
         }
         Command::Reencrypt { json } => {
             let report = crate::keys::reencrypt(&settings).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                println!(
-                    "{} objects re-sealed with key {}, {} already were",
-                    report.resealed, report.current_key, report.already_current
-                );
-                for key in &report.left_to_the_agent {
-                    println!("  left to the running agent (it rewrites it under the current key): {key}");
-                }
-            }
-            Ok(())
+            print_reencryption(&report, json)
         }
         Command::Status { json } => {
             let status = crate::status::status(&settings).await?;
@@ -235,16 +201,61 @@ async fn dispatch(args: Args) -> anyhow::Result<()> {
     }
 }
 
+/// `init`'s report: as JSON (stable fields) or a sentence with the next step.
+fn print_init(settings: &Settings, report: &crate::init::InitReport, json: bool) {
+    let repository = tidemark_repo::redact_url(&settings.repo_url);
+    if json {
+        let value = serde_json::json!({
+            "system_identifier": report.system_identifier,
+            "timeline": report.timeline,
+            "slot": settings.slot,
+            "slot_created": report.slot_created,
+            "repository": repository,
+            "repository_created": report.repository_created,
+            "stream_start_lsn": report.stream_start,
+        });
+        println!("{value:#}");
+        return;
+    }
+    println!(
+        "cluster {} (timeline {}): slot \"{}\" {}, repository {} {}; streaming will start at {}",
+        report.system_identifier,
+        report.timeline,
+        settings.slot,
+        if report.slot_created { "created" } else { "already existed" },
+        repository,
+        if report.repository_created { "created" } else { "adopted" },
+        report.stream_start
+    );
+    println!("next: tidemark-agent run");
+}
+
+fn print_reencryption(report: &crate::keys::Reencryption, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    println!(
+        "{} objects re-sealed with key {}, {} already were",
+        report.resealed, report.current_key, report.already_current
+    );
+    for key in &report.left_to_the_agent {
+        println!("  left to the running agent (it rewrites it under the current key): {key}");
+    }
+    Ok(())
+}
+
 /// pg_create_restore_point over an ordinary session (replication sessions run no SQL).
 async fn mark(settings: &Settings, name: &str) -> anyhow::Result<String> {
     if name.is_empty() || name.len() >= 64 {
         return Err(Fail::new(format!("invalid restore point name {name:?}"), "use 1 to 63 characters").into());
     }
-    let mut conn = crate::pg::Connection::connect(&settings.conn, crate::pg::ConnectionKind::Sql).await?;
-    let literal = format!("'{}'", name.replace('\'', "''"));
-    let result = conn.simple_query(&format!("SELECT pg_create_restore_point({literal}) AS lsn")).await?;
-    conn.close().await;
-    Ok(result.value("lsn")?.unwrap_or_default().to_string())
+    let client = crate::pg::sql::connect(&settings.conn).await?;
+    let row = client
+        .query_one("SELECT pg_create_restore_point($1)::text", &[&name])
+        .await
+        .map_err(crate::pg::sql::from_postgres)?;
+    Ok(row.try_get(0)?)
 }
 
 fn settings(args: &Args) -> anyhow::Result<Settings> {
@@ -294,6 +305,9 @@ fn hint_for(error: &anyhow::Error) -> Option<String> {
     for cause in error.chain() {
         if let Some(fail) = cause.downcast_ref::<Fail>() {
             return Some(fail.hint.clone());
+        }
+        if let Some(repo) = cause.downcast_ref::<tidemark_repo::RepoError>() {
+            return Some(repo.hint().to_string());
         }
         if let Some(pg) = cause.downcast_ref::<PgError>() {
             return Some(pg_hint(pg));

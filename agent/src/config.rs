@@ -1,12 +1,12 @@
 //! Settings: the TOML file, then `TIDEMARK_*` variables, then flags; later wins.
 //! clap already puts flags over their variables; the file fills what both left unset.
 
-use crate::fail::Fail;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tidemark_proto::conninfo::ConnParams;
+use tidemark_repo::Fail;
 
 /// The config file's keys. Unknown keys are refused, so a typo is not silently ignored.
 #[derive(Debug, Default, Deserialize)]

@@ -1,59 +1,21 @@
 //! `tidemark-agent run`: one agent per state directory, streaming with
 //! reconnects, the uploader beside it, a clean stop on SIGINT/SIGTERM.
 
-use crate::catalog::Catalog;
 use crate::config::Settings;
-use crate::fail::Fail;
 use crate::index::Index;
 use crate::pg::PgError;
+use crate::relnames::RelationNames;
 use crate::spool::Spool;
-use crate::store::Repository;
 use crate::stream::{stream_once, StreamContext};
 use crate::summarizer::Summarizer;
 use crate::uploader::{UploadJob, Uploader};
 use anyhow::Context;
-use std::io::Write;
-use std::os::unix::io::AsRawFd;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tidemark_proto::{Lsn, TimelineId};
+use tidemark_repo::Fail;
+use tidemark_repo::Repository;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
-
-/// Holds the state directory's lock for as long as it lives.
-pub struct StateLock(#[allow(dead_code)] std::fs::File);
-
-/// Takes `<state-dir>/agent.lock` (flock), so two `run`s never share a spool.
-pub fn lock_state_dir(state_dir: &Path) -> anyhow::Result<StateLock> {
-    lock_file(state_dir, "agent.lock", "another tidemark-agent run")
-}
-
-/// An exclusive flock on `<state-dir>/<name>` holding our pid; `who` names
-/// the holder in the refusal.
-pub fn lock_file(state_dir: &Path, name: &str, who: &str) -> anyhow::Result<StateLock> {
-    let path = state_dir.join(name);
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("open lock file {}", path.display()))?;
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let holder = std::fs::read_to_string(&path).unwrap_or_default();
-        return Err(Fail::new(
-            format!("{who} (pid {}) is using state directory {}", holder.trim(), state_dir.display()),
-            "stop it first, or give this one its own --state-dir",
-        )
-        .into());
-    }
-    file.set_len(0)?;
-    write!(file, "{}", std::process::id())?;
-    Ok(StateLock(file))
-}
 
 /// Opens the state written by `init`; refuses a state directory never initialized.
 pub fn open_state(settings: &Settings) -> anyhow::Result<(Arc<Index>, crate::index::IndexMeta)> {
@@ -71,7 +33,7 @@ pub fn open_state(settings: &Settings) -> anyhow::Result<(Arc<Index>, crate::ind
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let _lock = lock_state_dir(&settings.state_dir)?;
+    let _lock = crate::lock::lock_state_dir(&settings.state_dir)?;
     let (index, meta) = open_state(&settings)?;
     let (repo, repo_meta) = Repository::open_initialized(&settings.repo_url, &settings.key_files, true).await?;
     crate::pg::session::check_same_cluster(
@@ -88,7 +50,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     // Four segments of slack; beyond that the summarizer catches up from the repository.
     let (summaries, segments) = mpsc::channel(4);
-    let catalog = Catalog::new(settings.conn.clone(), index.clone())?;
+    let catalog = RelationNames::new(settings.conn.clone(), index.clone())?;
     let summarizer = Summarizer::new(repo.clone(), index.clone(), catalog, meta.wal_segment_size);
     let summarizer_task = tokio::spawn(summarizer.run(segments));
     let uploader = Uploader {
@@ -113,7 +75,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         spool,
         uploads,
         system_identifier: meta.system_identifier.clone(),
-        stream_start: (TimelineId(meta.stream_start_timeline), Lsn(meta.stream_start_lsn)),
+        stream_start: (meta.stream_start_timeline, meta.stream_start_lsn),
     };
     let backups = settings
         .backup_interval

@@ -29,25 +29,30 @@ pub struct IndexMeta {
     pub wal_segment_size: u64,
     /// Where streaming begins on the first `run`: the segment holding the
     /// server's position when `init` created the slot.
-    pub stream_start_timeline: u32,
-    pub stream_start_lsn: u64,
+    pub stream_start_timeline: TimelineId,
+    #[serde(with = "tidemark_proto::lsn::as_number")]
+    pub stream_start_lsn: Lsn,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Progress {
-    pub timeline: u32,
+    pub timeline: TimelineId,
     /// Everything before this is fsynced in the spool.
-    pub flushed_lsn: u64,
+    #[serde(with = "tidemark_proto::lsn::as_number")]
+    pub flushed_lsn: Lsn,
     /// The server's end of WAL as last reported by it.
-    pub server_lsn: u64,
+    #[serde(with = "tidemark_proto::lsn::as_number")]
+    pub server_lsn: Lsn,
     pub updated_at_unix: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentRecord {
-    pub start_lsn: u64,
+    #[serde(with = "tidemark_proto::lsn::as_number")]
+    pub start_lsn: Lsn,
     /// Just past the last archived byte.
-    pub end_lsn: u64,
+    #[serde(with = "tidemark_proto::lsn::as_number")]
+    pub end_lsn: Lsn,
     pub raw_bytes: u64,
     pub stored_bytes: u64,
     pub crc32: u32,
@@ -245,11 +250,11 @@ impl Index {
 /// first archived one up to it is in the repository, following the latest
 /// timeline. Complete segments first, then a partial object that continues them.
 pub fn archived_end(segments: &[(SegmentId, SegmentRecord)], partials: &[(SegmentId, SegmentRecord)]) -> Option<Lsn> {
-    let mut ranges: Vec<(u32, u64, u64)> =
-        segments.iter().chain(partials.iter()).map(|(id, r)| (id.timeline.0, r.start_lsn, r.end_lsn)).collect();
+    let mut ranges: Vec<(TimelineId, Lsn, Lsn)> =
+        segments.iter().chain(partials.iter()).map(|(id, r)| (id.timeline, r.start_lsn, r.end_lsn)).collect();
     // Per timeline in LSN order; a later timeline continues from its switch point.
     ranges.sort();
-    let mut end: Option<u64> = None;
+    let mut end: Option<Lsn> = None;
     let mut current_tli = None;
     for (tli, start, stop) in ranges {
         match end {
@@ -268,7 +273,7 @@ pub fn archived_end(segments: &[(SegmentId, SegmentRecord)], partials: &[(Segmen
         }
         current_tli = Some(tli);
     }
-    end.map(Lsn)
+    end
 }
 
 #[cfg(test)]
@@ -276,7 +281,14 @@ mod tests {
     use super::*;
 
     fn rec(start: u64, end: u64) -> SegmentRecord {
-        SegmentRecord { start_lsn: start, end_lsn: end, raw_bytes: 0, stored_bytes: 0, crc32: 0, archived_at_unix: 0 }
+        SegmentRecord {
+            start_lsn: Lsn(start),
+            end_lsn: Lsn(end),
+            raw_bytes: 0,
+            stored_bytes: 0,
+            crc32: 0,
+            archived_at_unix: 0,
+        }
     }
     fn seg(tli: u32, no: u64) -> SegmentId {
         SegmentId { timeline: TimelineId(tli), segment_no: no }

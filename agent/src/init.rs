@@ -3,12 +3,12 @@
 //! Everything is checked before anything is written.
 
 use crate::config::Settings;
-use crate::fail::Fail;
 use crate::index::{Index, IndexMeta};
 use crate::pg::session;
-use crate::store::Repository;
 use std::os::unix::fs::DirBuilderExt;
 use tidemark_proto::repo::layout::{RepositoryMeta, FORMAT_VERSION, FORMAT_VERSION_PLAIN};
+use tidemark_repo::Fail;
+use tidemark_repo::{Create, RepoError, Repository};
 
 pub struct InitReport {
     pub system_identifier: String,
@@ -26,15 +26,12 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
     crate::preflight::check(&facts)?;
 
     // 2. The repository and state directory: empty or this cluster's.
-    let mut repo = Repository::open(&settings.repo_url, false).or_else(|e| {
-        // A missing local directory is created below; anything else is an error.
-        if settings.repo_url.contains("://") && !settings.repo_url.starts_with("file://") {
-            Err(e)
-        } else {
-            check_creatable(&settings.repo_url)?;
-            Ok(Repository::open(&settings.repo_url, true)?)
-        }
-    })?;
+    // A missing local directory is created; anything else that is not a
+    // repository directory is an error.
+    let mut repo = match Repository::open(&settings.repo_url, &settings.key_files, Create::No) {
+        Err(RepoError::NoRepository(_)) => Repository::open(&settings.repo_url, &settings.key_files, Create::Yes)?,
+        other => other?,
+    };
     let existing = repo.read_meta().await?;
     if let Some(meta) = &existing {
         session::check_same_cluster(
@@ -47,8 +44,8 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
     // key files is created encrypted (compression before encryption, every
     // object sealed), and one without stays plain.
     let encryption = match &existing {
-        Some(meta) => {
-            crate::store::unlock(meta, &repo.display, &settings.key_files)?;
+        Some(_) => {
+            repo.check_keys().await?;
             None
         }
         None if settings.key_files.is_empty() => None,
@@ -72,13 +69,13 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
             Some((meta, keyring)) => (FORMAT_VERSION, Some(meta), Some(keyring)),
             None => (FORMAT_VERSION_PLAIN, None, None),
         };
-        repo.set_keyring(keyring);
+        repo = repo.with_keyring(keyring);
         repo.write_meta(&RepositoryMeta {
             format_version,
             system_identifier: identity.system_identifier.clone(),
             wal_segment_size: facts.wal_segment_size,
             server_version_num: facts.server_version_num,
-            created_at: now_rfc3339(),
+            created_at: crate::clock::now_rfc3339(),
             encryption,
         })
         .await?;
@@ -97,8 +94,8 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
             let meta = IndexMeta {
                 system_identifier: identity.system_identifier.clone(),
                 wal_segment_size: facts.wal_segment_size,
-                stream_start_timeline: identity.timeline.0,
-                stream_start_lsn: start.0,
+                stream_start_timeline: identity.timeline,
+                stream_start_lsn: start,
             };
             index.put_meta(&meta)?;
             meta
@@ -109,24 +106,6 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
         timeline: identity.timeline.0,
         slot_created,
         repository_created: existing.is_none(),
-        stream_start: tidemark_proto::Lsn(meta.stream_start_lsn).to_string(),
+        stream_start: meta.stream_start_lsn.to_string(),
     })
-}
-
-/// A local repository path must be a directory or creatable as one.
-fn check_creatable(url: &str) -> Result<(), Fail> {
-    let path = std::path::PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
-    if path.exists() && !path.is_dir() {
-        return Err(Fail::new(
-            format!("repository path {} is not a directory", path.display()),
-            "point --repo at a directory",
-        ));
-    }
-    Ok(())
-}
-
-pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }

@@ -9,8 +9,6 @@
 //! interrupted run is simply started again.
 
 use crate::config::Settings;
-use crate::fail::Fail;
-use crate::store::{read_key_files, Repository};
 use anyhow::Context;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -19,6 +17,9 @@ use std::sync::Arc;
 use tidemark_proto::repo::layout::{EncryptionMeta, KeyRecord, RepositoryMeta, META_KEY};
 use tidemark_proto::repo::seal::{self, KdfParams, Keyring};
 use tidemark_proto::segment::WalFileName;
+use tidemark_repo::store::read_key_files;
+use tidemark_repo::Fail;
+use tidemark_repo::Repository;
 
 /// Writes a new random key (64 hex digits) to `path`, owner-only, never over an existing file.
 pub fn keygen(path: &Path) -> anyhow::Result<String> {
@@ -42,7 +43,7 @@ pub fn new_encryption(key_files: &[PathBuf]) -> anyhow::Result<(EncryptionMeta, 
     for (_, material) in read_key_files(key_files)? {
         let key = material.derive(&kdf)?;
         if !records.iter().any(|r| r.id == key.id.to_string()) {
-            records.push(KeyRecord { id: key.id.to_string(), added_at: crate::init::now_rfc3339() });
+            records.push(KeyRecord { id: key.id.to_string(), added_at: crate::clock::now_rfc3339() });
             keys.push(key);
         }
     }
@@ -79,7 +80,7 @@ pub async fn rotate_key(settings: &Settings, new_key_file: &Path) -> anyhow::Res
         .into());
     }
     if !encryption.keys.iter().any(|k| k.id == new_id) {
-        encryption.keys.push(KeyRecord { id: new_id.clone(), added_at: crate::init::now_rfc3339() });
+        encryption.keys.push(KeyRecord { id: new_id.clone(), added_at: crate::clock::now_rfc3339() });
     }
     encryption.current_key = new_id.clone();
     // Checked by the reader's own rules before it replaces the old metadata.

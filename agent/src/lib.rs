@@ -10,30 +10,28 @@
 //! - [`uploader`]: frames, compresses and stores spool segments, then records them.
 //! - [`summarizer`]: decodes stored segments into the audit's per-segment summaries.
 //! - [`catalog`]: names relation files (database, file number) after their tables.
-//! - [`store`]: the repository as an object store, with durable local puts.
 //! - [`index`]: the RocksDB index (the only module that names rocksdb).
 //! - [`daemon`]: `run`: the state-directory lock, tasks, reconnects, shutdown.
 //! - [`backup`]: BASE_BACKUP into per-chunk objects and a backup manifest.
 //! - [`status`]: the status report.
 //! - [`init`]: checks the server, creates the slot, creates or adopts the repository.
-//! - [`fail`]: errors we raise ourselves, each with a hint.
 //! - [`backoff`]: the one retry policy.
 
 pub mod backoff;
 pub mod backup;
-pub mod catalog;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
-pub mod fail;
 pub mod index;
 pub mod init;
 pub mod keys;
+pub mod lock;
 pub mod pg;
 pub mod preflight;
+pub mod relnames;
 pub mod spool;
 pub mod status;
-pub mod store;
 pub mod stream;
 pub mod summarizer;
 pub mod uploader;

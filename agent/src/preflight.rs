@@ -1,6 +1,6 @@
 //! Pure checks of what the server reports, each failing with a hint.
 
-use crate::fail::Fail;
+use tidemark_repo::Fail;
 
 /// What `init` and `run` learn from the server before streaming.
 #[derive(Debug, Clone)]

@@ -3,24 +3,27 @@
 //! current position.
 
 use crate::config::Settings;
-use crate::fail::Fail;
 use crate::index::{archived_end, Index};
 use crate::pg::session;
+use anyhow::Context;
 use serde::Serialize;
 use std::time::Duration;
-use tidemark_proto::Lsn;
+use tidemark_proto::repo::backup::BackupSummary;
+use tidemark_proto::{Lsn, TimelineId};
+use tidemark_repo::catalog::{self, Window};
+use tidemark_repo::{Create, Fail, RepoError, Repository};
 
-/// The report; field names are the stable JSON of DESIGN.md.
+/// The report. **Stable JSON** (`status --json`): field names and order.
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub system_identifier: String,
-    pub timeline: u32,
-    pub server_lsn: Option<String>,
-    pub archived_lsn: Option<String>,
-    pub flushed_lsn: Option<String>,
+    pub timeline: TimelineId,
+    pub server_lsn: Option<Lsn>,
+    pub archived_lsn: Option<Lsn>,
+    pub flushed_lsn: Option<Lsn>,
     pub lag_bytes: Option<u64>,
-    pub last_backup: Option<serde_json::Value>,
-    pub window: Option<serde_json::Value>,
+    pub last_backup: Option<BackupSummary>,
+    pub window: Option<Window>,
     pub archived_segments: usize,
     pub server_error: Option<String>,
     /// WAL durable in the spool but not yet in the repository: how far the
@@ -39,61 +42,65 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
         )
         .into());
     }
-    let index = Index::open_read_only(&index_dir)?;
+    // Opening read-only retries (with sleeps) while `run` rotates files.
+    let index = tokio::task::spawn_blocking(move || Index::open_read_only(&index_dir))
+        .await
+        .context("join the index open")??;
     let meta = index.meta()?.ok_or_else(|| Fail::new("the index has no metadata", "run `tidemark-agent init`"))?;
     let segments = index.segments()?;
-    let partials = index.partials()?;
     let progress = index.progress()?;
-    let archived = archived_end(&segments, &partials);
+    let archived = archived_end(&segments, &index.partials()?);
     let (server_lsn, server_error) = match server_position(settings).await {
         Ok(lsn) => (Some(lsn), None),
         Err(e) => (None, Some(format!("{e:#}"))),
     };
-    let timeline = progress.as_ref().map(|p| p.timeline).unwrap_or(meta.stream_start_timeline);
-    // An unreachable repository is reported (it is what status is for during
-    // an outage); a wrong key or another cluster's repository is an error.
-    let repo = crate::store::Repository::open(&settings.repo_url, false)?;
-    let meta_read = tokio::time::timeout(Duration::from_secs(10), repo.read_meta())
-        .await
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer from {} within 10 s", repo.display)));
-    let last_commit = index.last_commit()?;
-    let (last_backup, window, repository_error) = match meta_read {
-        Ok(Some(repo_meta)) => {
-            let mut repo = repo;
-            repo.set_keyring(crate::store::unlock(&repo_meta, &repo.display, &settings.key_files)?);
-            let found = async {
-                Ok::<_, anyhow::Error>((last_backup(&repo).await?, window(&repo, archived, last_commit).await?))
-            };
-            match found.await {
-                Ok((backup, window)) => (backup, window, None),
-                Err(e) => (None, None, Some(format!("{e:#}"))),
-            }
-        }
-        Ok(None) => {
-            return Err(Fail::new(
-                format!("repository {} is not initialized", repo.display),
-                "run `tidemark-agent init` with the same --repo",
-            )
-            .into())
-        }
-        Err(e) => (None, None, Some(format!("{e:#}"))),
-    };
-    let flushed = progress.as_ref().map(|p| Lsn(p.flushed_lsn));
-    let repository_behind_bytes =
-        flushed.map(|f| f.0.saturating_sub(archived.map(|a| a.0).unwrap_or(meta.stream_start_lsn)));
+    let (last_backup, window, repository_error) = repository_view(settings, archived, index.last_commit()?).await?;
+    let stream_start = meta.stream_start_lsn;
+    let flushed = progress.as_ref().map(|p| p.flushed_lsn);
     Ok(Status {
         system_identifier: meta.system_identifier,
-        timeline,
-        server_lsn: server_lsn.map(|l| l.to_string()),
-        archived_lsn: archived.map(|l| l.to_string()),
-        flushed_lsn: progress.map(|p| Lsn(p.flushed_lsn).to_string()),
-        lag_bytes: server_lsn.map(|s| s.saturating_sub(archived.unwrap_or(Lsn(meta.stream_start_lsn)))),
+        timeline: progress.as_ref().map(|p| p.timeline).unwrap_or(meta.stream_start_timeline),
+        server_lsn,
+        archived_lsn: archived,
+        flushed_lsn: flushed,
+        lag_bytes: server_lsn.map(|s| s.saturating_sub(archived.unwrap_or(stream_start))),
         last_backup,
         window,
         archived_segments: segments.len(),
         server_error,
-        repository_behind_bytes,
+        repository_behind_bytes: flushed.map(|f| f.saturating_sub(archived.unwrap_or(stream_start))),
         repository_error,
+    })
+}
+
+/// The last backup and the window, as the repository says. An unreachable
+/// repository is reported (it is what status is for during an outage); a
+/// wrong key or an uninitialized repository is an error.
+async fn repository_view(
+    settings: &Settings,
+    archived: Option<Lsn>,
+    last_commit: Option<(i64, u64)>,
+) -> anyhow::Result<(Option<BackupSummary>, Option<Window>, Option<String>)> {
+    let repo = Repository::open(&settings.repo_url, &settings.key_files, Create::No)?;
+    let reachable = tokio::time::timeout(Duration::from_secs(10), repo.read_meta())
+        .await
+        .unwrap_or_else(|_| Err(RepoError::Keys(format!("no answer from {} within 10 s", repo.display))));
+    match reachable {
+        Ok(Some(_)) => repo.check_keys().await?,
+        Ok(None) => return Err(RepoError::NotInitialized(repo.display.clone()).into()),
+        Err(e) => return Ok((None, None, Some(format!("{:#}", anyhow::Error::new(e))))),
+    }
+    let found = async {
+        let ids = catalog::complete_backups(&repo).await?;
+        let last = match ids.last() {
+            Some(id) => Some(catalog::read_manifest(&repo, id).await?.summary()),
+            None => None,
+        };
+        Ok::<_, RepoError>((last, window(&repo, &ids, archived, last_commit).await?))
+    };
+    Ok(match found.await {
+        Ok((backup, window)) => (backup, window, None),
+        Err(e) => (None, None, Some(format!("{:#}", anyhow::Error::new(e)))),
     })
 }
 
@@ -102,37 +109,27 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
 /// summaries hold (the unsummarized tail, at most a segment and the partial,
 /// is not counted; `tidemark-restore list` decodes it too).
 async fn window(
-    repo: &crate::store::Repository,
+    repo: &Repository,
+    backup_ids: &[String],
     archived: Option<Lsn>,
     last_commit: Option<(i64, u64)>,
-) -> anyhow::Result<Option<serde_json::Value>> {
+) -> Result<Option<Window>, RepoError> {
     let Some(archived) = archived else { return Ok(None) };
-    for id in crate::backup::complete_backups(repo).await? {
-        let manifest = crate::backup::read_manifest(repo, &id).await?;
-        let Ok(end) = manifest.end_lsn.parse::<Lsn>() else { continue };
-        if end > archived {
+    for id in backup_ids {
+        let manifest = catalog::read_manifest(repo, id).await?;
+        if manifest.end_lsn > archived {
             continue; // its WAL is not all archived yet
         }
-        let latest = last_commit.filter(|(_, lsn)| *lsn >= end.0 && *lsn < archived.0).and_then(|(micros, _)| {
-            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000)
-                .ok()?
-                .format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        });
-        return Ok(Some(serde_json::json!({
-            "earliest": manifest.end_time,
-            "latest": latest,
-            "earliest_lsn": manifest.end_lsn,
-            "latest_lsn": archived.to_string(),
-        })));
+        let latest =
+            last_commit.filter(|(_, lsn)| *lsn >= manifest.end_lsn.0 && *lsn < archived.0).and_then(|(micros, _)| {
+                time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000)
+                    .ok()?
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            });
+        return Ok(Some(Window::from_backup(&manifest, archived, latest)));
     }
     Ok(None)
-}
-
-async fn last_backup(repo: &crate::store::Repository) -> anyhow::Result<Option<serde_json::Value>> {
-    let Some(id) = crate::backup::complete_backups(repo).await?.pop() else { return Ok(None) };
-    let m = crate::backup::read_manifest(repo, &id).await?;
-    Ok(Some(m.summary()))
 }
 
 async fn server_position(settings: &Settings) -> anyhow::Result<Lsn> {
@@ -149,7 +146,7 @@ async fn server_position(settings: &Settings) -> anyhow::Result<Lsn> {
 }
 
 pub fn render_text(status: &Status) -> String {
-    let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
+    let or_none = |v: &Option<Lsn>| v.map(|l| l.to_string()).unwrap_or_else(|| "none".into());
     let mut out = String::new();
     out.push_str(&format!("system identifier   {}\n", status.system_identifier));
     out.push_str(&format!("timeline            {}\n", status.timeline));
@@ -172,19 +169,16 @@ pub fn render_text(status: &Status) -> String {
     match &status.last_backup {
         Some(b) => out.push_str(&format!(
             "last backup         {} ended {} (WAL {} .. {})\n",
-            b["id"].as_str().unwrap_or("?"),
-            b["end_time"].as_str().unwrap_or("?"),
-            b["start_lsn"].as_str().unwrap_or("?"),
-            b["end_lsn"].as_str().unwrap_or("?")
+            b.id, b.end_time, b.start_lsn, b.end_lsn
         )),
         None => out.push_str("last backup         none\n"),
     }
     match &status.window {
         Some(w) => out.push_str(&format!(
             "restorable window   {} .. {} (WAL to {})\n",
-            w["earliest"].as_str().unwrap_or("?"),
-            w["latest"].as_str().unwrap_or("(no commit archived since)"),
-            w["latest_lsn"].as_str().unwrap_or("?")
+            w.earliest,
+            w.latest.as_deref().unwrap_or("(no commit archived since)"),
+            w.latest_lsn
         )),
         None => out.push_str("restorable window   none yet (no backup with its WAL archived)\n"),
     }

@@ -7,7 +7,6 @@ use crate::index::{Index, Progress};
 use crate::pg::session::{self, Identity};
 use crate::pg::{Connection, CopyEvent};
 use crate::spool::{SegmentWriter, Spool};
-use crate::store::Repository;
 use crate::uploader::UploadJob;
 use anyhow::Context;
 use std::sync::Arc;
@@ -16,6 +15,7 @@ use tidemark_proto::repo::frame::{self, Compression};
 use tidemark_proto::repo::layout::history_key;
 use tidemark_proto::segment::SegmentId;
 use tidemark_proto::{Lsn, TimelineId};
+use tidemark_repo::Repository;
 use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tracing::{info, warn};
@@ -42,10 +42,10 @@ fn resume_point(ctx: &StreamContext) -> anyhow::Result<(TimelineId, Lsn)> {
         candidates.push(point);
     }
     if let Some(progress) = ctx.index.progress()? {
-        candidates.push((TimelineId(progress.timeline), Lsn(progress.flushed_lsn).segment_start(size)));
+        candidates.push((progress.timeline, progress.flushed_lsn.segment_start(size)));
     }
     if let Some((segment, record)) = ctx.index.segments()?.last() {
-        candidates.push((segment.timeline, Lsn(record.end_lsn)));
+        candidates.push((segment.timeline, record.end_lsn));
     }
     candidates.into_iter().max().context("no resume point")
 }
@@ -61,7 +61,7 @@ pub async fn stream_once(
     session::check_same_cluster("the repository", &ctx.system_identifier, &identity.system_identifier)?;
     let (mut timeline, mut start) = resume_point(ctx)?;
     if timeline > identity.timeline {
-        anyhow::bail!(crate::fail::Fail::new(
+        anyhow::bail!(tidemark_repo::Fail::new(
             format!("the archive is on timeline {timeline} but the server is on timeline {}", identity.timeline),
             "was this server restored from an older backup? archive it into a new repository",
         ));
@@ -83,9 +83,9 @@ pub async fn stream_once(
                 timeline = next_timeline;
                 start = next_start.segment_start(ctx.spool.segment_size);
                 ctx.index.put_progress(&Progress {
-                    timeline: timeline.0,
-                    flushed_lsn: start.0,
-                    server_lsn: 0,
+                    timeline,
+                    flushed_lsn: start,
+                    server_lsn: Lsn::ZERO,
                     updated_at_unix: now_unix_micros() / 1_000_000,
                 })?;
             }
@@ -96,7 +96,7 @@ pub async fn stream_once(
 /// Stores `%08X.history` for `timeline` if the repository lacks it.
 async fn archive_history(ctx: &StreamContext, conn: &mut Connection, timeline: TimelineId) -> anyhow::Result<()> {
     let key = history_key(timeline);
-    if ctx.repo.get(&key).await?.is_some() {
+    if ctx.repo.exists(&key).await? {
         return Ok(());
     }
     let result = conn.simple_query(&format!("TIMELINE_HISTORY {timeline}")).await?;
@@ -118,7 +118,7 @@ async fn stream_timeline(
 ) -> anyhow::Result<Option<(TimelineId, Lsn)>> {
     let mut writer = SegmentWriter::new(ctx.spool.clone(), timeline, start);
     let mut server_lsn = start;
-    send_status(conn, &writer, false).await?;
+    send_status(conn, &writer).await?;
     let mut status_tick = tokio::time::interval(ctx.settings.status_interval);
     status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut partial_tick = tokio::time::interval(ctx.settings.partial_upload_interval);
@@ -176,10 +176,10 @@ async fn stream_timeline(
                 if writer.flushed() > last_reported {
                     record_progress(ctx, &writer, server_lsn)?;
                     last_progress_write = std::time::Instant::now();
-                    send_status(conn, &writer, false).await?;
+                    send_status(conn, &writer).await?;
                     last_reported = writer.flushed();
                 } else if reply_now {
-                    send_status(conn, &writer, false).await?;
+                    send_status(conn, &writer).await?;
                 }
                 if ended {
                     return end_of_timeline(ctx, conn, &mut writer).await.map(Some);
@@ -189,7 +189,7 @@ async fn stream_timeline(
                 if ctx.settings.spool_limit.is_some() {
                     paused = spool_limit_state(ctx, paused)?;
                 }
-                send_status(conn, &writer, false).await?;
+                send_status(conn, &writer).await?;
                 if last_progress_write.elapsed() >= ctx.settings.status_interval {
                     record_progress(ctx, &writer, server_lsn)?;
                     last_progress_write = std::time::Instant::now();
@@ -206,7 +206,7 @@ async fn stream_timeline(
             _ = shutdown.changed() => {
                 tokio::task::block_in_place(|| writer.flush())?;
                 record_progress(ctx, &writer, server_lsn)?;
-                send_status(conn, &writer, false).await?;
+                send_status(conn, &writer).await?;
                 if let Some((segment, path, len)) = writer.partial() {
                     let _ = ctx.uploads.send(UploadJob::Partial { segment, path, len, last: false });
                 }
@@ -260,18 +260,19 @@ fn spool_limit_state(ctx: &StreamContext, paused: bool) -> anyhow::Result<bool> 
 
 fn record_progress(ctx: &StreamContext, writer: &SegmentWriter, server_lsn: Lsn) -> anyhow::Result<()> {
     ctx.index.put_progress(&Progress {
-        timeline: writer.timeline().0,
-        flushed_lsn: writer.flushed().0,
-        server_lsn: server_lsn.0,
+        timeline: writer.timeline(),
+        flushed_lsn: writer.flushed(),
+        server_lsn,
         updated_at_unix: now_unix_micros() / 1_000_000,
     })
 }
 
 /// Reports written = flushed = what is fsynced: the slot may advance to it and
-/// synchronous commits waiting for it may return.
-async fn send_status(conn: &mut Connection, writer: &SegmentWriter, reply_requested: bool) -> anyhow::Result<()> {
+/// synchronous commits waiting for it may return. Apply stays 0, and the
+/// server is never asked to reply (its keepalives come on their own).
+async fn send_status(conn: &mut Connection, writer: &SegmentWriter) -> anyhow::Result<()> {
     let flushed = writer.flushed();
-    let message = standby_status_update(flushed, flushed, now_unix_micros(), reply_requested);
+    let message = standby_status_update(flushed, flushed, now_unix_micros(), false);
     conn.send_copy_data(&message).await?;
     Ok(())
 }

@@ -9,9 +9,8 @@
 //! once every record starting in it is complete (the last one may end in the
 //! next segment), and `summary_next` in the index says where to resume.
 
-use crate::catalog::Catalog;
 use crate::index::Index;
-use crate::store::Repository;
+use crate::relnames::RelationNames;
 use anyhow::Context;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -22,30 +21,34 @@ use tidemark_proto::wal::page::major_for_magic;
 use tidemark_proto::wal::summary::SummaryBuilder;
 use tidemark_proto::wal::{self, WalReader};
 use tidemark_proto::{Lsn, TimelineId};
+use tidemark_repo::Repository;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 /// A complete segment just stored, with its bytes.
 pub type SegmentBytes = (SegmentId, Arc<Vec<u8>>);
 
+/// Summaries being built, per segment number (a record belongs to the segment it starts in).
+type Building = BTreeMap<u64, (TimelineId, SummaryBuilder)>;
+
 pub struct Summarizer {
     repo: Repository,
     index: Arc<Index>,
-    catalog: Catalog,
+    catalog: RelationNames,
     segment_size: u64,
     reader: Option<WalReader>,
     /// Summaries being built, by segment number, with their file's timeline.
-    building: BTreeMap<u64, (TimelineId, SummaryBuilder)>,
+    building: Building,
 }
 
 impl Summarizer {
-    pub fn new(repo: Repository, index: Arc<Index>, catalog: Catalog, segment_size: u64) -> Summarizer {
+    pub fn new(repo: Repository, index: Arc<Index>, catalog: RelationNames, segment_size: u64) -> Summarizer {
         Summarizer { repo, index, catalog, segment_size, reader: None, building: BTreeMap::new() }
     }
 
     pub async fn run(mut self, mut segments: mpsc::Receiver<SegmentBytes>) {
         while let Some((segment, bytes)) = segments.recv().await {
-            if let Err(e) = self.take(segment, &bytes).await {
+            if let Err(e) = self.take(segment, bytes).await {
                 // The next segment retries from `summary_next`, reading the repository.
                 warn!(segment = %segment.file_name(self.segment_size), "could not summarize WAL: {e:#}");
                 self.reader = None;
@@ -54,7 +57,7 @@ impl Summarizer {
         }
     }
 
-    async fn take(&mut self, segment: SegmentId, bytes: &[u8]) -> anyhow::Result<()> {
+    async fn take(&mut self, segment: SegmentId, bytes: Arc<Vec<u8>>) -> anyhow::Result<()> {
         let next = match self.index.summary_next()? {
             Some(next) => next,
             None => self.first_archived()?.unwrap_or(segment.segment_no),
@@ -64,7 +67,7 @@ impl Summarizer {
         }
         for segment_no in next..segment.segment_no {
             match self.archived(segment_no, segment.timeline).await? {
-                Some((missed, data)) => self.feed(missed, &data).await?,
+                Some((missed, data)) => self.feed(missed, Arc::new(data)).await?,
                 None => {
                     warn!(segment_no, "no archived WAL to summarize; the audit has a gap there");
                     self.reader = None;
@@ -94,12 +97,11 @@ impl Summarizer {
             return Ok(None);
         };
         let key = segment_key(segment, self.segment_size);
-        let object = self.repo.get(&key).await?.with_context(|| format!("{key} is in the index but not stored"))?;
-        let raw = frame::decode(&object).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        let raw = self.repo.get(&key).await?.with_context(|| format!("{key} is in the index but not stored"))?;
         Ok(Some((segment, raw)))
     }
 
-    async fn feed(&mut self, segment: SegmentId, data: &[u8]) -> anyhow::Result<()> {
+    async fn feed(&mut self, segment: SegmentId, data: Arc<Vec<u8>>) -> anyhow::Result<()> {
         let start = segment.start_lsn(self.segment_size);
         let major = data
             .get(..2)
@@ -112,29 +114,16 @@ impl Summarizer {
                 WalReader::new(start, self.segment_size)
             }
         };
-        let mut reader = reader;
         self.building.entry(segment.segment_no).or_insert_with(|| (segment.timeline, SummaryBuilder::default()));
-        let building = &mut self.building;
+        let building = std::mem::take(&mut self.building);
         let segment_size = self.segment_size;
-        let mut malformed = 0u64;
-        reader.feed(data, |raw| match wal::decode(raw.lsn, raw.end, raw.bytes, major) {
-            Ok(record) => {
-                let segment_no = raw.lsn.segment_no(segment_size);
-                let timeline = segment.timeline;
-                building
-                    .entry(segment_no)
-                    .or_insert_with(|| (timeline, SummaryBuilder::default()))
-                    .1
-                    .add(&record, major);
-            }
-            Err(e) => {
-                malformed += 1;
-                debug!("{e}");
-            }
-        });
-        if malformed > 0 {
-            warn!(segment = %segment.file_name(segment_size), malformed, "records the decoder could not take apart");
-        }
+        // Decoding a segment is CPU work: off the async threads, so the
+        // replication stream's keepalives are never held up behind it.
+        let (reader, building) =
+            tokio::task::spawn_blocking(move || decode(reader, building, segment, segment_size, &data, major))
+                .await
+                .context("join the WAL decoder")?;
+        self.building = building;
         let done_before = match reader.end() {
             None => {
                 let done = reader.complete_before();
@@ -168,17 +157,57 @@ impl Summarizer {
             self.catalog.refresh(&touched, &ddl).await;
             let catalog = &self.catalog;
             let summary = builder.finish(timeline.0, segment.start_lsn(self.segment_size), |rel| catalog.naming(rel));
-            let json = summary.to_json();
-            let (object, _) = frame::encode(&json, Compression::Zstd { level: 3 })?;
+            let (object, summary) = tokio::task::spawn_blocking(move || {
+                frame::encode(&summary.to_json(), Compression::Zstd { level: 3 }).map(|(object, _)| (object, summary))
+            })
+            .await
+            .context("join the summary compression")??;
             self.repo.put(&summary_key(segment, self.segment_size), object).await?;
-            self.index.put_summary(segment, &summary)?;
-            self.index.put_summary_next(segment_no + 1)?;
+            let index = self.index.clone();
+            let transactions = summary.ends.len();
+            tokio::task::spawn_blocking(move || {
+                index.put_summary(segment, &summary)?;
+                index.put_summary_next(segment_no + 1)
+            })
+            .await
+            .context("join the index write")??;
             info!(
                 segment = %segment.file_name(self.segment_size),
-                transactions = summary.ends.len(),
+                transactions,
                 "summarized segment"
             );
         }
         Ok(())
     }
+}
+
+/// Feeds one segment's bytes to the reader, adding each record to the
+/// builder of the segment it starts in.
+fn decode(
+    mut reader: WalReader,
+    mut building: Building,
+    segment: SegmentId,
+    segment_size: u64,
+    data: &[u8],
+    major: wal::PgMajor,
+) -> (WalReader, Building) {
+    let mut malformed = 0u64;
+    reader.feed(data, |raw| match wal::decode(raw.lsn, raw.end, raw.bytes, major) {
+        Ok(record) => {
+            let segment_no = raw.lsn.segment_no(segment_size);
+            building
+                .entry(segment_no)
+                .or_insert_with(|| (segment.timeline, SummaryBuilder::default()))
+                .1
+                .add(&record, major);
+        }
+        Err(e) => {
+            malformed += 1;
+            debug!("{e}");
+        }
+    });
+    if malformed > 0 {
+        warn!(segment = %segment.file_name(segment_size), malformed, "records the decoder could not take apart");
+    }
+    (reader, building)
 }

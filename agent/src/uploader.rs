@@ -4,15 +4,16 @@
 //! fills in LSN order and a partial object never overwrites a newer state.
 
 use crate::index::{Index, SegmentRecord};
-use crate::store::Repository;
 use crate::summarizer::SegmentBytes;
 use anyhow::Context;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tidemark_proto::repo::frame::{self, Compression};
 use tidemark_proto::repo::layout::{partial_segment_key, segment_key};
 use tidemark_proto::segment::SegmentId;
+use tidemark_proto::Lsn;
+use tidemark_repo::Repository;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -38,10 +39,6 @@ pub struct Uploader {
 
 /// How often a stuck upload is reported.
 const BEHIND_REPORT: Duration = Duration::from_secs(10);
-
-fn now_unix() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
 
 impl Uploader {
     /// Runs jobs until the channel closes; each is retried until it succeeds.
@@ -86,9 +83,9 @@ impl Uploader {
 
     /// WAL durable in the spool but not yet in the repository.
     fn behind_bytes(&self) -> anyhow::Result<u64> {
-        let flushed = self.index.progress()?.map(|p| p.flushed_lsn).unwrap_or(0);
+        let flushed = self.index.progress()?.map(|p| p.flushed_lsn).unwrap_or(Lsn::ZERO);
         let archived = crate::index::archived_end(&self.index.segments()?, &self.index.partials()?);
-        Ok(flushed.saturating_sub(archived.map(|a| a.0).unwrap_or(0)))
+        Ok(flushed.saturating_sub(archived.unwrap_or(Lsn::ZERO)))
     }
 
     pub async fn upload(&self, job: &UploadJob) -> anyhow::Result<()> {
@@ -117,15 +114,21 @@ impl Uploader {
         );
         let raw = Arc::new(raw);
         let record = self.store(&segment_key(segment, self.segment_size), raw.clone(), segment).await?;
-        self.index.put_segment(segment, &record)?;
+        let stored_bytes = record.stored_bytes;
+        let index = self.index.clone();
+        off_runtime(move || index.put_segment(segment, &record)).await?;
         if let Some(summaries) = &self.summaries {
             let _ = summaries.try_send((segment, raw));
         }
         // The complete object supersedes any partial one.
         self.repo.delete(&partial_segment_key(segment, self.segment_size)).await?;
-        self.index.delete_partial(segment)?;
-        remove_durably(path)?;
-        info!(segment = %name, stored_bytes = record.stored_bytes, "archived segment");
+        let (index, path) = (self.index.clone(), path.clone());
+        off_runtime(move || {
+            index.delete_partial(segment)?;
+            remove_durably(&path)
+        })
+        .await?;
+        info!(segment = %name, stored_bytes, "archived segment");
         Ok(())
     }
 
@@ -140,10 +143,15 @@ impl Uploader {
             Err(e) => return Err(e).with_context(|| format!("read spool file {}", path.display())),
         };
         let record = self.store(&partial_segment_key(segment, self.segment_size), Arc::new(raw), segment).await?;
-        self.index.put_partial(segment, &record)?;
-        if last {
-            remove_durably(path)?;
-        }
+        let (index, path) = (self.index.clone(), path.clone());
+        off_runtime(move || {
+            index.put_partial(segment, &record)?;
+            if last {
+                remove_durably(&path)?;
+            }
+            Ok(())
+        })
+        .await?;
         debug!(segment = %segment.file_name(self.segment_size), bytes = len, "archived partial segment");
         Ok(())
     }
@@ -155,14 +163,14 @@ impl Uploader {
             .await
             .context("join compression task")??;
         self.repo.put(key, object).await?;
-        let start = segment.start_lsn(self.segment_size).0;
+        let start = segment.start_lsn(self.segment_size);
         Ok(SegmentRecord {
             start_lsn: start,
-            end_lsn: start + raw_len,
+            end_lsn: Lsn(start.0 + raw_len),
             raw_bytes: info.raw_len,
             stored_bytes: info.stored_len,
             crc32: info.crc32,
-            archived_at_unix: now_unix(),
+            archived_at_unix: crate::clock::now_unix(),
         })
     }
 }
@@ -181,14 +189,14 @@ async fn read_prefix(path: &PathBuf, len: u64) -> std::io::Result<Vec<u8>> {
     Ok(raw)
 }
 
-fn remove_durably(path: &PathBuf) -> anyhow::Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("remove spool file {}", path.display())),
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync {}", dir.display()))?;
-    }
-    Ok(())
+fn remove_durably(path: &Path) -> anyhow::Result<()> {
+    tidemark_repo::durable::remove_durably(path).with_context(|| format!("remove spool file {}", path.display()))
+}
+
+/// RocksDB writes and fsyncs block: they run on a blocking thread, so a slow
+/// disk never holds up the replication stream's keepalives.
+async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(work).await.context("join a blocking task")?
 }

@@ -51,6 +51,34 @@ impl fmt::Debug for Lsn {
     }
 }
 
+/// In JSON (manifests, reports) an LSN is its `X/Y` text, as PostgreSQL prints it.
+impl serde::Serialize for Lsn {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Lsn {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Lsn, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// For stored records that have always kept an LSN as a JSON number (the
+/// agent's index): `#[serde(with = "tidemark_proto::lsn::as_number")]`.
+pub mod as_number {
+    use super::Lsn;
+
+    pub fn serialize<S: serde::Serializer>(lsn: &Lsn, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(lsn.0)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Lsn, D::Error> {
+        <u64 as serde::Deserialize>::deserialize(deserializer).map(Lsn)
+    }
+}
+
 impl FromStr for Lsn {
     type Err = ParseLsnError;
 

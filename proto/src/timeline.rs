@@ -4,7 +4,9 @@ use crate::Lsn;
 use std::fmt;
 
 /// A PostgreSQL timeline id; 1 for a cluster that was never promoted or recovered.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+/// In JSON it is the bare number.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct TimelineId(pub u32);
 
 impl fmt::Display for TimelineId {

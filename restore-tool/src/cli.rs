@@ -1,12 +1,15 @@
 //! Command line of `tidemark-restore`: settings (TOML file, then
 //! `TIDEMARK_*` variables, then flags), dispatch, error line with hint.
 
-use crate::store::{ReadError, RepositoryReader};
 use crate::wal_get::{wal_get, Fetched};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tidemark_proto::repo::backup::BackupManifest;
+use tidemark_proto::repo::backup::{BackupManifest, BackupSummary};
+use tidemark_proto::Xid;
+use tidemark_repo::catalog::{complete_backups, read_manifest, Catalog, TimelineInfo, WalRange, Window};
+use tidemark_repo::{redact_url, Create, Fail, Repository};
 
 #[derive(Parser, Debug)]
 #[command(name = "tidemark-restore", version, about = "Restores PostgreSQL from a Tidemark repository")]
@@ -28,75 +31,7 @@ struct Args {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Rebuild the cluster as of one target into a new data directory.
-    #[command(group(clap::ArgGroup::new("target").required(true).args(["time", "lsn", "xid", "before_xid", "name", "latest", "immediate"])))]
-    Restore {
-        /// The new data directory (must be missing or empty, unless --force).
-        #[arg(long)]
-        pgdata: PathBuf,
-        /// A time with a zone: RFC 3339 or `YYYY-MM-DD HH:MM:SS+TZ`.
-        #[arg(long)]
-        time: Option<String>,
-        /// An LSN, X/Y.
-        #[arg(long)]
-        lsn: Option<String>,
-        /// Stop just after this transaction commits.
-        #[arg(long)]
-        xid: Option<u32>,
-        /// Stop just before this transaction commits.
-        #[arg(long)]
-        before_xid: Option<u32>,
-        /// A named restore point (`tidemark-agent mark NAME`).
-        #[arg(long)]
-        name: Option<String>,
-        /// Everything archived.
-        #[arg(long)]
-        latest: bool,
-        /// Only the backup's own consistent point.
-        #[arg(long)]
-        immediate: bool,
-        /// The timeline to follow: latest (default, the newest archived), current (the backup's) or a number.
-        #[arg(long)]
-        timeline: Option<String>,
-        /// Use this backup instead of the newest that can reach the target.
-        #[arg(long)]
-        backup: Option<String>,
-        /// Check and print the plan; write nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Replace the contents of a non-empty --pgdata (never next to a running server).
-        #[arg(long)]
-        force: bool,
-        /// Put a tablespace elsewhere than its original location: FROM (its
-        /// OID or original location, see --dry-run) = TO (an absolute,
-        /// missing or empty directory). Repeatable.
-        #[arg(long = "tablespace-map", value_name = "FROM=TO", value_parser = crate::tablespaces::parse_mapping)]
-        tablespace_map: Vec<(String, PathBuf)>,
-        /// Start PostgreSQL on the result and wait until the target is reached.
-        #[arg(long)]
-        start: bool,
-        /// Port for --start (default 5432).
-        #[arg(long, default_value_t = 5432)]
-        port: u16,
-        /// Pause at the target instead of promoting.
-        #[arg(long)]
-        pause: bool,
-        /// Directory of pg_ctl and psql for --start (default /usr/lib/postgresql/<major>/bin).
-        #[arg(long)]
-        pg_bin: Option<PathBuf>,
-        /// With --start: fetch WAL only when PostgreSQL asks, without staging
-        /// it ahead of replay (for measuring what staging saves).
-        #[arg(long)]
-        no_prefetch: bool,
-        /// Seconds --start waits for recovery to reach the target (default a day).
-        #[arg(long, default_value_t = 86_400)]
-        wait_timeout: u64,
-        /// The audit cache that resolves time, xid and name targets
-        /// (default ~/.cache/tidemark/audit/<system id>).
-        #[arg(long, env = "TIDEMARK_CACHE_DIR")]
-        cache_dir: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-    },
+    Restore(RestoreArgs),
     /// The WAL audit: transactions with commit time, xid, LSN and the rows
     /// they inserted, updated and deleted per table; unusual ones flagged.
     Timeline {
@@ -112,7 +47,7 @@ enum Command {
         until: Option<String>,
         /// Only this transaction.
         #[arg(long)]
-        xid: Option<u32>,
+        xid: Option<Xid>,
         /// Rows changed per table in each minute or hour, instead of transactions.
         #[arg(long, value_parser = ["minute", "hour"])]
         per: Option<String>,
@@ -166,6 +101,119 @@ enum Command {
     },
 }
 
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["time", "lsn", "xid", "before_xid", "name", "latest", "immediate"])))]
+struct RestoreArgs {
+    /// The new data directory (must be missing or empty, unless --force).
+    #[arg(long)]
+    pgdata: PathBuf,
+    /// A time with a zone: RFC 3339 or `YYYY-MM-DD HH:MM:SS+TZ`.
+    #[arg(long)]
+    time: Option<String>,
+    /// An LSN, X/Y.
+    #[arg(long)]
+    lsn: Option<String>,
+    /// Stop just after this transaction commits.
+    #[arg(long)]
+    xid: Option<Xid>,
+    /// Stop just before this transaction commits.
+    #[arg(long)]
+    before_xid: Option<Xid>,
+    /// A named restore point (`tidemark-agent mark NAME`).
+    #[arg(long)]
+    name: Option<String>,
+    /// Everything archived.
+    #[arg(long)]
+    latest: bool,
+    /// Only the backup's own consistent point.
+    #[arg(long)]
+    immediate: bool,
+    /// The timeline to follow: latest (default, the newest archived), current (the backup's) or a number.
+    #[arg(long)]
+    timeline: Option<String>,
+    /// Use this backup instead of the newest that can reach the target.
+    #[arg(long)]
+    backup: Option<String>,
+    /// Check and print the plan; write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Replace the contents of a non-empty --pgdata (never next to a running server).
+    #[arg(long)]
+    force: bool,
+    /// Put a tablespace elsewhere than its original location: FROM (its
+    /// OID or original location, see --dry-run) = TO (an absolute,
+    /// missing or empty directory). Repeatable.
+    #[arg(long = "tablespace-map", value_name = "FROM=TO", value_parser = crate::tablespaces::parse_mapping)]
+    tablespace_map: Vec<(String, PathBuf)>,
+    /// Start PostgreSQL on the result and wait until the target is reached.
+    #[arg(long)]
+    start: bool,
+    /// Port for --start (default 5432).
+    #[arg(long, default_value_t = 5432)]
+    port: u16,
+    /// Pause at the target instead of promoting.
+    #[arg(long)]
+    pause: bool,
+    /// Directory of pg_ctl and psql for --start (default /usr/lib/postgresql/<major>/bin).
+    #[arg(long)]
+    pg_bin: Option<PathBuf>,
+    /// With --start: fetch WAL only when PostgreSQL asks, without staging
+    /// it ahead of replay (for measuring what staging saves).
+    #[arg(long)]
+    no_prefetch: bool,
+    /// Seconds --start waits for recovery to reach the target (default a day).
+    #[arg(long, default_value_t = 86_400)]
+    wait_timeout: u64,
+    /// The audit cache that resolves time, xid and name targets
+    /// (default ~/.cache/tidemark/audit/<system id>).
+    #[arg(long, env = "TIDEMARK_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+impl RestoreArgs {
+    /// The restore's options, the target checked (times need a zone).
+    fn options(self) -> Result<crate::restore::RestoreOptions, Fail> {
+        use crate::target::{parse_time, Target};
+        let target = if let Some(text) = &self.time {
+            parse_time(text).map(Target::Time)
+        } else if let Some(text) = &self.lsn {
+            text.parse().map(Target::Lsn).map_err(|e: tidemark_proto::lsn::ParseLsnError| e.to_string())
+        } else if let Some(xid) = self.xid {
+            Ok(Target::Xid(xid))
+        } else if let Some(xid) = self.before_xid {
+            Ok(Target::BeforeXid(xid))
+        } else if let Some(name) = self.name {
+            Ok(Target::Name(name))
+        } else if self.latest {
+            Ok(Target::Latest)
+        } else {
+            debug_assert!(self.immediate);
+            Ok(Target::Immediate)
+        };
+        let target = target.map_err(|e| {
+            Fail::new(e, "times need a zone: 2026-11-25T10:31:00Z or \"2026-11-25 10:31:00+00\"; LSNs are X/Y")
+        })?;
+        Ok(crate::restore::RestoreOptions {
+            pgdata: self.pgdata,
+            target,
+            backup_id: self.backup,
+            timeline: self.timeline,
+            dry_run: self.dry_run,
+            force: self.force,
+            start: self.start,
+            port: self.port,
+            pause: self.pause,
+            pg_bin: self.pg_bin,
+            wait_timeout: std::time::Duration::from_secs(self.wait_timeout),
+            prefetch: !self.no_prefetch,
+            cache_dir: self.cache_dir,
+            tablespace_map: self.tablespace_map,
+        })
+    }
+}
+
 /// Exit code that makes PostgreSQL abort recovery (anything above 125).
 const ABORT_RECOVERY: u8 = 200;
 
@@ -178,17 +226,45 @@ pub fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEMARK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tidemark-restore: error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+    // wal-get is PostgreSQL's restore_command: any failure but "no such
+    // file" must stop recovery, never pass for the end of WAL.
+    let failure = if matches!(args.command, Command::WalGet { .. }) { ABORT_RECOVERY } else { 1 };
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|runtime| runtime.block_on(dispatch(args)));
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("tidemark-restore: error: {error:#}");
+            eprintln!("hint: {}", hint_for(&error));
+            ExitCode::from(failure)
         }
-    };
-    runtime.block_on(dispatch(args))
+    }
 }
 
-fn repo_url(args: &Args) -> Result<String, String> {
+/// What to do about an error: the hint of the first cause that has one.
+fn hint_for(error: &anyhow::Error) -> String {
+    if let Some(hint) = tidemark_repo::hint_of(error) {
+        return hint;
+    }
+    for cause in error.chain() {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            match io.kind() {
+                StorageFull => return "the disk is full: free space where the restore writes".into(),
+                ReadOnlyFilesystem | PermissionDenied => {
+                    return "make the target directory writable by this user (PostgreSQL's OS user for --start)".into()
+                }
+                _ => {}
+            }
+        }
+    }
+    "see the message; `tidemark-restore --help` lists the options".into()
+}
+
+fn repo_url(args: &Args) -> Result<String, Fail> {
     if let Some(repo) = &args.repo {
         return Ok(repo.clone());
     }
@@ -196,292 +272,141 @@ fn repo_url(args: &Args) -> Result<String, String> {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from("tidemark.toml"), false),
     };
+    let fail = |message: String| Fail::new(message, "fix --config or pass --repo");
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let table: toml::Table =
-                text.parse().map_err(|e| format!("config file {} is invalid: {e}", path.display()))?;
+                text.parse().map_err(|e| fail(format!("config file {} is invalid: {e}", path.display())))?;
             Ok(table.get("repo").and_then(|v| v.as_str()).unwrap_or("./tidemark-repo").to_string())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok("./tidemark-repo".into()),
-        Err(e) => Err(format!("cannot read config file {}: {e}", path.display())),
+        Err(e) => Err(fail(format!("cannot read config file {}: {e}", path.display()))),
     }
 }
 
-async fn dispatch(args: Args) -> ExitCode {
-    let url = match repo_url(&args) {
-        Ok(url) => url,
-        Err(e) => {
-            eprintln!("tidemark-restore: error: {e}\nhint: fix --config or pass --repo");
-            return ExitCode::FAILURE;
-        }
-    };
-    let key_files = args.key_files.clone();
+async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
+    let url = repo_url(&args)?;
+    let open = || Repository::open(&url, &args.key_files, Create::No);
     match args.command {
-        Command::Restore {
-            pgdata,
-            time,
-            lsn,
-            xid,
-            before_xid,
-            name,
-            latest,
-            immediate,
-            timeline,
-            backup,
-            dry_run,
-            force,
-            tablespace_map,
-            start,
-            port,
-            pause,
-            pg_bin,
-            wait_timeout,
-            no_prefetch,
-            cache_dir,
-            json,
-        } => {
-            use crate::target::{parse_time, Target};
-            let target = if let Some(text) = time {
-                parse_time(&text).map(Target::Time)
-            } else if let Some(text) = lsn {
-                text.parse().map(Target::Lsn).map_err(|e: tidemark_proto::lsn::ParseLsnError| e.to_string())
-            } else if let Some(xid) = xid {
-                Ok(Target::Xid(xid))
-            } else if let Some(xid) = before_xid {
-                Ok(Target::BeforeXid(xid))
-            } else if let Some(name) = name {
-                Ok(Target::Name(name))
-            } else if latest {
-                Ok(Target::Latest)
+        Command::Restore(restore) => {
+            let json = restore.json;
+            let options = restore.options()?;
+            let report = crate::restore::restore(&open()?, &url, options).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                debug_assert!(immediate);
-                Ok(Target::Immediate)
-            };
-            let target = match target {
-                Ok(target) => target,
-                Err(e) => {
-                    eprintln!("tidemark-restore: error: {e}");
-                    eprintln!(
-                        "hint: times need a zone: 2026-11-25T10:31:00Z or \"2026-11-25 10:31:00+00\"; LSNs are X/Y"
-                    );
-                    return ExitCode::FAILURE;
-                }
-            };
-            let options = crate::restore::RestoreOptions {
-                pgdata,
-                target,
-                backup_id: backup,
-                timeline,
-                dry_run,
-                force,
-                start,
-                port,
-                pause,
-                pg_bin,
-                wait_timeout: std::time::Duration::from_secs(wait_timeout),
-                prefetch: !no_prefetch,
-                cache_dir,
-                tablespace_map,
-            };
-            let result = async {
-                let repo = RepositoryReader::open(&url, &key_files)?;
-                crate::restore::restore(&repo, &url, options).await
-            }
-            .await;
-            match result {
-                Ok(report) => {
-                    if json {
-                        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
-                    } else {
-                        print_restore(&report);
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("tidemark-restore: error: {e:#}");
-                    let hint = e
-                        .chain()
-                        .find_map(|c| {
-                            c.downcast_ref::<crate::restore::Refusal>()
-                                .map(|r| r.hint.clone())
-                                .or_else(|| c.downcast_ref::<ReadError>().map(|r| r.hint().to_string()))
-                        })
-                        .unwrap_or_else(|| "see the message".to_string());
-                    eprintln!("hint: {hint}");
-                    ExitCode::FAILURE
-                }
+                print_restore(&report);
             }
         }
         Command::Timeline { table, since, until, xid, per, limit, cache_dir, json } => {
-            let options = crate::timeline::TimelineOptions { table, since, until, xid, per, limit, json };
-            let filter = match crate::timeline::filter_of(&options) {
-                Ok(filter) => filter,
-                Err(e) => {
-                    eprintln!("tidemark-restore: error: {e}");
-                    eprintln!(
-                        "hint: times need a zone (2026-11-25T10:31:00Z); tables are schema.name, quoted as in SQL"
-                    );
-                    return ExitCode::FAILURE;
-                }
-            };
-            let result = async {
-                let repo = RepositoryReader::open(&url, &key_files)?;
-                let catalog = crate::catalog::Catalog::load(&repo).await?;
-                crate::audit::Audit::load(&repo, &catalog, cache_dir.as_deref()).await
-            }
-            .await;
-            match result {
-                Ok(audit) => {
-                    print!("{}", crate::timeline::render(&audit, &options, &filter));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("tidemark-restore: error: {e:#}");
-                    let hint = e
-                        .chain()
-                        .find_map(|c| c.downcast_ref::<ReadError>().map(|r| r.hint().to_string()))
-                        .unwrap_or_else(|| "check --repo and --cache-dir".into());
-                    eprintln!("hint: {hint}");
-                    ExitCode::FAILURE
-                }
-            }
+            let options = crate::audit_report::TimelineOptions { table, since, until, xid, per, limit, json };
+            let filter = crate::audit_report::filter_of(&options).map_err(|e| {
+                Fail::new(e, "times need a zone (2026-11-25T10:31:00Z); tables are schema.name, quoted as in SQL")
+            })?;
+            let repo = open()?;
+            let catalog = Catalog::load(&repo).await?;
+            let audit = crate::audit::Audit::load(&repo, &catalog, cache_dir.as_deref()).await?;
+            print!("{}", crate::audit_report::render(&audit, &options, &filter));
         }
         Command::List { json, cache_dir } => {
-            let result = async {
-                let repo = RepositoryReader::open(&url, &key_files)?;
-                let catalog = crate::catalog::Catalog::load(&repo).await?;
-                let audit = crate::audit::Audit::load(&repo, &catalog, cache_dir.as_deref()).await?;
-                let latest = audit.last_commit().map(|c| crate::timeline::time_text(c.time));
-                Ok::<_, anyhow::Error>((catalog, latest))
-            }
-            .await;
-            match result {
-                Ok((catalog, latest)) => {
-                    print_list(&catalog, latest, json);
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("tidemark-restore: error: {e:#}");
-                    eprintln!("hint: check --repo (it must be a repository made by `tidemark-agent init`)");
-                    ExitCode::FAILURE
-                }
-            }
+            let repo = open()?;
+            let catalog = Catalog::load(&repo).await?;
+            let audit = crate::audit::Audit::load(&repo, &catalog, cache_dir.as_deref()).await?;
+            let latest = audit.last_commit().map(|c| crate::audit_report::time_text(c.time));
+            print_list(&catalog, latest, json)?;
         }
         Command::FetchBackup { backup, pgdata, tablespace_map } => {
-            let result = async {
-                let repo = RepositoryReader::open(&url, &key_files)?;
-                let id = if backup == "latest" {
-                    crate::fetch::list_backups(&repo)
-                        .await?
-                        .pop()
-                        .ok_or_else(|| ReadError::Other(anyhow::anyhow!("the repository has no complete backup")))?
-                } else {
-                    backup
-                };
-                let manifest = crate::fetch::read_manifest(&repo, &id).await?;
-                let placements = crate::tablespaces::place(&manifest.tablespaces, &tablespace_map, &pgdata)
-                    .map_err(|e| ReadError::Other(anyhow::anyhow!(e)))?;
-                let bytes = crate::fetch::fetch_backup(&repo, &manifest, &pgdata, &placements, true).await?;
-                Ok::<_, ReadError>((manifest, bytes))
-            }
-            .await;
-            match result {
-                Ok((manifest, bytes)) => {
-                    println!(
-                        "backup {} written to {} ({bytes} bytes); it needs WAL {} to {} on timeline {}",
-                        manifest.id,
-                        pgdata.display(),
-                        manifest.start_lsn,
-                        manifest.end_lsn,
-                        manifest.timeline
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("tidemark-restore: error: {e:#}");
-                    eprintln!("hint: {}", e.hint());
-                    ExitCode::FAILURE
-                }
-            }
+            let repo = open()?;
+            let id = match backup.as_str() {
+                "latest" => complete_backups(&repo).await?.pop().ok_or_else(|| {
+                    Fail::new("the repository has no complete backup", "take one with `tidemark-agent backup`")
+                })?,
+                _ => backup,
+            };
+            let manifest = read_manifest(&repo, &id).await?;
+            let placements =
+                crate::tablespaces::place(&manifest.tablespaces, &tablespace_map, &pgdata).map_err(|e| {
+                    Fail::new(e, "see `--tablespace-map FROM=TO` in `tidemark-restore fetch-backup --help`")
+                })?;
+            let bytes = crate::fetch::fetch_backup(&repo, &manifest, &pgdata, &placements, true).await?;
+            println!(
+                "backup {} written to {} ({bytes} bytes); it needs WAL {} to {} on timeline {}",
+                manifest.id,
+                pgdata.display(),
+                manifest.start_lsn,
+                manifest.end_lsn,
+                manifest.timeline
+            );
         }
         Command::Verify { backup, json } => {
-            let result = async {
-                let repo = RepositoryReader::open(&url, &key_files)?;
-                crate::verify::verify(&repo, backup.as_deref()).await
-            }
-            .await;
-            match result {
-                Ok(report) => {
-                    if json {
-                        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
-                    } else {
-                        for problem in &report.problems {
-                            println!("BAD {}: {}", problem.key, problem.problem);
-                        }
-                        println!(
-                            "verified backup{} {}: {} objects, {} bytes checked, {} bad",
-                            if report.backups.len() == 1 { "" } else { "s" },
-                            report.backups.join(", "),
-                            report.objects_checked,
-                            report.bytes_checked,
-                            report.problems.len()
-                        );
-                    }
-                    if report.problems.is_empty() {
-                        ExitCode::SUCCESS
-                    } else {
-                        eprintln!(
-                            "tidemark-restore: error: {} bad objects in {}",
-                            report.problems.len(),
-                            url_display(&url)
-                        );
-                        eprintln!("hint: restore from a backup whose objects all verify, or replace the bad objects from a copy");
-                        ExitCode::FAILURE
-                    }
-                }
-                Err(e) => {
-                    eprintln!("tidemark-restore: error: {e:#}");
-                    eprintln!("hint: {}", e.hint());
-                    ExitCode::FAILURE
-                }
+            let report = crate::verify::verify(&open()?, backup.as_deref()).await?;
+            print_verify(&report, json)?;
+            if !report.problems.is_empty() {
+                return Err(Fail::new(
+                    format!("{} bad objects in {}", report.problems.len(), redact_url(&url)),
+                    "restore from a backup whose objects all verify, or replace the bad objects from a copy",
+                )
+                .into());
             }
         }
         Command::WalGet { segment, path, staged } => {
             if staged.is_some_and(|dir| crate::prefetch::take_staged(&dir, &segment, &path)) {
-                return ExitCode::SUCCESS;
+                return Ok(ExitCode::SUCCESS);
             }
-            let result = match RepositoryReader::open(&url, &key_files) {
-                Ok(repo) => wal_get(&repo, &segment, &path).await,
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(Fetched::Written { .. }) => ExitCode::SUCCESS,
-                Ok(Fetched::Missing) => {
-                    eprintln!("tidemark-restore: {segment} is not in the repository");
-                    ExitCode::from(1)
-                }
-                Err(e) => {
-                    eprintln!("tidemark-restore: error: wal-get {segment}: {e:#}");
-                    eprintln!("hint: {}", e.hint());
-                    ExitCode::from(ABORT_RECOVERY)
-                }
+            let fetched = wal_get(&open()?, &segment, &path).await.with_context(|| format!("wal-get {segment}"))?;
+            if fetched == Fetched::Missing {
+                eprintln!("tidemark-restore: {segment} is not in the repository");
+                return Ok(ExitCode::from(1));
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
 
-fn print_list(catalog: &crate::catalog::Catalog, latest: Option<String>, json: bool) {
-    let window = catalog.window_until(latest);
+fn print_verify(report: &crate::verify::VerifyReport, json: bool) -> anyhow::Result<()> {
     if json {
-        let value = serde_json::json!({
-            "backups": catalog.restorable.iter().map(BackupManifest::summary).collect::<Vec<_>>(),
-            "waiting_for_wal": catalog.waiting.iter().map(BackupManifest::summary).collect::<Vec<_>>(),
-            "timelines": catalog.timelines,
-            "window": window,
-            "wal": catalog.ranges,
-        });
-        println!("{value:#}");
-        return;
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    for problem in &report.problems {
+        println!("BAD {}: {}", problem.key, problem.problem);
+    }
+    println!(
+        "verified backup{} {}: {} objects, {} bytes checked, {} bad",
+        if report.backups.len() == 1 { "" } else { "s" },
+        report.backups.join(", "),
+        report.objects_checked,
+        report.bytes_checked,
+        report.problems.len()
+    );
+    Ok(())
+}
+
+/// `list --json`. **Stable JSON:** the fields are in alphabetical order, as
+/// they were when the report was built as a JSON map.
+#[derive(serde::Serialize)]
+struct ListReport<'a> {
+    backups: Vec<BackupSummary>,
+    timelines: &'a [TimelineInfo],
+    waiting_for_wal: Vec<BackupSummary>,
+    wal: &'a [WalRange],
+    window: Option<Window>,
+}
+
+fn print_list(catalog: &Catalog, latest: Option<String>, json: bool) -> anyhow::Result<()> {
+    let window = catalog.window(latest);
+    if json {
+        let report = ListReport {
+            backups: catalog.restorable.iter().map(BackupManifest::summary).collect(),
+            timelines: &catalog.timelines,
+            waiting_for_wal: catalog.waiting.iter().map(BackupManifest::summary).collect(),
+            wal: &catalog.ranges,
+            window,
+        };
+        // Through a JSON value, whose maps keep their keys sorted: the output
+        // stays byte for byte what it was.
+        println!("{:#}", serde_json::to_value(&report)?);
+        return Ok(());
     }
     println!("backups (restorable)");
     if catalog.restorable.is_empty() {
@@ -501,7 +426,7 @@ fn print_list(catalog: &crate::catalog::Catalog, latest: Option<String>, json: b
         println!("  none");
     }
     for r in &catalog.ranges {
-        println!("  timeline {}: {} .. {}", r.timeline, r.start_lsn, r.end_lsn);
+        println!("  timeline {}: {} .. {}", r.timeline, r.start, r.end);
     }
     println!("timelines");
     for t in &catalog.timelines {
@@ -513,13 +438,14 @@ fn print_list(catalog: &crate::catalog::Catalog, latest: Option<String>, json: b
     match window {
         Some(w) => println!(
             "restorable window\n  from {} ({}) to the last archived commit at {} (WAL archived to {})",
-            w["earliest"].as_str().unwrap_or("?"),
-            w["earliest_lsn"].as_str().unwrap_or("?"),
-            w["latest"].as_str().unwrap_or("(none yet)"),
-            w["latest_lsn"].as_str().unwrap_or("?")
+            w.earliest,
+            w.earliest_lsn,
+            w.latest.as_deref().unwrap_or("(none yet)"),
+            w.latest_lsn
         ),
         None => println!("restorable window\n  none (no restorable base backup yet)"),
     }
+    Ok(())
 }
 
 fn print_restore(report: &crate::restore::RestoreReport) {
@@ -552,8 +478,4 @@ fn print_restore(report: &crate::restore::RestoreReport) {
             report.pgdata
         );
     }
-}
-
-fn url_display(url: &str) -> String {
-    tidemark_proto::repo::redact_url(url)
 }

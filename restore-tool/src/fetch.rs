@@ -8,13 +8,14 @@
 //! renamed into place only when everything is there: a failed fetch leaves no
 //! half-restored data directory behind.
 
-use crate::store::{ReadError, RepositoryReader};
 use crate::tablespaces::Placement;
 use anyhow::Context;
 use futures::StreamExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use tidemark_proto::repo::backup::{manifest_key, BackupFile, BackupManifest, FileKind};
+use tidemark_proto::repo::backup::{BackupFile, BackupManifest, FileKind};
+use tidemark_repo::durable::{fsync_dir, parent_dir};
+use tidemark_repo::{RepoError, Repository};
 
 /// Chunk downloads in flight at once.
 const PARALLEL_FILES: usize = 8;
@@ -27,17 +28,6 @@ const PARALLEL_FILES: usize = 8;
 /// chunk (megabytes) at a time. Measured: `bench-restore`, perf showing
 /// `ext4_block_write_begin` as the startup process's hottest function.
 const WRITE_SIZE: usize = 8192;
-
-pub async fn list_backups(repo: &RepositoryReader) -> Result<Vec<String>, ReadError> {
-    let keys = repo.list("backups").await?;
-    Ok(tidemark_proto::repo::backup::complete_backup_ids(keys.iter().map(String::as_str)))
-}
-
-pub async fn read_manifest(repo: &RepositoryReader, id: &str) -> Result<BackupManifest, ReadError> {
-    let key = manifest_key(id);
-    let raw = repo.get(&key).await?.ok_or_else(|| ReadError::Other(anyhow::anyhow!("there is no backup {id}")))?;
-    BackupManifest::from_json(&raw).map_err(|reason| ReadError::Corrupt { key, reason })
-}
 
 /// True for a missing or empty directory: the only kind a restore writes into.
 pub fn is_empty_or_missing(path: &Path) -> anyhow::Result<bool> {
@@ -65,12 +55,12 @@ pub fn check_target(pgdata: &Path) -> anyhow::Result<()> {
 /// (recovery_init_sync_method) — `restore --start` starts it at once, and
 /// leaving the pages to that one pass keeps them from being written twice.
 pub async fn fetch_backup(
-    repo: &RepositoryReader,
+    repo: &Repository,
     manifest: &BackupManifest,
     pgdata: &Path,
     placements: &[Placement],
     sync: bool,
-) -> Result<u64, ReadError> {
+) -> anyhow::Result<u64> {
     check_target(pgdata)?;
     check_placements(manifest, placements)?;
     let existed_before: Vec<&Path> =
@@ -114,14 +104,10 @@ pub async fn fetch_backup(
                     let _ = std::fs::DirBuilder::new().mode(0o700).create(done);
                 }
             }
-            return Err(ReadError::Other(
-                anyhow::Error::new(e).context(format!("move the restored files into {}", to.display())),
-            ));
+            return Err(anyhow::Error::new(e).context(format!("move the restored files into {}", to.display())));
         }
-        let parent = parent_of(to);
-        std::fs::File::open(parent)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("fsync {}", parent.display()))?;
+        let parent = parent_dir(to);
+        fsync_dir(parent).with_context(|| format!("fsync {}", parent.display()))?;
         moved.push((to, existed_before.contains(&to)));
     }
     Ok(bytes)
@@ -152,16 +138,12 @@ pub fn check_placements(manifest: &BackupManifest, placements: &[Placement]) -> 
     Ok(())
 }
 
-fn parent_of(path: &Path) -> &Path {
-    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
-}
-
 /// A fresh (stale one removed, not yet created) `.NAME.tidemark-SUFFIX`
 /// beside `path`, its parent created if missing: restored files are written
 /// into `staging` ones and renamed into place when all are.
 pub fn staging_beside(path: &Path, suffix: &str) -> anyhow::Result<PathBuf> {
     let name = path.file_name().with_context(|| format!("{} has no directory name", path.display()))?;
-    let parent = parent_of(path);
+    let parent = parent_dir(path);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -177,15 +159,18 @@ pub fn staging_beside(path: &Path, suffix: &str) -> anyhow::Result<PathBuf> {
 /// Writes every archive of the backup into its root (`roots`: archive name
 /// → directory), then links `pg_tblspc/OID` to each placement.
 async fn fill(
-    repo: &RepositoryReader,
+    repo: &Repository,
     manifest: &BackupManifest,
     roots: &[(String, PathBuf)],
     placements: &[Placement],
     sync: bool,
-) -> Result<u64, ReadError> {
-    let root_of = |archive: &str| -> Result<&Path, ReadError> {
+) -> anyhow::Result<u64> {
+    let root_of = |archive: &str| -> anyhow::Result<&Path> {
         roots.iter().find(|(name, _)| name == archive).map(|(_, root)| root.as_path()).ok_or_else(|| {
-            ReadError::Other(anyhow::anyhow!("backup {} has files of an unknown archive {archive:?}", manifest.id))
+            anyhow::Error::new(RepoError::Corrupt {
+                key: tidemark_proto::repo::backup::manifest_key(&manifest.id),
+                reason: format!("it lists files of an unknown archive {archive:?}"),
+            })
         })
     };
     for (_, root) in roots {
@@ -219,8 +204,9 @@ async fn fill(
     }
     let base = root_of("base")?;
     link_tablespaces(base, placements)?;
-    let pg_manifest = repo.get(&manifest.pg_manifest_key).await?.ok_or_else(|| {
-        ReadError::Other(anyhow::anyhow!("backup {} lacks the server's backup_manifest", manifest.id))
+    let pg_manifest = repo.get(&manifest.pg_manifest_key).await?.ok_or_else(|| RepoError::Corrupt {
+        key: manifest.pg_manifest_key.clone(),
+        reason: format!("missing: backup {} lacks the server's backup_manifest", manifest.id),
     })?;
     std::fs::write(base.join("backup_manifest"), pg_manifest).context("write backup_manifest")?;
     if sync {
@@ -274,7 +260,7 @@ fn sync_tree(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn write_file(repo: &RepositoryReader, root: &Path, file: &BackupFile) -> Result<u64, ReadError> {
+async fn write_file(repo: &Repository, root: &Path, file: &BackupFile) -> anyhow::Result<u64> {
     let path = safe_join(root, &file.path)?;
     if let Some(dir) = path.parent() {
         std::fs::DirBuilder::new()
@@ -291,15 +277,16 @@ async fn write_file(repo: &RepositoryReader, root: &Path, file: &BackupFile) -> 
         .with_context(|| format!("create {}", path.display()))?;
     let mut written = 0u64;
     for chunk in &file.chunks {
-        let raw = repo.get(&chunk.key).await?.ok_or_else(|| ReadError::Corrupt {
+        let raw = repo.get(&chunk.key).await?.ok_or_else(|| RepoError::Corrupt {
             key: chunk.key.clone(),
             reason: format!("missing (needed by {})", file.path),
         })?;
         if raw.len() as u64 != chunk.raw_len || crc32c::crc32c(&raw) != chunk.crc32c {
-            return Err(ReadError::Corrupt {
+            return Err(RepoError::Corrupt {
                 key: chunk.key.clone(),
                 reason: "does not match the backup manifest".into(),
-            });
+            }
+            .into());
         }
         written += raw.len() as u64;
         out = tokio::task::spawn_blocking(move || {
@@ -313,10 +300,11 @@ async fn write_file(repo: &RepositoryReader, root: &Path, file: &BackupFile) -> 
         .with_context(|| format!("write {}", path.display()))?;
     }
     if written != file.size {
-        return Err(ReadError::Corrupt {
+        return Err(RepoError::Corrupt {
             key: file.path.clone(),
             reason: format!("{written} bytes, manifest says {}", file.size),
-        });
+        }
+        .into());
     }
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(file.mode & 0o700)).context("chmod")?;
     // Made durable all at once at the end (`sync_tree`), not file by file.

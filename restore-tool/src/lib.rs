@@ -2,30 +2,27 @@
 //!
 //! Module map:
 //! - [`audit`]: transactions and their table changes from the agent's WAL summaries (cached locally).
-//! - [`timeline`]: the `timeline` command's table, JSON and per-period views.
-//! - [`catalog`]: backups, archived WAL ranges, timelines, the restorable window.
+//! - [`audit_report`]: the `timeline` command's table, JSON and per-period views.
 //! - [`cli`]: commands, settings, error lines and exit codes.
-//! - [`store`]: reading repository objects (and checking their frames).
 //! - [`fetch`]: a base backup into a new data directory.
 //! - [`tablespaces`]: where each tablespace goes (original place or `--tablespace-map`).
 //! - [`target`]: restore targets and their recovery settings; times need a zone.
 //! - [`planner`]: catalog + target -> which backup, which WAL, or why not.
 //! - [`prefetch`]: WAL staged ahead of replay during `restore --start`.
 //! - [`restore`]: checks, fetch, recovery settings, start and wait.
+//! - [`verify`]: every object the backups need, read and checked; each bad one named.
 //! - [`wal_get`]: the restore_command: one WAL file to the path PostgreSQL gives.
 //!
 //! **Architecture invariant:** nothing here reads the agent's state directory.
 
 pub mod audit;
-pub mod catalog;
+pub mod audit_report;
 pub mod cli;
 pub mod fetch;
 pub mod planner;
 pub mod prefetch;
 pub mod restore;
-pub mod store;
 pub mod tablespaces;
 pub mod target;
-pub mod timeline;
 pub mod verify;
 pub mod wal_get;

@@ -7,12 +7,12 @@
 //! restore_command (`wal-get --staged DIR`) moves a staged file into place
 //! with one rename, and falls back to the repository for anything not staged.
 
-use crate::store::RepositoryReader;
 use crate::wal_get::{fetch_wal, Durability, Fetched};
 use futures::StreamExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tidemark_proto::segment::SegmentId;
+use tidemark_repo::Repository;
 
 /// Segments staged ahead of replay at most (bounds the disk used: 16 × 16 MiB).
 pub const AHEAD: usize = 16;
@@ -28,7 +28,7 @@ fn staged_count(dir: &Path) -> usize {
 /// Stages `segments` in order; returns when all are staged, one is missing
 /// from the repository (the end of the archive), or an error occurs (wal-get
 /// then reads the repository itself and reports it).
-pub async fn stage(repo: &RepositoryReader, segments: Vec<SegmentId>, segment_size: u64, dir: PathBuf) {
+pub async fn stage(repo: &Repository, segments: Vec<SegmentId>, segment_size: u64, dir: PathBuf) {
     let fetches = futures::stream::iter(segments.into_iter().map(|segment| {
         let dir = dir.clone();
         async move {

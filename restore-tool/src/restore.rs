@@ -3,19 +3,18 @@
 //! target is reached.
 
 use crate::audit::{Audit, Filter};
-use crate::catalog::Catalog;
 use crate::planner::{plan, Plan};
-use crate::store::{ReadError, RepositoryReader};
 use crate::target::Target;
 use anyhow::Context;
 use std::collections::HashSet;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 use tidemark_proto::wal::rmgr::XactStatus;
-use tidemark_proto::Lsn;
+use tidemark_proto::{Lsn, TimelineId};
+use tidemark_repo::catalog::Catalog;
+use tidemark_repo::{Fail, RepoError, Repository};
 
 pub struct RestoreOptions {
     pub pgdata: PathBuf,
@@ -50,7 +49,7 @@ fn resolve_stop(audit: &Audit, target: &Target) -> anyhow::Result<Lsn> {
                 None => {
                     let last = audit
                         .last_commit()
-                        .map(|c| format!("the last archived commit is at {}", crate::timeline::time_text(c.time)))
+                        .map(|c| format!("the last archived commit is at {}", crate::audit_report::time_text(c.time)))
                         .unwrap_or_else(|| "no commit is archived yet".into());
                     Err(refuse(
                         format!(
@@ -63,7 +62,7 @@ fn resolve_stop(audit: &Audit, target: &Target) -> anyhow::Result<Lsn> {
             }
         }
         Target::Xid(xid) | Target::BeforeXid(xid) => {
-            let found = audit.query(&Filter { xid: Some(*xid), ..Default::default() }, None).transactions;
+            let found = audit.query(&Filter { xid: Some(xid.0), ..Default::default() }, None).transactions;
             match found.iter().rev().find(|t| t.status == XactStatus::Committed) {
                 Some(t) => Ok(Lsn(t.lsn)),
                 None if !found.is_empty() => Err(refuse(
@@ -100,11 +99,11 @@ pub struct RestoreReport {
     pub pgdata: String,
     pub dry_run: bool,
     /// The backup's timeline, and the one recovery follows to the target.
-    pub timeline: u32,
-    pub target_timeline: u32,
-    pub wal_start_lsn: String,
-    pub wal_needed_to_lsn: String,
-    pub wal_available_to_lsn: String,
+    pub timeline: TimelineId,
+    pub target_timeline: TimelineId,
+    pub wal_start_lsn: Lsn,
+    pub wal_needed_to_lsn: Lsn,
+    pub wal_available_to_lsn: Lsn,
     pub bytes_to_fetch: u64,
     pub segments_to_replay: u64,
     /// Where each tablespace goes (its original location unless mapped).
@@ -123,23 +122,8 @@ pub struct Timings {
     pub recovery: Option<f64>,
 }
 
-/// A failure of ours with what to do about it.
-#[derive(Debug)]
-pub struct Refusal {
-    pub message: String,
-    pub hint: String,
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for Refusal {}
-
 fn refuse(message: impl Into<String>, hint: impl Into<String>) -> anyhow::Error {
-    Refusal { message: message.into(), hint: hint.into() }.into()
+    Fail::new(message, hint).into()
 }
 
 /// The pid in `postmaster.pid`, if that process is alive.
@@ -150,12 +134,9 @@ fn running_postmaster(pgdata: &Path) -> Option<i32> {
     (unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
 }
 
-pub async fn restore(
-    repo: &RepositoryReader,
-    repo_url: &str,
-    options: RestoreOptions,
-) -> anyhow::Result<RestoreReport> {
-    // 1. The target directory: checked before anything else is read or written.
+/// The target directory must be missing or empty (or `--force`), never next
+/// to a running server; `--start` never runs PostgreSQL as root.
+fn check_target_directory(options: &RestoreOptions) -> anyhow::Result<()> {
     if let Some(pid) = running_postmaster(&options.pgdata) {
         return Err(refuse(
             format!("a postmaster (pid {pid}) is running on {}", options.pgdata.display()),
@@ -174,41 +155,41 @@ pub async fn restore(
             "run tidemark-restore as the PostgreSQL OS user (e.g. sudo -u postgres), or restore without --start",
         ));
     }
-    // 2. The plan: a backup that reaches the target, and the WAL it needs.
-    let catalog = Catalog::load(repo).await?;
+    Ok(())
+}
+
+/// Where recovery stops (from the audit, for time, xid and name targets)
+/// and the plan that reaches it.
+async fn make_plan(repo: &Repository, catalog: &Catalog, options: &RestoreOptions) -> anyhow::Result<Plan> {
     let now = time::OffsetDateTime::now_utc();
-    let planning = std::time::Instant::now();
     let quick = match &options.target {
         // A time needs only the ends after it: no audit cache to build.
         Target::Time(t) => {
-            crate::audit::first_end_after_quick(repo, &catalog, (t.unix_timestamp_nanos() / 1000) as i64).await?
+            crate::audit::first_end_after_quick(repo, catalog, (t.unix_timestamp_nanos() / 1000) as i64).await?
         }
         _ => None,
     };
     let stop_lsn = match &options.target {
         Target::Time(_) if quick.is_some() => quick,
         Target::Time(_) | Target::Xid(_) | Target::BeforeXid(_) | Target::Name(_) => {
-            let audit = Audit::load(repo, &catalog, options.cache_dir.as_deref()).await?;
+            let audit = Audit::load(repo, catalog, options.cache_dir.as_deref()).await?;
             Some(resolve_stop(&audit, &options.target)?)
         }
         _ => None,
     };
-    let plan: Plan = plan(
-        &catalog,
-        options.target.clone(),
-        options.backup_id.as_deref(),
-        options.timeline.as_deref(),
-        stop_lsn,
-        now,
-    )
-    .map_err(|e| refuse(e, "`tidemark-restore list` shows the backups and the window"))?;
-    // 3. Every object the restore reads must be there.
+    plan(catalog, options.target.clone(), options.backup_id.as_deref(), options.timeline.as_deref(), stop_lsn, now)
+        .map_err(|e| refuse(e.to_string(), "`tidemark-restore list` shows the backups and the window"))
+}
+
+/// Every chunk and the server's manifest are in the repository; returns the
+/// bytes the backup's files will take.
+async fn check_objects(repo: &Repository, plan: &Plan) -> anyhow::Result<u64> {
     let present: HashSet<String> = repo.list("backups").await?.into_iter().collect();
     let mut bytes_to_fetch = 0;
     for file in &plan.backup.files {
         for chunk in &file.chunks {
             if !present.contains(&chunk.key) {
-                return Err(ReadError::Corrupt {
+                return Err(RepoError::Corrupt {
                     key: chunk.key.clone(),
                     reason: format!("missing (needed by {})", file.path),
                 }
@@ -218,8 +199,42 @@ pub async fn restore(
         }
     }
     if !present.contains(&plan.backup.pg_manifest_key) {
-        return Err(ReadError::Corrupt { key: plan.backup.pg_manifest_key.clone(), reason: "missing".into() }.into());
+        return Err(RepoError::Corrupt { key: plan.backup.pg_manifest_key.clone(), reason: "missing".into() }.into());
     }
+    Ok(bytes_to_fetch)
+}
+
+/// Empties `dir` (`--force`), keeping the directory itself; on a blocking
+/// thread, since a data directory can hold thousands of files.
+async fn clear_directory(dir: &Path) -> anyhow::Result<()> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        if !dir.exists() {
+            return Ok(());
+        }
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() && !path.is_symlink() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(())
+    })
+    .await
+    .context("join the clearing of --pgdata")?
+}
+
+pub async fn restore(repo: &Repository, repo_url: &str, options: RestoreOptions) -> anyhow::Result<RestoreReport> {
+    // 1. The target directory: checked before anything else is read or written.
+    check_target_directory(&options)?;
+    // 2. The plan: a backup that reaches the target, and the WAL it needs.
+    let catalog = Catalog::load(repo).await?;
+    let planning = std::time::Instant::now();
+    let plan = make_plan(repo, &catalog, &options).await?;
+    // 3. Every object the restore reads must be there.
+    let bytes_to_fetch = check_objects(repo, &plan).await?;
     // 4. Where the tablespaces go: each directory missing or empty.
     let placements = crate::tablespaces::place(&plan.backup.tablespaces, &options.tablespace_map, &options.pgdata)
         .map_err(|e| refuse(e, "`restore --dry-run --json` shows each tablespace's OID and original location"))?;
@@ -236,9 +251,9 @@ pub async fn restore(
         dry_run: options.dry_run,
         timeline: plan.backup.timeline,
         target_timeline: plan.target_timeline,
-        wal_start_lsn: plan.wal_start.to_string(),
-        wal_needed_to_lsn: plan.wal_needed_to.to_string(),
-        wal_available_to_lsn: plan.wal_available_to.to_string(),
+        wal_start_lsn: plan.wal_start,
+        wal_needed_to_lsn: plan.wal_needed_to,
+        wal_available_to_lsn: plan.wal_available_to,
         bytes_to_fetch,
         segments_to_replay,
         tablespaces: placements.clone(),
@@ -250,15 +265,8 @@ pub async fn restore(
         return Ok(report);
     }
     // 5. Write: the backup, then the recovery settings.
-    if options.force && options.pgdata.exists() {
-        for entry in std::fs::read_dir(&options.pgdata)? {
-            let path = entry?.path();
-            if path.is_dir() && !path.is_symlink() {
-                std::fs::remove_dir_all(&path)?;
-            } else {
-                std::fs::remove_file(&path)?;
-            }
-        }
+    if options.force {
+        clear_directory(&options.pgdata).await?;
     }
     // With --start, WAL is staged ahead of replay from now on, while the
     // backup is fetched, into a directory beside --pgdata.
@@ -289,7 +297,7 @@ pub async fn restore(
     };
     if let Err(e) = fetched {
         remove_staging();
-        return Err(e.into());
+        return Err(e);
     }
     report.seconds.fetch = fetching.elapsed().as_secs_f64();
     if let Err(e) = write_recovery_settings(&options, &plan, repo_url, &repo.key_files, staging.as_deref()) {
@@ -300,7 +308,7 @@ pub async fn restore(
         return Ok(report);
     }
     let recovering = std::time::Instant::now();
-    let waiting = tokio::task::spawn_blocking(move || start_and_wait(&options, &plan));
+    let waiting = start_and_wait(&options, &plan);
     tokio::pin!(waiting);
     let result = loop {
         tokio::select! {
@@ -309,7 +317,7 @@ pub async fn restore(
         }
     };
     remove_staging();
-    let (lsn, time) = result.context("join the recovery wait")??;
+    let (lsn, time) = result?;
     report.seconds.recovery = Some(recovering.elapsed().as_secs_f64());
     report.reached_lsn = lsn;
     report.reached_time = time;
@@ -338,6 +346,14 @@ fn absolute_url(url: &str) -> anyhow::Result<String> {
     Ok(format!("file://{}", absolute.display()))
 }
 
+/// One word of the shell command PostgreSQL runs as restore_command: in
+/// single quotes for the shell (a `'` inside becomes `'\''`), with `%`
+/// doubled, since PostgreSQL replaces `%f`, `%p` and `%r` before the shell
+/// sees the command.
+fn command_word(text: &str) -> String {
+    format!("'{}'", text.replace('%', "%%").replace('\'', "'\\''"))
+}
+
 fn write_recovery_settings(
     options: &RestoreOptions,
     plan: &Plan,
@@ -346,14 +362,15 @@ fn write_recovery_settings(
     staged: Option<&Path>,
 ) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("find this program's path for restore_command")?;
-    let staged = staged.map(|dir| format!(" --staged '{}'", dir.display())).unwrap_or_default();
+    let path = |p: &Path| command_word(&p.display().to_string());
+    let staged = staged.map(|dir| format!(" --staged {}", path(dir))).unwrap_or_default();
     let mut keys = String::new();
     for file in key_files {
         let absolute = file.canonicalize().with_context(|| format!("resolve key file {}", file.display()))?;
-        keys.push_str(&format!(" --key-file '{}'", absolute.display()));
+        keys.push_str(&format!(" --key-file {}", path(&absolute)));
     }
     let restore_command =
-        format!("'{}' --repo '{}'{keys} wal-get{staged} %f %p", exe.display(), absolute_url(repo_url)?);
+        format!("{} --repo {}{keys} wal-get{staged} %f %p", path(&exe), command_word(&absolute_url(repo_url)?));
     let mut settings = vec![("restore_command".to_string(), restore_command)];
     // A backup of a standby carries its primary_conninfo: the restored
     // cluster must never stream from (or hold a slot on) the server it came
@@ -392,6 +409,7 @@ fn write_recovery_settings(
     std::fs::OpenOptions::new()
         .write(true)
         .create(true)
+        .truncate(true)
         .mode(0o600)
         .open(options.pgdata.join("recovery.signal"))
         .context("create recovery.signal")?;
@@ -408,13 +426,13 @@ fn pg_bin(options: &RestoreOptions, plan: &Plan) -> PathBuf {
 /// Starts the restored server on 127.0.0.1:port and waits until recovery
 /// promoted (or paused, with --pause). Returns the replayed LSN and the
 /// commit time of the last replayed transaction.
-fn start_and_wait(options: &RestoreOptions, plan: &Plan) -> anyhow::Result<(Option<String>, Option<String>)> {
+async fn start_and_wait(options: &RestoreOptions, plan: &Plan) -> anyhow::Result<(Option<String>, Option<String>)> {
     let bin = pg_bin(options, plan);
     let pgdata = options.pgdata.canonicalize()?;
     let log = pgdata.join("tidemark-restore.log");
     let server_options =
         format!("-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}'", options.port, pgdata.display());
-    let status = Command::new(bin.join("pg_ctl"))
+    let status = tokio::process::Command::new(bin.join("pg_ctl"))
         .arg("-D")
         .arg(&pgdata)
         .arg("-l")
@@ -427,20 +445,9 @@ fn start_and_wait(options: &RestoreOptions, plan: &Plan) -> anyhow::Result<(Opti
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
+        .await
         .with_context(|| format!("run {}", bin.join("pg_ctl").display()))?;
     anyhow::ensure!(status.success(), "pg_ctl could not start the restored server; see {}", log.display());
-    let psql = |sql: &str| -> Option<String> {
-        let output = Command::new(bin.join("psql"))
-            .args(["-X", "-A", "-t", "-q", "-U", "postgres", "-d", "postgres", "-h"])
-            .arg(&pgdata)
-            .arg("-p")
-            .arg(options.port.to_string())
-            .arg("-c")
-            .arg(sql)
-            .output()
-            .ok()?;
-        output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_string())
-    };
     let started = std::time::Instant::now();
     let mut seen_pid = false;
     loop {
@@ -463,21 +470,64 @@ fn start_and_wait(options: &RestoreOptions, plan: &Plan) -> anyhow::Result<(Opti
                 ),
             ));
         }
-        // The pause state exists only during recovery (asking after promotion is an error).
-        let query = "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN pg_get_wal_replay_pause_state() ELSE 'not paused' END, \
-                     pg_last_wal_replay_lsn(), pg_last_xact_replay_timestamp()";
-        if let Some(row) = psql(query) {
-            let fields: Vec<&str> = row.split('|').collect();
-            let done = match fields.as_slice() {
-                [in_recovery, pause, ..] if options.pause => *in_recovery == "t" && *pause == "paused",
-                [in_recovery, ..] => *in_recovery == "f",
-                _ => false,
-            };
+        if let Some(probe) = probe_recovery(&pgdata, options.port).await {
+            let done = if options.pause { probe.in_recovery && probe.paused } else { !probe.in_recovery };
             if done {
-                let value = |i: usize| fields.get(i).filter(|v| !v.is_empty()).map(|v| v.to_string());
-                return Ok((value(2), value(3)));
+                return Ok((probe.replay_lsn, probe.replay_time));
             }
         }
-        std::thread::sleep(Duration::from_millis(200));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What the restored server says of its recovery.
+struct RecoveryProbe {
+    in_recovery: bool,
+    paused: bool,
+    replay_lsn: Option<String>,
+    replay_time: Option<String>,
+}
+
+/// Asks the restored server, over its private socket, how recovery stands;
+/// `None` while it does not accept connections yet.
+async fn probe_recovery(pgdata: &Path, port: u16) -> Option<RecoveryProbe> {
+    let (client, connection) = tokio_postgres::Config::new()
+        .host_path(pgdata)
+        .port(port)
+        .user("postgres")
+        .dbname("postgres")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .ok()?;
+    let session = tokio::spawn(connection);
+    // The pause state exists only during recovery (asking after promotion is an error).
+    let query = "SELECT pg_is_in_recovery(), \
+                 CASE WHEN pg_is_in_recovery() THEN pg_get_wal_replay_pause_state() ELSE 'not paused' END = 'paused', \
+                 pg_last_wal_replay_lsn()::text, pg_last_xact_replay_timestamp()::text";
+    let row = client.query_one(query, &[]).await.ok();
+    drop(client);
+    let _ = session.await;
+    let row = row?;
+    Some(RecoveryProbe {
+        in_recovery: row.try_get(0).ok()?,
+        paused: row.try_get(1).ok()?,
+        replay_lsn: row.try_get(2).ok()?,
+        replay_time: row.try_get(3).ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::command_word;
+
+    #[test]
+    fn restore_command_words_survive_quotes_and_percent_signs() {
+        assert_eq!(command_word("/srv/tidemark repo"), "'/srv/tidemark repo'");
+        assert_eq!(command_word("/srv/it's"), r"'/srv/it'\''s'");
+        assert_eq!(command_word("/srv/100%"), "'/srv/100%%'");
+        // What sh makes of it, once PostgreSQL has turned %% back into %.
+        let word = command_word("/a b/it's 100%").replace("%%", "%");
+        let output = std::process::Command::new("sh").arg("-c").arg(format!("printf %s {word}")).output().expect("sh");
+        assert_eq!(String::from_utf8_lossy(&output.stdout), "/a b/it's 100%");
     }
 }

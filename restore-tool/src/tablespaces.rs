@@ -88,7 +88,7 @@ pub fn place(
         if let Some(other) = placements.iter().find(|p| p.target == target) {
             return Err(format!("tablespaces {} and {} would both go to {text}", other.oid, tablespace.oid));
         }
-        if target.starts_with(&pgdata) || pgdata.starts_with(&target) {
+        if target.starts_with(pgdata) || pgdata.starts_with(&target) {
             return Err(format!(
                 "tablespace {} would go to {text}, which overlaps --pgdata {}",
                 tablespace.oid,

@@ -1,7 +1,7 @@
 //! Restore targets as the user gives them, and their PostgreSQL settings.
 
 use std::fmt;
-use tidemark_proto::Lsn;
+use tidemark_proto::{Lsn, Xid};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -10,9 +10,9 @@ pub enum Target {
     Time(OffsetDateTime),
     Lsn(Lsn),
     /// Stop just after this transaction commits.
-    Xid(u32),
+    Xid(Xid),
     /// Stop just before this transaction commits.
-    BeforeXid(u32),
+    BeforeXid(Xid),
     /// A restore point made with `tidemark-agent mark` or pg_create_restore_point().
     Name(String),
     /// Everything archived.
@@ -128,7 +128,7 @@ mod tests {
     #[test]
     fn settings() {
         assert_eq!(
-            Target::BeforeXid(7).settings(),
+            Target::BeforeXid(Xid(7)).settings(),
             vec![("recovery_target_xid".into(), "7".into()), ("recovery_target_inclusive".into(), "off".into())]
         );
         let t = parse_time("2026-11-25 10:31:00.5+01").expect("time");

@@ -10,13 +10,14 @@
 //! own on (with the audit summaries of those segments, which time targets
 //! rely on). A segment missing in the middle of that stretch is a problem too.
 
-use crate::store::{ReadError, RepositoryReader};
 use futures::StreamExt;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use tidemark_proto::repo::backup::{complete_backup_ids, manifest_key, BackupManifest};
-use tidemark_proto::segment::{SegmentId, WalFileName};
-use tidemark_proto::{Lsn, TimelineId};
+use tidemark_proto::repo::layout::{segment_key, ObjectKey};
+use tidemark_proto::segment::SegmentId;
+use tidemark_proto::TimelineId;
+use tidemark_repo::{Fail, RepoError, Repository};
 
 /// Objects read at once.
 const PARALLEL_READS: usize = 8;
@@ -49,96 +50,120 @@ enum Expect {
     Chunk { raw_len: u64, crc32c: u32 },
 }
 
-pub async fn verify(repo: &RepositoryReader, backup: Option<&str>) -> Result<VerifyReport, ReadError> {
+pub async fn verify(repo: &Repository, backup: Option<&str>) -> anyhow::Result<VerifyReport> {
     let meta = repo.meta().await?;
     // A wrong or missing key stops here, before anything is reported bad.
     repo.check_keys().await?;
     let segment_size = meta.wal_segment_size;
     let keys = repo.list("").await?;
-    let mut ids = complete_backup_ids(keys.iter().map(String::as_str));
-    if let Some(wanted) = backup {
-        if !ids.iter().any(|id| id == wanted) {
-            return Err(ReadError::Other(anyhow::anyhow!("there is no complete backup {wanted}")));
-        }
-        ids.retain(|id| id == wanted);
-    }
-    if ids.is_empty() {
-        return Err(ReadError::Other(anyhow::anyhow!("the repository has no complete backup to verify")));
-    }
-
+    let ids = backups_to_verify(&keys, backup)?;
     let mut problems = Vec::new();
     let mut checks: Vec<(String, Expect)> = Vec::new();
     let mut earliest: Option<SegmentId> = None;
     for id in &ids {
-        let key = manifest_key(id);
-        let manifest = match repo.get(&key).await {
-            Ok(Some(raw)) => match BackupManifest::from_json(&raw) {
-                Ok(manifest) => manifest,
-                Err(reason) => {
-                    problems.push(Problem { key, problem: format!("not a backup manifest: {reason}") });
-                    continue;
-                }
-            },
-            Ok(None) => {
-                problems.push(Problem { key, problem: "missing".into() });
-                continue;
-            }
-            Err(e) => {
-                problems.push(problem_of(&key, e)?);
-                continue;
-            }
-        };
-        checks.push((key, Expect::Frame));
-        checks.push((manifest.pg_manifest_key.clone(), Expect::Frame));
-        for file in &manifest.files {
-            for chunk in &file.chunks {
-                checks.push((chunk.key.clone(), Expect::Chunk { raw_len: chunk.raw_len, crc32c: chunk.crc32c }));
-            }
-        }
-        let start = manifest.start_lsn.parse::<Lsn>().map_err(|e| ReadError::Other(e.into()))?;
-        let first = SegmentId::containing(TimelineId(manifest.timeline), start, segment_size);
+        let Some(manifest) = read_backup_manifest(repo, id, &mut problems).await? else { continue };
+        checks.extend(backup_checks(&manifest));
+        let first = SegmentId::containing(manifest.timeline, manifest.start_lsn, segment_size);
         earliest = Some(match earliest {
             Some(e) if (e.timeline, e.segment_no) <= (first.timeline, first.segment_no) => e,
             _ => first,
         });
     }
+    if let Some(first) = earliest {
+        let (wal, present) = wal_checks(&keys, first, segment_size);
+        checks.extend(wal);
+        problems.extend(missing_segments(first, &present, segment_size));
+    }
+    let (objects_checked, bytes_checked) = run_checks(repo, checks, &mut problems).await?;
+    problems.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(VerifyReport { backups: ids, objects_checked, bytes_checked, problems })
+}
 
-    // WAL (and its summaries) from the earliest backup's first segment on.
-    let mut segments_per_timeline: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-    for key in &keys {
-        if key.starts_with("timelines/") {
-            checks.push((key.clone(), Expect::Frame));
-            continue;
+/// The complete backups to check: all, or the one asked for.
+fn backups_to_verify(keys: &[String], backup: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let mut ids = complete_backup_ids(keys.iter().map(String::as_str));
+    if let Some(wanted) = backup {
+        if !ids.iter().any(|id| id == wanted) {
+            return Err(RepoError::NoSuchBackup(wanted.to_string()).into());
         }
-        let (is_summary, rest) = match (key.strip_prefix("wal/"), key.strip_prefix("summaries/")) {
-            (Some(rest), _) => (false, rest),
-            (_, Some(rest)) => (true, rest),
+        ids.retain(|id| id == wanted);
+    }
+    if ids.is_empty() {
+        return Err(Fail::new(
+            "the repository has no complete backup to verify",
+            "take one with `tidemark-agent backup` (or let `run` take it)",
+        )
+        .into());
+    }
+    Ok(ids)
+}
+
+/// A backup's manifest, or `None` with the problem recorded when it is bad.
+async fn read_backup_manifest(
+    repo: &Repository,
+    id: &str,
+    problems: &mut Vec<Problem>,
+) -> Result<Option<BackupManifest>, RepoError> {
+    let key = manifest_key(id);
+    let problem = match repo.get(&key).await {
+        Ok(Some(raw)) => match BackupManifest::from_json(&raw) {
+            Ok(manifest) => return Ok(Some(manifest)),
+            Err(reason) => format!("not a backup manifest: {reason}"),
+        },
+        Ok(None) => "missing".into(),
+        Err(e) => problem_of(&key, e)?.problem,
+    };
+    problems.push(Problem { key, problem });
+    Ok(None)
+}
+
+/// The objects of one backup: its manifests and every chunk.
+fn backup_checks(manifest: &BackupManifest) -> Vec<(String, Expect)> {
+    let mut checks =
+        vec![(manifest_key(&manifest.id), Expect::Frame), (manifest.pg_manifest_key.clone(), Expect::Frame)];
+    for file in &manifest.files {
+        for chunk in &file.chunks {
+            checks.push((chunk.key.clone(), Expect::Chunk { raw_len: chunk.raw_len, crc32c: chunk.crc32c }));
+        }
+    }
+    checks
+}
+
+/// Archived segment numbers per timeline.
+type Present = BTreeMap<TimelineId, Vec<u64>>;
+
+/// Every history file, and the WAL and summaries from `first` on; with the
+/// segment numbers present per timeline, to find gaps.
+fn wal_checks(keys: &[String], first: SegmentId, segment_size: u64) -> (Vec<(String, Expect)>, Present) {
+    let mut checks = Vec::new();
+    let mut present: BTreeMap<TimelineId, Vec<u64>> = BTreeMap::new();
+    let needed = |segment: SegmentId| segment.timeline >= first.timeline && segment.segment_no >= first.segment_no;
+    for key in keys {
+        let expect = match ObjectKey::parse(key, segment_size) {
+            Some(ObjectKey::History(_)) => Expect::Frame,
+            Some(ObjectKey::Summary(segment)) if needed(segment) => Expect::Frame,
+            Some(ObjectKey::Segment(segment)) if needed(segment) => {
+                present.entry(segment.timeline).or_default().push(segment.segment_no);
+                Expect::Segment(segment_size)
+            }
+            Some(ObjectKey::PartialSegment(segment)) if needed(segment) => {
+                present.entry(segment.timeline).or_default().push(segment.segment_no);
+                Expect::Partial(segment_size)
+            }
             _ => continue,
         };
-        let Some((_, name)) = rest.split_once('/') else { continue };
-        let (name, partial) = match name.strip_suffix(".partial") {
-            Some(name) => (name, true),
-            None => (name, false),
-        };
-        let Ok(WalFileName::Segment(segment)) = WalFileName::parse(name, segment_size) else { continue };
-        let Some(first) = earliest else { continue };
-        if segment.timeline < first.timeline || segment.segment_no < first.segment_no {
-            continue;
-        }
-        let expect = match (is_summary, partial) {
-            (true, _) => Expect::Frame,
-            (false, true) => Expect::Partial(segment_size),
-            (false, false) => Expect::Segment(segment_size),
-        };
-        if !is_summary {
-            segments_per_timeline.entry(segment.timeline.0).or_default().push(segment.segment_no);
-        }
         checks.push((key.clone(), expect));
     }
-    if let Some(first) = earliest {
-        problems.extend(missing_segments(first, &segments_per_timeline, segment_size));
-    }
+    (checks, present)
+}
 
+/// Reads every object (a few at once); returns how many and how many bytes,
+/// recording each bad one.
+async fn run_checks(
+    repo: &Repository,
+    checks: Vec<(String, Expect)>,
+    problems: &mut Vec<Problem>,
+) -> Result<(usize, u64), RepoError> {
     let mut results = futures::stream::iter(checks.into_iter().map(|(key, expect)| async move {
         let outcome = check_object(repo, &key, &expect).await;
         (key, outcome)
@@ -153,21 +178,20 @@ pub async fn verify(repo: &RepositoryReader, backup: Option<&str>) -> Result<Ver
             Err(e) => problems.push(problem_of(&key, e)?),
         }
     }
-    problems.sort_by(|a, b| a.key.cmp(&b.key));
-    Ok(VerifyReport { backups: ids, objects_checked, bytes_checked, problems })
+    Ok((objects_checked, bytes_checked))
 }
 
 /// A read failure as a problem with the object, or the error itself when it
 /// is not about the object (an unreachable store, a missing key file).
-fn problem_of(key: &str, error: ReadError) -> Result<Problem, ReadError> {
+fn problem_of(key: &str, error: RepoError) -> Result<Problem, RepoError> {
     match error {
-        ReadError::Corrupt { reason, .. } => Ok(Problem { key: key.to_string(), problem: reason }),
+        RepoError::Corrupt { reason, .. } => Ok(Problem { key: key.to_string(), problem: reason }),
         other => Err(other),
     }
 }
 
-async fn check_object(repo: &RepositoryReader, key: &str, expect: &Expect) -> Result<u64, ReadError> {
-    let corrupt = |reason: String| ReadError::Corrupt { key: key.to_string(), reason };
+async fn check_object(repo: &Repository, key: &str, expect: &Expect) -> Result<u64, RepoError> {
+    let corrupt = |reason: String| RepoError::Corrupt { key: key.to_string(), reason };
     // get opens the seal (authentication) and checks the frame (length, CRC-32).
     let raw = repo.get(key).await?.ok_or_else(|| corrupt("missing (listed, then gone)".into()))?;
     let len = raw.len() as u64;
@@ -175,10 +199,8 @@ async fn check_object(repo: &RepositoryReader, key: &str, expect: &Expect) -> Re
         Expect::Frame => {}
         Expect::Segment(size) if len != size => return Err(corrupt(format!("{len} bytes, a segment has {size}"))),
         Expect::Partial(size) if len > size => return Err(corrupt(format!("{len} bytes, more than a segment"))),
-        Expect::Chunk { raw_len, crc32c } => {
-            if len != raw_len || crc32c::crc32c(&raw) != crc32c {
-                return Err(corrupt("does not match the backup manifest".into()));
-            }
+        Expect::Chunk { raw_len, crc32c } if len != raw_len || crc32c::crc32c(&raw) != crc32c => {
+            return Err(corrupt("does not match the backup manifest".into()));
         }
         _ => {}
     }
@@ -187,27 +209,27 @@ async fn check_object(repo: &RepositoryReader, key: &str, expect: &Expect) -> Re
 
 /// Segments missing between the first one needed and the last archived of
 /// each timeline (a later timeline starts at its first archived segment).
-fn missing_segments(first: SegmentId, present: &BTreeMap<u32, Vec<u64>>, segment_size: u64) -> Vec<Problem> {
+fn missing_segments(first: SegmentId, present: &BTreeMap<TimelineId, Vec<u64>>, segment_size: u64) -> Vec<Problem> {
     let mut problems = Vec::new();
     for (&timeline, numbers) in present {
         let mut numbers = numbers.clone();
         numbers.sort_unstable();
         numbers.dedup();
         let (Some(&lowest), Some(&highest)) = (numbers.first(), numbers.last()) else { continue };
-        let from = if timeline == first.timeline.0 { first.segment_no } else { lowest };
+        let from = if timeline == first.timeline { first.segment_no } else { lowest };
         for segment_no in from..=highest {
             if numbers.binary_search(&segment_no).is_err() {
-                let segment = SegmentId { timeline: TimelineId(timeline), segment_no };
+                let segment = SegmentId { timeline, segment_no };
                 problems.push(Problem {
-                    key: tidemark_proto::repo::layout::segment_key(segment, segment_size),
+                    key: segment_key(segment, segment_size),
                     problem: "missing: the WAL has a gap here".into(),
                 });
             }
         }
     }
-    if !present.contains_key(&first.timeline.0) {
+    if !present.contains_key(&first.timeline) {
         problems.push(Problem {
-            key: tidemark_proto::repo::layout::segment_key(first, segment_size),
+            key: segment_key(first, segment_size),
             problem: "missing: the backup's first WAL segment is not archived".into(),
         });
     }
@@ -222,7 +244,8 @@ mod tests {
     fn gaps_are_found_from_the_first_needed_segment() {
         let size = 16 << 20;
         let first = SegmentId { timeline: TimelineId(1), segment_no: 3 };
-        let present: BTreeMap<u32, Vec<u64>> = [(1, vec![4, 3, 6]), (2, vec![6, 8])].into();
+        let present: BTreeMap<TimelineId, Vec<u64>> =
+            [(TimelineId(1), vec![4, 3, 6]), (TimelineId(2), vec![6, 8])].into();
         let keys: Vec<String> = missing_segments(first, &present, size).into_iter().map(|p| p.key).collect();
         assert_eq!(keys, ["wal/00000001/000000010000000000000005", "wal/00000002/000000020000000000000007"]);
         let from_two = SegmentId { timeline: TimelineId(1), segment_no: 2 };

@@ -7,12 +7,13 @@
 //! corrupt object or an unreachable repository stops recovery instead of
 //! passing for the end of WAL.
 
-use crate::store::{ReadError, RepositoryReader};
 use anyhow::Context;
-use std::io::Write;
 use std::path::Path;
 use tidemark_proto::repo::layout::{history_key, partial_segment_key, segment_key};
 use tidemark_proto::segment::{SegmentId, WalFileName};
+use tidemark_repo::durable::write_atomically;
+pub use tidemark_repo::durable::Durability;
+use tidemark_repo::{Fail, RepoError, Repository};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Fetched {
@@ -24,28 +25,21 @@ pub enum Fetched {
     Missing,
 }
 
-pub async fn wal_get(repo: &RepositoryReader, name: &str, destination: &Path) -> Result<Fetched, ReadError> {
+pub async fn wal_get(repo: &Repository, name: &str, destination: &Path) -> anyhow::Result<Fetched> {
     fetch_wal(repo, name, destination, Durability::Fsync).await
 }
 
-/// Whether a written WAL file is fsynced. Staged files are not: nothing
-/// durable depends on them (a restore that crashes starts over), and an fsync
-/// per 16 MiB segment would slow replay down.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Durability {
-    Fsync,
-    PageCache,
-}
-
 pub async fn fetch_wal(
-    repo: &RepositoryReader,
+    repo: &Repository,
     name: &str,
     destination: &Path,
     durability: Durability,
-) -> Result<Fetched, ReadError> {
+) -> anyhow::Result<Fetched> {
     let meta = repo.meta().await?;
     let size = meta.wal_segment_size;
-    let file = WalFileName::parse(name, size).map_err(|e| ReadError::Other(e.into()))?;
+    let file = WalFileName::parse(name, size).map_err(|e| {
+        Fail::new(e.to_string(), "wal-get takes the %f PostgreSQL gives: a segment or history file name")
+    })?;
     let (content, partial) = match file {
         WalFileName::History(timeline) => match repo.get(&history_key(timeline)).await? {
             Some(content) => (content, false),
@@ -58,13 +52,14 @@ pub async fn fetch_wal(
     };
     if let WalFileName::Segment(_) = file {
         if content.len() as u64 != size {
-            return Err(ReadError::Corrupt {
+            return Err(RepoError::Corrupt {
                 key: name.into(),
                 reason: format!("{} bytes, expected {size}", content.len()),
-            });
+            }
+            .into());
         }
     }
-    write_atomically(destination, &content, durability)?;
+    write_atomically(destination, &content, durability).with_context(|| format!("write {}", destination.display()))?;
     Ok(Fetched::Written { bytes: content.len() as u64, partial })
 }
 
@@ -73,10 +68,10 @@ pub async fn fetch_wal(
 /// padded with zeros as PostgreSQL pads a new segment, so a reader stops at
 /// the last archived record). The flag says it was partial.
 pub async fn segment_bytes(
-    repo: &RepositoryReader,
+    repo: &Repository,
     segment: SegmentId,
     size: u64,
-) -> Result<Option<(Vec<u8>, bool)>, ReadError> {
+) -> Result<Option<(Vec<u8>, bool)>, RepoError> {
     if let Some(content) = repo.get(&segment_key(segment, size)).await? {
         return Ok(Some((content, false)));
     }
@@ -84,22 +79,4 @@ pub async fn segment_bytes(
         prefix.resize(size as usize, 0);
         (prefix, true)
     }))
-}
-
-/// Temp file beside the destination, fsync, rename, fsync the directory:
-/// PostgreSQL never sees a half-written file under the name it asked for.
-fn write_atomically(destination: &Path, content: &[u8], durability: Durability) -> anyhow::Result<()> {
-    let dir = destination.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let file_name = destination.file_name().context("destination has no file name")?;
-    let temp = dir.join(format!(".{}.tidemark-tmp", file_name.to_string_lossy()));
-    let mut file = std::fs::File::create(&temp).with_context(|| format!("create {}", temp.display()))?;
-    file.write_all(content).with_context(|| format!("write {}", temp.display()))?;
-    if durability == Durability::Fsync {
-        file.sync_all().with_context(|| format!("fsync {}", temp.display()))?;
-    }
-    std::fs::rename(&temp, destination).with_context(|| format!("rename to {}", destination.display()))?;
-    if durability == Durability::Fsync {
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync {}", dir.display()))?;
-    }
-    Ok(())
 }

@@ -21,7 +21,7 @@ use tidemark_proto::conninfo::{ConnParams, SslMode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// Physical replication (a walsender) or an ordinary session on a database.
@@ -83,29 +83,7 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 impl Connection {
     /// Connects and authenticates. `params.user` must be set by the caller.
     pub async fn connect(params: &ConnParams, kind: ConnectionKind) -> Result<Connection, PgError> {
-        let timeout = params.connect_timeout_secs.map(Duration::from_secs).unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        let host = params.host.clone().unwrap_or_else(|| "localhost".into());
-        let address = if host.starts_with('/') {
-            format!("{host}/.s.PGSQL.{}", params.port)
-        } else {
-            format!("{host}:{}", params.port)
-        };
-        let connect_error = |source| PgError::Connect { address: address.clone(), source };
-        let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
-        let (stream, cert): (Box<dyn Stream>, Option<Vec<u8>>) = if host.starts_with('/') {
-            let unix = tokio::time::timeout(timeout, UnixStream::connect(&address))
-                .await
-                .map_err(|_| connect_error(timed_out()))?
-                .map_err(connect_error)?;
-            (Box::new(unix), None)
-        } else {
-            let tcp = tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), params.port)))
-                .await
-                .map_err(|_| connect_error(timed_out()))?
-                .map_err(connect_error)?;
-            tcp.set_nodelay(true)?;
-            negotiate_tls(tcp, &host, params).await?
-        };
+        let (stream, cert) = open_stream(params).await?;
         let mut conn = Connection { stream, read_buf: BytesMut::with_capacity(256 * 1024), write_buf: BytesMut::new() };
         conn.startup(params, kind, cert).await?;
         Ok(conn)
@@ -431,6 +409,36 @@ fn server_error(body: &postgres_protocol::message::backend::ErrorResponseBody) -
 
 /// SSLRequest and handshake per sslmode. Returns the stream and, for TLS, the
 /// server certificate (SCRAM channel binding hashes it).
+/// The byte stream to the server: TCP (with TLS as sslmode asks; the
+/// server's certificate comes along for channel binding) or a Unix socket.
+/// Shared by our replication client and the ordinary sessions of `sql`.
+pub(crate) async fn open_stream(params: &ConnParams) -> Result<(Box<dyn Stream>, Option<Vec<u8>>), PgError> {
+    let timeout = params.connect_timeout_secs.map(Duration::from_secs).unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let host = params.host.clone().unwrap_or_else(|| "localhost".into());
+    let address = if host.starts_with('/') {
+        format!("{host}/.s.PGSQL.{}", params.port)
+    } else {
+        format!("{host}:{}", params.port)
+    };
+    let connect_error = |source| PgError::Connect { address: address.clone(), source };
+    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
+    let (stream, cert): (Box<dyn Stream>, Option<Vec<u8>>) = if host.starts_with('/') {
+        let unix = tokio::time::timeout(timeout, UnixStream::connect(&address))
+            .await
+            .map_err(|_| connect_error(timed_out()))?
+            .map_err(connect_error)?;
+        (Box::new(unix), None)
+    } else {
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), params.port)))
+            .await
+            .map_err(|_| connect_error(timed_out()))?
+            .map_err(connect_error)?;
+        tcp.set_nodelay(true)?;
+        negotiate_tls(tcp, &host, params).await?
+    };
+    Ok((stream, cert))
+}
+
 async fn negotiate_tls(
     mut tcp: TcpStream,
     host: &str,

@@ -2,11 +2,11 @@
 //! explanation of a refused connection.
 
 use super::{Connection, ConnectionKind, PgError};
-use crate::fail::Fail;
 use crate::preflight::ServerFacts;
 use tidemark_proto::conninfo::ConnParams;
 use tidemark_proto::replication::parse_size_with_unit;
 use tidemark_proto::{Lsn, TimelineId};
+use tidemark_repo::Fail;
 
 /// IDENTIFY_SYSTEM's answer.
 #[derive(Debug, Clone)]
@@ -24,16 +24,11 @@ pub async fn connect_replication(params: &ConnParams) -> anyhow::Result<Connecti
     match Connection::connect(params, ConnectionKind::Replication).await {
         Ok(conn) => Ok(conn),
         Err(PgError::Server(e)) if e.code == "53300" && e.message.contains("max_wal_senders") => {
-            let wal_level = match Connection::connect(params, ConnectionKind::Sql).await {
-                Ok(mut sql) => {
-                    let level = sql
-                        .simple_query("SHOW wal_level")
-                        .await
-                        .ok()
-                        .and_then(|r| r.value("wal_level").ok().flatten().map(str::to_string));
-                    sql.close().await;
-                    level
-                }
+            let wal_level = match super::sql::connect(params).await {
+                Ok(client) => match client.query_one("SHOW wal_level", &[]).await {
+                    Ok(row) => row.try_get::<_, String>(0).ok(),
+                    Err(_) => None,
+                },
                 Err(_) => None,
             };
             let facts = ServerFacts {

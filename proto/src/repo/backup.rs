@@ -13,6 +13,7 @@
 //!
 //! **API boundary:** a stored format; changing it needs a new `FORMAT_VERSION`.
 
+use crate::{Lsn, TimelineId};
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -25,11 +26,11 @@ pub struct BackupManifest {
     pub label: String,
     pub system_identifier: String,
     pub server_version_num: u32,
-    pub timeline: u32,
+    pub timeline: TimelineId,
     /// The checkpoint's redo point: WAL from here on is needed.
-    pub start_lsn: String,
+    pub start_lsn: Lsn,
     /// Recovery is consistent once WAL up to here is replayed.
-    pub end_lsn: String,
+    pub end_lsn: Lsn,
     pub start_time: String,
     pub end_time: String,
     pub tablespaces: Vec<Tablespace>,
@@ -40,6 +41,21 @@ pub struct BackupManifest {
     pub bytes: u64,
     /// Bytes this backup added to the repository (chunks it did not reuse).
     pub stored_bytes: u64,
+}
+
+/// A backup in reports. **Stable JSON:** the fields are in alphabetical
+/// order, as they were when reports were built as JSON maps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupSummary {
+    pub bytes: u64,
+    pub end_lsn: Lsn,
+    pub end_time: String,
+    pub id: String,
+    pub label: String,
+    pub start_lsn: Lsn,
+    pub start_time: String,
+    pub stored_bytes: u64,
+    pub timeline: TimelineId,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,19 +123,19 @@ pub fn complete_backup_ids<'a>(keys: impl IntoIterator<Item = &'a str>) -> Vec<S
 
 impl BackupManifest {
     /// The backup as reports show it (`list --json`, `status --json`,
-    /// `backup --json`): the stable fields of DESIGN.md, without the file list.
-    pub fn summary(&self) -> serde_json::Value {
-        serde_json::json!({
-            "id": self.id,
-            "label": self.label,
-            "timeline": self.timeline,
-            "start_lsn": self.start_lsn,
-            "end_lsn": self.end_lsn,
-            "start_time": self.start_time,
-            "end_time": self.end_time,
-            "bytes": self.bytes,
-            "stored_bytes": self.stored_bytes,
-        })
+    /// `backup --json`): the stable fields, without the file list.
+    pub fn summary(&self) -> BackupSummary {
+        BackupSummary {
+            bytes: self.bytes,
+            end_lsn: self.end_lsn,
+            end_time: self.end_time.clone(),
+            id: self.id.clone(),
+            label: self.label.clone(),
+            start_lsn: self.start_lsn,
+            start_time: self.start_time.clone(),
+            stored_bytes: self.stored_bytes,
+            timeline: self.timeline,
+        }
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -159,9 +175,9 @@ mod tests {
             label: "nightly".into(),
             system_identifier: "1".into(),
             server_version_num: 150018,
-            timeline: 1,
-            start_lsn: "0/2000028".into(),
-            end_lsn: "0/2000100".into(),
+            timeline: TimelineId(1),
+            start_lsn: Lsn(0x2000028),
+            end_lsn: Lsn(0x2000100),
             start_time: "2026-11-25T02:00:00Z".into(),
             end_time: "2026-11-25T02:00:01Z".into(),
             tablespaces: vec![],
@@ -188,6 +204,15 @@ mod tests {
         assert_eq!(back, m);
         assert!(back.file("base", "PG_VERSION").is_some());
         assert!(back.file("16384", "PG_VERSION").is_none());
+    }
+
+    #[test]
+    fn positions_are_text_in_json() {
+        let json: serde_json::Value = serde_json::from_slice(&manifest().to_json()).expect("json");
+        assert_eq!(json["start_lsn"], "0/2000028");
+        assert_eq!(json["timeline"], 1);
+        let summary = serde_json::to_string(&manifest().summary()).expect("json");
+        assert!(summary.starts_with(r#"{"bytes":3,"end_lsn":"0/2000100","end_time":"#), "{summary}");
     }
 
     #[test]

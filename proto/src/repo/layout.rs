@@ -13,7 +13,8 @@
 //! **API boundary:** these keys are a stored format; changing one needs a new
 //! `RepositoryMeta::format_version`.
 
-use crate::segment::{history_file_name, SegmentId};
+pub use crate::repo::seal::{EncryptionMeta, KeyRecord};
+use crate::segment::{history_file_name, SegmentId, WalFileName};
 use crate::TimelineId;
 use serde::{Deserialize, Serialize};
 
@@ -37,25 +38,6 @@ pub struct RepositoryMeta {
     /// Present when every object but this one is sealed (see `seal`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<EncryptionMeta>,
-}
-
-/// How the repository is encrypted and which keys it accepts: the key check.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EncryptionMeta {
-    /// Always `xchacha20-poly1305`.
-    pub cipher: String,
-    /// How a passphrase becomes a key (unused for raw keys).
-    pub kdf: crate::repo::seal::KdfParams,
-    /// Every key objects may be sealed with, oldest first.
-    pub keys: Vec<KeyRecord>,
-    /// The id of the key new objects are sealed with.
-    pub current_key: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeyRecord {
-    pub id: String,
-    pub added_at: String,
 }
 
 impl RepositoryMeta {
@@ -114,6 +96,81 @@ pub fn summary_key(segment: SegmentId, segment_size: u64) -> String {
     format!("{SUMMARIES_PREFIX}{:08X}/{}", segment.timeline.0, segment.file_name(segment_size))
 }
 
+/// A listed object key read back into what it holds. Keys that are none of
+/// these (a staging file, an unknown prefix) are `None` from [`ObjectKey::parse`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ObjectKey {
+    Meta,
+    /// `wal/TTTTTTTT/<segment>`
+    Segment(SegmentId),
+    /// `wal/TTTTTTTT/<segment>.partial`
+    PartialSegment(SegmentId),
+    /// `timelines/TTTTTTTT.history`
+    History(TimelineId),
+    /// `summaries/TTTTTTTT/<segment>`
+    Summary(SegmentId),
+    /// `backups/<id>/chunks/<n>`
+    Chunk {
+        backup: String,
+        n: u64,
+    },
+    /// `backups/<id>/backup.json`
+    BackupManifest {
+        backup: String,
+    },
+    /// `backups/<id>/backup_manifest`
+    PgManifest {
+        backup: String,
+    },
+}
+
+impl ObjectKey {
+    pub fn parse(key: &str, segment_size: u64) -> Option<ObjectKey> {
+        if key == META_KEY {
+            return Some(ObjectKey::Meta);
+        }
+        let (prefix, rest) = key.split_once('/')?;
+        let segment_in = |dir: &str, name: &str| -> Option<SegmentId> {
+            let timeline = u32::from_str_radix(dir, 16).ok().filter(|_| dir.len() == 8)?;
+            match WalFileName::parse(name, segment_size).ok()? {
+                WalFileName::Segment(segment) if segment.timeline.0 == timeline => Some(segment),
+                _ => None,
+            }
+        };
+        match prefix {
+            "wal" => {
+                let (dir, name) = rest.split_once('/')?;
+                match name.strip_suffix(".partial") {
+                    Some(base) => segment_in(dir, base).map(ObjectKey::PartialSegment),
+                    None => segment_in(dir, name).map(ObjectKey::Segment),
+                }
+            }
+            "summaries" => {
+                let (dir, name) = rest.split_once('/')?;
+                segment_in(dir, name).map(ObjectKey::Summary)
+            }
+            "timelines" => match WalFileName::parse(rest, segment_size).ok()? {
+                WalFileName::History(timeline) => Some(ObjectKey::History(timeline)),
+                WalFileName::Segment(_) => None,
+            },
+            "backups" => {
+                let (backup, what) = rest.split_once('/')?;
+                let backup = backup.to_string();
+                match what {
+                    "backup.json" => Some(ObjectKey::BackupManifest { backup }),
+                    "backup_manifest" => Some(ObjectKey::PgManifest { backup }),
+                    _ => {
+                        let n = what.strip_prefix("chunks/")?;
+                        n.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
+                        Some(ObjectKey::Chunk { backup, n: n.parse().ok()? })
+                    }
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +182,30 @@ mod tests {
         assert_eq!(segment_key(segment, size), "wal/00000002/00000002000000000000000B");
         assert_eq!(partial_segment_key(segment, size), "wal/00000002/00000002000000000000000B.partial");
         assert_eq!(history_key(TimelineId(3)), "timelines/00000003.history");
+    }
+
+    #[test]
+    fn listed_keys_parse_back_into_what_they_hold() {
+        let size = 16 << 20;
+        let segment = SegmentId { timeline: TimelineId(2), segment_no: 0xB };
+        let cases = [
+            (segment_key(segment, size), Some(ObjectKey::Segment(segment))),
+            (partial_segment_key(segment, size), Some(ObjectKey::PartialSegment(segment))),
+            (summary_key(segment, size), Some(ObjectKey::Summary(segment))),
+            (history_key(TimelineId(3)), Some(ObjectKey::History(TimelineId(3)))),
+            ("repository.json".into(), Some(ObjectKey::Meta)),
+            ("backups/B/chunks/00000007".into(), Some(ObjectKey::Chunk { backup: "B".into(), n: 7 })),
+            ("backups/B/backup.json".into(), Some(ObjectKey::BackupManifest { backup: "B".into() })),
+            ("backups/B/backup_manifest".into(), Some(ObjectKey::PgManifest { backup: "B".into() })),
+            // A segment filed under another timeline's directory, staging files, strangers.
+            ("wal/00000001/00000002000000000000000B".into(), None),
+            ("wal/00000002/00000002000000000000000B#1".into(), None),
+            ("backups/B/chunks/-1".into(), None),
+            ("elsewhere/x".into(), None),
+        ];
+        for (key, expected) in cases {
+            assert_eq!(ObjectKey::parse(&key, size), expected, "{key}");
+        }
     }
 
     #[test]

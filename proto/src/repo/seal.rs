@@ -249,6 +249,25 @@ pub fn open(keys: &[Key], path: &str, object: &[u8]) -> Result<Vec<u8>, SealErro
         .map_err(|_| SealError::Authentication)
 }
 
+/// How the repository is encrypted and which keys it accepts: the key check.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncryptionMeta {
+    /// Always `xchacha20-poly1305`.
+    pub cipher: String,
+    /// How a passphrase becomes a key (unused for raw keys).
+    pub kdf: KdfParams,
+    /// Every key objects may be sealed with, oldest first.
+    pub keys: Vec<KeyRecord>,
+    /// The id of the key new objects are sealed with.
+    pub current_key: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub id: String,
+    pub added_at: String,
+}
+
 /// The keys one command was given, checked against the repository's list.
 #[derive(Clone, Debug)]
 pub struct Keyring {
@@ -261,10 +280,7 @@ impl Keyring {
     /// Derives each given key (`(file name, material)`) and checks that the
     /// repository accepts it: this is the key check that refuses a wrong key
     /// before anything is read or written.
-    pub fn unlock(
-        encryption: &crate::repo::layout::EncryptionMeta,
-        given: &[(String, KeyMaterial)],
-    ) -> Result<Keyring, SealError> {
+    pub fn unlock(encryption: &EncryptionMeta, given: &[(String, KeyMaterial)]) -> Result<Keyring, SealError> {
         let accepted: Vec<&str> = encryption.keys.iter().map(|k| k.id.as_str()).collect();
         let mut keys = Vec::with_capacity(given.len());
         for (file, material) in given {
@@ -288,7 +304,7 @@ pub fn hex_encode(bytes: &[u8]) -> String {
 }
 
 pub fn hex_decode(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     let digits = text.as_bytes();

@@ -12,8 +12,7 @@ use super::page::{self, PageHeader, PgMajor, XLP_FIRST_IS_OVERWRITE_CONTRECORD};
 use crate::Lsn;
 use std::fmt;
 
-/// Size of `XLogRecord`, the fixed record header.
-pub const RECORD_HEADER_LEN: usize = 24;
+use super::record::RECORD_HEADER_LEN;
 /// PostgreSQL refuses records above this size (XLogRecordMaxSize, 1020 MB).
 pub const MAX_RECORD_LEN: usize = 1020 * 1024 * 1024;
 const DEFAULT_BLOCK_SIZE: usize = 8192;

@@ -3,8 +3,10 @@
 //! Payload meanings live in [`super::rmgr`].
 
 use super::page::{i64_at, u16_at, u32_at, u64_at, PgMajor};
-use super::reader::RECORD_HEADER_LEN;
 use crate::Lsn;
+
+/// Size of `XLogRecord`, the fixed record header.
+pub const RECORD_HEADER_LEN: usize = 24;
 
 const XLR_MAX_BLOCK_ID: u8 = 32;
 const XLR_BLOCK_ID_DATA_SHORT: u8 = 255;
@@ -102,6 +104,92 @@ impl Record<'_> {
     }
 }
 
+/// Reads the headers of a record front to back, refusing to run past its end.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    lsn: Lsn,
+    pos: usize,
+    /// Bytes after `pos`.
+    remaining: usize,
+}
+
+impl Cursor<'_> {
+    fn bad(&self, reason: &'static str) -> RecordError {
+        RecordError { lsn: self.lsn, reason }
+    }
+
+    /// The offset of the next `n` bytes, which are then passed over.
+    fn take(&mut self, n: usize) -> Result<usize, RecordError> {
+        if self.remaining < n {
+            return Err(self.bad("headers run past the end"));
+        }
+        let at = self.pos;
+        self.pos += n;
+        self.remaining -= n;
+        Ok(at)
+    }
+
+    fn u8(&mut self) -> Result<u8, RecordError> {
+        let at = self.take(1)?;
+        self.bytes.get(at).copied().ok_or(self.bad("header"))
+    }
+
+    fn u16(&mut self) -> Result<u16, RecordError> {
+        let at = self.take(2)?;
+        u16_at(self.bytes, at).ok_or(self.bad("header"))
+    }
+
+    fn u32(&mut self) -> Result<u32, RecordError> {
+        let at = self.take(4)?;
+        u32_at(self.bytes, at).ok_or(self.bad("header"))
+    }
+
+    /// One block reference's header (after its id); returns it with the
+    /// number of data bytes (image and block data) it announces.
+    fn block(
+        &mut self,
+        id: u8,
+        last_rel: Option<RelFileLocator>,
+        major: PgMajor,
+    ) -> Result<(BlockRef, usize), RecordError> {
+        let fork_flags = self.u8()?;
+        let data_len = self.u16()?;
+        let has_data = fork_flags & BKPBLOCK_HAS_DATA != 0;
+        if has_data != (data_len > 0) {
+            return Err(self.bad("block data flag disagrees with its length"));
+        }
+        let mut data = usize::from(data_len);
+        let image = if fork_flags & BKPBLOCK_HAS_IMAGE != 0 {
+            let length = self.u16()?;
+            let hole_offset = self.u16()?;
+            let image_info = self.u8()?;
+            let (apply, compressed) = image_flags(image_info, major);
+            let has_hole = image_info & BKPIMAGE_HAS_HOLE != 0;
+            let hole_length = if has_hole && compressed {
+                self.u16()?
+            } else if has_hole {
+                // BLCKSZ is 8192 in every build we read (the page header says so).
+                8192u16.saturating_sub(length)
+            } else {
+                0
+            };
+            data += usize::from(length);
+            Some(BlockImage { length, hole_offset, hole_length, info: image_info, apply, compressed })
+        } else {
+            None
+        };
+        let rel = if fork_flags & BKPBLOCK_SAME_REL != 0 {
+            last_rel.ok_or(self.bad("SAME_REL on the first block"))?
+        } else {
+            let at = self.take(12)?;
+            RelFileLocator::parse(self.bytes, at).ok_or(self.bad("header"))?
+        };
+        let block = self.u32()?;
+        let fork = fork_flags & BKPBLOCK_FORK_MASK;
+        Ok((BlockRef { id, fork, flags: fork_flags, rel, block, image, data_len }, data))
+    }
+}
+
 /// Takes a whole record apart. `major` decides the block-image flag layout.
 pub fn decode<'a>(lsn: Lsn, end: Lsn, bytes: &'a [u8], major: PgMajor) -> Result<Record<'a>, RecordError> {
     let bad = |reason| RecordError { lsn, reason };
@@ -114,107 +202,39 @@ pub fn decode<'a>(lsn: Lsn, end: Lsn, bytes: &'a [u8], major: PgMajor) -> Result
     let info = *bytes.get(16).ok_or(bad("header"))?;
     let rmid = *bytes.get(17).ok_or(bad("header"))?;
 
-    let mut pos = RECORD_HEADER_LEN;
-    let mut remaining = bytes.len() - RECORD_HEADER_LEN;
+    let mut cursor = Cursor { bytes, lsn, pos: RECORD_HEADER_LEN, remaining: bytes.len() - RECORD_HEADER_LEN };
     let mut data_total = 0usize;
-    let mut blocks = Vec::new();
+    let mut blocks: Vec<BlockRef> = Vec::new();
     let mut main_len = 0usize;
     let mut origin = None;
     let mut toplevel_xid = None;
-    let mut last_rel: Option<RelFileLocator> = None;
-    let mut last_id: Option<u8> = None;
-    let take = |pos: &mut usize, remaining: &mut usize, n: usize| -> Result<usize, RecordError> {
-        if *remaining < n {
-            return Err(bad("headers run past the end"));
-        }
-        let at = *pos;
-        *pos += n;
-        *remaining -= n;
-        Ok(at)
-    };
-
     // Headers come first; they end where the announced data would fill the rest.
-    while remaining > data_total {
-        let at = take(&mut pos, &mut remaining, 1)?;
-        let id = *bytes.get(at).ok_or(bad("header"))?;
-        match id {
+    while cursor.remaining > data_total {
+        match cursor.u8()? {
             XLR_BLOCK_ID_DATA_SHORT => {
-                let at = take(&mut pos, &mut remaining, 1)?;
-                main_len = usize::from(*bytes.get(at).ok_or(bad("header"))?);
+                main_len = usize::from(cursor.u8()?);
                 data_total += main_len;
                 break; // main data is always last
             }
             XLR_BLOCK_ID_DATA_LONG => {
-                let at = take(&mut pos, &mut remaining, 4)?;
-                main_len = u32_at(bytes, at).ok_or(bad("header"))? as usize;
+                main_len = cursor.u32()? as usize;
                 data_total += main_len;
                 break;
             }
-            XLR_BLOCK_ID_ORIGIN => {
-                let at = take(&mut pos, &mut remaining, 2)?;
-                origin = u16_at(bytes, at);
-            }
-            XLR_BLOCK_ID_TOPLEVEL_XID => {
-                let at = take(&mut pos, &mut remaining, 4)?;
-                toplevel_xid = u32_at(bytes, at);
-            }
+            XLR_BLOCK_ID_ORIGIN => origin = Some(cursor.u16()?),
+            XLR_BLOCK_ID_TOPLEVEL_XID => toplevel_xid = Some(cursor.u32()?),
             id if id <= XLR_MAX_BLOCK_ID => {
-                if last_id.is_some_and(|last| id <= last) {
+                if blocks.last().is_some_and(|last| id <= last.id) {
                     return Err(bad("block ids out of order"));
                 }
-                last_id = Some(id);
-                let at = take(&mut pos, &mut remaining, 3)?;
-                let fork_flags = *bytes.get(at).ok_or(bad("header"))?;
-                let data_len = u16_at(bytes, at + 1).ok_or(bad("header"))?;
-                let has_data = fork_flags & BKPBLOCK_HAS_DATA != 0;
-                if has_data != (data_len > 0) {
-                    return Err(bad("block data flag disagrees with its length"));
-                }
-                data_total += usize::from(data_len);
-                let image = if fork_flags & BKPBLOCK_HAS_IMAGE != 0 {
-                    let at = take(&mut pos, &mut remaining, 5)?;
-                    let length = u16_at(bytes, at).ok_or(bad("header"))?;
-                    let hole_offset = u16_at(bytes, at + 2).ok_or(bad("header"))?;
-                    let image_info = *bytes.get(at + 4).ok_or(bad("header"))?;
-                    let (apply, compressed) = image_flags(image_info, major);
-                    let has_hole = image_info & BKPIMAGE_HAS_HOLE != 0;
-                    let hole_length = if has_hole && compressed {
-                        let at = take(&mut pos, &mut remaining, 2)?;
-                        u16_at(bytes, at).ok_or(bad("header"))?
-                    } else if has_hole {
-                        // BLCKSZ is 8192 in every build we read (the page header says so).
-                        8192u16.saturating_sub(length)
-                    } else {
-                        0
-                    };
-                    data_total += usize::from(length);
-                    Some(BlockImage { length, hole_offset, hole_length, info: image_info, apply, compressed })
-                } else {
-                    None
-                };
-                let rel = if fork_flags & BKPBLOCK_SAME_REL != 0 {
-                    last_rel.ok_or(bad("SAME_REL on the first block"))?
-                } else {
-                    let at = take(&mut pos, &mut remaining, 12)?;
-                    RelFileLocator::parse(bytes, at).ok_or(bad("header"))?
-                };
-                last_rel = Some(rel);
-                let at = take(&mut pos, &mut remaining, 4)?;
-                let block = u32_at(bytes, at).ok_or(bad("header"))?;
-                blocks.push(BlockRef {
-                    id,
-                    fork: fork_flags & BKPBLOCK_FORK_MASK,
-                    flags: fork_flags,
-                    rel,
-                    block,
-                    image,
-                    data_len,
-                });
+                let (block, data) = cursor.block(id, blocks.last().map(|b| b.rel), major)?;
+                data_total += data;
+                blocks.push(block);
             }
             _ => return Err(bad("unknown block id")),
         }
     }
-    if remaining != data_total {
+    if cursor.remaining != data_total {
         return Err(bad("data lengths do not add up to the record length"));
     }
     // Block images and data come in block order, then the main data.

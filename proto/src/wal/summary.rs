@@ -14,9 +14,9 @@ use super::page::PgMajor;
 use super::record::{Record, RelFileLocator};
 use super::rmgr::{self, XactStatus};
 use crate::Lsn;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
 
 pub const SUMMARY_VERSION: u32 = 1;
 
@@ -119,7 +119,7 @@ type ChangeKey = (u32, u32, u32, u32);
 struct ChangeCounts {
     entries: Vec<CountEntry>,
     /// xid → its newest entry; older ones of the same xid are chained.
-    by_xid: HashMap<u32, usize, BuildHasherDefault<FastHasher>>,
+    by_xid: FxHashMap<u32, usize>,
 }
 
 struct CountEntry {
@@ -155,29 +155,6 @@ impl ChangeCounts {
             entry.counts.1 += updated;
             entry.counts.2 += deleted;
         }
-    }
-}
-
-/// A multiply-rotate hasher for small integer keys (the keys come from our
-/// own server's WAL; flooding resistance is not needed here).
-#[derive(Default)]
-struct FastHasher(u64);
-
-impl Hasher for FastHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-    fn finish(&self) -> u64 {
-        // The product's high bits are its best mixed; hash tables index by the low ones.
-        self.0.rotate_left(26)
     }
 }
 

@@ -27,7 +27,7 @@ impl WalWriter {
 
     fn page_header(&mut self, rem_len: u32) {
         let at = self.pos();
-        let long = at % self.segment_size == 0;
+        let long = at.is_multiple_of(self.segment_size);
         let mut info = if long { XLP_LONG_HEADER } else { 0 };
         if rem_len > 0 {
             info |= XLP_FIRST_IS_CONTRECORD;
@@ -48,7 +48,7 @@ impl WalWriter {
     /// Appends a record whose body (everything after the 24-byte header) is
     /// `body`; returns its LSN and its whole bytes.
     pub fn append(&mut self, rmid: u8, info: u8, xid: u32, body: &[u8]) -> (Lsn, Vec<u8>) {
-        if self.pos() % BLOCK == 0 {
+        if self.pos().is_multiple_of(BLOCK) {
             self.page_header(0);
         }
         let lsn = Lsn(self.pos());
@@ -67,7 +67,7 @@ impl WalWriter {
         }
         let mut rest: &[u8] = &record;
         while !rest.is_empty() {
-            if self.pos() % BLOCK == 0 {
+            if self.pos().is_multiple_of(BLOCK) {
                 self.page_header(rest.len() as u32);
             }
             let room = (BLOCK - self.pos() % BLOCK) as usize;
@@ -75,7 +75,7 @@ impl WalWriter {
             self.data.extend_from_slice(now);
             rest = later;
         }
-        while self.pos() % 8 != 0 {
+        while !self.pos().is_multiple_of(8) {
             self.data.push(0);
         }
         self.previous = lsn;
@@ -84,7 +84,7 @@ impl WalWriter {
 
     /// Zero-fills to the next segment start, as after XLOG SWITCH.
     pub fn switch_segment(&mut self) {
-        while self.pos() % self.segment_size != 0 {
+        while !self.pos().is_multiple_of(self.segment_size) {
             self.data.push(0);
         }
     }

@@ -222,6 +222,20 @@ fn main() {
         wal as f64 / 1e6
     );
 
+    let tidemark_seconds = tidemark_restores(&cluster, &agent, &target, wal);
+    let Some(pgbr) = pgbr else {
+        println!("  pgBackRest: not installed here (apt-get install pgbackrest), no comparison");
+        return;
+    };
+    let seconds = pgbackrest_restore(&cluster, &pgbr, &target, wal);
+    if let Some(ours) = tidemark_seconds {
+        println!("  tidemark (staged) / pgBackRest = {:.2} (target: at most 0.8)", ours / seconds);
+    }
+}
+
+/// Restores to `target` with tidemark-restore --start, WAL staged and on
+/// demand; returns the staged run's seconds.
+fn tidemark_restores(cluster: &Cluster, agent: &AgentSetup, target: &str, wal: u64) -> Option<f64> {
     let scratch = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let exe = scratch.path().join("tidemark-restore");
@@ -241,12 +255,12 @@ fn main() {
         command
             .arg("--repo")
             .arg(agent.repo_url())
-            .args(["restore", "--time", &target, "--start", "--json", "--port", &port])
+            .args(["restore", "--time", target, "--start", "--json", "--port", &port])
             .args(["--cache-dir", scratch.path().join(format!("cache-{}", extra.is_some())).to_str().expect("utf-8")])
             .arg("--pgdata")
             .arg(&pgdata);
         command.args(extra);
-        quiesce(&cluster);
+        quiesce(cluster);
         let profile = Profile::start(if extra.is_some() { "no-prefetch" } else { "tidemark" });
         let began = Instant::now();
         let output = command.output().expect("run restore");
@@ -272,11 +286,11 @@ fn main() {
         tidemark_seconds.get_or_insert(seconds);
         drop(server);
     }
+    tidemark_seconds
+}
 
-    let Some(pgbr) = pgbr else {
-        println!("  pgBackRest: not installed here (apt-get install pgbackrest), no comparison");
-        return;
-    };
+/// Restores to `target` with pgBackRest (archive-async); returns its seconds.
+fn pgbackrest_restore(cluster: &Cluster, pgbr: &PgBackRest, target: &str, wal: u64) -> f64 {
     let restored_dir = tempfile::tempdir().expect("tempdir");
     let pgdata = restored_dir.path().join("data");
     std::fs::create_dir(&pgdata).expect("mkdir");
@@ -284,7 +298,7 @@ fn main() {
     if root() {
         chown(restored_dir.path(), PG_USER_OS);
     }
-    quiesce(&cluster);
+    quiesce(cluster);
     let profile = Profile::start("pgbackrest");
     let began = Instant::now();
     let pg1_path = format!("--pg1-path={}", pgdata.display());
@@ -307,7 +321,5 @@ fn main() {
     assert_eq!(server.psql("SELECT count(*) FROM pg_class WHERE relname = 'after_target'"), "0");
     report("pgBackRest restore --type=time, archive-async", seconds, wal, &redo_time(&server.log));
     let _ = std::fs::copy(&server.log, "/tmp/bench-restore-pgbackrest.log");
-    if let Some(ours) = tidemark_seconds {
-        println!("  tidemark (staged) / pgBackRest = {:.2} (target: at most 0.8)", ours / seconds);
-    }
+    seconds
 }

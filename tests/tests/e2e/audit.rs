@@ -113,7 +113,7 @@ fn attendance_corruption_is_found_and_restored_away() {
     assert_eq!(change["unusual"], true, "the corrupting UPDATE is not flagged: {bad}");
     let flagged: Vec<_> = transactions.iter().filter(|t| t["unusual"] == true).map(|t| t["xid"].clone()).collect();
     assert_eq!(flagged, vec![serde_json::json!(bad_xid)], "only the corruption should be flagged");
-    // Times and LSNs are in DESIGN.md's form.
+    // Times and LSNs are in the stable form of ARCHITECTURE.md.
     assert!(bad["commit_time"].as_str().is_some_and(|t| t.contains('T') && (t.ends_with('Z') || t.contains('+'))));
     assert!(bad["lsn"].as_str().is_some_and(|l| l.contains('/')));
 

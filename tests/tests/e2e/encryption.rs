@@ -229,8 +229,7 @@ fn encrypted_repository_hides_authenticates_rotates_and_verifies() {
     // The newest complete segment: after every backup's start, so needed.
     let victim = objects(&secret.repo)
         .into_iter()
-        .filter(|p| p.to_string_lossy().contains("/wal/00000001/") && !p.to_string_lossy().ends_with(".partial"))
-        .last()
+        .rfind(|p| p.to_string_lossy().contains("/wal/00000001/") && !p.to_string_lossy().ends_with(".partial"))
         .expect("a segment object");
     let mut bytes = std::fs::read(&victim).expect("read");
     let middle = bytes.len() / 2;

@@ -1,4 +1,9 @@
 //! End-to-end tests against real PostgreSQL servers started by the harness.
+//!
+//! A scenario (workload, failure, check, recovery, check again) reads best
+//! as one story from top to bottom, so these tests may run past the
+//! 100-line limit every other function keeps.
+#![allow(clippy::too_many_lines)]
 
 mod archive;
 mod audit;

@@ -12,50 +12,36 @@
 //! - `rp` + lsn u64                            -> RestorePoint
 //! - `hi` + table                              -> rows-per-transaction histogram
 //! - `tc` + table + 0x00 + hour i64            -> transactions that hour (u64;
-//!                                                table "" counts all of them)
+//!   table "" counts all of them)
+//!
 //! Times are stored with the sign bit flipped so byte order is time order.
 //! The hourly counts let a query count its matches without visiting each.
 
-use crate::catalog::Catalog;
-use crate::store::{ReadError, RepositoryReader};
+mod cache;
+mod keys;
+mod tail;
+
+pub use cache::default_cache_dir;
+pub use tail::first_end_after_quick;
+
 use anyhow::Context;
-use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
-use tidemark_proto::repo::layout::SUMMARIES_PREFIX;
-use tidemark_proto::segment::WalFileName;
-use tidemark_proto::wal::page::major_for_magic;
-use tidemark_proto::wal::summary::{Assembler, Naming, RestorePoint, SegmentSummary, SummaryBuilder, Transaction};
-use tidemark_proto::wal::{self, WalReader};
+use keys::{count_key, table_prefix, time_key, time_of_hour_key, time_of_key, tx_key, xid_key};
+use rocksdb::{Direction, IteratorMode, DB};
+use std::path::Path;
+use tail::summaries_along;
+use tidemark_proto::wal::summary::{Assembler, RestorePoint, SegmentSummary, Transaction};
 use tidemark_proto::Lsn;
+use tidemark_repo::catalog::Catalog;
+use tidemark_repo::{RepoError, Repository};
 
 /// Histogram buckets: bucket b holds transactions that changed 2^b .. 2^(b+1)-1 rows.
 const BUCKETS: usize = 40;
 
-/// The cache's layout; a cache of another version is rebuilt.
-const CACHE_VERSION: u32 = 2;
-
 const HOUR: i64 = 3_600_000_000;
-
-#[derive(Default, Serialize, Deserialize)]
-struct CacheState {
-    #[serde(default)]
-    version: u32,
-    /// The history (timelines, newest first) the cache was built along; when
-    /// the repository's changes (a promotion), the cache is rebuilt.
-    #[serde(default)]
-    lineage: Vec<u32>,
-    /// The last summarized segment replayed, and its timeline.
-    last_segment: Option<u64>,
-    last_timeline: u32,
-    assembler: Assembler,
-}
 
 pub struct Audit {
     db: DB,
-    state: CacheState,
+    state: cache::CacheState,
     /// Transactions from WAL not summarized yet (newest stretch), oldest first.
     pub tail: Vec<Transaction>,
     pub tail_restore_points: Vec<RestorePoint>,
@@ -63,105 +49,13 @@ pub struct Audit {
     pub covered_to: Lsn,
 }
 
-fn time_key(time: i64) -> [u8; 8] {
-    ((time as u64) ^ (1 << 63)).to_be_bytes()
-}
-
-fn tx_key(prefix: &[u8], time: i64, lsn: u64) -> Vec<u8> {
-    let mut key = prefix.to_vec();
-    key.extend_from_slice(&time_key(time));
-    key.extend_from_slice(&lsn.to_be_bytes());
-    key
-}
-
-/// The time of a `tm`/`tt` key: the 8 bytes before its trailing LSN.
-fn time_of_key(key: &[u8]) -> Option<i64> {
-    let bytes: [u8; 8] = key.get(key.len().checked_sub(16)?..key.len() - 8)?.try_into().ok()?;
-    Some((u64::from_be_bytes(bytes) ^ (1 << 63)) as i64)
-}
-
-/// The hour of a `tc` key: its last 8 bytes.
-fn time_of_hour_key(key: &[u8]) -> i64 {
-    let bytes: [u8; 8] = key.get(key.len().saturating_sub(8)..).and_then(|b| b.try_into().ok()).unwrap_or([0; 8]);
-    (u64::from_be_bytes(bytes) ^ (1 << 63)) as i64
-}
-
-fn count_key(table: &str, hour: i64) -> Vec<u8> {
-    let mut key = b"tc".to_vec();
-    key.extend_from_slice(table.as_bytes());
-    key.push(0);
-    key.extend_from_slice(&time_key(hour));
-    key
-}
-
-fn table_prefix(table: &str) -> Vec<u8> {
-    let mut key = b"tt".to_vec();
-    key.extend_from_slice(table.as_bytes());
-    key.push(0);
-    key
-}
-
-fn writable(dir: &Path) -> bool {
-    let probe = dir.join(".tidemark-probe");
-    let ok = std::fs::write(&probe, b"").is_ok();
-    let _ = std::fs::remove_file(probe);
-    ok
-}
-
-/// The default cache directory: `$XDG_CACHE_HOME` or `~/.cache`, per cluster.
-pub fn default_cache_dir(system_identifier: &str) -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"));
-    base.join("tidemark").join("audit").join(system_identifier)
-}
-
 impl Audit {
     /// Opens the cache and brings it up to date with the repository.
-    pub async fn load(repo: &RepositoryReader, catalog: &Catalog, cache_dir: Option<&Path>) -> anyhow::Result<Audit> {
+    pub async fn load(repo: &Repository, catalog: &Catalog, cache_dir: Option<&Path>) -> anyhow::Result<Audit> {
         let meta = repo.meta().await?;
-        let dir = match cache_dir {
-            Some(dir) => {
-                std::fs::create_dir_all(dir).with_context(|| format!("create audit cache {}", dir.display()))?;
-                dir.to_path_buf()
-            }
-            // The cache is derived data: when the home directory is not ours
-            // to write (sudo -u postgres), a private directory in /tmp does.
-            None => {
-                let home = default_cache_dir(&meta.system_identifier);
-                if std::fs::create_dir_all(&home).is_ok() && writable(&home) {
-                    home
-                } else {
-                    // SAFETY: geteuid has no preconditions.
-                    let uid = unsafe { libc::geteuid() };
-                    let tmp = std::env::temp_dir().join(format!("tidemark-audit-{uid}-{}", meta.system_identifier));
-                    std::fs::DirBuilder::new()
-                        .recursive(true)
-                        .mode(0o700)
-                        .create(&tmp)
-                        .with_context(|| format!("create audit cache {}", tmp.display()))?;
-                    tmp
-                }
-            }
-        };
-        let mut options = rocksdb::Options::default();
-        options.create_if_missing(true);
+        let dir = cache::cache_dir(cache_dir, &meta.system_identifier)?;
         let lineage = catalog.lineage();
-        let mut db = DB::open(&options, &dir).with_context(|| format!("open audit cache {}", dir.display()))?;
-        let stored: Option<CacheState> = db.get(b"state")?.and_then(|bytes| serde_json::from_slice(&bytes).ok());
-        let state = match stored {
-            Some(state) if state.version == CACHE_VERSION && state.lineage == lineage => state,
-            // Empty, of another layout, or built along another history: start over.
-            other => {
-                if other.is_some() || db.get(b"state")?.is_some() {
-                    drop(db);
-                    DB::destroy(&options, &dir).with_context(|| format!("clear audit cache {}", dir.display()))?;
-                    db = DB::open(&options, &dir).with_context(|| format!("open audit cache {}", dir.display()))?;
-                }
-                CacheState { version: CACHE_VERSION, lineage: lineage.clone(), ..Default::default() }
-            }
-        };
+        let (db, state) = cache::open(&dir, &lineage)?;
         let mut audit = Audit { db, state, tail: Vec::new(), tail_restore_points: Vec::new(), covered_to: Lsn::ZERO };
         let size = meta.wal_segment_size;
         let chosen = summaries_along(repo, &lineage, size).await?;
@@ -169,80 +63,24 @@ impl Audit {
             if audit.state.last_segment.is_some_and(|last| *segment_no <= last) {
                 continue;
             }
-            let object = repo.get(key).await?.ok_or_else(|| ReadError::Other(anyhow::anyhow!("{key} vanished")))?;
+            let object = repo.get(key).await?.ok_or_else(|| RepoError::corrupt(key, "listed, then gone"))?;
             let summary =
-                SegmentSummary::from_json(&object).map_err(|reason| ReadError::Corrupt { key: key.clone(), reason })?;
-            audit.ingest(&summary, *segment_no, *timeline)?;
+                SegmentSummary::from_json(&object).map_err(|reason| RepoError::Corrupt { key: key.clone(), reason })?;
+            // RocksDB writes block: off the async threads.
+            let (segment_no, timeline) = (*segment_no, *timeline);
+            audit = tokio::task::spawn_blocking(move || audit.ingest(&summary, segment_no, timeline).map(|()| audit))
+                .await
+                .context("join the audit cache writer")??;
         }
         audit.covered_to = Lsn(audit.state.last_segment.map(|s| (s + 1) * size).unwrap_or(0));
         audit.decode_tail(repo, catalog, size).await?;
         Ok(audit)
     }
 
-    fn ingest(&mut self, summary: &SegmentSummary, segment_no: u64, timeline: u32) -> anyhow::Result<()> {
-        let mut batch = WriteBatch::default();
-        let mut histograms: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-        let mut counts: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
-        for tx in self.state.assembler.add(summary) {
-            let hour = tx.time.div_euclid(HOUR);
-            *counts.entry(count_key("", hour)).or_default() += 1;
-            for change in &tx.tables {
-                *counts.entry(count_key(&change.table, hour)).or_default() += 1;
-            }
-            let json = serde_json::to_vec(&tx)?;
-            batch.put(tx_key(b"tm", tx.time, tx.lsn), &json);
-            let mut xid_key = b"xi".to_vec();
-            xid_key.extend_from_slice(&tx.xid.to_be_bytes());
-            xid_key.extend_from_slice(&tx.lsn.to_be_bytes());
-            batch.put(xid_key, &json);
-            for change in &tx.tables {
-                let mut key = table_prefix(&change.table);
-                key.extend_from_slice(&time_key(tx.time));
-                key.extend_from_slice(&tx.lsn.to_be_bytes());
-                batch.put(key, &json);
-                let histogram = match histograms.get_mut(&change.table) {
-                    Some(h) => h,
-                    None => histograms.entry(change.table.clone()).or_insert(self.histogram(&change.table)?),
-                };
-                let rows = change.inserted + change.updated + change.deleted;
-                if let Some(bucket) = histogram.get_mut(bucket_of(rows)) {
-                    *bucket += 1;
-                }
-            }
-        }
-        for (table, histogram) in histograms {
-            let mut key = b"hi".to_vec();
-            key.extend_from_slice(table.as_bytes());
-            batch.put(key, serde_json::to_vec(&histogram)?);
-        }
-        for (key, added) in counts {
-            let before = self.db.get(&key)?.and_then(|v| v.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
-            batch.put(key, (before + added).to_be_bytes());
-        }
-        for point in &summary.restore_points {
-            let mut key = b"rp".to_vec();
-            key.extend_from_slice(&point.lsn.to_be_bytes());
-            batch.put(key, serde_json::to_vec(point)?);
-        }
-        self.state.last_segment = Some(segment_no);
-        self.state.last_timeline = timeline;
-        batch.put(b"state", serde_json::to_vec(&self.state)?);
-        self.db.write(batch).context("write audit cache")
-    }
-
-    fn histogram(&self, table: &str) -> anyhow::Result<Vec<u64>> {
-        let mut key = b"hi".to_vec();
-        key.extend_from_slice(table.as_bytes());
-        Ok(match self.db.get(key)? {
-            Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|_| vec![0; BUCKETS]),
-            None => vec![0; BUCKETS],
-        })
-    }
-
     /// Decodes archived WAL past the last summary (complete and partial
     /// segments of the current history), so the newest commits count too.
-    async fn decode_tail(&mut self, repo: &RepositoryReader, catalog: &Catalog, size: u64) -> anyhow::Result<()> {
-        let Some(summary) = decode_past(repo, catalog, self.covered_to, size).await? else {
+    async fn decode_tail(&mut self, repo: &Repository, catalog: &Catalog, size: u64) -> anyhow::Result<()> {
+        let Some(summary) = tail::decode_past(repo, catalog, self.covered_to, size).await? else {
             if let Some(range) = catalog.current_range() {
                 self.covered_to = self.covered_to.max(range.end);
             }
@@ -284,9 +122,7 @@ impl Audit {
         let mut tail: Vec<Transaction> = self.tail.iter().filter(|t| keep(t)).cloned().collect();
         let (mut indexed, indexed_matches) = if let Some(xid) = filter.xid {
             // Few entries per xid (wraparound): decode them all.
-            let mut prefix = b"xi".to_vec();
-            prefix.extend_from_slice(&xid.to_be_bytes());
-            let all: Vec<Transaction> = self.scan(prefix, 6).filter(|t| keep(t)).collect();
+            let all: Vec<Transaction> = self.scan(xid_key(xid, None), 6).filter(|t| keep(t)).collect();
             let count = all.len();
             (all, count)
         } else {
@@ -456,11 +292,12 @@ mod tests {
     use super::*;
     use tidemark_proto::wal::rmgr::XactStatus;
     use tidemark_proto::wal::summary::{Change, End};
+    use tidemark_proto::TimelineId;
 
     fn cache() -> (tempfile::TempDir, Audit) {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = DB::open_default(dir.path()).expect("open");
-        let state = CacheState { version: CACHE_VERSION, ..Default::default() };
+        let state = cache::CacheState { version: cache::CACHE_VERSION, ..Default::default() };
         (dir, Audit { db, state, tail: Vec::new(), tail_restore_points: Vec::new(), covered_to: Lsn::ZERO })
     }
 
@@ -499,8 +336,8 @@ mod tests {
     #[test]
     fn counts_and_limits_agree_with_a_full_scan() {
         let (_dir, mut audit) = cache();
-        audit.ingest(&summary(1, 1, 60), 1, 1).expect("ingest");
-        audit.ingest(&summary(2, 61, 60), 2, 1).expect("ingest");
+        audit.ingest(&summary(1, 1, 60), 1, TimelineId(1)).expect("ingest");
+        audit.ingest(&summary(2, 61, 60), 2, TimelineId(1)).expect("ingest");
         let minutes = |m: i64| Some(m * 60_000_000);
         for table in [None, Some("public.a".to_string())] {
             for (since, until) in
@@ -539,131 +376,4 @@ mod tests {
         assert!(!is_unusual(3, typical_of(&histogram)));
         assert!(!is_unusual(1000, None));
     }
-
-    #[test]
-    fn time_keys_sort_like_times() {
-        assert!(time_key(-5) < time_key(0));
-        assert!(time_key(0) < time_key(7));
-        assert!(time_key(i64::MIN) < time_key(i64::MAX));
-    }
-}
-
-/// Per segment number, the summary on the newest timeline of `lineage`:
-/// (timeline, object key), in segment order.
-async fn summaries_along(
-    repo: &RepositoryReader,
-    lineage: &[u32],
-    size: u64,
-) -> Result<BTreeMap<u64, (u32, String)>, ReadError> {
-    let mut chosen: BTreeMap<u64, (u32, String)> = BTreeMap::new();
-    for key in repo.list(SUMMARIES_PREFIX.trim_end_matches('/')).await? {
-        let Some(name) = key.rsplit('/').next() else { continue };
-        let Ok(WalFileName::Segment(segment)) = WalFileName::parse(name, size) else { continue };
-        if !lineage.contains(&segment.timeline.0) {
-            continue;
-        }
-        let entry = chosen.entry(segment.segment_no).or_insert((segment.timeline.0, key.clone()));
-        if segment.timeline.0 > entry.0 {
-            *entry = (segment.timeline.0, key);
-        }
-    }
-    Ok(chosen)
-}
-
-/// Decodes the archived WAL of the current range from `covered_to` on (the
-/// part no summary covers yet) into one summary; `None` if there is none.
-async fn decode_past(
-    repo: &RepositoryReader,
-    catalog: &Catalog,
-    covered_to: Lsn,
-    size: u64,
-) -> anyhow::Result<Option<SegmentSummary>> {
-    let Some(last_range) = catalog.current_range() else { return Ok(None) };
-    let mut start = covered_to.max(last_range.start.segment_start(size));
-    if start >= last_range.end {
-        return Ok(None);
-    }
-    // Summaries resume at a segment start: a record continued from before is skipped.
-    let mut reader = WalReader::new(start, size);
-    let mut builder = SummaryBuilder::default();
-    let timeline = tidemark_proto::TimelineId(last_range.timeline);
-    while start < last_range.end {
-        let segment = tidemark_proto::segment::SegmentId::containing(timeline, start, size);
-        let Some((bytes, _)) = crate::wal_get::segment_bytes(repo, segment, size).await? else { break };
-        let Some(major) = bytes.get(..2).and_then(|b| major_for_magic(u16::from_le_bytes([b[0], b[1]]))) else {
-            break;
-        };
-        reader.feed(&bytes, |raw| {
-            if let Ok(record) = wal::decode(raw.lsn, raw.end, raw.bytes, major) {
-                builder.add(&record, major);
-            }
-        });
-        start = segment.end_lsn(size);
-        if reader.end().is_some() {
-            break;
-        }
-    }
-    Ok(Some(builder.finish(timeline.0, covered_to, |_| Naming::Unknown)))
-}
-
-/// The transaction ends of a stored summary, without building its changes.
-async fn summary_ends(repo: &RepositoryReader, key: &str) -> anyhow::Result<Vec<tidemark_proto::wal::summary::End>> {
-    #[derive(serde::Deserialize)]
-    struct EndsOnly {
-        version: u32,
-        ends: Vec<tidemark_proto::wal::summary::End>,
-    }
-    let object = repo.get(key).await?.ok_or_else(|| ReadError::Other(anyhow::anyhow!("{key} vanished")))?;
-    let summary: EndsOnly = serde_json::from_slice(&object)
-        .map_err(|e| ReadError::Corrupt { key: key.to_string(), reason: e.to_string() })?;
-    if summary.version != tidemark_proto::wal::summary::SUMMARY_VERSION {
-        return Err(ReadError::Corrupt {
-            key: key.to_string(),
-            reason: format!("summary version {}", summary.version),
-        }
-        .into());
-    }
-    Ok(summary.ends)
-}
-
-/// The LSN of the first transaction end (commit or abort, as PostgreSQL's
-/// recovery_target_time counts them) after `micros`, found without the
-/// cache: the unsummarized tail, then summaries newest first, until two
-/// segments with transactions all ended at or before `micros` (one more than
-/// commit order needs: commit times are taken just before the record is
-/// written, so they are in LSN order to within a moment). Reads only what
-/// lies after the target, so a restore to a recent time (the usual case)
-/// costs a few summaries, not the whole archive. `None`: nothing ends after it.
-pub async fn first_end_after_quick(
-    repo: &RepositoryReader,
-    catalog: &Catalog,
-    micros: i64,
-) -> anyhow::Result<Option<Lsn>> {
-    let size = repo.meta().await?.wal_segment_size;
-    let chosen = summaries_along(repo, &catalog.lineage(), size).await?;
-    let covered_to = Lsn(chosen.keys().next_back().map(|s| (s + 1) * size).unwrap_or(0));
-    let mut first: Option<u64> = None;
-    let mut consider = |lsn: u64| first = Some(first.map_or(lsn, |f| f.min(lsn)));
-    if let Some(tail) = decode_past(repo, catalog, covered_to, size).await? {
-        tail.ends.iter().filter(|e| e.time > micros).for_each(|e| consider(e.lsn));
-    }
-    let mut settled = 0;
-    for (_, key) in chosen.values().rev() {
-        let ends = summary_ends(repo, key).await?;
-        if ends.is_empty() {
-            continue;
-        }
-        let mut any_after = false;
-        for end in ends.iter().filter(|e| e.time > micros) {
-            consider(end.lsn);
-            any_after = true;
-        }
-        if !any_after {
-            settled += 1;
-            if settled == 2 {
-                break;
-            }
-        }
-    }
-    Ok(first.map(Lsn))
 }

@@ -1,5 +1,5 @@
 //! `tidemark-restore timeline`: the audit as a readable table, as JSON
-//! (DESIGN.md), or as rows changed per table per minute or hour.
+//! (the stable fields of ARCHITECTURE.md), or as rows changed per table per minute or hour.
 
 use crate::audit::{is_unusual, Audit, Filter};
 use crate::target::{format_time, parse_time};
@@ -13,7 +13,7 @@ pub struct TimelineOptions {
     pub table: Option<String>,
     pub since: Option<String>,
     pub until: Option<String>,
-    pub xid: Option<u32>,
+    pub xid: Option<tidemark_proto::Xid>,
     pub per: Option<String>,
     pub limit: usize,
     pub json: bool,
@@ -28,7 +28,7 @@ pub fn filter_of(options: &TimelineOptions) -> Result<Filter, String> {
         table: options.table.as_deref().map(canonical_table).transpose()?,
         since: micros(&options.since)?,
         until: micros(&options.until)?,
-        xid: options.xid,
+        xid: options.xid.map(|x| x.0),
     })
 }
 

@@ -11,7 +11,7 @@
 //! then carries its database and file number.
 
 use crate::index::{Index, RelName};
-use crate::pg::{Connection, ConnectionKind};
+use crate::pg::sql;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tidemark_proto::conninfo::ConnParams;
@@ -19,7 +19,7 @@ use tidemark_proto::wal::summary::{qualified_name, Naming};
 use tidemark_proto::wal::RelFileLocator;
 use tracing::{debug, warn};
 
-pub struct Catalog {
+pub struct RelationNames {
     params: ConnParams,
     index: Arc<Index>,
     names: HashMap<(u32, u32), RelName>,
@@ -27,14 +27,14 @@ pub struct Catalog {
 }
 
 /// Every relation with storage in the current database, with its file number.
-const RELATIONS_SQL: &str = "SELECT pg_relation_filenode(c.oid) AS filenode, n.nspname, c.relname, c.relkind \
+const RELATIONS_SQL: &str = "SELECT pg_relation_filenode(c.oid), n.nspname::text, c.relname::text, c.relkind::text \
      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
      WHERE pg_relation_filenode(c.oid) IS NOT NULL";
 
-impl Catalog {
-    pub fn new(params: ConnParams, index: Arc<Index>) -> anyhow::Result<Catalog> {
+impl RelationNames {
+    pub fn new(params: ConnParams, index: Arc<Index>) -> anyhow::Result<RelationNames> {
         let names = index.rel_names()?.into_iter().collect();
-        Ok(Catalog { params, index, names, databases: HashMap::new() })
+        Ok(RelationNames { params, index, names, databases: HashMap::new() })
     }
 
     /// The name for a file as the summary records it.
@@ -75,14 +75,12 @@ impl Catalog {
         };
         let mut params = self.params.clone();
         params.dbname = Some(dbname.clone());
-        let mut conn = Connection::connect(&params, ConnectionKind::Sql).await?;
-        let result = conn.simple_query(RELATIONS_SQL).await;
-        conn.close().await;
-        let result = result?;
+        let client = sql::connect(&params).await?;
+        let rows = client.query(RELATIONS_SQL, &[]).await.map_err(sql::from_postgres)?;
         let mut learnt = 0;
-        for row in &result.rows {
-            let [Some(filenode), Some(schema), Some(relname), Some(kind)] = row.as_slice() else { continue };
-            let Ok(filenode) = filenode.parse::<u32>() else { continue };
+        for row in &rows {
+            let (filenode, schema, relname, kind): (u32, &str, &str, &str) =
+                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?);
             let name = RelName { table: is_user_table(schema, kind).then(|| qualified_name(schema, relname)) };
             if self.names.get(&(database, filenode)) != Some(&name) {
                 self.index.put_rel_name(database, filenode, &name)?;
@@ -95,15 +93,13 @@ impl Catalog {
     }
 
     async fn load_databases(&mut self) -> anyhow::Result<()> {
-        let mut conn = Connection::connect(&self.params, ConnectionKind::Sql).await?;
-        let result = conn.simple_query("SELECT oid, datname FROM pg_database WHERE datallowconn").await;
-        conn.close().await;
-        for row in result?.rows {
-            if let [Some(oid), Some(name)] = row.as_slice() {
-                if let Ok(oid) = oid.parse() {
-                    self.databases.insert(oid, name.clone());
-                }
-            }
+        let client = sql::connect(&self.params).await?;
+        let rows = client
+            .query("SELECT oid, datname::text FROM pg_database WHERE datallowconn", &[])
+            .await
+            .map_err(sql::from_postgres)?;
+        for row in rows {
+            self.databases.insert(row.try_get(0)?, row.try_get(1)?);
         }
         Ok(())
     }

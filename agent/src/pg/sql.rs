@@ -1,0 +1,49 @@
+//! Ordinary SQL sessions (catalog reads, settings checks, restore points)
+//! through tokio-postgres: typed rows and parameters. The connection itself
+//! — TCP or Unix socket, TLS per sslmode — is ours (`connection::open_stream`),
+//! so both kinds of session honour the same settings; tokio-postgres then
+//! speaks the protocol (startup, password, md5 or SCRAM) over that stream.
+
+use super::connection::open_stream;
+use super::error::{PgError, ServerError};
+use tidemark_proto::conninfo::ConnParams;
+
+/// Opens a session on `params`' database (default `postgres`).
+pub async fn connect(params: &ConnParams) -> Result<tokio_postgres::Client, PgError> {
+    let user = params.user.clone().ok_or_else(|| PgError::Auth("no user name given".into()))?;
+    let (stream, _certificate) = open_stream(params).await?;
+    let mut config = tokio_postgres::Config::new();
+    config
+        .user(&user)
+        .dbname(params.dbname.as_deref().unwrap_or("postgres"))
+        // TLS, if any, is already under this stream.
+        .ssl_mode(tokio_postgres::config::SslMode::Disable);
+    if let Some(name) = &params.application_name {
+        config.application_name(name);
+    }
+    if let Some(password) = &params.password {
+        config.password(password.expose());
+    }
+    let (client, connection) = config.connect_raw(stream, tokio_postgres::NoTls).await.map_err(from_postgres)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("SQL session ended: {e}");
+        }
+    });
+    Ok(client)
+}
+
+/// tokio-postgres's error as ours, so hints by SQLSTATE apply to both kinds of session.
+pub fn from_postgres(error: tokio_postgres::Error) -> PgError {
+    match error.as_db_error() {
+        Some(db) => PgError::Server(ServerError {
+            severity: db.severity().to_string(),
+            code: db.code().code().to_string(),
+            message: db.message().to_string(),
+            detail: db.detail().map(str::to_string),
+            hint: db.hint().map(str::to_string),
+        }),
+        None if error.to_string().contains("password") => PgError::Auth(error.to_string()),
+        None => PgError::Protocol(error.to_string()),
+    }
+}

@@ -1,0 +1,253 @@
+//! What the repository holds, in memory: complete backups, archived WAL
+//! ranges, timelines, and the restorable window. Loading is I/O; the
+//! decisions (ranges, restorability, window) are pure functions tested with
+//! tables.
+
+use crate::error::RepoError;
+use crate::store::Repository;
+use serde::Serialize;
+use tidemark_proto::repo::backup::{complete_backup_ids, manifest_key, BackupManifest};
+use tidemark_proto::repo::layout::ObjectKey;
+use tidemark_proto::{Lsn, TimelineId};
+
+/// Ids of complete backups (those with a `backup.json`), oldest first.
+pub async fn complete_backups(repo: &Repository) -> Result<Vec<String>, RepoError> {
+    let keys = repo.list("backups").await?;
+    Ok(complete_backup_ids(keys.iter().map(String::as_str)))
+}
+
+/// A backup's manifest.
+pub async fn read_manifest(repo: &Repository, id: &str) -> Result<BackupManifest, RepoError> {
+    let key = manifest_key(id);
+    let raw = repo.get(&key).await?.ok_or_else(|| RepoError::NoSuchBackup(id.to_string()))?;
+    BackupManifest::from_json(&raw).map_err(|reason| RepoError::Corrupt { key, reason })
+}
+
+/// One archived WAL object: complete segments end at the segment end,
+/// partial objects where their durable prefix ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalPiece {
+    pub timeline: TimelineId,
+    pub start: Lsn,
+    pub end: Lsn,
+}
+
+/// A contiguous archived stretch of one timeline.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WalRange {
+    pub timeline: TimelineId,
+    #[serde(rename = "start_lsn")]
+    pub start: Lsn,
+    #[serde(rename = "end_lsn")]
+    pub end: Lsn,
+}
+
+/// A timeline and where it branched off its parent. **Stable JSON** (`list --json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TimelineInfo {
+    pub timeline: TimelineId,
+    pub parent: Option<TimelineId>,
+    pub switch_lsn: Option<Lsn>,
+    /// Every ancestor and where it ended, oldest first (the history file's
+    /// entries): enough to follow this timeline without its ancestors' files.
+    #[serde(skip)]
+    pub ancestors: Vec<(TimelineId, Lsn)>,
+}
+
+/// The restorable window: from the end of the oldest restorable backup to
+/// the end of the archived WAL after it. **Stable JSON** (`status --json`,
+/// `list --json`): the fields are in alphabetical order, as they were when
+/// the window was built as a JSON map.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Window {
+    /// The oldest backup's end time: the earliest time a restore reaches.
+    pub earliest: String,
+    pub earliest_lsn: Lsn,
+    /// The last archived commit, when known (from the WAL audit).
+    pub latest: Option<String>,
+    pub latest_lsn: Lsn,
+}
+
+impl Window {
+    /// The window that starts at `oldest`'s end and ends at `latest_lsn`.
+    pub fn from_backup(oldest: &BackupManifest, latest_lsn: Lsn, latest: Option<String>) -> Window {
+        Window { earliest: oldest.end_time.clone(), earliest_lsn: oldest.end_lsn, latest, latest_lsn }
+    }
+}
+
+/// Merges pieces into contiguous ranges per timeline (pieces may overlap:
+/// a partial object and a complete one of the same segment).
+pub fn wal_ranges(mut pieces: Vec<WalPiece>) -> Vec<WalRange> {
+    pieces.sort_by_key(|p| (p.timeline, p.start, p.end));
+    let mut ranges: Vec<WalRange> = Vec::new();
+    for piece in pieces {
+        match ranges.last_mut() {
+            Some(last) if last.timeline == piece.timeline && piece.start <= last.end => {
+                last.end = last.end.max(piece.end);
+            }
+            _ => ranges.push(WalRange { timeline: piece.timeline, start: piece.start, end: piece.end }),
+        }
+    }
+    ranges
+}
+
+/// A backup can be restored once one archived range of its timeline covers
+/// its WAL from start to end.
+pub fn is_restorable(backup: &BackupManifest, ranges: &[WalRange]) -> bool {
+    ranges.iter().any(|r| r.timeline == backup.timeline && r.start <= backup.start_lsn && r.end >= backup.end_lsn)
+}
+
+pub struct Catalog {
+    /// Complete backups whose WAL is archived, oldest first.
+    pub restorable: Vec<BackupManifest>,
+    /// Complete backups still waiting for their WAL.
+    pub waiting: Vec<BackupManifest>,
+    pub ranges: Vec<WalRange>,
+    pub timelines: Vec<TimelineInfo>,
+}
+
+impl Catalog {
+    pub async fn load(repo: &Repository) -> Result<Catalog, RepoError> {
+        let meta = repo.meta().await?;
+        let size = meta.wal_segment_size;
+        let mut pieces = Vec::new();
+        for key in repo.list("wal").await? {
+            match ObjectKey::parse(&key, size) {
+                Some(ObjectKey::Segment(segment)) => pieces.push(WalPiece {
+                    timeline: segment.timeline,
+                    start: segment.start_lsn(size),
+                    end: segment.end_lsn(size),
+                }),
+                Some(ObjectKey::PartialSegment(segment)) => {
+                    let start = segment.start_lsn(size);
+                    let end = Lsn(start.0 + repo.frame_info(&key).await?.raw_len);
+                    pieces.push(WalPiece { timeline: segment.timeline, start, end });
+                }
+                _ => {}
+            }
+        }
+        let mut timelines =
+            vec![TimelineInfo { timeline: TimelineId(1), parent: None, switch_lsn: None, ancestors: Vec::new() }];
+        for key in repo.list("timelines").await? {
+            let Some(ObjectKey::History(timeline)) = ObjectKey::parse(&key, size) else { continue };
+            let content = repo.get(&key).await?.unwrap_or_default();
+            let entries = tidemark_proto::timeline::parse_history(&content)
+                .map_err(|e| RepoError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+            let last = entries.last();
+            timelines.push(TimelineInfo {
+                timeline,
+                parent: last.map(|e| e.parent),
+                switch_lsn: last.map(|e| e.switch_lsn),
+                ancestors: entries.iter().map(|e| (e.parent, e.switch_lsn)).collect(),
+            });
+        }
+        timelines.sort_by_key(|t| t.timeline);
+        let ranges = wal_ranges(pieces);
+        let mut restorable = Vec::new();
+        let mut waiting = Vec::new();
+        for id in complete_backups(repo).await? {
+            let manifest = read_manifest(repo, &id).await?;
+            if is_restorable(&manifest, &ranges) {
+                restorable.push(manifest);
+            } else {
+                waiting.push(manifest);
+            }
+        }
+        Ok(Catalog { restorable, waiting, ranges, timelines })
+    }
+
+    /// The newest timeline and its ancestors: the history a restore follows
+    /// by default.
+    pub fn lineage(&self) -> Vec<TimelineId> {
+        let mut lineage = Vec::new();
+        let mut current = self.timelines.iter().map(|t| t.timeline).max();
+        while let Some(timeline) = current {
+            if lineage.contains(&timeline) {
+                break;
+            }
+            lineage.push(timeline);
+            current = self.timelines.iter().find(|t| t.timeline == timeline).and_then(|t| t.parent);
+        }
+        lineage
+    }
+
+    /// The archived range that ends the current history (newest timeline, highest end).
+    pub fn current_range(&self) -> Option<&WalRange> {
+        let lineage = self.lineage();
+        self.ranges.iter().filter(|r| lineage.contains(&r.timeline)).max_by_key(|r| (r.timeline, r.end))
+    }
+
+    /// The window, with its latest restorable time (the last archived
+    /// commit, from the WAL audit) when known: from the end of the oldest
+    /// restorable backup to the end of the WAL archived after it.
+    pub fn window(&self, latest_commit: Option<String>) -> Option<Window> {
+        let oldest = self.restorable.first()?;
+        let latest = self
+            .ranges
+            .iter()
+            .filter(|r| r.timeline >= oldest.timeline && r.end >= oldest.end_lsn)
+            .map(|r| r.end)
+            .max()?;
+        Some(Window::from_backup(oldest, latest, latest_commit))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn piece(tli: u32, start: u64, end: u64) -> WalPiece {
+        WalPiece { timeline: TimelineId(tli), start: Lsn(start), end: Lsn(end) }
+    }
+
+    fn backup(timeline: u32, start: u64, end: u64) -> BackupManifest {
+        serde_json::from_value(serde_json::json!({
+            "format_version": 1, "id": "x", "label": "x", "system_identifier": "1", "server_version_num": 150000,
+            "timeline": timeline, "start_lsn": Lsn(start).to_string(), "end_lsn": Lsn(end).to_string(),
+            "start_time": "t0", "end_time": "t1",
+            "tablespaces": [], "files": [], "pg_manifest_key": "k", "bytes": 0, "stored_bytes": 0
+        }))
+        .expect("manifest")
+    }
+
+    #[test]
+    fn ranges_merge_contiguous_and_overlapping_pieces() {
+        let ranges = wal_ranges(vec![
+            piece(1, 32, 48),
+            piece(1, 16, 32),
+            piece(1, 48, 50),
+            piece(1, 48, 64),
+            piece(1, 96, 112),
+            piece(2, 48, 60),
+        ]);
+        let spans: Vec<(u32, u64, u64)> = ranges.iter().map(|r| (r.timeline.0, r.start.0, r.end.0)).collect();
+        assert_eq!(spans, vec![(1, 16, 64), (1, 96, 112), (2, 48, 60)]);
+        let json = serde_json::to_string(&ranges[0]).expect("json");
+        assert_eq!(json, r#"{"timeline":1,"start_lsn":"0/10","end_lsn":"0/40"}"#);
+    }
+
+    #[test]
+    fn restorable_only_with_all_its_wal() {
+        let ranges = wal_ranges(vec![piece(1, 16, 64)]);
+        assert!(is_restorable(&backup(1, 0x20, 0x40), &ranges));
+        assert!(!is_restorable(&backup(1, 0x20, 0x41), &ranges));
+        assert!(!is_restorable(&backup(2, 0x20, 0x40), &ranges));
+    }
+
+    #[test]
+    fn the_window_runs_from_the_oldest_restorable_backup_to_the_archive_end() {
+        let ranges = wal_ranges(vec![piece(1, 16, 64), piece(2, 60, 90)]);
+        let catalog = Catalog { restorable: vec![backup(1, 0x20, 0x30)], waiting: vec![], ranges, timelines: vec![] };
+        let window = catalog.window(Some("t9".into())).expect("window");
+        assert_eq!(
+            window,
+            Window { earliest: "t1".into(), earliest_lsn: Lsn(0x30), latest: Some("t9".into()), latest_lsn: Lsn(90) }
+        );
+        assert_eq!(
+            serde_json::to_string(&window).expect("json"),
+            r#"{"earliest":"t1","earliest_lsn":"0/30","latest":"t9","latest_lsn":"0/5A"}"#
+        );
+        let empty = Catalog { restorable: vec![], waiting: vec![], ranges: vec![], timelines: vec![] };
+        assert_eq!(empty.window(None), None);
+    }
+}

@@ -1,0 +1,89 @@
+//! Durable local writes, said once: what a caller reports as durable has
+//! been fsynced, and so has the directory entry that names it.
+//!
+//! Used by the local repository (object_store writes to a temporary name and
+//! renames, but never fsyncs), the agent's spool, and the restore tool's
+//! `wal-get` (PostgreSQL must never see a half-written file under the name it
+//! asked for).
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+/// Whether a write must survive a crash. Staged WAL does not: nothing durable
+/// depends on it (a restore that crashes starts over), and an fsync per
+/// 16 MiB segment would slow replay down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    Fsync,
+    PageCache,
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
+    path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// fsyncs a directory, making the creation, rename or removal of its entries durable.
+pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// fsyncs a file and then its directory.
+pub fn fsync_file_and_dir(file: &Path) -> std::io::Result<()> {
+    File::open(file)?.sync_all()?;
+    fsync_dir(parent_dir(file))
+}
+
+/// Writes `content` to `destination` through a temporary name beside it:
+/// write, (fsync), rename, (fsync the directory). A reader sees the old file
+/// or the whole new one, never a part.
+pub fn write_atomically(destination: &Path, content: &[u8], durability: Durability) -> std::io::Result<()> {
+    let dir = parent_dir(destination);
+    let file_name = destination
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "the destination has no file name"))?;
+    let temp = dir.join(format!(".{}.tidemark-tmp", file_name.to_string_lossy()));
+    let mut file = File::create(&temp)?;
+    file.write_all(content)?;
+    if durability == Durability::Fsync {
+        file.sync_all()?;
+    }
+    drop(file);
+    std::fs::rename(&temp, destination)?;
+    if durability == Durability::Fsync {
+        fsync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Removes a file (a missing one is fine) and makes the removal durable.
+pub fn remove_durably(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    fsync_dir(parent_dir(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_writes_replace_whole_files_and_leave_no_temporary() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("000000010000000000000001");
+        write_atomically(&path, b"first", Durability::Fsync).expect("write");
+        write_atomically(&path, b"second", Durability::PageCache).expect("rewrite");
+        assert_eq!(std::fs::read(&path).expect("read"), b"second");
+        let names: Vec<_> =
+            std::fs::read_dir(dir.path()).expect("list").map(|e| e.expect("entry").file_name()).collect();
+        assert_eq!(names.len(), 1, "only the destination remains: {names:?}");
+        remove_durably(&path).expect("remove");
+        remove_durably(&path).expect("removing a missing file is fine");
+        assert!(!path.exists());
+        assert!(write_atomically(Path::new("/"), b"x", Durability::Fsync).is_err(), "no file name");
+    }
+}

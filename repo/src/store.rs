@@ -1,0 +1,338 @@
+//! The repository as an object store: `file://` (the default) or `s3://`,
+//! `gs://`, `az://` (see [`crate::remote`]). Reading, for both binaries.
+//!
+//! In an encrypted repository every object but `repository.json` is sealed
+//! (see `tidemark_proto::repo::seal`); objects are opened here, so callers
+//! see frames ([`Repository::get_frame`]) or contents ([`Repository::get`]).
+//! Key files are read when the repository is opened, but the keys are
+//! derived and checked against `repository.json` on the first object read,
+//! so `wal-get` serving a staged segment never pays for a passphrase's key
+//! derivation. Writing is in [`crate::write`].
+
+use crate::error::RepoError;
+use bytes::Bytes;
+use object_store::path::Path as ObjectPath;
+use object_store::ObjectStore;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tidemark_proto::repo::frame::{self, FrameInfo};
+use tidemark_proto::repo::layout::{RepositoryMeta, META_KEY};
+use tidemark_proto::repo::seal::{self, KeyMaterial, Keyring};
+use tokio::sync::OnceCell;
+
+#[derive(Clone)]
+pub struct Repository {
+    pub(crate) store: Arc<dyn ObjectStore>,
+    /// Set for a local directory, whose objects are fsynced after each put.
+    pub(crate) local_root: Option<PathBuf>,
+    /// The URL without credentials, for messages.
+    pub display: String,
+    /// The key files as given (absolute paths go into restore_command).
+    pub key_files: Vec<PathBuf>,
+    /// The key files' contents: (file name, material).
+    key_material: Arc<Vec<(String, KeyMaterial)>>,
+    /// The checked keys, once `repository.json` has been read: `None` for a
+    /// plain repository. Shared by clones.
+    keyring: Arc<OnceCell<Option<Arc<Keyring>>>>,
+}
+
+/// Whether opening may create a missing local directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Create {
+    Yes,
+    No,
+}
+
+/// Reads key files (`--key-file`), refusing unreadable or malformed ones.
+pub fn read_key_files(paths: &[PathBuf]) -> Result<Vec<(String, KeyMaterial)>, RepoError> {
+    let mut out = Vec::with_capacity(paths.len());
+    for path in paths {
+        let name = path.display().to_string();
+        let contents = std::fs::read(path).map_err(|e| RepoError::Keys(format!("cannot read key file {name}: {e}")))?;
+        if let Ok(metadata) = std::fs::metadata(path) {
+            if metadata.permissions().mode() & 0o077 != 0 {
+                tracing::warn!("key file {name} can be read by others; chmod 0600 it");
+            }
+        }
+        let material = KeyMaterial::parse(&contents).map_err(|e| {
+            RepoError::Keys(format!("key file {name}: {e} (create a key with `tidemark-agent keygen PATH`)"))
+        })?;
+        out.push((name, material));
+    }
+    Ok(out)
+}
+
+/// The keys for `meta`'s repository from the given key material: none for a
+/// plain repository, every given one checked for an encrypted one.
+pub fn unlock(
+    meta: &RepositoryMeta,
+    display: &str,
+    material: &[(String, KeyMaterial)],
+) -> Result<Option<Arc<Keyring>>, RepoError> {
+    match (&meta.encryption, material.is_empty()) {
+        (None, true) => Ok(None),
+        (None, false) => {
+            Err(RepoError::Keys(format!("repository {display} is not encrypted, but a key file was given")))
+        }
+        (Some(_), true) => Err(RepoError::Keys(format!(
+            "repository {display} is encrypted: pass its key with --key-file PATH (or TIDEMARK_KEY_FILE)"
+        ))),
+        (Some(encryption), false) => Keyring::unlock(encryption, material)
+            .map(|keyring| Some(Arc::new(keyring)))
+            .map_err(|e| RepoError::Keys(format!("wrong key for repository {display}: {e}"))),
+    }
+}
+
+/// A local path or `file://` URL as a directory path; `None` for other schemes.
+fn local_path(url: &str) -> Option<PathBuf> {
+    if let Some(rest) = url.strip_prefix("file://") {
+        return Some(PathBuf::from(rest));
+    }
+    (!url.contains("://")).then(|| PathBuf::from(url))
+}
+
+/// A repository URL with any user name or password removed, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() || !parsed.username().is_empty() => {
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn local_store(dir: &Path, display: &str, create: Create) -> Result<(Arc<dyn ObjectStore>, PathBuf), RepoError> {
+    let local = |context: String| move |source| RepoError::Local { context, source };
+    if create == Create::Yes {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(local(format!("cannot create repository directory {}", dir.display())))?;
+    }
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(RepoError::NotADirectory(display.to_string())),
+        Err(_) => return Err(RepoError::NoRepository(display.to_string())),
+    }
+    let root = dir.canonicalize().map_err(local(format!("resolve repository path {}", dir.display())))?;
+    let store = object_store::local::LocalFileSystem::new_with_prefix(&root)
+        .map_err(|source| RepoError::Configuration { display: display.to_string(), source })?;
+    Ok((Arc::new(store), root))
+}
+
+impl Repository {
+    /// Opens a repository and reads the key files given for it. A local
+    /// directory must exist, unless `create` (then it is made, owner-only).
+    pub fn open(url: &str, key_files: &[PathBuf], create: Create) -> Result<Repository, RepoError> {
+        let display = redact_url(url);
+        let (store, local_root) = if let Some(dir) = local_path(url) {
+            let (store, root) = local_store(&dir, &display, create)?;
+            (store, Some(root))
+        } else if let Some(store) = crate::remote::open(url) {
+            (store.map_err(|source| RepoError::Configuration { display: display.clone(), source })?, None)
+        } else {
+            return Err(RepoError::UnsupportedUrl(display));
+        };
+        Ok(Repository {
+            store,
+            local_root,
+            display,
+            key_files: key_files.to_vec(),
+            key_material: Arc::new(read_key_files(key_files)?),
+            keyring: Arc::new(OnceCell::new()),
+        })
+    }
+
+    /// Opens an initialized repository and checks its keys now: refuses a
+    /// missing `repository.json`, a wrong key, and (for a writer) a missing
+    /// current key.
+    pub async fn open_initialized(
+        url: &str,
+        key_files: &[PathBuf],
+        writes: bool,
+    ) -> Result<(Repository, RepositoryMeta), RepoError> {
+        let repo = Repository::open(url, key_files, Create::No)?;
+        let meta = repo.meta().await?;
+        let keyring = repo.keyring().await?;
+        if let (true, Some(keyring), Some(encryption)) = (writes, keyring, &meta.encryption) {
+            if keyring.current.is_none() {
+                return Err(RepoError::Keys(format!(
+                    "new objects in {} are sealed with key {}, which was not given: pass the current key's file with --key-file (old keys too, to read old objects)",
+                    repo.display, encryption.current_key
+                )));
+            }
+        }
+        Ok((repo, meta))
+    }
+
+    /// Uses these keys from now on (a new encrypted repository, a rotation).
+    pub fn with_keyring(mut self, keyring: Option<Arc<Keyring>>) -> Repository {
+        self.keyring = Arc::new(OnceCell::new_with(Some(keyring)));
+        self
+    }
+
+    /// The keys, checked against `repository.json` (once).
+    pub(crate) async fn keyring(&self) -> Result<Option<&Arc<Keyring>>, RepoError> {
+        let keyring = self
+            .keyring
+            .get_or_try_init(|| async { unlock(&self.meta().await?, &self.display, &self.key_material) })
+            .await?;
+        Ok(keyring.as_ref())
+    }
+
+    /// Checks the given keys against the repository now (they are otherwise
+    /// checked at the first object read).
+    pub async fn check_keys(&self) -> Result<(), RepoError> {
+        self.keyring().await.map(|_| ())
+    }
+
+    /// Keys of every object under `prefix`.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, RepoError> {
+        use futures::TryStreamExt;
+        let prefix = ObjectPath::from(prefix);
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| RepoError::store(format!("list {prefix} in {}", self.display), e))?;
+        Ok(objects.into_iter().map(|o| o.location.to_string()).collect())
+    }
+
+    /// Whether an object exists (without reading it).
+    pub async fn exists(&self, key: &str) -> Result<bool, RepoError> {
+        match self.store.head(&ObjectPath::from(key)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(RepoError::store(format!("look up object {key} in {}", self.display), e)),
+        }
+    }
+
+    /// The bytes as stored (sealed or not), or `None` if the object does not exist.
+    pub async fn get_stored(&self, key: &str) -> Result<Option<Bytes>, RepoError> {
+        let context = || format!("read object {key} from {}", self.display);
+        match self.store.get(&ObjectPath::from(key)).await {
+            Ok(result) => Ok(Some(result.bytes().await.map_err(|e| RepoError::store(context(), e))?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(RepoError::store(context(), e)),
+        }
+    }
+
+    /// The object's frame (opened, if sealed), or `None` if it does not exist.
+    pub async fn get_frame(&self, key: &str) -> Result<Option<Bytes>, RepoError> {
+        let Some(stored) = self.get_stored(key).await? else { return Ok(None) };
+        if key == META_KEY {
+            return Ok(Some(stored));
+        }
+        Ok(Some(unseal(self.keyring().await?.map(|k| k.as_ref()), key, stored)?))
+    }
+
+    /// An object's content after checking its frame (checksum, length), or
+    /// `None` if it does not exist.
+    ///
+    /// Opening and decompressing run on a blocking thread, so callers that
+    /// fetch several objects at once (backup chunks, staged WAL) use every
+    /// core instead of the one their task runs on.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, RepoError> {
+        let Some(stored) = self.get_stored(key).await? else { return Ok(None) };
+        let keyring = self.keyring().await?.cloned();
+        let key = key.to_string();
+        let work = move || {
+            let frame = unseal(keyring.as_deref(), &key, stored)?;
+            frame::decode(&frame).map_err(|e| RepoError::corrupt(&key, e.to_string()))
+        };
+        let raw = tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| RepoError::Local { context: "decode an object".into(), source: std::io::Error::other(e) })??;
+        Ok(Some(raw))
+    }
+
+    /// What an object's frame header says, reading only the header where it can.
+    pub async fn frame_info(&self, key: &str) -> Result<FrameInfo, RepoError> {
+        if self.keyring().await?.is_some() {
+            // A sealed header says nothing; open the whole object (only
+            // partial segments are asked about, a handful per repository).
+            let frame = self.get_frame(key).await?.ok_or_else(|| RepoError::corrupt(key, "listed, then gone"))?;
+            return frame::parse_header(&frame).map_err(|e| RepoError::corrupt(key, e.to_string()));
+        }
+        let header = self
+            .store
+            .get_range(&ObjectPath::from(key), 0..frame::HEADER_LEN as u64)
+            .await
+            .map_err(|e| RepoError::store(format!("read the header of {key}"), e))?;
+        frame::parse_header(&header).map_err(|e| RepoError::corrupt(key, e.to_string()))
+    }
+
+    /// The key id in a stored object's header, reading only the header;
+    /// `None` for an object that is not sealed.
+    pub async fn sealed_key_id(&self, key: &str) -> Result<Option<seal::KeyId>, RepoError> {
+        let header = self
+            .store
+            .get_range(&ObjectPath::from(key), 0..16)
+            .await
+            .map_err(|e| RepoError::store(format!("read the header of {key}"), e))?;
+        Ok(seal::sealed_key_id(&header).ok())
+    }
+
+    /// `repository.json`, or `None` when the repository is not initialized.
+    pub async fn read_meta(&self) -> Result<Option<RepositoryMeta>, RepoError> {
+        let Some(bytes) = self.get_stored(META_KEY).await? else { return Ok(None) };
+        let meta = RepositoryMeta::from_json(&bytes)
+            .map_err(|reason| RepoError::corrupt(META_KEY, format!("{reason} (is --repo a Tidemark repository?)")))?;
+        Ok(Some(meta))
+    }
+
+    /// `repository.json` of an initialized repository.
+    pub async fn meta(&self) -> Result<RepositoryMeta, RepoError> {
+        self.read_meta().await?.ok_or_else(|| RepoError::NotInitialized(self.display.clone()))
+    }
+}
+
+/// Opens stored bytes with `keyring` (`None`: a plain repository): in an
+/// encrypted repository every object must be sealed and authentic; in a
+/// plain one none may be sealed.
+fn unseal(keyring: Option<&Keyring>, key: &str, stored: Bytes) -> Result<Bytes, RepoError> {
+    if key == META_KEY {
+        return Ok(stored);
+    }
+    match (keyring, seal::is_sealed(&stored)) {
+        (None, false) => Ok(stored),
+        (None, true) => Err(RepoError::corrupt(key, "it is encrypted, but repository.json says the repository is not")),
+        (Some(_), false) => Err(RepoError::corrupt(key, "it is not encrypted, but the repository is: refusing it")),
+        (Some(keyring), true) => match seal::open(&keyring.keys, key, &stored) {
+            Ok(frame) => Ok(Bytes::from(frame)),
+            Err(e @ seal::SealError::MissingKey(_)) => Err(RepoError::Keys(format!("object {key} is {e}"))),
+            Err(e) => Err(RepoError::corrupt(key, e.to_string())),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_never_displayed() {
+        assert_eq!(redact_url("s3://key:secret@bucket/prefix"), "s3://bucket/prefix");
+        assert_eq!(redact_url("file:///tmp/repo"), "file:///tmp/repo");
+        assert_eq!(redact_url("./relative"), "./relative");
+    }
+
+    #[test]
+    fn opening_refuses_what_is_not_a_repository_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing");
+        let error = Repository::open(missing.to_str().expect("utf-8"), &[], Create::No).err().expect("refused");
+        assert!(matches!(error, RepoError::NoRepository(_)), "{error}");
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").expect("write");
+        let error = Repository::open(file.to_str().expect("utf-8"), &[], Create::No).err().expect("refused");
+        assert!(matches!(error, RepoError::NotADirectory(_)), "{error}");
+        let error = Repository::open("ftp://host/x", &[], Create::No).err().expect("refused");
+        assert!(matches!(error, RepoError::UnsupportedUrl(_)), "{error}");
+    }
+}

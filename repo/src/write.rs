@@ -1,0 +1,165 @@
+//! Writing the repository: the agent's side (the restore tool only reads).
+//!
+//! A put returns once the object is durable: object_store's local backend
+//! writes to a staging name and renames but does not fsync, so a put to a
+//! local repository fsyncs the file and its directory afterwards; a remote
+//! store's PUT (or CompleteMultipartUpload) is durable when it answers.
+
+use crate::durable::fsync_file_and_dir;
+use crate::error::RepoError;
+use crate::store::Repository;
+use bytes::Bytes;
+use object_store::path::Path as ObjectPath;
+use object_store::PutPayload;
+use std::os::unix::fs::PermissionsExt;
+use tidemark_proto::repo::layout::{RepositoryMeta, META_KEY};
+use tidemark_proto::repo::seal;
+
+/// Objects larger than this go to a remote store in parts (S3's smallest
+/// part is 5 MiB; WAL segments that do not compress well exceed this).
+const MULTIPART_THRESHOLD: usize = 8 << 20;
+const MULTIPART_PART_SIZE: usize = 5 << 20;
+
+impl Repository {
+    /// Stores a frame and returns once it is durable. In an encrypted
+    /// repository it is sealed first, bound to `key`.
+    pub async fn put(&self, key: &str, frame: Vec<u8>) -> Result<(), RepoError> {
+        let bytes = self.seal(key, frame).await?;
+        self.put_stored(key, bytes).await
+    }
+
+    async fn seal(&self, key: &str, frame: Vec<u8>) -> Result<Vec<u8>, RepoError> {
+        if key == META_KEY {
+            return Ok(frame);
+        }
+        let Some(keyring) = self.keyring().await? else { return Ok(frame) };
+        let current = keyring
+            .current
+            .as_ref()
+            .ok_or_else(|| RepoError::Keys(format!("no current key to seal {key} with: pass it with --key-file")))?;
+        let mut nonce = [0u8; seal::NONCE_LEN];
+        getrandom::getrandom(&mut nonce).map_err(|e| RepoError::Local {
+            context: "draw a random nonce".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        seal::seal(current, key, &frame, nonce).map_err(|e| RepoError::Keys(format!("seal {key}: {e}")))
+    }
+
+    /// Stores bytes exactly as given (already sealed, or plain metadata).
+    async fn put_stored(&self, key: &str, bytes: Vec<u8>) -> Result<(), RepoError> {
+        let path = ObjectPath::from(key);
+        let context = || format!("store object {key} in {}", self.display);
+        if self.local_root.is_none() && bytes.len() > MULTIPART_THRESHOLD {
+            return self.put_multipart(&path, bytes).await.map_err(|e| RepoError::store(context(), e));
+        }
+        self.store
+            .put(&path, PutPayload::from(Bytes::from(bytes)))
+            .await
+            .map_err(|e| RepoError::store(context(), e))?;
+        if let Some(root) = &self.local_root {
+            let file = root.join(key);
+            let synced = tokio::task::spawn_blocking(move || {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+                fsync_file_and_dir(&file)
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            synced.map_err(|source| RepoError::Local { context: format!("fsync object {key}"), source })?;
+        }
+        Ok(())
+    }
+
+    /// A large object in parts. The object appears only when the upload is
+    /// completed, so it is absent or whole; a failed upload is aborted so its
+    /// parts do not linger (and cost) in the bucket.
+    async fn put_multipart(&self, path: &ObjectPath, bytes: Vec<u8>) -> Result<(), object_store::Error> {
+        let bytes = Bytes::from(bytes);
+        let mut upload = self.store.put_multipart(path).await?;
+        let parts = bytes.len().div_ceil(MULTIPART_PART_SIZE);
+        let result = async {
+            for n in 0..parts {
+                let part = bytes.slice(n * MULTIPART_PART_SIZE..((n + 1) * MULTIPART_PART_SIZE).min(bytes.len()));
+                upload.put_part(PutPayload::from(part)).await?;
+            }
+            upload.complete().await
+        }
+        .await;
+        match result {
+            Ok(_) => {
+                tracing::info!(object = %path, parts, "stored in a multipart upload");
+                Ok(())
+            }
+            Err(e) => {
+                let _ = upload.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Deletes an object; a missing one is fine.
+    pub async fn delete(&self, key: &str) -> Result<(), RepoError> {
+        match self.store.delete(&ObjectPath::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(RepoError::store(format!("delete object {key} from {}", self.display), e)),
+        }
+    }
+
+    /// Deletes every object under `prefix` (a directory-like prefix). On a
+    /// local repository the directory goes too, with any staging files
+    /// (`name#N`) a killed put left behind, which listing never shows.
+    pub async fn remove_prefix(&self, prefix: &str) -> Result<(), RepoError> {
+        for key in self.list(prefix).await? {
+            self.delete(&key).await?;
+        }
+        if let Some(root) = &self.local_root {
+            let dir = root.join(prefix);
+            let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            removed.map_err(|source| RepoError::Local { context: format!("remove {prefix}"), source })?;
+        }
+        Ok(())
+    }
+
+    pub async fn write_meta(&self, meta: &RepositoryMeta) -> Result<(), RepoError> {
+        self.put_stored(META_KEY, meta.to_json()).await
+    }
+
+    /// Re-seals one object under the current key; false if the object is
+    /// gone (superseded meanwhile).
+    pub async fn reseal(&self, key: &str) -> Result<bool, RepoError> {
+        let Some(frame) = self.get_frame(key).await? else { return Ok(false) };
+        self.put(key, frame.to_vec()).await?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::{Create, Repository};
+    use std::os::unix::fs::PermissionsExt;
+    use tidemark_proto::repo::frame::{self, Compression};
+
+    #[tokio::test]
+    async fn local_put_get_delete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("file://{}/repo", dir.path().display());
+        assert!(Repository::open(&url, &[], Create::No).is_err());
+        let repo = Repository::open(&url, &[], Create::Yes).expect("open").with_keyring(None);
+        let key = "wal/00000001/x";
+        let (framed, _) = frame::encode(b"abc", Compression::Zstd { level: 3 }).expect("frame");
+        repo.put(key, framed.clone()).await.expect("put");
+        assert_eq!(repo.get_frame(key).await.expect("get").as_deref(), Some(&framed[..]));
+        assert_eq!(repo.get(key).await.expect("get").as_deref(), Some(&b"abc"[..]));
+        assert!(repo.exists(key).await.expect("exists"));
+        let mode = std::fs::metadata(dir.path().join("repo").join(key)).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "objects are owner-only");
+        repo.delete(key).await.expect("delete");
+        repo.delete(key).await.expect("delete again");
+        assert_eq!(repo.get(key).await.expect("get"), None);
+        assert!(!repo.exists(key).await.expect("exists"));
+    }
+}
