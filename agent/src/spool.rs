@@ -199,7 +199,7 @@ impl SegmentWriter {
 }
 
 fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync directory {}", dir.display()))
+    tidemark_repo::durable::fsync_dir(dir).with_context(|| format!("fsync directory {}", dir.display()))
 }
 
 #[cfg(test)]
