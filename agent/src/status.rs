@@ -82,13 +82,14 @@ async fn repository_view(
     last_commit: Option<(i64, u64)>,
 ) -> anyhow::Result<(Option<BackupSummary>, Option<Window>, Option<String>)> {
     let repo = Repository::open(&settings.repo_url, &settings.key_files, Create::No)?;
-    let reachable = tokio::time::timeout(Duration::from_secs(10), repo.read_meta())
-        .await
-        .unwrap_or_else(|_| Err(RepoError::Keys(format!("no answer from {} within 10 s", repo.display))));
+    let reachable = match tokio::time::timeout(Duration::from_secs(10), repo.read_meta()).await {
+        Ok(read) => read.map_err(|e| format!("{:#}", anyhow::Error::new(e))),
+        Err(_) => Err(format!("no answer from {} within 10 s", repo.display)),
+    };
     match reachable {
         Ok(Some(_)) => repo.check_keys().await?,
         Ok(None) => return Err(RepoError::NotInitialized(repo.display.clone()).into()),
-        Err(e) => return Ok((None, None, Some(format!("{:#}", anyhow::Error::new(e))))),
+        Err(unreachable) => return Ok((None, None, Some(unreachable))),
     }
     let found = async {
         let ids = catalog::complete_backups(&repo).await?;
