@@ -342,7 +342,7 @@ pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Resul
         stored_bytes: receiver.stored_bytes + info.stored_len,
     };
     // Written last: only now does the backup exist.
-    let (object, _) = frame::encode(&manifest.to_json(), Compression::Zstd { level: 3 })?;
+    let (object, _) = frame::encode(&manifest.to_json()?, Compression::Zstd { level: 3 })?;
     repo.put(&manifest_key(&id), object).await?;
     info!(%id, bytes = manifest.bytes, stored_bytes = manifest.stored_bytes, "base backup complete");
     Ok(manifest)

@@ -84,7 +84,7 @@ pub async fn rotate_key(settings: &Settings, new_key_file: &Path) -> anyhow::Res
     }
     encryption.current_key = new_id.clone();
     // Checked by the reader's own rules before it replaces the old metadata.
-    RepositoryMeta::from_json(&meta.to_json()).map_err(|e| anyhow::anyhow!("new repository.json: {e}"))?;
+    RepositoryMeta::from_json(&meta.to_json()?).map_err(|e| anyhow::anyhow!("new repository.json: {e}"))?;
     repo.write_meta(&meta).await?;
     Ok(Rotation { old_key: old_id, new_key: new_id })
 }

@@ -158,7 +158,8 @@ impl Summarizer {
             let catalog = &self.catalog;
             let summary = builder.finish(timeline.0, segment.start_lsn(self.segment_size), |rel| catalog.naming(rel));
             let (object, summary) = tokio::task::spawn_blocking(move || {
-                frame::encode(&summary.to_json(), Compression::Zstd { level: 3 }).map(|(object, _)| (object, summary))
+                let json = summary.to_json()?;
+                anyhow::Ok((frame::encode(&json, Compression::Zstd { level: 3 })?.0, summary))
             })
             .await
             .context("join the summary compression")??;

@@ -125,7 +125,8 @@ impl Repository {
     }
 
     pub async fn write_meta(&self, meta: &RepositoryMeta) -> Result<(), RepoError> {
-        self.put_stored(META_KEY, meta.to_json()).await
+        let json = meta.to_json().map_err(|e| RepoError::corrupt(META_KEY, format!("cannot be written: {e}")))?;
+        self.put_stored(META_KEY, json).await
     }
 
     /// Re-seals one object under the current key; false if the object is

@@ -138,8 +138,8 @@ impl BackupManifest {
         }
     }
 
-    pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+    pub fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
     }
 
     pub fn from_json(bytes: &[u8]) -> Result<BackupManifest, String> {
@@ -200,7 +200,7 @@ mod tests {
     #[test]
     fn round_trip_and_lookup() {
         let m = manifest();
-        let back = BackupManifest::from_json(&m.to_json()).expect("valid");
+        let back = BackupManifest::from_json(&m.to_json().expect("json")).expect("valid");
         assert_eq!(back, m);
         assert!(back.file("base", "PG_VERSION").is_some());
         assert!(back.file("16384", "PG_VERSION").is_none());
@@ -208,7 +208,7 @@ mod tests {
 
     #[test]
     fn positions_are_text_in_json() {
-        let json: serde_json::Value = serde_json::from_slice(&manifest().to_json()).expect("json");
+        let json: serde_json::Value = serde_json::from_slice(&manifest().to_json().expect("json")).expect("json");
         assert_eq!(json["start_lsn"], "0/2000028");
         assert_eq!(json["timeline"], 1);
         let summary = serde_json::to_string(&manifest().summary()).expect("json");
@@ -231,9 +231,9 @@ mod tests {
     fn refuses_escaping_paths_and_newer_formats() {
         let mut m = manifest();
         m.files[0].path = "../../etc/passwd".into();
-        assert!(BackupManifest::from_json(&m.to_json()).is_err());
+        assert!(BackupManifest::from_json(&m.to_json().expect("json")).is_err());
         let mut m = manifest();
         m.format_version = 7;
-        assert!(BackupManifest::from_json(&m.to_json()).unwrap_err().contains("upgrade"));
+        assert!(BackupManifest::from_json(&m.to_json().expect("json")).unwrap_err().contains("upgrade"));
     }
 }

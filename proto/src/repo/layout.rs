@@ -41,10 +41,10 @@ pub struct RepositoryMeta {
 }
 
 impl RepositoryMeta {
-    pub fn to_json(&self) -> Vec<u8> {
-        let mut text = serde_json::to_vec_pretty(self).unwrap_or_default();
+    pub fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let mut text = serde_json::to_vec_pretty(self)?;
         text.push(b'\n');
-        text
+        Ok(text)
     }
 
     pub fn from_json(bytes: &[u8]) -> Result<RepositoryMeta, String> {
@@ -218,11 +218,11 @@ mod tests {
             created_at: "2026-11-25T01:00:00Z".into(),
             encryption: None,
         };
-        assert_eq!(RepositoryMeta::from_json(&meta.to_json()), Ok(meta.clone()));
+        assert_eq!(RepositoryMeta::from_json(&meta.to_json().expect("json")), Ok(meta.clone()));
         let newer = RepositoryMeta { format_version: 99, ..meta.clone() };
-        assert!(RepositoryMeta::from_json(&newer.to_json()).unwrap_err().contains("upgrade"));
+        assert!(RepositoryMeta::from_json(&newer.to_json().expect("json")).unwrap_err().contains("upgrade"));
         let odd = RepositoryMeta { wal_segment_size: 3, ..meta };
-        assert!(RepositoryMeta::from_json(&odd.to_json()).is_err());
+        assert!(RepositoryMeta::from_json(&odd.to_json().expect("json")).is_err());
         assert!(RepositoryMeta::from_json(b"{").is_err());
     }
 }

@@ -85,8 +85,10 @@ pub struct SegmentSummary {
 }
 
 impl SegmentSummary {
-    pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+    /// The stored form. Serialization cannot fail for this type (no maps with
+    /// non-string keys), but an error is passed on rather than written as nothing.
+    pub fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
     }
 
     pub fn from_json(bytes: &[u8]) -> Result<SegmentSummary, String> {
@@ -583,7 +585,7 @@ mod tests {
             changes: vec![change(1, "public.a", 1, 0)],
             ..Default::default()
         };
-        assert_eq!(SegmentSummary::from_json(&summary.to_json()), Ok(summary));
+        assert_eq!(SegmentSummary::from_json(&summary.to_json().expect("json")), Ok(summary));
         assert!(SegmentSummary::from_json(br#"{"version": 99}"#).is_err());
         assert!(SegmentSummary::from_json(b"\xff").is_err());
     }
