@@ -44,8 +44,8 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
     // key files is created encrypted (compression before encryption, every
     // object sealed), and one without stays plain.
     let encryption = match &existing {
-        Some(_) => {
-            repo.check_keys().await?;
+        Some(meta) => {
+            repo.unlock_with(meta)?;
             None
         }
         None if settings.key_files.is_empty() => None,

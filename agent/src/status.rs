@@ -87,7 +87,7 @@ async fn repository_view(
         Err(_) => Err(format!("no answer from {} within 10 s", repo.display)),
     };
     match reachable {
-        Ok(Some(_)) => repo.check_keys().await?,
+        Ok(Some(meta)) => repo.unlock_with(&meta)?,
         Ok(None) => return Err(RepoError::NotInitialized(repo.display.clone()).into()),
         Err(unreachable) => return Ok((None, None, Some(unreachable))),
     }

@@ -157,6 +157,7 @@ impl Repository {
     ) -> Result<(Repository, RepositoryMeta), RepoError> {
         let repo = Repository::open(url, key_files, Create::No)?;
         let meta = repo.meta().await?;
+        repo.unlock_with(&meta)?;
         let keyring = repo.keyring().await?;
         if let (true, Some(keyring), Some(encryption)) = (writes, keyring, &meta.encryption) {
             if keyring.current.is_none() {
@@ -182,6 +183,15 @@ impl Repository {
             .get_or_try_init(|| async { unlock(&self.meta().await?, &self.display, &self.key_material) })
             .await?;
         Ok(keyring.as_ref())
+    }
+
+    /// Checks the given keys against `meta` (just read by the caller) and
+    /// keeps them, so the first object read does not read `repository.json` again.
+    pub fn unlock_with(&self, meta: &RepositoryMeta) -> Result<(), RepoError> {
+        let keyring = unlock(meta, &self.display, &self.key_material)?;
+        // Already set by an earlier read: the same metadata gave the same keys.
+        let _ = self.keyring.set(keyring);
+        Ok(())
     }
 
     /// Checks the given keys against the repository now (they are otherwise
