@@ -213,6 +213,9 @@ pub async fn schedule(
         }
         tokio::select! {
             result = backup(&settings, None) => {
+                if result.is_ok() {
+                    expire_after_backup(&settings).await;
+                }
                 if let Err(e) = result {
                     tracing::error!("scheduled base backup failed: {e:#}");
                     // Do not hammer a server that refuses: wait before trying again.
@@ -227,6 +230,30 @@ pub async fn schedule(
     }
 }
 
+/// `run` applies the retention policy after each scheduled backup, when
+/// one is set (and the agent may delete).
+async fn expire_after_backup(settings: &Settings) {
+    let Ok((policy, orphan_grace)) = settings.retention.resolve() else { return };
+    if !policy.is_set() || settings.no_delete {
+        return;
+    }
+    let result = async {
+        let (repo, _) = crate::daemon::open_repository(settings).await?;
+        tidemark_repo::expire::expire(&repo, &tidemark_repo::expire::Options { policy, orphan_grace, dry_run: false })
+            .await
+    }
+    .await;
+    match result {
+        Ok(report) => info!(
+            deleted = report.plan.deletions.len(),
+            freed_bytes = report.plan.freed_bytes,
+            dropped_backups = report.plan.dropped.len(),
+            "retention applied"
+        ),
+        Err(e) => tracing::error!("applying the retention policy failed: {e:#}"),
+    }
+}
+
 async fn next_backup_delay(settings: &Settings, interval: std::time::Duration) -> anyhow::Result<std::time::Duration> {
     let (repo, _) = Repository::open_initialized(&settings.repo_url, &settings.key_files, false).await?;
     let Some(newest) = catalog::complete_backups(&repo).await?.pop() else { return Ok(std::time::Duration::ZERO) };
@@ -238,31 +265,13 @@ async fn next_backup_delay(settings: &Settings, interval: std::time::Duration) -
     Ok(interval.saturating_sub(age))
 }
 
-/// Deletes what interrupted backups left (backups without a manifest).
-async fn remove_orphans(repo: &Repository) -> anyhow::Result<usize> {
-    let complete = catalog::complete_backups(repo).await?;
-    let mut orphans: Vec<String> = repo
-        .list("backups")
-        .await?
-        .iter()
-        .filter_map(|key| key.strip_prefix("backups/")?.split('/').next().map(str::to_string))
-        .filter(|id| !complete.contains(id))
-        .collect();
-    orphans.sort();
-    orphans.dedup();
-    for id in &orphans {
-        repo.remove_prefix(&format!("backups/{id}")).await?;
-    }
-    Ok(orphans.len())
-}
-
 fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
 pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Result<BackupManifest> {
     let _lock = crate::lock::lock_file(&settings.state_dir, "backup.lock", "another backup")?;
-    let (repo, repo_meta) = Repository::open_initialized(&settings.repo_url, &settings.key_files, true).await?;
+    let (repo, repo_meta) = crate::daemon::open_repository(settings).await?;
     let mut conn = session::connect_replication(&settings.conn).await?;
     let identity = session::identify(&mut conn).await?;
     session::check_same_cluster(
@@ -278,10 +287,8 @@ pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Resul
         )
         .into());
     }
-    let orphans = remove_orphans(&repo).await?;
-    if orphans > 0 {
-        info!(backups = orphans, "removed what interrupted backups left");
-    }
+    // What interrupted backups left is removed by `expire`, which knows
+    // which of their chunks later backups still reference.
     let previous = match catalog::complete_backups(&repo).await?.last() {
         Some(id) => Some(catalog::read_manifest(&repo, id).await?),
         None => None,
@@ -345,6 +352,8 @@ pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Resul
     let (object, _) = frame::encode(&manifest.to_json()?, Compression::Zstd { level: 3 })?;
     repo.put(&manifest_key(&id), object).await?;
     info!(%id, bytes = manifest.bytes, stored_bytes = manifest.stored_bytes, "base backup complete");
+    let summary = format!("backup {id} ({}), WAL {} to {}", manifest.label, manifest.start_lsn, manifest.end_lsn);
+    tidemark_repo::events::record(&repo, "backup", summary, serde_json::to_value(manifest.summary())?).await;
     Ok(manifest)
 }
 

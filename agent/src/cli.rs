@@ -7,7 +7,6 @@ use clap::{Parser, Subcommand};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tidemark_repo::Fail;
 
 #[derive(Parser, Debug)]
 #[command(name = "tidemark-agent", version, about = "Streams PostgreSQL WAL into a Tidemark repository")]
@@ -49,6 +48,10 @@ struct Args {
     /// the agent stops receiving (the server keeps the WAL in the slot). 0 = no limit (default).
     #[arg(long, global = true, env = "TIDEMARK_SPOOL_LIMIT_MB")]
     spool_limit_mb: Option<u64>,
+    /// The repository credentials cannot delete: never try (superseded
+    /// partial objects and leftovers are then left to `expire`).
+    #[arg(long, global = true, env = "TIDEMARK_NO_DELETE")]
+    no_delete: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,8 +76,23 @@ enum Command {
     /// Create a named restore point now (e.g. before a migration).
     Mark {
         name: String,
+        /// Protect it: retention keeps the backup and WAL it needs for this
+        /// long (30d, 12h, ...) or `forever`, even outside the window.
+        #[arg(long)]
+        keep: Option<String>,
         #[arg(long)]
         json: bool,
+    },
+    /// Apply the retention policy: delete old backups, WAL, summaries and
+    /// leftovers of interrupted uploads. Needs only the repository.
+    Expire {
+        /// Print the plan and its proof; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        policy: PolicyArgs,
     },
     /// Archived-to LSN, lag, last backup and restorable window.
     Status {
@@ -98,11 +116,55 @@ enum Command {
     },
 }
 
+/// Retention flags; each overrides the `[retention]` key of the same name.
+#[derive(clap::Args, Debug, Default)]
+struct PolicyArgs {
+    /// Every moment of the last DURATION stays restorable (30d, 12h, 90s).
+    #[arg(long)]
+    recovery_window: Option<String>,
+    /// Keep the newest backup of each of the last N days (UTC).
+    #[arg(long)]
+    keep_daily: Option<u32>,
+    /// ... of each of the last N ISO weeks.
+    #[arg(long)]
+    keep_weekly: Option<u32>,
+    /// ... of each of the last N months.
+    #[arg(long)]
+    keep_monthly: Option<u32>,
+    /// Never fewer complete backups than N.
+    #[arg(long)]
+    min_backups: Option<u32>,
+    /// Keep audit summaries this long (default: as long as their WAL).
+    #[arg(long)]
+    audit_window: Option<String>,
+    /// Leftovers of interrupted uploads older than this are removed (default 1d).
+    #[arg(long)]
+    orphan_grace: Option<String>,
+}
+
+impl PolicyArgs {
+    fn into_config(self) -> config::RetentionConfig {
+        config::RetentionConfig {
+            recovery_window: self.recovery_window,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+            min_backups: self.min_backups,
+            audit_window: self.audit_window,
+            orphan_grace: self.orphan_grace,
+        }
+    }
+}
+
 pub fn main() -> ExitCode {
     owner_only_files();
     let args = Args::parse();
     // The daemon and a backup report progress in their logs; other commands only problems.
-    let default_level = if matches!(args.command, Command::Run | Command::Backup { .. }) { "info" } else { "warn" };
+    let default_level = if matches!(args.command, Command::Run | Command::Backup { .. } | Command::Expire { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEMARK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
@@ -135,14 +197,25 @@ async fn dispatch(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run => crate::daemon::run(settings).await,
-        Command::Mark { name, json } => {
-            let lsn = mark(&settings, &name).await?;
+        Command::Mark { name, keep, json } => {
+            let mark = crate::mark::mark(&settings, &name, keep.as_deref()).await?;
             if json {
-                println!("{:#}", serde_json::json!({ "name": name, "lsn": lsn }));
+                println!("{:#}", serde_json::to_value(&mark)?);
             } else {
-                println!("restore point {name:?} at {lsn}; restore to it with: tidemark-restore restore --name {name:?} --pgdata DIR");
+                let kept = match &mark.keep_until {
+                    Some(until) => format!(", protected until {until}"),
+                    None => String::new(),
+                };
+                println!(
+                    "restore point {name:?} at {}{kept}; restore to it with: tidemark-restore restore --name {name:?} --pgdata DIR",
+                    mark.lsn
+                );
             }
             Ok(())
+        }
+        Command::Expire { dry_run, json, policy } => {
+            let retention = policy.into_config().over(settings.retention.clone());
+            crate::expire::run(&settings, retention, dry_run, json).await
         }
         Command::Backup { label, json } => {
             let manifest = crate::backup::backup(&settings, label).await?;
@@ -245,19 +318,6 @@ fn print_reencryption(report: &crate::keys::Reencryption, json: bool) -> anyhow:
     Ok(())
 }
 
-/// pg_create_restore_point over an ordinary session (replication sessions run no SQL).
-async fn mark(settings: &Settings, name: &str) -> anyhow::Result<String> {
-    if name.is_empty() || name.len() >= 64 {
-        return Err(Fail::new(format!("invalid restore point name {name:?}"), "use 1 to 63 characters").into());
-    }
-    let client = crate::pg::sql::connect(&settings.conn).await?;
-    let row = client
-        .query_one("SELECT pg_create_restore_point($1)::text", &[&name])
-        .await
-        .map_err(crate::pg::sql::from_postgres)?;
-    Ok(row.try_get(0)?)
-}
-
 fn settings(args: &Args) -> anyhow::Result<Settings> {
     let file = config::load_file(args.config.as_deref())?;
     let cli = CliConfig {
@@ -272,6 +332,7 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         backup_checkpoint: args.backup_checkpoint.clone(),
         key_files: args.key_files.clone(),
         spool_limit_mb: args.spool_limit_mb,
+        no_delete: args.no_delete,
     };
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let mut settings = config::resolve(file, cli, &env)?;
@@ -303,7 +364,7 @@ fn pgpass_password(settings: &Settings, env: &BTreeMap<String, String>) -> Optio
 /// What to do about an error: the hint of the first cause we recognise.
 fn hint_for(error: &anyhow::Error) -> Option<String> {
     for cause in error.chain() {
-        if let Some(fail) = cause.downcast_ref::<Fail>() {
+        if let Some(fail) = cause.downcast_ref::<tidemark_repo::Fail>() {
             return Some(fail.hint.clone());
         }
         if let Some(repo) = cause.downcast_ref::<tidemark_repo::RepoError>() {

@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tidemark_proto::conninfo::ConnParams;
+use tidemark_repo::retention::{parse_duration, Policy, DEFAULT_ORPHAN_GRACE};
 use tidemark_repo::Fail;
 
 /// The config file's keys. Unknown keys are refused, so a typo is not silently ignored.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub repo: Option<String>,
@@ -26,6 +27,61 @@ pub struct FileConfig {
     pub key_files: Option<Vec<PathBuf>>,
     /// Most WAL (MiB) the spool holds waiting for the repository; 0 = no limit.
     pub spool_limit_mb: Option<u64>,
+    /// The credentials cannot delete: the agent never tries (see `expire`).
+    pub no_delete: Option<bool>,
+    /// Seconds the repository's agent lease lasts without renewal.
+    pub lease_secs: Option<u64>,
+    pub retention: Option<RetentionConfig>,
+}
+
+/// `[retention]`: durations as text (`30d`, `12h`, `90s`).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    pub recovery_window: Option<String>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub min_backups: Option<u32>,
+    pub audit_window: Option<String>,
+    /// How old leftovers of interrupted uploads must be to count as orphans (default 1d).
+    pub orphan_grace: Option<String>,
+}
+
+impl RetentionConfig {
+    /// Fields set here win over `base`'s.
+    pub fn over(self, base: RetentionConfig) -> RetentionConfig {
+        RetentionConfig {
+            recovery_window: self.recovery_window.or(base.recovery_window),
+            keep_daily: self.keep_daily.or(base.keep_daily),
+            keep_weekly: self.keep_weekly.or(base.keep_weekly),
+            keep_monthly: self.keep_monthly.or(base.keep_monthly),
+            min_backups: self.min_backups.or(base.min_backups),
+            audit_window: self.audit_window.or(base.audit_window),
+            orphan_grace: self.orphan_grace.or(base.orphan_grace),
+        }
+    }
+
+    /// The policy and orphan grace, or what is wrong with them.
+    pub fn resolve(&self) -> Result<(Policy, time::Duration), Fail> {
+        let duration = |name: &str, text: &Option<String>| -> Result<Option<time::Duration>, Fail> {
+            text.as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map_err(|e| Fail::new(format!("retention {name}: {e}"), "durations look like 30d, 12h, 15m or 90s"))
+        };
+        let policy = Policy {
+            recovery_window: duration("recovery_window", &self.recovery_window)?,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+            min_backups: self.min_backups,
+            audit_window: duration("audit_window", &self.audit_window)?,
+        };
+        policy.check().map_err(|e| Fail::new(e, "fix the [retention] table or the expire flags"))?;
+        let grace = duration("orphan_grace", &self.orphan_grace)?.unwrap_or(DEFAULT_ORPHAN_GRACE);
+        Ok((policy, grace))
+    }
 }
 
 /// What the command line (with its variables) said; `None` where it said nothing.
@@ -42,6 +98,7 @@ pub struct CliConfig {
     pub backup_checkpoint: Option<String>,
     pub key_files: Vec<PathBuf>,
     pub spool_limit_mb: Option<u64>,
+    pub no_delete: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +123,10 @@ pub struct Settings {
     /// Most complete-segment bytes the spool holds waiting for the
     /// repository before streaming pauses; `None` = only the disk limits it.
     pub spool_limit: Option<u64>,
+    /// Never delete from the repository (credentials without delete rights).
+    pub no_delete: bool,
+    pub lease_length: Duration,
+    pub retention: RetentionConfig,
 }
 
 pub const DEFAULT_CONFIG: &str = "tidemark.toml";
@@ -79,7 +140,7 @@ pub fn load_file(path: Option<&Path>) -> Result<FileConfig, Fail> {
         Ok(text) => toml::from_str(&text).map_err(|e| {
             Fail::new(
                 format!("config file {} is invalid: {}", path.display(), e.message()),
-                "fix the file; known keys are repo, pg_url, state_dir, slot, application_name, partial_upload_interval_secs, status_interval_secs, backup_interval_secs, backup_checkpoint, key_files, spool_limit_mb",
+                "fix the file; known keys are repo, pg_url, state_dir, slot, application_name, partial_upload_interval_secs, status_interval_secs, backup_interval_secs, backup_checkpoint, key_files, spool_limit_mb, no_delete, lease_secs and a [retention] table (recovery_window, keep_daily, keep_weekly, keep_monthly, min_backups, audit_window, orphan_grace)",
             )
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(FileConfig::default()),
@@ -127,7 +188,16 @@ pub fn resolve(file: FileConfig, cli: CliConfig, env: &BTreeMap<String, String>)
             return Err(Fail::new(format!("invalid backup checkpoint {other:?}"), "use fast or spread"));
         }
     };
+    let lease = file.lease_secs.unwrap_or(60);
+    if lease < 3 {
+        return Err(Fail::new("lease_secs must be at least 3", "the agent renews its lease every third of it"));
+    }
+    let retention = file.retention.clone().unwrap_or_default();
+    retention.resolve()?;
     Ok(Settings {
+        no_delete: cli.no_delete || file.no_delete.unwrap_or(false),
+        lease_length: Duration::from_secs(lease),
+        retention,
         repo_url: cli.repo.or(file.repo).unwrap_or_else(|| "./tidemark-repo".into()),
         conn,
         state_dir: cli.state_dir.or(file.state_dir).unwrap_or_else(|| PathBuf::from("./tidemark-state")),
@@ -170,6 +240,26 @@ mod tests {
         assert!(toml::from_str::<FileConfig>("rep = 'x'").is_err());
         let cli = CliConfig { slot: Some("Bad-Slot".into()), ..Default::default() };
         assert!(resolve(FileConfig::default(), cli, &BTreeMap::new()).is_err());
+        assert!(toml::from_str::<FileConfig>("[retention]\nrecovery_windw = '1d'").is_err());
+    }
+
+    #[test]
+    fn retention_table() {
+        let file: FileConfig =
+            toml::from_str("[retention]\nrecovery_window = '150s'\nmin_backups = 2\nkeep_daily = 7").expect("toml");
+        let settings = resolve(file, CliConfig::default(), &BTreeMap::new()).expect("resolve");
+        let (policy, grace) = settings.retention.resolve().expect("policy");
+        assert_eq!(policy.recovery_window, Some(time::Duration::seconds(150)));
+        assert_eq!((policy.min_backups, policy.keep_daily), (Some(2), Some(7)));
+        assert_eq!(grace, time::Duration::DAY);
+        let bad: FileConfig = toml::from_str("[retention]\nrecovery_window = 'soon'").expect("toml");
+        let error = resolve(bad, CliConfig::default(), &BTreeMap::new()).unwrap_err();
+        assert!(error.message.contains("recovery_window"), "{error:?}");
+        let nothing: FileConfig = toml::from_str("[retention]\nrecovery_window = '0s'").expect("toml");
+        assert!(resolve(nothing, CliConfig::default(), &BTreeMap::new())
+            .unwrap_err()
+            .message
+            .contains("keeps nothing"));
     }
 
     #[test]

@@ -12,6 +12,8 @@ use crate::uploader::{UploadJob, Uploader};
 use anyhow::Context;
 use std::sync::Arc;
 use std::time::Duration;
+use tidemark_proto::repo::records::AGENT_LEASE_KEY;
+use tidemark_repo::lease::Lease;
 use tidemark_repo::Fail;
 use tidemark_repo::Repository;
 use tokio::sync::{mpsc, watch};
@@ -32,10 +34,53 @@ pub fn open_state(settings: &Settings) -> anyhow::Result<(Arc<Index>, crate::ind
     Ok((Arc::new(index), meta))
 }
 
+/// The repository for writing, as these settings allow: with `no_delete`
+/// the handle refuses every delete before the store is asked.
+pub async fn open_repository(
+    settings: &Settings,
+) -> anyhow::Result<(Repository, tidemark_proto::repo::layout::RepositoryMeta)> {
+    let (repo, meta) = Repository::open_initialized(&settings.repo_url, &settings.key_files, true).await?;
+    Ok((if settings.no_delete { repo.forbid_deletes() } else { repo }, meta))
+}
+
+/// Holds the repository's agent lease, renewing it; a lost lease stops the agent.
+async fn keep_lease(
+    mut lease: Lease,
+    stop: watch::Sender<bool>,
+    lost: tokio::sync::oneshot::Sender<anyhow::Error>,
+    mut done: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(lease.renew_every()) => {}
+            _ = &mut done => break,
+        }
+        match lease.renew().await {
+            Ok(()) => failures = 0,
+            Err(e) if e.downcast_ref::<Fail>().is_some() => {
+                error!("{e:#}");
+                let _ = lost.send(e);
+                let _ = stop.send(true);
+                return;
+            }
+            Err(e) => {
+                // The repository is unreachable: keep trying; the lease
+                // outlives a short outage.
+                failures += 1;
+                warn!(failures, "cannot renew the repository lease: {e:#}");
+            }
+        }
+    }
+    lease.release().await;
+}
+
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let _lock = crate::lock::lock_state_dir(&settings.state_dir)?;
     let (index, meta) = open_state(&settings)?;
-    let (repo, repo_meta) = Repository::open_initialized(&settings.repo_url, &settings.key_files, true).await?;
+    let (repo, repo_meta) = open_repository(&settings).await?;
+    let holder = format!("tidemark-agent run (state directory {})", settings.state_dir.display());
+    let lease = Lease::acquire(&repo, AGENT_LEASE_KEY, &holder, settings.lease_length, "cannot stream").await?;
     crate::pg::session::check_same_cluster(
         &format!("repository {}", repo.display),
         &repo_meta.system_identifier,
@@ -63,6 +108,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let uploader_task = tokio::spawn(uploader.run(jobs));
 
     let (stop, mut shutdown) = watch::channel(false);
+    let (lost_tx, mut lost_rx) = tokio::sync::oneshot::channel();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let lease_task = tokio::spawn(keep_lease(lease, stop.clone(), lost_tx, done_rx));
     tokio::spawn(async move {
         wait_for_signal().await;
         let _ = stop.send(true);
@@ -128,7 +176,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if tokio::time::timeout(Duration::from_secs(30), summarizer_task).await.is_err() {
         warn!("stopping before the audit caught up; the next run continues it");
     }
+    // Give the lease up, so the next agent need not wait for it to expire.
+    let _ = done_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(30), lease_task).await;
     info!("stopped");
+    if let Ok(lost) = lost_rx.try_recv() {
+        return Err(lost);
+    }
     result
 }
 

@@ -86,6 +86,16 @@ pub async fn rotate_key(settings: &Settings, new_key_file: &Path) -> anyhow::Res
     // Checked by the reader's own rules before it replaces the old metadata.
     RepositoryMeta::from_json(&meta.to_json()?).map_err(|e| anyhow::anyhow!("new repository.json: {e}"))?;
     repo.write_meta(&meta).await?;
+    // Sealed with the key this handle was opened with (the old one, still
+    // readable; `reencrypt` moves it under the new one like everything else).
+    let summary = format!("encryption key rotated: new objects are sealed with {new_id} (was {old_id})");
+    tidemark_repo::events::record(
+        &repo,
+        "rotate-key",
+        summary,
+        serde_json::json!({ "old_key": old_id, "new_key": new_id }),
+    )
+    .await;
     Ok(Rotation { old_key: old_id, new_key: new_id })
 }
 
@@ -126,6 +136,8 @@ pub async fn reencrypt(settings: &Settings) -> anyhow::Result<Reencryption> {
             tracing::info!("re-sealed {key} with key {current}");
         }
     }
+    let summary = format!("re-encrypted {} objects with key {current}", report.resealed);
+    tidemark_repo::events::record(&repo, "reencrypt", summary, serde_json::to_value(&report)?).await;
     Ok(report)
 }
 

@@ -13,6 +13,8 @@
 //! - [`index`]: the RocksDB index (the only module that names rocksdb).
 //! - [`daemon`]: `run`: the state-directory lock, tasks, reconnects, shutdown.
 //! - [`backup`]: BASE_BACKUP into per-chunk objects and a backup manifest.
+//! - [`mark`]: named restore points, protected from retention with `--keep`.
+//! - [`expire`]: the `expire` command (the planner and its application live in `tidemark_repo`).
 //! - [`status`]: the status report.
 //! - [`init`]: checks the server, creates the slot, creates or adopts the repository.
 //! - [`backoff`]: the one retry policy.
@@ -23,10 +25,12 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod expire;
 pub mod index;
 pub mod init;
 pub mod keys;
 pub mod lock;
+pub mod mark;
 pub mod pg;
 pub mod preflight;
 pub mod relnames;

@@ -120,8 +120,11 @@ impl Uploader {
         if let Some(summaries) = &self.summaries {
             let _ = summaries.try_send((segment, raw));
         }
-        // The complete object supersedes any partial one.
-        self.repo.delete(&partial_segment_key(segment, self.segment_size)).await?;
+        // The complete object supersedes any partial one (left to `expire`
+        // when these credentials may not delete).
+        if self.repo.may_delete() {
+            self.repo.delete(&partial_segment_key(segment, self.segment_size)).await?;
+        }
         let (index, path) = (self.index.clone(), path.clone());
         off_runtime(move || {
             index.delete_partial(segment)?;

@@ -8,6 +8,7 @@ use crate::store::Repository;
 use serde::Serialize;
 use tidemark_proto::repo::backup::{complete_backup_ids, manifest_key, BackupManifest};
 use tidemark_proto::repo::layout::ObjectKey;
+use tidemark_proto::segment::SegmentId;
 use tidemark_proto::{Lsn, TimelineId};
 
 /// Ids of complete backups (those with a `backup.json`), oldest first.
@@ -97,6 +98,75 @@ pub fn is_restorable(backup: &BackupManifest, ranges: &[WalRange]) -> bool {
     ranges.iter().any(|r| r.timeline == backup.timeline && r.start <= backup.start_lsn && r.end >= backup.end_lsn)
 }
 
+/// One timeline's stretch of a history: WAL of `timeline` from `from` up to
+/// `to`, where the next timeline branched off (none for the last step).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub timeline: TimelineId,
+    pub from: Lsn,
+    pub to: Option<Lsn>,
+}
+
+/// The history of `timeline`, oldest step first, from its history file's
+/// entries; `None` when the timeline is not in the archive.
+pub fn history(timelines: &[TimelineInfo], timeline: TimelineId) -> Option<Vec<Step>> {
+    let Some(info) = timelines.iter().find(|t| t.timeline == timeline) else {
+        // Timeline 1 has no history file: it is its own history.
+        return (timeline == TimelineId(1)).then(|| vec![Step { timeline, from: Lsn(0), to: None }]);
+    };
+    let mut steps = Vec::new();
+    let mut from = Lsn(0);
+    for (parent, switch) in &info.ancestors {
+        steps.push(Step { timeline: *parent, from, to: Some(*switch) });
+        from = *switch;
+    }
+    steps.push(Step { timeline, from, to: None });
+    Some(steps)
+}
+
+/// Whether a backup lies on `history`: its timeline is one of the steps and
+/// it was consistent before that timeline branched off.
+pub fn on_history(backup: &BackupManifest, history: &[Step]) -> bool {
+    history.iter().any(|s| s.timeline == backup.timeline && s.to.is_none_or(|to| backup.end_lsn <= to))
+}
+
+/// How far archived WAL reaches from `start` following `history`: each
+/// timeline's archived range up to its switch point, then the next one's.
+pub fn available_along(ranges: &[WalRange], history: &[Step], start: Lsn) -> Lsn {
+    let mut at = start;
+    for step in history {
+        if step.to.is_some_and(|to| to <= at) {
+            continue; // a timeline that ended before this point
+        }
+        let Some(end) = available_to(ranges, step.timeline, at) else { return at };
+        match step.to {
+            Some(to) if end >= to => at = to,
+            Some(to) => return end.min(to),
+            None => return end,
+        }
+    }
+    at
+}
+
+/// The end of the archived range of `timeline` that contains `from`.
+fn available_to(ranges: &[WalRange], timeline: TimelineId, from: Lsn) -> Option<Lsn> {
+    ranges.iter().filter(|r| r.timeline == timeline && r.start <= from && r.end >= from).map(|r| r.end).max()
+}
+
+/// The segments recovery reads from `start` to `end` along `history`, each
+/// from the timeline PostgreSQL asks for: the newest one that had begun by
+/// that segment (the segment holding a switch point comes from the new timeline).
+pub fn segments_along(history: &[Step], start: Lsn, end: Lsn, segment_size: u64) -> Vec<SegmentId> {
+    let first = start.segment_no(segment_size);
+    let last = end.segment_no(segment_size).max(first);
+    (first..=last)
+        .filter_map(|segment_no| {
+            let step = history.iter().rev().find(|s| s.from.segment_no(segment_size) <= segment_no)?;
+            Some(SegmentId { timeline: step.timeline, segment_no })
+        })
+        .collect()
+}
+
 pub struct Catalog {
     /// Complete backups whose WAL is archived, oldest first.
     pub restorable: Vec<BackupManifest>,
@@ -178,17 +248,18 @@ impl Catalog {
     }
 
     /// The window, with its latest restorable time (the last archived
-    /// commit, from the WAL audit) when known: from the end of the oldest
-    /// restorable backup to the end of the WAL archived after it.
+    /// commit, from the WAL audit) when known: every moment from the end of
+    /// the oldest restorable backup whose WAL reaches the end of the archive
+    /// without a hole (along the newest timeline's history) to that end.
+    /// Backups kept outside it (by a calendar policy or for a protected
+    /// restore point) restore to their own points, but not to every moment.
     pub fn window(&self, latest_commit: Option<String>) -> Option<Window> {
-        let oldest = self.restorable.first()?;
-        let latest = self
-            .ranges
-            .iter()
-            .filter(|r| r.timeline >= oldest.timeline && r.end >= oldest.end_lsn)
-            .map(|r| r.end)
-            .max()?;
-        Some(Window::from_backup(oldest, latest, latest_commit))
+        let newest = self.timelines.iter().map(|t| t.timeline).max().unwrap_or(TimelineId(1));
+        let steps = history(&self.timelines, newest)?;
+        let reach = |b: &BackupManifest| available_along(&self.ranges, &steps, b.start_lsn);
+        let end = self.restorable.iter().filter(|b| on_history(b, &steps)).map(reach).max()?;
+        let oldest = self.restorable.iter().find(|b| on_history(b, &steps) && reach(b) == end)?;
+        Some(Window::from_backup(oldest, end, latest_commit))
     }
 }
 
@@ -237,7 +308,16 @@ mod tests {
     #[test]
     fn the_window_runs_from_the_oldest_restorable_backup_to_the_archive_end() {
         let ranges = wal_ranges(vec![piece(1, 16, 64), piece(2, 60, 90)]);
-        let catalog = Catalog { restorable: vec![backup(1, 0x20, 0x30)], waiting: vec![], ranges, timelines: vec![] };
+        let timelines = vec![
+            TimelineInfo { timeline: TimelineId(1), parent: None, switch_lsn: None, ancestors: vec![] },
+            TimelineInfo {
+                timeline: TimelineId(2),
+                parent: Some(TimelineId(1)),
+                switch_lsn: Some(Lsn(60)),
+                ancestors: vec![(TimelineId(1), Lsn(60))],
+            },
+        ];
+        let catalog = Catalog { restorable: vec![backup(1, 0x20, 0x30)], waiting: vec![], ranges, timelines };
         let window = catalog.window(Some("t9".into())).expect("window");
         assert_eq!(
             window,
@@ -247,6 +327,15 @@ mod tests {
             serde_json::to_string(&window).expect("json"),
             r#"{"earliest":"t1","earliest_lsn":"0/30","latest":"t9","latest_lsn":"0/5A"}"#
         );
+        // A hole after an old kept backup: the window starts at the one after it.
+        let ranges = wal_ranges(vec![piece(1, 16, 40), piece(1, 48, 90)]);
+        let kept = Catalog {
+            restorable: vec![backup(1, 0x10, 0x12), backup(1, 0x30, 0x32)],
+            waiting: vec![],
+            ranges,
+            timelines: vec![],
+        };
+        assert_eq!(kept.window(None).map(|w| w.earliest_lsn), Some(Lsn(0x32)));
         let empty = Catalog { restorable: vec![], waiting: vec![], ranges: vec![], timelines: vec![] };
         assert_eq!(empty.window(None), None);
     }

@@ -51,6 +51,9 @@ pub enum RepoError {
     /// Key files: unreadable, malformed, wrong, missing, or given for a plain repository.
     #[error("{0}")]
     Keys(String),
+    /// A delete asked of a handle that must not delete (no_delete).
+    #[error("refusing to delete {0}: this process runs with no_delete")]
+    NoDelete(String),
     /// The store refused or did not answer (network, credentials, outage).
     #[error("{context}")]
     Store {
@@ -86,6 +89,11 @@ impl RepoError {
             RepoError::Keys(_) => {
                 "pass the repository's key files with --key-file (repeat it for keys of objects written before a rotation)"
             }
+            RepoError::NoDelete(_) => "deleting is left to `tidemark-agent expire`, run with credentials that may delete",
+            RepoError::Store {
+                source: object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. },
+                ..
+            } => "these credentials may not do this: see the README's table of roles (only the administrator's may delete)",
             RepoError::Store { .. } => "check the repository is reachable (URL, credentials, network); nothing is guessed",
             RepoError::Local { .. } => "check the disk and the permissions of the repository directory",
         }

@@ -18,7 +18,11 @@
 pub mod catalog;
 pub mod durable;
 pub mod error;
+pub mod events;
+pub mod expire;
+pub mod lease;
 pub mod remote;
+pub mod retention;
 pub mod store;
 pub mod write;
 

@@ -35,6 +35,9 @@ pub struct Repository {
     /// The checked keys, once `repository.json` has been read: `None` for a
     /// plain repository. Shared by clones.
     keyring: Arc<OnceCell<Option<Arc<Keyring>>>>,
+    /// False when the credentials must not delete (the agent's no-delete
+    /// mode): every delete is then refused here, before the store is asked.
+    pub(crate) deletes_allowed: bool,
 }
 
 /// Whether opening may create a missing local directory.
@@ -144,6 +147,7 @@ impl Repository {
             key_files: key_files.to_vec(),
             key_material: Arc::new(read_key_files(key_files)?),
             keyring: Arc::new(OnceCell::new()),
+            deletes_allowed: true,
         })
     }
 
@@ -211,6 +215,56 @@ impl Repository {
             .await
             .map_err(|e| RepoError::store(format!("list {prefix} in {}", self.display), e))?;
         Ok(objects.into_iter().map(|o| o.location.to_string()).collect())
+    }
+
+    /// Every object under `prefix` with its size and modification time.
+    pub async fn list_objects(&self, prefix: &str) -> Result<Vec<crate::retention::StoredObject>, RepoError> {
+        use futures::TryStreamExt;
+        let path = ObjectPath::from(prefix);
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&path))
+            .try_collect()
+            .await
+            .map_err(|e| RepoError::store(format!("list {path} in {}", self.display), e))?;
+        Ok(objects
+            .into_iter()
+            .map(|o| crate::retention::StoredObject {
+                key: o.location.to_string(),
+                bytes: o.size,
+                modified: time::OffsetDateTime::from_unix_timestamp(o.last_modified.timestamp())
+                    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+            })
+            .collect())
+    }
+
+    /// Staging files a killed put left in a local repository (`name#N`,
+    /// which listing never shows), with their sizes and times; none remotely.
+    pub fn local_staging_files(&self) -> Vec<crate::retention::StoredObject> {
+        fn walk(root: &Path, dir: &Path, out: &mut Vec<crate::retention::StoredObject>) {
+            let Ok(entries) = std::fs::read_dir(dir) else { return };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let Ok(metadata) = entry.metadata() else { continue };
+                if metadata.is_dir() {
+                    walk(root, &path, out);
+                } else if entry.file_name().to_string_lossy().contains('#') {
+                    let modified = metadata.modified().ok().and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok());
+                    out.push(crate::retention::StoredObject {
+                        key: path.strip_prefix(root).unwrap_or(&path).to_string_lossy().into_owned(),
+                        bytes: metadata.len(),
+                        modified: modified
+                            .and_then(|d| time::OffsetDateTime::from_unix_timestamp(d.as_secs() as i64).ok())
+                            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+                    });
+                }
+            }
+        }
+        let mut out = Vec::new();
+        if let Some(root) = &self.local_root {
+            walk(root, root, &mut out);
+        }
+        out
     }
 
     /// Whether an object exists (without reading it).

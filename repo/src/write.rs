@@ -96,8 +96,45 @@ impl Repository {
         }
     }
 
+    /// Stores a frame only if no object has the key (a conditional put:
+    /// `If-None-Match: *` on S3, a hard link locally); false if one has.
+    /// Small objects only (leases, claims): never multipart.
+    pub async fn put_new(&self, key: &str, frame: Vec<u8>) -> Result<bool, RepoError> {
+        let bytes = self.seal(key, frame).await?;
+        let options = object_store::PutOptions { mode: object_store::PutMode::Create, ..Default::default() };
+        match self.store.put_opts(&ObjectPath::from(key), PutPayload::from(Bytes::from(bytes)), options).await {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+                return Ok(false)
+            }
+            Err(e) => return Err(RepoError::store(format!("create object {key} in {}", self.display), e)),
+        }
+        if let Some(root) = &self.local_root {
+            let file = root.join(key);
+            let synced = tokio::task::spawn_blocking(move || fsync_file_and_dir(&file))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            synced.map_err(|source| RepoError::Local { context: format!("fsync object {key}"), source })?;
+        }
+        Ok(true)
+    }
+
+    /// This handle never deletes: for credentials that cannot (the agent's
+    /// no-delete mode), so not even an attempt reaches the store.
+    pub fn forbid_deletes(mut self) -> Repository {
+        self.deletes_allowed = false;
+        self
+    }
+
+    pub fn may_delete(&self) -> bool {
+        self.deletes_allowed
+    }
+
     /// Deletes an object; a missing one is fine.
     pub async fn delete(&self, key: &str) -> Result<(), RepoError> {
+        if !self.deletes_allowed {
+            return Err(RepoError::NoDelete(key.to_string()));
+        }
         match self.store.delete(&ObjectPath::from(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(RepoError::store(format!("delete object {key} from {}", self.display), e)),
@@ -108,6 +145,9 @@ impl Repository {
     /// local repository the directory goes too, with any staging files
     /// (`name#N`) a killed put left behind, which listing never shows.
     pub async fn remove_prefix(&self, prefix: &str) -> Result<(), RepoError> {
+        if !self.deletes_allowed {
+            return Err(RepoError::NoDelete(prefix.to_string()));
+        }
         for key in self.list(prefix).await? {
             self.delete(&key).await?;
         }

@@ -61,6 +61,15 @@ enum Command {
         json: bool,
     },
     /// Base backups, timelines, archived WAL and the restorable window.
+    /// The operations log: backups, marks, expire runs (with what they
+    /// deleted), key rotations and re-encryptions, oldest first.
+    Events {
+        /// Only events since this long ago (`7d`, `12h`) or this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     List {
         /// The audit cache, which knows the last archived commit (the window's end).
         #[arg(long, env = "TIDEMARK_CACHE_DIR")]
@@ -244,6 +253,17 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `--since`: a duration back from now, or a time with a zone.
+fn parse_since(text: &str) -> anyhow::Result<time::OffsetDateTime> {
+    if let Ok(duration) = tidemark_repo::retention::parse_duration(text) {
+        return Ok(time::OffsetDateTime::now_utc() - duration);
+    }
+    crate::target::parse_time(text).map_err(|e| {
+        tidemark_repo::Fail::new(format!("--since {text:?}: {e}"), "give a duration (7d, 12h) or a time with a zone")
+            .into()
+    })
+}
+
 /// What to do about an error: the hint of the first cause that has one.
 fn hint_for(error: &anyhow::Error) -> String {
     if let Some(hint) = tidemark_repo::hint_of(error) {
@@ -307,6 +327,21 @@ async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
             let catalog = Catalog::load(&repo).await?;
             let audit = crate::audit::Audit::load(&repo, &catalog, cache_dir.as_deref()).await?;
             print!("{}", crate::audit_report::render(&audit, &options, &filter));
+        }
+        Command::Events { since, json } => {
+            let repo = open()?;
+            let since = since.as_deref().map(parse_since).transpose()?;
+            let events = tidemark_repo::events::list(&repo, since).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&events)?);
+            } else {
+                for e in &events {
+                    println!("{}  {:<10} {}@{}  {}", e.time, e.kind, e.user, e.host, e.summary);
+                }
+                if events.is_empty() {
+                    println!("no events");
+                }
+            }
         }
         Command::List { json, cache_dir } => {
             let repo = open()?;

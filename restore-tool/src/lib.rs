@@ -22,6 +22,8 @@ pub mod fetch;
 pub mod planner;
 pub mod prefetch;
 pub mod restore;
+#[cfg(test)]
+mod retention_model;
 pub mod tablespaces;
 pub mod target;
 pub mod verify;

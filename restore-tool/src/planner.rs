@@ -3,9 +3,9 @@
 
 use crate::target::{format_time, parse_time, Target};
 use tidemark_proto::repo::backup::BackupManifest;
-use tidemark_proto::segment::SegmentId;
 use tidemark_proto::{Lsn, TimelineId};
-use tidemark_repo::catalog::{Catalog, TimelineInfo, WalRange};
+use tidemark_repo::catalog::{self, on_history, Catalog, TimelineInfo};
+pub use tidemark_repo::catalog::{available_along, segments_along, Step};
 use time::OffsetDateTime;
 
 #[derive(Debug)]
@@ -21,6 +21,15 @@ pub struct Plan {
     /// The timeline recovery follows (recovery_target_timeline) and its history.
     pub target_timeline: TimelineId,
     pub history: Vec<Step>,
+}
+
+/// Where the WAL audit says recovery stops for a time, xid or
+/// restore-point target (`lsn`), and for a time, the newest transaction end
+/// at or before it that the audit saw (`known_before`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stop {
+    pub lsn: Option<Lsn>,
+    pub known_before: Option<Lsn>,
 }
 
 /// Why there is no plan. Each message names what is there instead (the
@@ -50,71 +59,16 @@ pub enum Refusal {
     PastArchive { what: String, timeline: TimelineId, available: Lsn, window: Option<String> },
 }
 
-/// One timeline's stretch of a history: WAL of `timeline` from `from` up to
-/// `to`, where the next timeline branched off (none for the last step).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Step {
-    pub timeline: TimelineId,
-    pub from: Lsn,
-    pub to: Option<Lsn>,
-}
-
-/// The history of `timeline`, oldest step first, from its history file's entries.
-pub fn history(timelines: &[TimelineInfo], timeline: TimelineId) -> Result<Vec<Step>, Refusal> {
-    let info = timelines.iter().find(|t| t.timeline == timeline).ok_or_else(|| {
-        let known: Vec<String> = timelines.iter().map(|t| t.timeline.to_string()).collect();
-        Refusal::UnknownTimeline { timeline, known: known.join(", ") }
-    })?;
-    let mut steps = Vec::new();
-    let mut from = Lsn(0);
-    for (parent, switch) in &info.ancestors {
-        steps.push(Step { timeline: *parent, from, to: Some(*switch) });
-        from = *switch;
-    }
-    steps.push(Step { timeline, from, to: None });
-    Ok(steps)
-}
-
-/// Whether a backup lies on `history`: its timeline is one of the steps and
-/// it was consistent before that timeline branched off.
-fn on_history(backup: &BackupManifest, history: &[Step]) -> bool {
-    history.iter().any(|s| s.timeline == backup.timeline && s.to.is_none_or(|to| backup.end_lsn <= to))
-}
-
-/// How far archived WAL reaches from `start` following `history`: each
-/// timeline's archived range up to its switch point, then the next one's.
-pub fn available_along(ranges: &[WalRange], history: &[Step], start: Lsn) -> Lsn {
-    let mut at = start;
-    for step in history {
-        if step.to.is_some_and(|to| to <= at) {
-            continue; // a timeline that ended before this point
-        }
-        let Some(end) = available_to(ranges, step.timeline, at) else { return at };
-        match step.to {
-            Some(to) if end >= to => at = to,
-            Some(to) => return end.min(to),
-            None => return end,
-        }
-    }
-    at
-}
-
-/// The segments recovery reads from `start` to `end` along `history`, each
-/// from the timeline PostgreSQL asks for: the newest one that had begun by
-/// that segment (the segment holding a switch point comes from the new timeline).
-pub fn segments_along(history: &[Step], start: Lsn, end: Lsn, segment_size: u64) -> Vec<SegmentId> {
-    let first = start.segment_no(segment_size);
-    let last = end.segment_no(segment_size).max(first);
-    (first..=last)
-        .filter_map(|segment_no| {
-            let step = history.iter().rev().find(|s| s.from.segment_no(segment_size) <= segment_no)?;
-            Some(SegmentId { timeline: step.timeline, segment_no })
-        })
-        .collect()
-}
-
 fn backup_end_time(backup: &BackupManifest) -> Option<OffsetDateTime> {
     parse_time(&backup.end_time).ok()
+}
+
+/// The history of `timeline`, or a refusal naming the timelines there are.
+pub fn history(timelines: &[TimelineInfo], timeline: TimelineId) -> Result<Vec<Step>, Refusal> {
+    catalog::history(timelines, timeline).ok_or_else(|| {
+        let known: Vec<String> = timelines.iter().map(|t| t.timeline.to_string()).collect();
+        Refusal::UnknownTimeline { timeline, known: known.join(", ") }
+    })
 }
 
 fn window_text(catalog: &Catalog) -> String {
@@ -125,11 +79,6 @@ fn window_text(catalog: &Catalog) -> String {
         ),
         None => "there is no restorable backup yet".into(),
     }
-}
-
-/// The end of the archived range of `timeline` that contains `from`.
-fn available_to(ranges: &[WalRange], timeline: TimelineId, from: Lsn) -> Option<Lsn> {
-    ranges.iter().filter(|r| r.timeline == timeline && r.start <= from && r.end >= from).map(|r| r.end).max()
 }
 
 /// The timeline asked for: `None` for `current` (the chosen backup's own,
@@ -172,13 +121,26 @@ fn choose<'a>(
     catalog: &Catalog,
     candidates: &[&'a BackupManifest],
     target: &Target,
-    stop_lsn: Option<Lsn>,
+    stop: Stop,
 ) -> Result<&'a BackupManifest, Refusal> {
+    let stop_lsn = stop.lsn;
     let newest_ending_by = |ok: &dyn Fn(&BackupManifest) -> bool| candidates.iter().rev().find(|b| ok(b)).copied();
     let before = |what: String| Refusal::BeforeWindow { what, window: window_text(catalog) };
     let no_backup = || Refusal::NoBackup { window: window_text(catalog) };
     match (target, stop_lsn) {
-        (Target::Time(_) | Target::Xid(_) | Target::BeforeXid(_) | Target::Name(_), Some(stop)) => {
+        // A backup that ended after the target time serves only if the
+        // archive shows a transaction end at or before the time within its
+        // WAL: else the commits between the time and the backup may be gone
+        // (expired), and recovery would stop later than asked.
+        (Target::Time(t), Some(stop_at)) => newest_ending_by(&|b| {
+            b.end_lsn <= stop_at
+                && (backup_end_time(b).is_some_and(|end| end <= *t)
+                    || stop.known_before.is_some_and(|known| known >= b.start_lsn))
+        })
+        .ok_or_else(|| {
+            before(format!("recovery for {target} stops at {stop_at}, before any restorable backup is consistent"))
+        }),
+        (Target::Xid(_) | Target::BeforeXid(_) | Target::Name(_), Some(stop)) => {
             newest_ending_by(&|b| b.end_lsn <= stop).ok_or_else(|| {
                 before(format!("recovery for {target} stops at {stop}, before any restorable backup is consistent"))
             })
@@ -205,9 +167,10 @@ pub fn plan(
     target: Target,
     backup_id: Option<&str>,
     timeline: Option<&str>,
-    stop_lsn: Option<Lsn>,
+    stop: Stop,
     now: OffsetDateTime,
 ) -> Result<Plan, Refusal> {
+    let stop_lsn = stop.lsn;
     if catalog.restorable.is_empty() {
         return Err(Refusal::NoBackup { window: window_text(catalog) });
     }
@@ -219,7 +182,7 @@ pub fn plan(
             return Err(Refusal::InTheFuture(format_time(*t)));
         }
     }
-    let chosen = choose(catalog, &candidates, &target, stop_lsn)?;
+    let chosen = choose(catalog, &candidates, &target, stop)?;
     let (target_timeline, history) = match followed {
         Some(followed) => followed,
         None => (chosen.timeline, history(&catalog.timelines, chosen.timeline)?),
@@ -306,7 +269,7 @@ mod tests {
     }
 
     fn lsn_plan(target: u64, timeline: Option<&str>) -> Result<Plan, Refusal> {
-        plan(&catalog(), Target::Lsn(Lsn(target)), None, timeline, None, OffsetDateTime::now_utc())
+        plan(&catalog(), Target::Lsn(Lsn(target)), None, timeline, Stop::default(), OffsetDateTime::now_utc())
     }
 
     #[test]
@@ -363,9 +326,10 @@ mod tests {
         assert!(lsn_plan(95, Some("9")).unwrap_err().to_string().contains("timeline 9 is not in the archive"));
         assert!(lsn_plan(95, Some("two")).unwrap_err().to_string().contains("is not a timeline"));
         // A backup chosen by id must lie on the history.
-        let refused = plan(&catalog(), Target::Latest, Some("b3"), Some("1"), None, OffsetDateTime::now_utc())
-            .unwrap_err()
-            .to_string();
+        let refused =
+            plan(&catalog(), Target::Latest, Some("b3"), Some("1"), Stop::default(), OffsetDateTime::now_utc())
+                .unwrap_err()
+                .to_string();
         assert!(refused.contains("no restorable backup (b3) lies on the history of timeline 1"), "{refused}");
     }
 
@@ -376,7 +340,7 @@ mod tests {
             Target::Xid(tidemark_proto::Xid(7)),
             None,
             Some("1"),
-            Some(Lsn(60)),
+            Stop { lsn: Some(Lsn(60)), known_before: None },
             OffsetDateTime::now_utc(),
         )
         .unwrap_err()

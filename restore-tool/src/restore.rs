@@ -3,7 +3,7 @@
 //! target is reached.
 
 use crate::audit::{Audit, Filter};
-use crate::planner::{plan, Plan};
+use crate::planner::{plan, Plan, Stop};
 use crate::target::Target;
 use anyhow::Context;
 use std::collections::HashSet;
@@ -162,12 +162,12 @@ fn check_target_directory(options: &RestoreOptions) -> anyhow::Result<()> {
 /// and the plan that reaches it.
 async fn make_plan(repo: &Repository, catalog: &Catalog, options: &RestoreOptions) -> anyhow::Result<Plan> {
     let now = time::OffsetDateTime::now_utc();
-    let quick = match &options.target {
+    let (quick, known_before) = match &options.target {
         // A time needs only the ends after it: no audit cache to build.
         Target::Time(t) => {
             crate::audit::first_end_after_quick(repo, catalog, (t.unix_timestamp_nanos() / 1000) as i64).await?
         }
-        _ => None,
+        _ => (None, None),
     };
     let stop_lsn = match &options.target {
         Target::Time(_) if quick.is_some() => quick,
@@ -177,7 +177,8 @@ async fn make_plan(repo: &Repository, catalog: &Catalog, options: &RestoreOption
         }
         _ => None,
     };
-    plan(catalog, options.target.clone(), options.backup_id.as_deref(), options.timeline.as_deref(), stop_lsn, now)
+    let stop = Stop { lsn: stop_lsn, known_before };
+    plan(catalog, options.target.clone(), options.backup_id.as_deref(), options.timeline.as_deref(), stop, now)
         .map_err(|e| refuse(e.to_string(), "`tidemark-restore list` shows the backups and the window"))
 }
 

@@ -3,4 +3,5 @@
 pub mod backup;
 pub mod frame;
 pub mod layout;
+pub mod records;
 pub mod seal;

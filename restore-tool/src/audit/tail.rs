@@ -104,14 +104,25 @@ async fn summary_ends(repo: &Repository, key: &str) -> anyhow::Result<Vec<tidema
 /// written, so they are in LSN order to within a moment). Reads only what
 /// lies after the target, so a restore to a recent time (the usual case)
 /// costs a few summaries, not the whole archive. `None`: nothing ends after it.
-pub async fn first_end_after_quick(repo: &Repository, catalog: &Catalog, micros: i64) -> anyhow::Result<Option<Lsn>> {
+///
+/// Also returns the newest end at or before `micros` it saw (in the segments
+/// it read): evidence that the archive reaches back to the target, which the
+/// planner needs when the backup it starts from ended after the target.
+pub async fn first_end_after_quick(
+    repo: &Repository,
+    catalog: &Catalog,
+    micros: i64,
+) -> anyhow::Result<(Option<Lsn>, Option<Lsn>)> {
     let size = repo.meta().await?.wal_segment_size;
     let chosen = summaries_along(repo, &catalog.lineage(), size).await?;
     let covered_to = Lsn(chosen.keys().next_back().map(|s| (s + 1) * size).unwrap_or(0));
     let mut first: Option<u64> = None;
+    let mut before: Option<u64> = None;
     let mut consider = |lsn: u64| first = Some(first.map_or(lsn, |f| f.min(lsn)));
+    let mut evidence = |lsn: u64| before = Some(before.map_or(lsn, |b| b.max(lsn)));
     if let Some(tail) = decode_past(repo, catalog, covered_to, size).await? {
         tail.ends.iter().filter(|e| e.time > micros).for_each(|e| consider(e.lsn));
+        tail.ends.iter().filter(|e| e.time <= micros).for_each(|e| evidence(e.lsn));
     }
     let mut settled = 0;
     for (_, key) in chosen.values().rev() {
@@ -120,9 +131,13 @@ pub async fn first_end_after_quick(repo: &Repository, catalog: &Catalog, micros:
             continue;
         }
         let mut any_after = false;
-        for end in ends.iter().filter(|e| e.time > micros) {
-            consider(end.lsn);
-            any_after = true;
+        for end in &ends {
+            if end.time > micros {
+                consider(end.lsn);
+                any_after = true;
+            } else {
+                evidence(end.lsn);
+            }
         }
         if !any_after {
             settled += 1;
@@ -131,5 +146,5 @@ pub async fn first_end_after_quick(repo: &Repository, catalog: &Catalog, micros:
             }
         }
     }
-    Ok(first.map(Lsn))
+    Ok((first.map(Lsn), before.map(Lsn)))
 }
