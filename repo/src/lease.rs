@@ -100,7 +100,10 @@ impl Lease {
                 continue;
             }
             repo.put(key, encode(&record)?).await?;
-            tracing::info!(lease = key, previous = %existing.holder, "took over an expired lease");
+            if existing.expires_unix != 0 {
+                // (0: released by its holder, the usual case, not worth a line.)
+                tracing::info!(lease = key, previous = %existing.holder, "took over an expired lease");
+            }
             return Ok(Ok(Lease { repo: repo.clone(), key: key.to_string(), record, length }));
         }
         match read(repo, key).await? {

@@ -330,7 +330,7 @@ pub fn plan(inventory: &Inventory, policy: &Policy, now: OffsetDateTime, orphan_
             deletions.push(Deletion { key: object.key.clone(), bytes: object.bytes, what: What::Orphan });
         }
     }
-    deletions.sort_by(|a, b| a.what.cmp(&b.what)); // stable: keeps the order within each kind
+    deletions.sort_by_key(|d| d.what); // stable: keeps the order within each kind
     let proof = prove(inventory, &kept, &deletions);
     if let Some(window) = policy.recovery_window {
         if proof

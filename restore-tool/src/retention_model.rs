@@ -312,6 +312,9 @@ fn listed_backups_complete_one(backup: &BackupManifest, present: &BTreeSet<Strin
     Ok(())
 }
 
+/// A time's calendar period (day, week or month) as a number.
+type Period = fn(OffsetDateTime) -> i64;
+
 /// (target, stop, backup id, timeline) of every restore the policy promises.
 fn promises(model: &Model, policy: &Policy, before: &Catalog) -> Vec<(Target, Stop, Option<String>, Option<String>)> {
     let mut out = Vec::new();
@@ -338,7 +341,7 @@ fn promises(model: &Model, policy: &Policy, before: &Catalog) -> Vec<(Target, St
         }
     }
     // Calendar: the newest restorable backup of each of the last k days / weeks / months.
-    let periods: [(Option<u32>, fn(OffsetDateTime) -> i64); 3] = [
+    let periods: [(Option<u32>, Period); 3] = [
         (policy.keep_daily, |t| i64::from(t.date().to_julian_day())),
         (policy.keep_weekly, |t| {
             i64::from(t.date().to_julian_day() - i32::from(t.weekday().number_days_from_monday())) / 7

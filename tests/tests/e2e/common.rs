@@ -62,3 +62,18 @@ pub fn empty_or_absent(path: &Path) -> bool {
         Err(_) => true,
     }
 }
+
+/// Starts `agent`'s `run` again and again until one keeps running (its
+/// lease taken), within `deadline`.
+pub fn run_when_the_lease_is_free(
+    agent: &tidemark_tests::agent::AgentSetup,
+    deadline: Duration,
+) -> tidemark_tests::agent::RunningAgent {
+    wait_until("the agent takes the repository's lease", deadline, || {
+        let mut candidate = agent.spawn();
+        wait_until("the agent streams or exits", Duration::from_secs(60), || {
+            (!candidate.is_running() || candidate.log_text().contains("streaming")).then_some(())
+        });
+        candidate.is_running().then_some(candidate)
+    })
+}

@@ -14,6 +14,8 @@ mod common;
 mod encryption;
 mod object_store;
 mod restore;
+mod retention;
+mod roles;
 mod sync;
 mod timeline;
 mod wal_decoder;
