@@ -238,7 +238,7 @@ async fn expire_after_backup(settings: &Settings) {
         return;
     }
     let result = async {
-        let (repo, _) = crate::daemon::open_repository(settings).await?;
+        let (repo, _) = settings.open_repository().await?;
         tidemark_repo::expire::expire(&repo, &tidemark_repo::expire::Options { policy, orphan_grace, dry_run: false })
             .await
     }
@@ -271,7 +271,7 @@ fn quote_literal(text: &str) -> String {
 
 pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Result<BackupManifest> {
     let _lock = crate::lock::lock_file(&settings.state_dir, "backup.lock", "another backup")?;
-    let (repo, repo_meta) = crate::daemon::open_repository(settings).await?;
+    let (repo, repo_meta) = settings.open_repository().await?;
     let mut conn = session::connect_replication(&settings.conn).await?;
     let identity = session::identify(&mut conn).await?;
     session::check_same_cluster(

@@ -129,6 +129,18 @@ pub struct Settings {
     pub retention: RetentionConfig,
 }
 
+impl Settings {
+    /// The repository for writing, as these settings allow: with `no_delete`
+    /// the handle refuses every delete before the store is asked.
+    pub async fn open_repository(
+        &self,
+    ) -> Result<(tidemark_repo::Repository, tidemark_proto::repo::layout::RepositoryMeta), tidemark_repo::RepoError>
+    {
+        let (repo, meta) = tidemark_repo::Repository::open_initialized(&self.repo_url, &self.key_files, true).await?;
+        Ok((if self.no_delete { repo.forbid_deletes() } else { repo }, meta))
+    }
+}
+
 pub const DEFAULT_CONFIG: &str = "tidemark.toml";
 
 pub fn load_file(path: Option<&Path>) -> Result<FileConfig, Fail> {

@@ -15,7 +15,6 @@ use std::time::Duration;
 use tidemark_proto::repo::records::AGENT_LEASE_KEY;
 use tidemark_repo::lease::Lease;
 use tidemark_repo::Fail;
-use tidemark_repo::Repository;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
@@ -32,15 +31,6 @@ pub fn open_state(settings: &Settings) -> anyhow::Result<(Arc<Index>, crate::ind
     let index = Index::open(&index_dir)?;
     let meta = index.meta()?.context("the index has no metadata; run `tidemark-agent init` again")?;
     Ok((Arc::new(index), meta))
-}
-
-/// The repository for writing, as these settings allow: with `no_delete`
-/// the handle refuses every delete before the store is asked.
-pub async fn open_repository(
-    settings: &Settings,
-) -> anyhow::Result<(Repository, tidemark_proto::repo::layout::RepositoryMeta)> {
-    let (repo, meta) = Repository::open_initialized(&settings.repo_url, &settings.key_files, true).await?;
-    Ok((if settings.no_delete { repo.forbid_deletes() } else { repo }, meta))
 }
 
 /// Holds the repository's agent lease, renewing it; a lost lease stops the agent.
@@ -78,7 +68,7 @@ async fn keep_lease(
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let _lock = crate::lock::lock_state_dir(&settings.state_dir)?;
     let (index, meta) = open_state(&settings)?;
-    let (repo, repo_meta) = open_repository(&settings).await?;
+    let (repo, repo_meta) = settings.open_repository().await?;
     let holder = format!("tidemark-agent run (state directory {})", settings.state_dir.display());
     let lease = Lease::acquire(&repo, AGENT_LEASE_KEY, &holder, settings.lease_length, "cannot stream").await?;
     crate::pg::session::check_same_cluster(

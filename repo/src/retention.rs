@@ -32,6 +32,7 @@
 
 use crate::catalog::{available_along, history, is_restorable, on_history, segments_along, wal_ranges};
 use crate::catalog::{Catalog, TimelineInfo, WalPiece, Window};
+pub use crate::store::StoredObject;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use tidemark_proto::repo::backup::{manifest_key, BackupManifest};
@@ -96,14 +97,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         _ => return Err(format!("{text:?} has an unknown unit: use s, m, h, d or w")),
     };
     n.checked_mul(unit_seconds).map(Duration::seconds).ok_or_else(|| format!("{text:?} is too long"))
-}
-
-/// An object as listed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoredObject {
-    pub key: String,
-    pub bytes: u64,
-    pub modified: OffsetDateTime,
 }
 
 /// A WAL object: a complete segment, or a partial one ending at `end`.

@@ -40,6 +40,14 @@ pub struct Repository {
     pub(crate) deletes_allowed: bool,
 }
 
+/// An object as listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredObject {
+    pub key: String,
+    pub bytes: u64,
+    pub modified: time::OffsetDateTime,
+}
+
 /// Whether opening may create a missing local directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Create {
@@ -218,7 +226,7 @@ impl Repository {
     }
 
     /// Every object under `prefix` with its size and modification time.
-    pub async fn list_objects(&self, prefix: &str) -> Result<Vec<crate::retention::StoredObject>, RepoError> {
+    pub async fn list_objects(&self, prefix: &str) -> Result<Vec<StoredObject>, RepoError> {
         use futures::TryStreamExt;
         let path = ObjectPath::from(prefix);
         let objects: Vec<_> = self
@@ -229,7 +237,7 @@ impl Repository {
             .map_err(|e| RepoError::store(format!("list {path} in {}", self.display), e))?;
         Ok(objects
             .into_iter()
-            .map(|o| crate::retention::StoredObject {
+            .map(|o| StoredObject {
                 key: o.location.to_string(),
                 bytes: o.size,
                 modified: time::OffsetDateTime::from_unix_timestamp(o.last_modified.timestamp())
@@ -240,8 +248,8 @@ impl Repository {
 
     /// Staging files a killed put left in a local repository (`name#N`,
     /// which listing never shows), with their sizes and times; none remotely.
-    pub fn local_staging_files(&self) -> Vec<crate::retention::StoredObject> {
-        fn walk(root: &Path, dir: &Path, out: &mut Vec<crate::retention::StoredObject>) {
+    pub fn local_staging_files(&self) -> Vec<StoredObject> {
+        fn walk(root: &Path, dir: &Path, out: &mut Vec<StoredObject>) {
             let Ok(entries) = std::fs::read_dir(dir) else { return };
             for entry in entries.flatten() {
                 let path = entry.path();
@@ -250,7 +258,7 @@ impl Repository {
                     walk(root, &path, out);
                 } else if entry.file_name().to_string_lossy().contains('#') {
                     let modified = metadata.modified().ok().and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok());
-                    out.push(crate::retention::StoredObject {
+                    out.push(StoredObject {
                         key: path.strip_prefix(root).unwrap_or(&path).to_string_lossy().into_owned(),
                         bytes: metadata.len(),
                         modified: modified

@@ -195,7 +195,7 @@ pub fn plan(
         window,
     };
     if let Some(stop) = stop_lsn.filter(|stop| *stop > wal_available_to) {
-        return Err(past_archive(format!("recovery for {target} stops at {stop},"), None));
+        return Err(past_archive(format!("recovery for {target} stops at {stop},"), Some(window_text(catalog))));
     }
     let wal_needed_to = match &target {
         Target::Lsn(lsn) if *lsn > wal_available_to => {

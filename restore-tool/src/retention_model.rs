@@ -245,7 +245,7 @@ fn policy_from(rng: &mut Rng) -> Policy {
         keep_weekly: maybe(rng, 4),
         keep_monthly: maybe(rng, 3),
         min_backups: maybe(rng, 4),
-        audit_window: None,
+        audit_window: rng.chance(30).then(|| Duration::days(30)),
     };
     if policy.check().is_ok() {
         policy
@@ -366,8 +366,16 @@ fn promises(model: &Model, policy: &Policy, before: &Catalog) -> Vec<(Target, St
 }
 
 fn check(seed: u64, policy_seed: u64) -> Result<(), String> {
-    let model = generate(seed);
-    let policy = policy_from(&mut Rng(policy_seed | 1));
+    let mut model = generate(seed);
+    let mut rng = Rng(policy_seed | 1);
+    let policy = policy_from(&mut rng);
+    if policy.audit_window.is_some() {
+        // What expire finds by reading summaries: per timeline, the first
+        // segment inside the audit window.
+        for timeline in 1..=3 {
+            model.inventory.audit_from.insert(TimelineId(timeline), rng.below(50));
+        }
+    }
     let result = retention::plan(&model.inventory, &policy, model.now, Duration::DAY);
     let before = retention::catalog_after(&model.inventory, &[]);
     let after = retention::catalog_after(&model.inventory, &result.deletions);
@@ -402,6 +410,15 @@ fn check(seed: u64, policy_seed: u64) -> Result<(), String> {
         match plan(&after, target.clone(), backup.as_deref(), timeline.as_deref(), stop, model.now) {
             Ok(p) => plan_is_whole(&after, &p, &present).map_err(|e| format!("{target}: {e}"))?,
             Err(refusal) => return Err(format!("{target} (backup {backup:?}) was restorable, now: {refusal}")),
+        }
+    }
+    // Summaries inside the audit window stay, whatever happened to their WAL.
+    if policy.audit_window.is_some() {
+        for (segment, object) in &model.inventory.summaries {
+            let from = model.inventory.audit_from.get(&segment.timeline).copied().unwrap_or(0);
+            if segment.segment_no >= from && !present.contains(&object.key) {
+                return Err(format!("summary {} inside the audit window was deleted", object.key));
+            }
         }
     }
     // The proof the plan prints is the catalog's own window afterwards.

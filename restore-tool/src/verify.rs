@@ -5,18 +5,22 @@
 //! going after a bad object, so one run names every bad one.
 //!
 //! What a backup needs: its manifest, the server's backup_manifest, every
-//! file chunk, every timeline history file, and the WAL from the segment its
-//! start LSN is in on to the end of the archive on every timeline from its
-//! own on (with the audit summaries of those segments, which time targets
-//! rely on). A segment missing in the middle of that stretch is a problem too.
+//! file chunk, every timeline history file, and the WAL from its start to its
+//! end (to become consistent). The restorable window needs the WAL from the
+//! start of its oldest backup on to the end of the archive on every timeline
+//! from that one's on (with the audit summaries of those segments, which
+//! time targets rely on): a segment missing in the middle of that stretch is
+//! a problem too. Backups kept outside the window by retention need only
+//! their own WAL, and a gap before the window is retention's doing.
 
 use futures::StreamExt;
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use tidemark_proto::repo::backup::{complete_backup_ids, manifest_key, BackupManifest};
-use tidemark_proto::repo::layout::{segment_key, ObjectKey};
+use tidemark_proto::repo::layout::{partial_segment_key, segment_key, ObjectKey};
 use tidemark_proto::segment::SegmentId;
 use tidemark_proto::TimelineId;
+use tidemark_repo::catalog::{self, Catalog};
 use tidemark_repo::{Fail, RepoError, Repository};
 
 /// Objects read at once.
@@ -59,20 +63,43 @@ pub async fn verify(repo: &Repository, backup: Option<&str>) -> anyhow::Result<V
     let ids = backups_to_verify(&keys, backup)?;
     let mut problems = Vec::new();
     let mut checks: Vec<(String, Expect)> = Vec::new();
+    let catalog = Catalog::load(repo).await?;
+    // The window's oldest backup: from its first segment on, no gaps.
+    let window = catalog.window(None);
+    let window_backup = window.as_ref().and_then(|w| catalog.restorable.iter().find(|b| b.end_lsn == w.earliest_lsn));
+    let window_first = window_backup.map(|b| SegmentId::containing(b.timeline, b.start_lsn, segment_size));
     let mut earliest: Option<SegmentId> = None;
+    let mut required: BTreeSet<SegmentId> = BTreeSet::new();
     for id in &ids {
         let Some(manifest) = read_backup_manifest(repo, id, &mut problems).await? else { continue };
         checks.extend(backup_checks(&manifest));
+        // A backup still waiting for its WAL (the archive has not reached
+        // its end yet) needs nothing more than what is there.
+        if catalog.restorable.iter().any(|b| b.id == manifest.id) {
+            let steps = catalog::history(&catalog.timelines, manifest.timeline).unwrap_or_default();
+            required.extend(catalog::segments_along(&steps, manifest.start_lsn, manifest.end_lsn, segment_size));
+        }
         let first = SegmentId::containing(manifest.timeline, manifest.start_lsn, segment_size);
-        earliest = Some(match earliest {
-            Some(e) if (e.timeline, e.segment_no) <= (first.timeline, first.segment_no) => e,
-            _ => first,
-        });
+        if window_first.is_some_and(|w| (first.timeline, first.segment_no) >= (w.timeline, w.segment_no)) {
+            earliest = Some(match earliest {
+                Some(e) if (e.timeline, e.segment_no) <= (first.timeline, first.segment_no) => e,
+                _ => first,
+            });
+        }
     }
+    let (wal, present) = wal_checks(&keys, earliest, &required, segment_size);
+    checks.extend(wal);
     if let Some(first) = earliest {
-        let (wal, present) = wal_checks(&keys, first, segment_size);
-        checks.extend(wal);
         problems.extend(missing_segments(first, &present, segment_size));
+    }
+    for segment in &required {
+        let archived = [segment_key(*segment, segment_size), partial_segment_key(*segment, segment_size)];
+        if !archived.iter().any(|k| keys.contains(k)) {
+            problems.push(Problem {
+                key: segment_key(*segment, segment_size),
+                problem: "missing: a backup needs it to become consistent".into(),
+            });
+        }
     }
     let (objects_checked, bytes_checked) = run_checks(repo, checks, &mut problems).await?;
     problems.sort_by(|a, b| a.key.cmp(&b.key));
@@ -134,20 +161,33 @@ type Present = BTreeMap<TimelineId, Vec<u64>>;
 
 /// Every history file, and the WAL and summaries from `first` on; with the
 /// segment numbers present per timeline, to find gaps.
-fn wal_checks(keys: &[String], first: SegmentId, segment_size: u64) -> (Vec<(String, Expect)>, Present) {
+fn wal_checks(
+    keys: &[String],
+    first: Option<SegmentId>,
+    required: &BTreeSet<SegmentId>,
+    segment_size: u64,
+) -> (Vec<(String, Expect)>, Present) {
     let mut checks = Vec::new();
     let mut present: BTreeMap<TimelineId, Vec<u64>> = BTreeMap::new();
-    let needed = |segment: SegmentId| segment.timeline >= first.timeline && segment.segment_no >= first.segment_no;
+    let in_window = |segment: SegmentId| {
+        first.is_some_and(|first| segment.timeline >= first.timeline && segment.segment_no >= first.segment_no)
+    };
+    let needed = |segment: SegmentId| in_window(segment) || required.contains(&segment);
+    let mut note = |segment: SegmentId| {
+        if in_window(segment) {
+            present.entry(segment.timeline).or_default().push(segment.segment_no);
+        }
+    };
     for key in keys {
         let expect = match ObjectKey::parse(key, segment_size) {
             Some(ObjectKey::History(_)) => Expect::Frame,
             Some(ObjectKey::Summary(segment)) if needed(segment) => Expect::Frame,
             Some(ObjectKey::Segment(segment)) if needed(segment) => {
-                present.entry(segment.timeline).or_default().push(segment.segment_no);
+                note(segment);
                 Expect::Segment(segment_size)
             }
             Some(ObjectKey::PartialSegment(segment)) if needed(segment) => {
-                present.entry(segment.timeline).or_default().push(segment.segment_no);
+                note(segment);
                 Expect::Partial(segment_size)
             }
             _ => continue,

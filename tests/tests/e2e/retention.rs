@@ -76,13 +76,25 @@ fn retention_keeps_the_window_exact_and_survives_kills() {
         json_of(&expire, "expire beside a backup");
         let backup = json_of(&backup.wait_with_output().expect("backup"), "backup beside expire");
         let verify = restore_tool(&agent, &["verify"]);
-        assert!(verify.status.success(), "verify after expire beside a backup: {}", stderr(&verify));
+        assert!(
+            verify.status.success(),
+            "verify after expire beside a backup: {}{}",
+            String::from_utf8_lossy(&verify.stdout),
+            stderr(&verify)
+        );
         let time = cluster.psql("SELECT now()");
         workload.join().expect("workload");
         (backup["id"].as_str().expect("id").to_string(), time)
     });
     let end = cluster.switch_wal();
     wait_archived(&agent, end);
+    // The agent crashes; from here the repository alone. The backup taken
+    // beside expire restores exactly (before the final expire drops it: it
+    // will be older than the window).
+    running.kill9();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let restorer = Restorer::new(&agent, scratch.path());
+    restore_time_exactly(&restorer, &cluster, &beside_time, &["--backup", &beside_backup]);
     let report = json_of(&agent.run_command(&["expire", "--json"]), "expire");
     let expired_at = OffsetDateTime::now_utc();
     assert!(!report["plan"]["dropped"].as_array().expect("dropped").is_empty(), "{report}");
@@ -94,12 +106,6 @@ fn retention_keeps_the_window_exact_and_survives_kills() {
         OffsetDateTime::parse(report["plan"]["window_after"]["earliest"].as_str().expect("earliest"), &Rfc3339)
             .expect("time");
     assert!(window_start <= expired_at - time::Duration::seconds(150), "the window covers 150 s: {report}");
-    // The agent crashes; the restores read the repository alone.
-    running.kill9();
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let restorer = Restorer::new(&agent, scratch.path());
-    // The backup taken beside expire restores exactly.
-    restore_time_exactly(&restorer, &cluster, &beside_time, &["--backup", &beside_backup]);
     // Three times inside the window (from its 150 s to the last commit), exactly.
     let last = 280;
     for id in [last - 100, last - 40, last - 3] {
@@ -143,7 +149,12 @@ fn retention_keeps_the_window_exact_and_survives_kills() {
         let rerun = json_of(&second.run_command(&tight), "expire rerun");
         assert!(rerun["resumed"].as_u64().unwrap_or(0) > 0, "the rerun finishes the journal: {rerun}");
         let verify = restore_tool(&second, &["verify"]);
-        assert!(verify.status.success(), "verify after a kill at {kill_after}: {}", stderr(&verify));
+        assert!(
+            verify.status.success(),
+            "verify after a kill at {kill_after}: {}{}",
+            String::from_utf8_lossy(&verify.stdout),
+            stderr(&verify)
+        );
     }
     let end = cluster.switch_wal();
     wait_archived(&second, end);
