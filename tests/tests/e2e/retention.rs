@@ -131,9 +131,10 @@ fn retention_keeps_the_window_exact_and_survives_kills() {
             cluster.psql("SELECT pg_switch_wal()");
             cluster.psql("INSERT INTO ledger (note) VALUES ('filler')");
         }
+        json_of(&second.run_command(&["backup", "--json"]), "backup");
+        // Archived past the backup's end, so it is restorable and the one before goes.
         let end = cluster.switch_wal();
         wait_archived(&second, end);
-        json_of(&second.run_command(&["backup", "--json"]), "backup");
         let tight = ["expire", "--recovery-window", "1s", "--min-backups", "1", "--json"];
         let killed = second
             .command(&tight)
