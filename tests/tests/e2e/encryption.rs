@@ -220,6 +220,12 @@ fn encrypted_repository_hides_authenticates_rotates_and_verifies() {
     let (latest, _) = restorer_c.restore_and_start(&["--latest"]);
     assert_eq!(rows(&latest), rows(&cluster));
     drop(latest);
+    // The operations log names the rotation and the re-encryption (sealed too).
+    let output = restorer_c.run(&["events", "--json"]);
+    assert!(output.status.success(), "events: {}", stderr(&output));
+    let events: serde_json::Value = serde_json::from_slice(&output.stdout).expect("events JSON");
+    let kinds: Vec<&str> = events.as_array().expect("list").iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert!(kinds.contains(&"rotate-key") && kinds.contains(&"reencrypt"), "{kinds:?}");
 
     // verify: all sound, then one flipped byte is named.
     let output = restorer_c.run(&["verify", "--json"]);
