@@ -135,7 +135,8 @@ fn retention_keeps_the_window_exact_and_survives_kills() {
         // Archived past the backup's end, so it is restorable and the one before goes.
         let end = cluster.switch_wal();
         wait_archived(&second, end);
-        let tight = ["expire", "--recovery-window", "1s", "--min-backups", "1", "--json"];
+        // A window of zero: only the newest backup and min_backups count, whatever the clock.
+        let tight = ["expire", "--recovery-window", "0s", "--min-backups", "1", "--json"];
         let killed = second
             .command(&tight)
             .env("TIDEMARK_TEST_EXPIRE_KILL_AFTER", kill_after.to_string())
