@@ -17,66 +17,12 @@ use tidemark_proto::repo::backup::{
 };
 use tidemark_proto::repo::frame::{self, Compression};
 use tidemark_proto::tar::{EntryKind, TarEvent, TarReader};
+use tidemark_repo::progress::Progress;
 use tidemark_repo::Fail;
 use tidemark_repo::{catalog, Repository};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::info;
-
-/// Progress of the backup: a bar on a terminal, a log line every 10 s otherwise.
-struct ProgressReport {
-    total_bytes: u64,
-    started: std::time::Instant,
-    last_report: std::time::Instant,
-    terminal: bool,
-}
-
-impl ProgressReport {
-    fn new(total_bytes: u64) -> ProgressReport {
-        // SAFETY: isatty only inspects the descriptor.
-        let terminal = unsafe { libc::isatty(2) } == 1;
-        let now = std::time::Instant::now();
-        ProgressReport { total_bytes, started: now, last_report: now, terminal }
-    }
-
-    fn update(&mut self, done: u64, finished: bool) {
-        let every =
-            if self.terminal { std::time::Duration::from_millis(250) } else { std::time::Duration::from_secs(10) };
-        if !finished && self.last_report.elapsed() < every {
-            return;
-        }
-        self.last_report = std::time::Instant::now();
-        let seconds = self.started.elapsed().as_secs_f64().max(0.001);
-        let rate = done as f64 / seconds;
-        let total = self.total_bytes.max(done);
-        let eta = if rate > 0.0 { (total - done) as f64 / rate } else { 0.0 };
-        let percent = if total > 0 { done as f64 * 100.0 / total as f64 } else { 100.0 };
-        if self.terminal {
-            let filled = (percent / 5.0) as usize;
-            eprint!(
-                "\r[{}{}] {:5.1}%  {:.0}/{:.0} MB  {:.0} MB/s  ETA {:.0}s ",
-                "#".repeat(filled.min(20)),
-                " ".repeat(20 - filled.min(20)),
-                percent,
-                done as f64 / 1e6,
-                total as f64 / 1e6,
-                rate / 1e6,
-                eta
-            );
-            if finished {
-                eprintln!();
-            }
-        } else {
-            info!(
-                done_mb = done / 1_000_000,
-                total_mb = total / 1_000_000,
-                rate_mb_s = (rate / 1e6) as u64,
-                eta_s = eta as u64,
-                "backup progress"
-            );
-        }
-    }
-}
 
 /// Where the file being received stands.
 struct OpenFile {
@@ -194,10 +140,19 @@ impl Receiver<'_> {
 /// Scheduled backups for `run`: one at once if the repository has none, then
 /// one every `interval` after the newest backup ended. Runs beside streaming
 /// on its own connection; a failed backup is logged and retried next time.
+/// What the daemon's schedulers report to: the metrics, and a nudge for
+/// the task that re-reads the repository's facts (last backup, window, drill).
+#[derive(Clone)]
+pub struct Reporting {
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    pub refresh: std::sync::Arc<tokio::sync::Notify>,
+}
+
 pub async fn schedule(
     settings: Settings,
     interval: std::time::Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
+    reporting: Reporting,
 ) {
     loop {
         let wait = match next_backup_delay(&settings, interval).await {
@@ -213,9 +168,11 @@ pub async fn schedule(
         }
         tokio::select! {
             result = backup(&settings, None) => {
+                reporting.metrics.backup_done(result.is_ok());
                 if result.is_ok() {
-                    expire_after_backup(&settings).await;
+                    expire_after_backup(&settings, &reporting.metrics).await;
                 }
+                reporting.refresh.notify_one();
                 if let Err(e) = result {
                     tracing::error!("scheduled base backup failed: {e:#}");
                     // Do not hammer a server that refuses: wait before trying again.
@@ -232,7 +189,7 @@ pub async fn schedule(
 
 /// `run` applies the retention policy after each scheduled backup, when
 /// one is set (and the agent may delete).
-async fn expire_after_backup(settings: &Settings) {
+async fn expire_after_backup(settings: &Settings, metrics: &crate::metrics::Metrics) {
     let Ok((policy, orphan_grace)) = settings.retention.resolve() else { return };
     if !policy.is_set() || settings.no_delete {
         return;
@@ -244,13 +201,19 @@ async fn expire_after_backup(settings: &Settings) {
     }
     .await;
     match result {
-        Ok(report) => info!(
-            deleted = report.plan.deletions.len(),
-            freed_bytes = report.plan.freed_bytes,
-            dropped_backups = report.plan.dropped.len(),
-            "retention applied"
-        ),
-        Err(e) => tracing::error!("applying the retention policy failed: {e:#}"),
+        Ok(report) => {
+            metrics.retention_done(Some(report.plan.freed_bytes));
+            info!(
+                deleted = report.plan.deletions.len(),
+                freed_bytes = report.plan.freed_bytes,
+                dropped_backups = report.plan.dropped.len(),
+                "retention applied"
+            )
+        }
+        Err(e) => {
+            metrics.retention_done(None);
+            tracing::error!("applying the retention policy failed: {e:#}")
+        }
     }
 }
 
@@ -381,7 +344,8 @@ struct BackupStream<'a> {
     rows: Vec<Row>,
     pg_manifest: Vec<u8>,
     in_manifest: bool,
-    progress: Option<ProgressReport>,
+    /// A bar on a terminal, a log line every few seconds otherwise.
+    progress: Option<Progress>,
     /// Before 15: CopyOuts seen (one per tablespace, then the manifest's).
     legacy_copies: usize,
     legacy_bytes: u64,
@@ -410,7 +374,7 @@ impl<'a> BackupStream<'a> {
                 QueryEvent::Complete => {
                     self.results.add(std::mem::take(&mut self.rows))?;
                     if let (None, Some(total)) = (&self.progress, self.results.total_bytes()) {
-                        self.progress = Some(ProgressReport::new(total));
+                        self.progress = Some(Progress::bytes("backup", total));
                     }
                 }
                 QueryEvent::CopyOut if self.legacy => self.legacy_copy_out(),
@@ -427,8 +391,9 @@ impl<'a> BackupStream<'a> {
                 QueryEvent::Ready => break,
             }
         }
-        if let Some(progress) = self.progress.as_mut() {
-            progress.update(self.receiver.bytes, true);
+        if let Some(progress) = &self.progress {
+            progress.set(self.receiver.bytes);
+            progress.finish();
         }
         Ok(())
     }
@@ -451,8 +416,8 @@ impl<'a> BackupStream<'a> {
         } else {
             self.receiver.tar_bytes(data).await?;
         }
-        if let Some(progress) = self.progress.as_mut() {
-            progress.update(self.legacy_bytes, false);
+        if let Some(progress) = &self.progress {
+            progress.set(self.legacy_bytes);
         }
         Ok(())
     }
@@ -464,8 +429,8 @@ impl<'a> BackupStream<'a> {
             BackupMessage::Data(data) => self.receiver.tar_bytes(&data).await?,
             BackupMessage::ManifestFollows => self.in_manifest = true,
             BackupMessage::Progress(done) => {
-                if let Some(progress) = self.progress.as_mut() {
-                    progress.update(done, false);
+                if let Some(progress) = &self.progress {
+                    progress.set(done);
                 }
             }
         }

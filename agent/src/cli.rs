@@ -64,7 +64,20 @@ enum Command {
         json: bool,
     },
     /// The daemon: stream WAL into the repository until stopped.
-    Run,
+    Run {
+        /// Serve /metrics (Prometheus) and /healthz at this address, e.g. 127.0.0.1:9187.
+        #[arg(long, env = "TIDEMARK_LISTEN")]
+        listen: Option<String>,
+    },
+    /// Restore drill: restore into a scratch directory, start PostgreSQL
+    /// privately, check it (pg_amcheck, your SQL and command), record the
+    /// outcome and RTO in the repository, remove everything. Exits 1 if it failed.
+    Drill {
+        #[command(flatten)]
+        options: DrillArgs,
+        #[arg(long)]
+        json: bool,
+    },
     /// Take one base backup now.
     Backup {
         /// A label for the backup (written to backup_label too).
@@ -80,6 +93,13 @@ enum Command {
         /// long (30d, 12h, ...) or `forever`, even outside the window.
         #[arg(long)]
         keep: Option<String>,
+        /// Return only once the repository holds the WAL with the restore
+        /// point (the agent must be running), so restoring to it works now.
+        #[arg(long)]
+        wait: bool,
+        /// Longest --wait waits, in seconds.
+        #[arg(long, default_value_t = 300)]
+        wait_timeout: u64,
         #[arg(long)]
         json: bool,
     },
@@ -142,6 +162,55 @@ struct PolicyArgs {
     orphan_grace: Option<String>,
 }
 
+/// Drill flags; each overrides the `[drill]` key of the same name.
+#[derive(clap::Args, Debug, Default)]
+struct DrillArgs {
+    /// `latest` (default) or `random`: a random time inside the restorable window.
+    #[arg(long)]
+    target: Option<String>,
+    /// A file of SQL queries, separated by semicolons; each must return true.
+    #[arg(long)]
+    check_sql: Option<PathBuf>,
+    /// The database the SQL checks and the check command use (default postgres).
+    #[arg(long)]
+    check_database: Option<String>,
+    /// A shell command run against the restored server (DATABASE_URL and
+    /// PGHOST/PGPORT/PGUSER/PGDATABASE set); it must exit 0.
+    #[arg(long)]
+    check_cmd: Option<String>,
+    /// Where the scratch data directory is made (default: the state directory).
+    #[arg(long)]
+    scratch_dir: Option<PathBuf>,
+    /// PostgreSQL's bin directory (default /usr/lib/postgresql/<version>/bin).
+    #[arg(long)]
+    pg_bin: Option<PathBuf>,
+}
+
+impl DrillArgs {
+    fn over(self, base: &config::DrillSettings) -> anyhow::Result<config::DrillSettings> {
+        let random_target = match self.target.as_deref() {
+            None => base.random_target,
+            Some("latest") => false,
+            Some("random") => true,
+            Some(other) => {
+                return Err(
+                    tidemark_repo::Fail::new(format!("invalid --target {other:?}"), "use latest or random").into()
+                )
+            }
+        };
+        Ok(config::DrillSettings {
+            interval: base.interval,
+            random_target,
+            check_sql: self.check_sql.or(base.check_sql.clone()),
+            check_database: self.check_database.unwrap_or(base.check_database.clone()),
+            check_cmd: self.check_cmd.or(base.check_cmd.clone()),
+            scratch_dir: self.scratch_dir.or(base.scratch_dir.clone()),
+            pg_bin: self.pg_bin.or(base.pg_bin.clone()),
+            timeout: base.timeout,
+        })
+    }
+}
+
 impl PolicyArgs {
     fn into_config(self) -> config::RetentionConfig {
         config::RetentionConfig {
@@ -159,14 +228,18 @@ impl PolicyArgs {
 pub fn main() -> ExitCode {
     owner_only_files();
     let args = Args::parse();
-    // The daemon and a backup report progress in their logs; other commands only problems.
-    let default_level = if matches!(args.command, Command::Run | Command::Backup { .. } | Command::Expire { .. }) {
-        "info"
+    // The daemon, a backup and a drill report what they do in their logs;
+    // other commands only problems (and the progress of long work).
+    let default_level = if matches!(
+        args.command,
+        Command::Run { .. } | Command::Backup { .. } | Command::Expire { .. } | Command::Drill { .. }
+    ) {
+        "info".to_string()
     } else {
-        "warn"
+        format!("warn,{}=info", tidemark_repo::progress::LOG_TARGET)
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEMARK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&default_level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -196,22 +269,11 @@ async fn dispatch(args: Args) -> anyhow::Result<()> {
             print_init(&settings, &report, json);
             Ok(())
         }
-        Command::Run => crate::daemon::run(settings).await,
-        Command::Mark { name, keep, json } => {
-            let mark = crate::mark::mark(&settings, &name, keep.as_deref()).await?;
-            if json {
-                println!("{:#}", serde_json::to_value(&mark)?);
-            } else {
-                let kept = match &mark.keep_until {
-                    Some(until) => format!(", protected until {until}"),
-                    None => String::new(),
-                };
-                println!(
-                    "restore point {name:?} at {}{kept}; restore to it with: tidemark-restore restore --name {name:?} --pgdata DIR",
-                    mark.lsn
-                );
-            }
-            Ok(())
+        Command::Run { .. } => crate::daemon::run(settings).await,
+        Command::Drill { options, json } => drill(&settings, options, json).await,
+        Command::Mark { name, keep, wait, wait_timeout, json } => {
+            mark(&settings, &name, keep.as_deref(), wait.then(|| std::time::Duration::from_secs(wait_timeout)), json)
+                .await
         }
         Command::Expire { dry_run, json, policy } => {
             let retention = policy.into_config().over(settings.retention.clone());
@@ -274,6 +336,59 @@ async fn dispatch(args: Args) -> anyhow::Result<()> {
     }
 }
 
+/// `drill`: run, print, and fail (exit 1) when the drill failed.
+async fn drill(settings: &Settings, options: DrillArgs, json: bool) -> anyhow::Result<()> {
+    let drill = options.over(&settings.drill)?;
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        crate::daemon::wait_for_signal().await;
+        let _ = stop.send(true);
+    });
+    let record = crate::drill::drill(settings, &drill, stopping).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&record)?);
+    } else {
+        print!("{}", crate::drill::render(&record));
+    }
+    match &record.failure {
+        None => Ok(()),
+        Some(why) => Err(tidemark_repo::Fail::new(
+            format!("the drill failed: {why}"),
+            "the drill is recorded in the repository (`tidemark-agent status` shows it); fix the cause and run `tidemark-agent drill` again",
+        )
+        .into()),
+    }
+}
+
+/// `mark`: the restore point, with `--wait` once it is archived, and the command that restores to it.
+async fn mark(
+    settings: &Settings,
+    name: &str,
+    keep: Option<&str>,
+    wait: Option<std::time::Duration>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mark = crate::mark::mark(settings, name, keep).await?;
+    let restore = crate::mark::restore_command(settings, name);
+    if let Some(timeout) = wait {
+        crate::mark::wait_archived(settings, &mark, timeout).await?;
+    }
+    if json {
+        let mut value = serde_json::to_value(&mark)?;
+        value["archived"] = wait.is_some().into();
+        value["restore_command"] = restore.into();
+        println!("{value:#}");
+    } else {
+        let kept = match &mark.keep_until {
+            Some(until) => format!(", protected until {until}"),
+            None => String::new(),
+        };
+        let archived = if wait.is_some() { " (archived)" } else { "" };
+        println!("restore point {name:?} at {}{archived}{kept}; restore to it with:\n  {restore}", mark.lsn);
+    }
+    Ok(())
+}
+
 /// `init`'s report: as JSON (stable fields) or a sentence with the next step.
 fn print_init(settings: &Settings, report: &crate::init::InitReport, json: bool) {
     let repository = tidemark_repo::redact_url(&settings.repo_url);
@@ -333,6 +448,10 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         key_files: args.key_files.clone(),
         spool_limit_mb: args.spool_limit_mb,
         no_delete: args.no_delete,
+        listen: match &args.command {
+            Command::Run { listen } => listen.clone(),
+            _ => None,
+        },
     };
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let mut settings = config::resolve(file, cli, &env)?;

@@ -14,6 +14,11 @@ pub fn now_unix() -> i64 {
     OffsetDateTime::now_utc().unix_timestamp()
 }
 
+/// Microseconds since the Unix epoch.
+pub fn now_unix_micros() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64
+}
+
 /// A backup's id: its start in UTC to the second, `20261125T021530Z`, so ids
 /// sort as times do.
 pub fn backup_id(at: OffsetDateTime) -> String {

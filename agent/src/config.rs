@@ -32,6 +32,79 @@ pub struct FileConfig {
     /// Seconds the repository's agent lease lasts without renewal.
     pub lease_secs: Option<u64>,
     pub retention: Option<RetentionConfig>,
+    /// `run` serves /metrics and /healthz here (e.g. `127.0.0.1:9187`); off when unset.
+    pub listen: Option<String>,
+    pub drill: Option<DrillConfig>,
+}
+
+/// `[drill]`: restore drills (`tidemark-agent drill`, and `run` when `interval` is set).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillConfig {
+    /// `run` starts a drill this often (`30d`, `7d`, `12h`); off when unset.
+    pub interval: Option<String>,
+    /// `latest` (default) or `random` (a random time inside the window).
+    pub target: Option<String>,
+    /// SQL file: each query must return true.
+    pub check_sql: Option<PathBuf>,
+    /// The database the SQL checks and row counts start from (default postgres).
+    pub check_database: Option<String>,
+    /// A shell command run against the restored server (DATABASE_URL, PG* set); must exit 0.
+    pub check_cmd: Option<String>,
+    /// Where the scratch data directory goes (default: the state directory).
+    pub scratch_dir: Option<PathBuf>,
+    /// PostgreSQL's bin directory for the restored server (default: from the backup's version).
+    pub pg_bin: Option<PathBuf>,
+    /// Longest a drill may take before it is stopped and recorded as failed (default 6h).
+    pub timeout: Option<String>,
+}
+
+/// `[drill]` checked and resolved; flags of `drill` override it field by field.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DrillSettings {
+    pub interval: Option<Duration>,
+    pub random_target: bool,
+    pub check_sql: Option<PathBuf>,
+    pub check_database: String,
+    pub check_cmd: Option<String>,
+    pub scratch_dir: Option<PathBuf>,
+    pub pg_bin: Option<PathBuf>,
+    pub timeout: Duration,
+}
+
+impl DrillConfig {
+    pub fn resolve(&self) -> Result<DrillSettings, Fail> {
+        let duration = |name: &str, text: &Option<String>| -> Result<Option<Duration>, Fail> {
+            let parsed = text
+                .as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map_err(|e| Fail::new(format!("drill {name}: {e}"), "durations look like 30d, 12h, 15m or 90s"))?;
+            Ok(parsed.map(|d| Duration::from_secs(d.whole_seconds().max(0) as u64)))
+        };
+        let interval = duration("interval", &self.interval)?.filter(|d| !d.is_zero());
+        if interval.is_some_and(|d| d < Duration::from_secs(3600)) {
+            return Err(Fail::new(
+                "drill interval is shorter than an hour",
+                "a drill restores the whole cluster: run it daily at most (e.g. interval = \"30d\")",
+            ));
+        }
+        let random_target = match self.target.as_deref() {
+            None | Some("latest") => false,
+            Some("random") => true,
+            Some(other) => return Err(Fail::new(format!("invalid drill target {other:?}"), "use latest or random")),
+        };
+        Ok(DrillSettings {
+            interval,
+            random_target,
+            check_sql: self.check_sql.clone(),
+            check_database: self.check_database.clone().unwrap_or_else(|| "postgres".into()),
+            check_cmd: self.check_cmd.clone(),
+            scratch_dir: self.scratch_dir.clone(),
+            pg_bin: self.pg_bin.clone(),
+            timeout: duration("timeout", &self.timeout)?.unwrap_or(Duration::from_secs(6 * 3600)),
+        })
+    }
 }
 
 /// `[retention]`: durations as text (`30d`, `12h`, `90s`).
@@ -99,6 +172,7 @@ pub struct CliConfig {
     pub key_files: Vec<PathBuf>,
     pub spool_limit_mb: Option<u64>,
     pub no_delete: bool,
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +201,9 @@ pub struct Settings {
     pub no_delete: bool,
     pub lease_length: Duration,
     pub retention: RetentionConfig,
+    /// Where `run` serves /metrics and /healthz.
+    pub listen: Option<std::net::SocketAddr>,
+    pub drill: DrillSettings,
 }
 
 impl Settings {
@@ -152,7 +229,7 @@ pub fn load_file(path: Option<&Path>) -> Result<FileConfig, Fail> {
         Ok(text) => toml::from_str(&text).map_err(|e| {
             Fail::new(
                 format!("config file {} is invalid: {}", path.display(), e.message()),
-                "fix the file; known keys are repo, pg_url, state_dir, slot, application_name, partial_upload_interval_secs, status_interval_secs, backup_interval_secs, backup_checkpoint, key_files, spool_limit_mb, no_delete, lease_secs and a [retention] table (recovery_window, keep_daily, keep_weekly, keep_monthly, min_backups, audit_window, orphan_grace)",
+                "fix the file; known keys are repo, pg_url, state_dir, slot, application_name, partial_upload_interval_secs, status_interval_secs, backup_interval_secs, backup_checkpoint, key_files, spool_limit_mb, no_delete, lease_secs, listen, a [retention] table (recovery_window, keep_daily, keep_weekly, keep_monthly, min_backups, audit_window, orphan_grace) and a [drill] table (interval, target, check_sql, check_database, check_cmd, scratch_dir, pg_bin, timeout)",
             )
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(FileConfig::default()),
@@ -206,7 +283,19 @@ pub fn resolve(file: FileConfig, cli: CliConfig, env: &BTreeMap<String, String>)
     }
     let retention = file.retention.clone().unwrap_or_default();
     retention.resolve()?;
+    let listen = match cli.listen.or(file.listen.clone()).filter(|l| !l.is_empty()) {
+        None => None,
+        Some(text) => Some(text.parse().map_err(|_| {
+            Fail::new(
+                format!("invalid listen address {text:?}"),
+                "give an IP address and port, e.g. 127.0.0.1:9187 ([::1]:9187 for IPv6)",
+            )
+        })?),
+    };
+    let drill = file.drill.clone().unwrap_or_default().resolve()?;
     Ok(Settings {
+        listen,
+        drill,
         no_delete: cli.no_delete || file.no_delete.unwrap_or(false),
         lease_length: Duration::from_secs(lease),
         retention,
@@ -272,6 +361,22 @@ mod tests {
             .unwrap_err()
             .message
             .contains("keeps nothing"));
+    }
+
+    #[test]
+    fn listen_and_drill_settings() {
+        let file: FileConfig =
+            toml::from_str("listen = '127.0.0.1:9187'\n[drill]\ninterval = '30d'\ntarget = 'random'").expect("toml");
+        let settings = resolve(file, CliConfig::default(), &BTreeMap::new()).expect("resolve");
+        assert_eq!(settings.listen, Some("127.0.0.1:9187".parse().expect("addr")));
+        assert_eq!(settings.drill.interval, Some(Duration::from_secs(30 * 86_400)));
+        assert!(settings.drill.random_target);
+        assert_eq!(settings.drill.check_database, "postgres");
+        let cli = CliConfig { listen: Some("localhost".into()), ..Default::default() };
+        assert!(resolve(FileConfig::default(), cli, &BTreeMap::new()).unwrap_err().message.contains("listen"));
+        let bad: FileConfig = toml::from_str("[drill]\ninterval = '5m'").expect("toml");
+        assert!(resolve(bad, CliConfig::default(), &BTreeMap::new()).unwrap_err().message.contains("hour"));
+        assert!(toml::from_str::<FileConfig>("[drill]\ninterval = '30d'\ncheck = 'x'").is_err());
     }
 
     #[test]

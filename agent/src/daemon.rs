@@ -1,8 +1,10 @@
 //! `tidemark-agent run`: one agent per state directory, streaming with
 //! reconnects, the uploader beside it, a clean stop on SIGINT/SIGTERM.
 
+use crate::backup::Reporting;
 use crate::config::Settings;
 use crate::index::Index;
+use crate::metrics::{Metrics, RepositoryFacts, Schedule};
 use crate::pg::PgError;
 use crate::relnames::RelationNames;
 use crate::spool::Spool;
@@ -13,10 +15,11 @@ use anyhow::Context;
 use std::sync::Arc;
 use std::time::Duration;
 use tidemark_proto::repo::records::AGENT_LEASE_KEY;
+use tidemark_proto::Lsn;
 use tidemark_repo::lease::Lease;
-use tidemark_repo::Fail;
+use tidemark_repo::{Fail, Repository};
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Opens the state written by `init`; refuses a state directory never initialized.
 pub fn open_state(settings: &Settings) -> anyhow::Result<(Arc<Index>, crate::index::IndexMeta)> {
@@ -65,7 +68,51 @@ async fn keep_lease(
     lease.release().await;
 }
 
+/// The tasks beside streaming: /metrics, the repository facts, scheduled
+/// backups and drills, the systemd watchdog. Aborted at stop.
+fn spawn_helpers(
+    settings: &Settings,
+    index: &Arc<Index>,
+    shutdown: &watch::Receiver<bool>,
+    reporting: &Reporting,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = vec![tokio::spawn(refresh_facts(settings.clone(), index.clone(), reporting.clone()))];
+    if let Some(interval) = settings.backup_interval {
+        let schedule = crate::backup::schedule(settings.clone(), interval, shutdown.clone(), reporting.clone());
+        tasks.push(tokio::spawn(schedule));
+    }
+    tasks.extend(crate::service::spawn_watchdog());
+    tasks
+}
+
+/// Metrics that start from what the index already knows (a restarted agent).
+fn initial_metrics(settings: &Settings, index: &Index, spool: &Spool) -> anyhow::Result<Arc<Metrics>> {
+    let metrics = Arc::new(Metrics::new(&Schedule {
+        spool_limit: settings.spool_limit,
+        backup_interval: settings.backup_interval,
+        drill_interval: settings.drill.interval,
+    }));
+    metrics.watch_spool(spool.clone());
+    if let Some(archived) = crate::index::archived_end(&index.segments()?, &index.partials()?) {
+        metrics.archived(archived);
+    }
+    if let Some(next) = index.summary_next()? {
+        metrics.summarized(Lsn(next * spool.segment_size), index.last_commit()?.map(|(micros, _)| micros));
+    }
+    Ok(metrics)
+}
+
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    if settings.drill.interval.is_some() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            return Err(Fail::new(
+                "[drill] interval is set, but drills start PostgreSQL, which refuses to run as root",
+                "run the agent as the PostgreSQL OS user (the shipped systemd unit does), or remove [drill] interval",
+            )
+            .into());
+        }
+    }
     let _lock = crate::lock::lock_state_dir(&settings.state_dir)?;
     let (index, meta) = open_state(&settings)?;
     let (repo, repo_meta) = settings.open_repository().await?;
@@ -78,6 +125,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     )?;
     let spool = Spool::open(&settings.state_dir, meta.wal_segment_size)?;
     check_spool_space(&spool)?;
+    let metrics = initial_metrics(&settings, &index, &spool)?;
+    let reporting = Reporting { metrics: metrics.clone(), refresh: Arc::new(tokio::sync::Notify::new()) };
+    let server = match settings.listen {
+        Some(addr) => Some(crate::listen::serve(addr, metrics.clone()).await?),
+        None => None,
+    };
     let (uploads, jobs) = mpsc::unbounded_channel();
     // Segments completed before a crash go first, in order.
     for file in spool.scan()?.into_iter().filter(|f| f.complete) {
@@ -86,7 +139,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // Four segments of slack; beyond that the summarizer catches up from the repository.
     let (summaries, segments) = mpsc::channel(4);
     let catalog = RelationNames::new(settings.conn.clone(), index.clone())?;
-    let summarizer = Summarizer::new(repo.clone(), index.clone(), catalog, meta.wal_segment_size);
+    let summarizer = Summarizer::new(repo.clone(), index.clone(), catalog, meta.wal_segment_size, metrics.clone());
     let summarizer_task = tokio::spawn(summarizer.run(segments));
     let uploader = Uploader {
         repo: repo.clone(),
@@ -94,6 +147,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         segment_size: meta.wal_segment_size,
         compression_level: 3,
         summaries: Some(summaries),
+        metrics: metrics.clone(),
     };
     let uploader_task = tokio::spawn(uploader.run(jobs));
 
@@ -101,6 +155,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let (lost_tx, mut lost_rx) = tokio::sync::oneshot::channel();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let lease_task = tokio::spawn(keep_lease(lease, stop.clone(), lost_tx, done_rx));
+    let stop_everything = stop.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         let _ = stop.send(true);
@@ -108,52 +163,31 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let ctx = StreamContext {
         settings: settings.clone(),
-        index,
+        index: index.clone(),
         repo,
         spool,
         uploads,
         system_identifier: meta.system_identifier.clone(),
         stream_start: (meta.stream_start_timeline, meta.stream_start_lsn),
+        metrics: metrics.clone(),
     };
-    let backups = settings
-        .backup_interval
-        .map(|interval| tokio::spawn(crate::backup::schedule(settings.clone(), interval, shutdown.clone())));
-    let mut started = false;
-    let mut attempt = 0u32;
-    let result = loop {
-        let error = match stream_once(&ctx, &mut shutdown, &mut started).await {
-            Ok(()) => break Ok(()),
-            Err(e) => e,
-        };
-        if *shutdown.borrow() {
-            break Ok(());
+    let helpers = spawn_helpers(&settings, &index, &shutdown, &reporting);
+    // Not aborted at stop like the others: a drill stops its server and removes its files first.
+    let drills = settings
+        .drill
+        .interval
+        .map(|interval| tokio::spawn(drill_schedule(settings.clone(), interval, reporting.clone(), shutdown.clone())));
+    let result = stream_until_stopped(&ctx, &mut shutdown).await;
+    // Streaming ended (a signal, a lost lease or an error): every task stops.
+    let _ = stop_everything.send(true);
+    crate::service::stopping();
+    if let Some(task) = drills {
+        if tokio::time::timeout(Duration::from_secs(120), task).await.is_err() {
+            warn!("a drill did not clean up within 2 minutes; the next drill removes what it left");
         }
-        // At startup any failure is reported and ends the command; once
-        // streaming has worked, the agent keeps trying.
-        if !started {
-            break Err(error);
-        }
-        // Only the server's side is retried: a local disk error (full,
-        // read-only) stops the agent with its cause rather than spin.
-        let Some(pg_error) = error.downcast_ref::<PgError>() else { break Err(error) };
-        let transient = pg_error.is_transient();
-        let wait = crate::backoff::delay(attempt, Duration::from_secs(30));
-        if transient {
-            warn!("streaming interrupted, reconnecting in {:.1}s: {error:#}", wait.as_secs_f64());
-        } else {
-            error!("streaming failed, retrying in {:.1}s: {error:#}", wait.as_secs_f64());
-        }
-        attempt = attempt.saturating_add(1);
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => break Ok(()),
-        }
-        if attempt > 3 {
-            attempt = 3; // Stay near a few seconds: a restarted server should be picked up fast.
-        }
-    };
-    if let Some(task) = backups {
-        // A backup still running is abandoned; the next backup removes what it left.
+    }
+    // A backup or drill still running is abandoned; expire removes what a backup left.
+    for task in helpers.into_iter().chain(server) {
         task.abort();
         let _ = task.await;
     }
@@ -176,16 +210,129 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     result
 }
 
+/// Streams, reconnecting after server-side failures, until shutdown.
+async fn stream_until_stopped(ctx: &StreamContext, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+    let mut started = false;
+    let mut attempt = 0u32;
+    loop {
+        let error = match stream_once(ctx, shutdown, &mut started).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        ctx.metrics.streaming_stopped(format!("{error:#}"));
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        // At startup any failure is reported and ends the command; once
+        // streaming has worked, the agent keeps trying.
+        if !started {
+            return Err(error);
+        }
+        // Only the server's side is retried: a local disk error (full,
+        // read-only) stops the agent with its cause rather than spin.
+        let Some(pg_error) = error.downcast_ref::<PgError>() else { return Err(error) };
+        let transient = pg_error.is_transient();
+        let wait = crate::backoff::delay(attempt, Duration::from_secs(30));
+        if transient {
+            warn!("streaming interrupted, reconnecting in {:.1}s: {error:#}", wait.as_secs_f64());
+        } else {
+            error!("streaming failed, retrying in {:.1}s: {error:#}", wait.as_secs_f64());
+        }
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+        if attempt > 3 {
+            attempt = 3; // Stay near a few seconds: a restarted server should be picked up fast.
+        }
+    }
+}
+
+/// Re-reads the last backup, the window and the last drill from the
+/// repository every 15 s (a few small reads), and at once after a backup or
+/// drill of ours.
+async fn refresh_facts(settings: Settings, index: Arc<Index>, reporting: Reporting) {
+    loop {
+        let last_commit = index.last_commit().ok().flatten();
+        let archived = Some(reporting.metrics.archived_lsn()).filter(|l| *l > Lsn::ZERO);
+        match crate::status::repository_view(&settings, archived, last_commit).await {
+            Ok(view) if view.error.is_none() => reporting.metrics.repository_facts(&RepositoryFacts {
+                window_start: view.window.as_ref().map(|w| crate::metrics::unix_seconds(&w.earliest)),
+                last_backup: view.last_backup,
+                last_drill: view.last_drill,
+            }),
+            // An unreachable repository shows in the uploader's metrics.
+            Ok(view) => debug!("cannot read the repository's facts: {}", view.error.unwrap_or_default()),
+            Err(e) => warn!("cannot read the repository's facts: {e:#}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(15)) => {}
+            _ = reporting.refresh.notified() => {}
+        }
+    }
+}
+
+/// Runs a drill every `interval` after the newest recorded one; with none
+/// recorded, as soon as a backup is restorable (a new deployment proves
+/// itself on its first day).
+async fn drill_schedule(
+    settings: Settings,
+    interval: Duration,
+    reporting: Reporting,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let wait = match next_drill_delay(&settings, interval).await {
+            Ok(Some(wait)) => wait,
+            Ok(None) => Duration::from_secs(15), // nothing restorable yet: look again soon
+            Err(e) => {
+                warn!("cannot read the drill records, trying again in a minute: {e:#}");
+                Duration::from_secs(60)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|stopping| *stopping) => return,
+        }
+        if !matches!(next_drill_delay(&settings, interval).await, Ok(Some(d)) if d.is_zero()) {
+            continue;
+        }
+        match crate::drill::drill(&settings, &settings.drill, shutdown.clone()).await {
+            Ok(record) if record.passed => info!(rto_seconds = record.rto_seconds, "scheduled drill passed"),
+            Ok(record) => error!("scheduled drill FAILED: {}", record.failure.unwrap_or_default()),
+            Err(e) => error!("scheduled drill could not run: {e:#}"),
+        }
+        reporting.refresh.notify_one();
+    }
+}
+
+/// How long until the next drill is due; `None` while nothing is restorable.
+async fn next_drill_delay(settings: &Settings, interval: Duration) -> anyhow::Result<Option<Duration>> {
+    let (repo, _) = Repository::open_initialized(&settings.repo_url, &settings.key_files, false).await?;
+    let Some(last) = tidemark_repo::drills::latest(&repo).await? else {
+        let restorable = !tidemark_repo::catalog::Catalog::load(&repo).await?.restorable.is_empty();
+        return Ok(restorable.then_some(Duration::ZERO));
+    };
+    let age = crate::clock::now_unix_micros() as f64 / 1e6 - crate::metrics::unix_seconds(&last.finished);
+    Ok(Some(interval.saturating_sub(Duration::from_secs_f64(age.max(0.0)))))
+}
+
+/// Bytes free for this user on the file system that holds `path`.
+pub fn free_bytes(path: &std::path::Path) -> anyhow::Result<u64> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).context("path with a NUL byte")?;
+    // SAFETY: statvfs writes into the zeroed struct we pass; the path is NUL-terminated.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stats) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("statvfs {}", path.display()));
+    }
+    Ok(stats.f_bavail as u64 * stats.f_frsize as u64)
+}
+
 /// Refuses to start with less room than two segments in the spool: the
 /// segment being filled and one waiting for upload.
 fn check_spool_space(spool: &Spool) -> anyhow::Result<()> {
-    let path = std::ffi::CString::new(spool.dir.as_os_str().as_encoded_bytes()).context("spool path")?;
-    // SAFETY: statvfs writes into the zeroed struct we pass; the path is NUL-terminated.
-    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(path.as_ptr(), &mut stats) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("statvfs {}", spool.dir.display()));
-    }
-    let available = stats.f_bavail as u64 * stats.f_frsize as u64;
+    let available = free_bytes(&spool.dir)?;
     let needed = 2 * spool.segment_size;
     if available < needed {
         return Err(Fail::new(
@@ -202,7 +349,7 @@ fn check_spool_space(spool: &Spool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+pub async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         std::future::pending::<()>().await;

@@ -122,7 +122,9 @@ pub async fn reencrypt(settings: &Settings) -> anyhow::Result<Reencryption> {
     let newest_timeline =
         keys.iter().filter_map(|k| k.strip_prefix("wal/")).filter_map(|k| k.get(..8)).max().map(str::to_string);
     let mut report = Reencryption { current_key: current.to_string(), ..Default::default() };
+    let progress = tidemark_repo::progress::Progress::objects("reencrypt", keys.len() as u64);
     for key in keys {
+        progress.add(1);
         if repo.sealed_key_id(&key).await? == Some(current) {
             report.already_current += 1;
             continue;
@@ -136,6 +138,7 @@ pub async fn reencrypt(settings: &Settings) -> anyhow::Result<Reencryption> {
             tracing::info!("re-sealed {key} with key {current}");
         }
     }
+    progress.finish();
     let summary = format!("re-encrypted {} objects with key {current}", report.resealed);
     tidemark_repo::events::record(&repo, "reencrypt", summary, serde_json::to_value(&report)?).await;
     Ok(report)

@@ -12,6 +12,10 @@
 //! - [`catalog`]: names relation files (database, file number) after their tables.
 //! - [`index`]: the RocksDB index (the only module that names rocksdb).
 //! - [`daemon`]: `run`: the state-directory lock, tasks, reconnects, shutdown.
+//! - [`metrics`]: what `run` knows of itself: Prometheus metrics and health.
+//! - [`listen`]: `run --listen`: `/metrics` and `/healthz` over HTTP.
+//! - [`service`]: systemd readiness and watchdog notifications.
+//! - [`drill`]: restore drills: restore, start, check, record, clean up.
 //! - [`backup`]: BASE_BACKUP into per-chunk objects and a backup manifest.
 //! - [`mark`]: named restore points, protected from retention with `--keep`.
 //! - [`expire`]: the `expire` command (the planner and its application live in `tidemark_repo`).
@@ -25,15 +29,19 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod drill;
 pub mod expire;
 pub mod index;
 pub mod init;
 pub mod keys;
+pub mod listen;
 pub mod lock;
 pub mod mark;
+pub mod metrics;
 pub mod pg;
 pub mod preflight;
 pub mod relnames;
+pub mod service;
 pub mod spool;
 pub mod status;
 pub mod stream;

@@ -54,6 +54,46 @@ pub async fn mark(settings: &Settings, name: &str, keep: Option<&str>) -> anyhow
     Ok(record)
 }
 
+/// The command that restores to the mark, credentials left out of the URL.
+pub fn restore_command(settings: &Settings, name: &str) -> String {
+    let quote = |text: &str| format!("'{}'", text.replace('\'', "'\\''"));
+    let mut command = format!("tidemark-restore --repo {}", quote(&tidemark_repo::redact_url(&settings.repo_url)));
+    for key in &settings.key_files {
+        command.push_str(&format!(" --key-file {}", quote(&key.display().to_string())));
+    }
+    command.push_str(&format!(" restore --name {} --pgdata /path/to/new/data --start", quote(name)));
+    command
+}
+
+/// Waits until the repository holds the WAL up to the mark (on its
+/// timeline), polling; the running agent uploads it within its partial
+/// upload interval.
+pub async fn wait_archived(settings: &Settings, mark: &MarkRecord, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let (repo, _) = Repository::open_initialized(&settings.repo_url, &settings.key_files, false).await?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let catalog = tidemark_repo::catalog::Catalog::load(&repo).await?;
+        let held =
+            catalog.ranges.iter().any(|r| r.timeline == mark.timeline && r.start <= mark.lsn && r.end >= mark.lsn);
+        if held {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Fail::new(
+                format!(
+                    "the repository does not hold the WAL of restore point {:?} ({}) after {} s",
+                    mark.name,
+                    mark.lsn,
+                    timeout.as_secs()
+                ),
+                "is `tidemark-agent run` streaming? `tidemark-agent status` shows the archived LSN",
+            )
+            .into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,5 +105,14 @@ mod tests {
         assert_eq!(keep_until(Some("forever"), now), Ok(Some("forever".into())));
         assert_eq!(keep_until(Some("2d"), now), Ok(Some("2026-11-30T22:00:00Z".into())));
         assert!(keep_until(Some("a while"), now).is_err());
+    }
+
+    #[test]
+    fn restore_commands_quote_and_hide_credentials() {
+        let file: crate::config::FileConfig = toml::from_str("repo = 's3://AKIA:secret@bucket/prefix'").expect("toml");
+        let settings = crate::config::resolve(file, Default::default(), &Default::default()).expect("settings");
+        let command = restore_command(&settings, "before it's migrated");
+        assert!(!command.contains("secret"), "{command}");
+        assert!(command.contains(r"--name 'before it'\''s migrated'"), "{command}");
     }
 }

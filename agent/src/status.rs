@@ -9,6 +9,7 @@ use anyhow::Context;
 use serde::Serialize;
 use std::time::Duration;
 use tidemark_proto::repo::backup::BackupSummary;
+use tidemark_proto::repo::records::DrillRecord;
 use tidemark_proto::{Lsn, TimelineId};
 use tidemark_repo::catalog::{self, Window};
 use tidemark_repo::{Create, Fail, RepoError, Repository};
@@ -31,6 +32,18 @@ pub struct Status {
     pub repository_behind_bytes: Option<u64>,
     /// Why the repository could not be read, if it could not (an outage).
     pub repository_error: Option<String>,
+    /// The newest restore drill (`tidemark-agent drill`), if one was recorded.
+    pub last_drill: Option<DrillRecord>,
+}
+
+/// What the repository says: the last backup, the window, the last drill;
+/// or why it could not be read.
+#[derive(Debug, Default)]
+pub struct RepositoryView {
+    pub last_backup: Option<BackupSummary>,
+    pub window: Option<Window>,
+    pub last_drill: Option<DrillRecord>,
+    pub error: Option<String>,
 }
 
 pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
@@ -54,7 +67,7 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
         Ok(lsn) => (Some(lsn), None),
         Err(e) => (None, Some(format!("{e:#}"))),
     };
-    let (last_backup, window, repository_error) = repository_view(settings, archived, index.last_commit()?).await?;
+    let view = repository_view(settings, archived, index.last_commit()?).await?;
     let stream_start = meta.stream_start_lsn;
     let flushed = progress.as_ref().map(|p| p.flushed_lsn);
     Ok(Status {
@@ -64,23 +77,24 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
         archived_lsn: archived,
         flushed_lsn: flushed,
         lag_bytes: server_lsn.map(|s| s.saturating_sub(archived.unwrap_or(stream_start))),
-        last_backup,
-        window,
+        last_backup: view.last_backup,
+        window: view.window,
         archived_segments: segments.len(),
         server_error,
         repository_behind_bytes: flushed.map(|f| f.saturating_sub(archived.unwrap_or(stream_start))),
-        repository_error,
+        repository_error: view.error,
+        last_drill: view.last_drill,
     })
 }
 
-/// The last backup and the window, as the repository says. An unreachable
+/// The last backup, the window and the last drill, as the repository says. An unreachable
 /// repository is reported (it is what status is for during an outage); a
 /// wrong key or an uninitialized repository is an error.
-async fn repository_view(
+pub async fn repository_view(
     settings: &Settings,
     archived: Option<Lsn>,
     last_commit: Option<(i64, u64)>,
-) -> anyhow::Result<(Option<BackupSummary>, Option<Window>, Option<String>)> {
+) -> anyhow::Result<RepositoryView> {
     let repo = Repository::open(&settings.repo_url, &settings.key_files, Create::No)?;
     let reachable = match tokio::time::timeout(Duration::from_secs(10), repo.read_meta()).await {
         Ok(read) => read.map_err(|e| format!("{:#}", anyhow::Error::new(e))),
@@ -89,20 +103,22 @@ async fn repository_view(
     match reachable {
         Ok(Some(meta)) => repo.unlock_with(&meta)?,
         Ok(None) => return Err(RepoError::NotInitialized(repo.display.clone()).into()),
-        Err(unreachable) => return Ok((None, None, Some(unreachable))),
+        Err(unreachable) => return Ok(RepositoryView { error: Some(unreachable), ..Default::default() }),
     }
     let found = async {
         let ids = catalog::complete_backups(&repo).await?;
-        let last = match ids.last() {
+        let last_backup = match ids.last() {
             Some(id) => Some(catalog::read_manifest(&repo, id).await?.summary()),
             None => None,
         };
-        Ok::<_, RepoError>((last, window(&repo, &ids, archived, last_commit).await?))
+        let window = window(&repo, &ids, archived, last_commit).await?;
+        let last_drill = tidemark_repo::drills::latest(&repo).await?;
+        Ok::<_, RepoError>(RepositoryView { last_backup, window, last_drill, error: None })
     };
-    Ok(match found.await {
-        Ok((backup, window)) => (backup, window, None),
-        Err(e) => (None, None, Some(format!("{:#}", anyhow::Error::new(e)))),
-    })
+    Ok(found.await.unwrap_or_else(|e| RepositoryView {
+        error: Some(format!("{:#}", anyhow::Error::new(e))),
+        ..Default::default()
+    }))
 }
 
 /// The restorable window as far as this agent knows: from the end of the
@@ -183,5 +199,22 @@ pub fn render_text(status: &Status) -> String {
         )),
         None => out.push_str("restorable window   none yet (no backup with its WAL archived)\n"),
     }
+    match &status.last_drill {
+        Some(d) => out.push_str(&format!("last drill          {}\n", drill_line(d))),
+        None => out.push_str("last drill          none (run `tidemark-agent drill`)\n"),
+    }
     out
+}
+
+/// One line for a drill: outcome, when, RTO or why it failed.
+pub fn drill_line(drill: &DrillRecord) -> String {
+    match &drill.failure {
+        None => format!(
+            "passed {} (target {}, RTO {:.1} s)",
+            drill.finished,
+            drill.target,
+            drill.rto_seconds.unwrap_or(0.0)
+        ),
+        Some(why) => format!("FAILED {}: {why}", drill.finished),
+    }
 }

@@ -28,6 +28,7 @@ pub struct StreamContext {
     pub uploads: mpsc::UnboundedSender<UploadJob>,
     pub system_identifier: String,
     pub stream_start: (TimelineId, Lsn),
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn now_unix_micros() -> i64 {
@@ -74,7 +75,11 @@ pub async fn stream_once(
         conn.start_copy_both(&command)
             .await
             .with_context(|| format!("start streaming at {start} on timeline {timeline}"))?;
+        if !*started {
+            crate::service::ready();
+        }
         *started = true;
+        ctx.metrics.streaming_started();
         info!(%timeline, %start, "streaming");
         match stream_timeline(ctx, &mut conn, timeline, start, shutdown).await? {
             None => return Ok(()),
@@ -170,6 +175,7 @@ async fn stream_timeline(
                 if writer.position() > writer.flushed() {
                     tokio::task::block_in_place(|| writer.flush())?;
                 }
+                ctx.metrics.streamed(timeline.0, server_lsn, writer.flushed());
                 // Report every advance of the flushed position, including one
                 // made by completing a segment exactly at the batch's end (a
                 // synchronous commit there must not wait for the next tick).
@@ -189,6 +195,7 @@ async fn stream_timeline(
                 if ctx.settings.spool_limit.is_some() {
                     paused = spool_limit_state(ctx, paused)?;
                 }
+                ctx.metrics.streamed(timeline.0, server_lsn, writer.flushed());
                 send_status(conn, &writer).await?;
                 if last_progress_write.elapsed() >= ctx.settings.status_interval {
                     record_progress(ctx, &writer, server_lsn)?;
@@ -245,6 +252,7 @@ fn spool_limit_state(ctx: &StreamContext, paused: bool) -> anyhow::Result<bool> 
     let Some(limit) = ctx.settings.spool_limit else { return Ok(false) };
     let waiting = ctx.spool.scan()?.iter().filter(|f| f.complete).count() as u64 * ctx.spool.segment_size;
     let over = waiting >= limit;
+    ctx.metrics.spool_full(over);
     if over && !paused {
         tracing::error!(
             "SPOOL LIMIT REACHED: {waiting} bytes of WAL wait for the repository (limit {limit}); \

@@ -39,11 +39,18 @@ pub struct Summarizer {
     reader: Option<WalReader>,
     /// Summaries being built, by segment number, with their file's timeline.
     building: Building,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Summarizer {
-    pub fn new(repo: Repository, index: Arc<Index>, catalog: RelationNames, segment_size: u64) -> Summarizer {
-        Summarizer { repo, index, catalog, segment_size, reader: None, building: BTreeMap::new() }
+    pub fn new(
+        repo: Repository,
+        index: Arc<Index>,
+        catalog: RelationNames,
+        segment_size: u64,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Summarizer {
+        Summarizer { repo, index, catalog, segment_size, reader: None, building: BTreeMap::new(), metrics }
     }
 
     pub async fn run(mut self, mut segments: mpsc::Receiver<SegmentBytes>) {
@@ -166,12 +173,19 @@ impl Summarizer {
             self.repo.put(&summary_key(segment, self.segment_size), object).await?;
             let index = self.index.clone();
             let transactions = summary.ends.len();
+            let newest_commit = summary
+                .ends
+                .iter()
+                .filter(|e| e.status == tidemark_proto::wal::rmgr::XactStatus::Committed)
+                .map(|e| e.time)
+                .max();
             tokio::task::spawn_blocking(move || {
                 index.put_summary(segment, &summary)?;
                 index.put_summary_next(segment_no + 1)
             })
             .await
             .context("join the index write")??;
+            self.metrics.summarized(Lsn(segment_end), newest_commit);
             info!(
                 segment = %segment.file_name(self.segment_size),
                 transactions,

@@ -27,6 +27,16 @@ pub enum UploadJob {
     Partial { segment: SegmentId, path: PathBuf, len: u64, last: bool },
 }
 
+impl UploadJob {
+    /// Where the repository's WAL ends once this job is done.
+    pub fn end_lsn(&self, segment_size: u64) -> Lsn {
+        match self {
+            UploadJob::Complete { segment, .. } => segment.end_lsn(segment_size),
+            UploadJob::Partial { segment, len, .. } => Lsn(segment.start_lsn(segment_size).0 + len),
+        }
+    }
+}
+
 pub struct Uploader {
     pub repo: Repository,
     pub index: Arc<Index>,
@@ -35,6 +45,7 @@ pub struct Uploader {
     /// Where stored segments go to be summarized for the audit. Never waited
     /// on: when it is behind, the summarizer reads the segment back later.
     pub summaries: Option<mpsc::Sender<SegmentBytes>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// How often a stuck upload is reported.
@@ -54,12 +65,14 @@ impl Uploader {
                 tokio::select! {
                     result = &mut upload => match result {
                         Ok(()) => {
+                            self.metrics.archived(job.end_lsn(self.segment_size));
                             if attempt > 0 || started.elapsed() >= BEHIND_REPORT {
                                 info!("repository reachable again after {:.0}s; uploading the backlog in order ({} jobs queued)", started.elapsed().as_secs_f64(), jobs.len());
                             }
                             break;
                         }
                         Err(e) => {
+                            self.metrics.repository_failed(&e);
                             let wait = crate::backoff::delay(attempt, Duration::from_secs(30));
                             warn!("upload failed, retrying in {:.1}s: {e:#}", wait.as_secs_f64());
                             attempt += 1;

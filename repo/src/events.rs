@@ -36,7 +36,7 @@ pub fn os_user() -> String {
     }
 }
 
-fn compact(time: OffsetDateTime) -> String {
+pub(crate) fn compact(time: OffsetDateTime) -> String {
     let t = time.to_offset(time::UtcOffset::UTC);
     format!(
         "{:04}{:02}{:02}T{:02}{:02}{:02}.{:06}Z",

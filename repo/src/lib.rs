@@ -12,15 +12,19 @@
 //! - [`write`]: puts (sealed, multipart on remote stores, fsynced locally), deletes.
 //! - [`catalog`]: backups, archived WAL ranges, timelines, the [`catalog::Window`].
 //! - [`remote`]: S3, GCS and Azure stores from their URLs and environment.
+//! - [`events`], [`drills`]: the operations log and restore drill records.
+//! - [`progress`]: progress of long operations: a bar on a terminal, log lines otherwise.
 //! - [`durable`]: fsync, atomic replace, durable removal of local files.
 //! - [`error`]: [`RepoError`] and [`Fail`], each with a hint.
 
 pub mod catalog;
+pub mod drills;
 pub mod durable;
 pub mod error;
 pub mod events;
 pub mod expire;
 pub mod lease;
+pub mod progress;
 pub mod remote;
 pub mod retention;
 pub mod store;

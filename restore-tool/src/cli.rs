@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tidemark_proto::repo::backup::{BackupManifest, BackupSummary};
+use tidemark_proto::repo::records::DrillRecord;
 use tidemark_proto::Xid;
 use tidemark_repo::catalog::{complete_backups, read_manifest, Catalog, TimelineInfo, WalRange, Window};
 use tidemark_repo::{redact_url, Create, Fail, Repository};
@@ -233,7 +234,10 @@ pub fn main() -> ExitCode {
     unsafe { libc::umask(0o077) };
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEMARK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // Problems only, and the progress of long work (restore, verify).
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!("warn,{}=info", tidemark_repo::progress::LOG_TARGET))
+        });
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     // wal-get is PostgreSQL's restore_command: any failure but "no such
     // file" must stop recovery, never pass for the end of WAL.
@@ -348,7 +352,8 @@ async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
             let catalog = Catalog::load(&repo).await?;
             let audit = crate::audit::Audit::load(&repo, &catalog, cache_dir.as_deref()).await?;
             let latest = audit.last_commit().map(|c| crate::audit_report::time_text(c.time));
-            print_list(&catalog, latest, json)?;
+            let drill = tidemark_repo::drills::latest(&repo).await?;
+            print_list(&catalog, latest, drill.as_ref(), json)?;
         }
         Command::FetchBackup { backup, pgdata, tablespace_map } => {
             let repo = open()?;
@@ -426,9 +431,15 @@ struct ListReport<'a> {
     waiting_for_wal: Vec<BackupSummary>,
     wal: &'a [WalRange],
     window: Option<Window>,
+    last_drill: Option<&'a DrillRecord>,
 }
 
-fn print_list(catalog: &Catalog, latest: Option<String>, json: bool) -> anyhow::Result<()> {
+fn print_list(
+    catalog: &Catalog,
+    latest: Option<String>,
+    drill: Option<&DrillRecord>,
+    json: bool,
+) -> anyhow::Result<()> {
     let window = catalog.window(latest);
     if json {
         let report = ListReport {
@@ -437,6 +448,7 @@ fn print_list(catalog: &Catalog, latest: Option<String>, json: bool) -> anyhow::
             waiting_for_wal: catalog.waiting.iter().map(BackupManifest::summary).collect(),
             wal: &catalog.ranges,
             window,
+            last_drill: drill,
         };
         // Through a JSON value, whose maps keep their keys sorted: the output
         // stays byte for byte what it was.
@@ -479,6 +491,18 @@ fn print_list(catalog: &Catalog, latest: Option<String>, json: bool) -> anyhow::
             w.latest_lsn
         ),
         None => println!("restorable window\n  none (no restorable base backup yet)"),
+    }
+    println!("last restore drill");
+    match drill {
+        Some(d) if d.passed => println!(
+            "  passed {} (target {}, RTO {:.1} s, {} tables checked)",
+            d.finished,
+            d.target,
+            d.rto_seconds.unwrap_or(0.0),
+            d.row_counts.len()
+        ),
+        Some(d) => println!("  FAILED {}: {}", d.finished, d.failure.as_deref().unwrap_or("")),
+        None => println!("  none (`tidemark-agent drill` runs one)"),
     }
     Ok(())
 }

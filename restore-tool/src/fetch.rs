@@ -196,12 +196,16 @@ async fn fill(
     for file in manifest.files.iter().filter(|f| f.kind == FileKind::File) {
         files.push((root_of(&file.archive)?, file));
     }
+    let progress = tidemark_repo::progress::Progress::bytes("restore: fetch the backup", manifest.bytes);
     let mut results = futures::stream::iter(files.into_iter().map(|(root, file)| write_file(repo, root, file)))
         .buffer_unordered(PARALLEL_FILES);
     let mut bytes = 0;
     while let Some(result) = results.next().await {
-        bytes += result?;
+        let written = result?;
+        bytes += written;
+        progress.add(written);
     }
+    progress.finish();
     let base = root_of("base")?;
     link_tablespaces(base, placements)?;
     let pg_manifest = repo.get(&manifest.pg_manifest_key).await?.ok_or_else(|| RepoError::Corrupt {

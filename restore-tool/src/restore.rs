@@ -451,6 +451,9 @@ async fn start_and_wait(options: &RestoreOptions, plan: &Plan) -> anyhow::Result
     anyhow::ensure!(status.success(), "pg_ctl could not start the restored server; see {}", log.display());
     let started = std::time::Instant::now();
     let mut seen_pid = false;
+    // Replay measured by position: from the backup's start to where the target needs WAL.
+    let replay_total = plan.wal_needed_to.0.saturating_sub(plan.wal_start.0);
+    let progress = tidemark_repo::progress::Progress::bytes("restore: WAL replay", replay_total);
     loop {
         let alive = running_postmaster(&pgdata).is_some();
         seen_pid |= alive;
@@ -472,8 +475,14 @@ async fn start_and_wait(options: &RestoreOptions, plan: &Plan) -> anyhow::Result
             ));
         }
         if let Some(probe) = probe_recovery(&pgdata, options.port).await {
+            let replayed = probe.replay_lsn.as_deref().and_then(|l| l.parse::<Lsn>().ok());
+            if let Some(lsn) = replayed {
+                progress.set(lsn.0.saturating_sub(plan.wal_start.0).min(replay_total));
+            }
             let done = if options.pause { probe.in_recovery && probe.paused } else { !probe.in_recovery };
             if done {
+                progress.set(replay_total);
+                progress.finish();
                 return Ok((probe.replay_lsn, probe.replay_time));
             }
         }

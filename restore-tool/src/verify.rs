@@ -204,6 +204,7 @@ async fn run_checks(
     checks: Vec<(String, Expect)>,
     problems: &mut Vec<Problem>,
 ) -> Result<(usize, u64), RepoError> {
+    let progress = tidemark_repo::progress::Progress::objects("verify", checks.len() as u64);
     let mut results = futures::stream::iter(checks.into_iter().map(|(key, expect)| async move {
         let outcome = check_object(repo, &key, &expect).await;
         (key, outcome)
@@ -213,11 +214,13 @@ async fn run_checks(
     let mut bytes_checked = 0;
     while let Some((key, outcome)) = results.next().await {
         objects_checked += 1;
+        progress.add(1);
         match outcome {
             Ok(bytes) => bytes_checked += bytes,
             Err(e) => problems.push(problem_of(&key, e)?),
         }
     }
+    progress.finish();
     Ok((objects_checked, bytes_checked))
 }
 

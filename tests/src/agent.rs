@@ -44,6 +44,9 @@ pub struct AgentSetup {
     pub url: Option<String>,
     /// Key files of an encrypted repository, passed to both binaries.
     pub key_files: Vec<PathBuf>,
+    /// Run the binaries as this OS user (uid, gid) from `bin_dir`: see [`AgentSetup::run_as_pg_user`].
+    pub os_user: Option<(u32, u32)>,
+    pub bin_dir: Option<PathBuf>,
 }
 
 impl AgentSetup {
@@ -58,7 +61,48 @@ impl AgentSetup {
             env: vec![("TIDEMARK_BACKUP_INTERVAL".into(), "0".into())],
             url: None,
             key_files: Vec::new(),
+            os_user: None,
+            bin_dir: None,
         }
+    }
+
+    /// Runs the agent (and the `tidemark-restore` it calls) as the
+    /// PostgreSQL OS user when we are root, as a deployment does: drills
+    /// start PostgreSQL, which refuses root. `base` (holding the state
+    /// directory and repository) becomes that user's; the binaries are
+    /// linked into `base/bin`, which that user can reach.
+    pub fn run_as_pg_user(&mut self, base: &Path) {
+        let Some((uid, gid)) = crate::cluster::pg_os_ids() else { return };
+        let dir = base.join("bin");
+        fs::create_dir_all(&dir).expect("mkdir bin");
+        for name in ["tidemark-agent", "tidemark-restore"] {
+            let to = dir.join(name);
+            if fs::hard_link(bin(name), &to).is_err() {
+                fs::copy(bin(name), &to).expect("copy binary");
+            }
+        }
+        crate::cluster::chown(base, crate::cluster::PG_USER_OS);
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(base, fs::Permissions::from_mode(0o755)).expect("chmod base");
+        self.os_user = Some((uid, gid));
+        self.bin_dir = Some(dir);
+    }
+
+    /// A command for one of our binaries, as the configured OS user.
+    pub fn program(&self, name: &str) -> Command {
+        let mut command = match &self.bin_dir {
+            Some(dir) => Command::new(dir.join(name)),
+            None => Command::new(bin(name)),
+        };
+        if let Some((uid, gid)) = self.os_user {
+            use std::os::unix::process::CommandExt;
+            command.uid(uid).gid(gid);
+            if let Some(parent) = self.state_dir.parent() {
+                command.current_dir(parent);
+            }
+            command.env("HOME", self.state_dir.parent().unwrap_or(Path::new("/")));
+        }
+        command
     }
 
     pub fn repo_url(&self) -> String {
@@ -71,7 +115,7 @@ impl AgentSetup {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(bin("tidemark-agent"));
+        let mut command = self.program("tidemark-agent");
         command
             .arg("--repo")
             .arg(self.repo_url())
@@ -94,7 +138,7 @@ impl AgentSetup {
     }
 
     pub fn run_command(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("run tidemark-agent")
+        retry_busy(|| self.command(args).output())
     }
 
     /// `init`, asserting success.
@@ -121,22 +165,35 @@ impl AgentSetup {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
         ));
         let file = fs::File::create(&log).expect("create agent log");
-        let child = self
-            .command(&["run"])
-            .env("TIDEMARK_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn tidemark-agent run");
+        let child = retry_busy(|| {
+            self.command(&["run"])
+                .env("TIDEMARK_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(file.try_clone().expect("log file"))
+                .spawn()
+        });
         RunningAgent { child: Some(child), log }
     }
 
     /// `tidemark-restore wal-get NAME DEST` against this repository.
     pub fn wal_get(&self, name: &str, destination: &Path) -> Output {
-        let mut command = Command::new(bin("tidemark-restore"));
+        let mut command = self.program("tidemark-restore");
         command.arg("--repo").arg(self.repo_url()).args(self.key_args()).args(["wal-get", name]).arg(destination);
         command.envs(self.env.iter().map(|(k, v)| (k, v))).output().expect("run tidemark-restore wal-get")
     }
+}
+
+/// Runs `start` again while it fails with ETXTBSY: a copied binary's write
+/// descriptor lives on in children other test threads forked meanwhile,
+/// until they exec (a short window).
+pub fn retry_busy<T>(mut start: impl FnMut() -> std::io::Result<T>) -> T {
+    for _ in 0..50 {
+        match start() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => std::thread::sleep(Duration::from_millis(100)),
+            other => return other.expect("start a tidemark binary"),
+        }
+    }
+    start().expect("start a tidemark binary")
 }
 
 /// `tidemark-agent run` in the background; stopped (SIGTERM, then SIGKILL) in Drop.

@@ -46,6 +46,16 @@ fn ensure_os_user() -> Option<&'static str> {
     Some(PG_USER_OS)
 }
 
+/// The uid and gid of the OS user that runs PostgreSQL, when we are root.
+pub fn pg_os_ids() -> Option<(u32, u32)> {
+    let user = ensure_os_user()?;
+    let id = |flag: &str| -> u32 {
+        let output = Command::new("id").arg(flag).arg(user).output().expect("run id");
+        String::from_utf8_lossy(&output.stdout).trim().parse().expect("numeric id")
+    };
+    Some((id("-u"), id("-g")))
+}
+
 /// Settings of a cluster; `Default` gives a streaming-ready server.
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {

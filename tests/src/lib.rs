@@ -5,12 +5,14 @@
 //! - [`agent`]: the real `tidemark-agent` and `tidemark-restore` binaries.
 //! - [`s3`]: a real S3-protocol server (s3s-fs) on loopback, stoppable.
 //! - [`moto`]: moto's S3 server with IAM enforced, one user per shipped policy.
+//! - [`http`]: plain HTTP GETs (the agent's /metrics and /healthz, Prometheus's API).
 //! - [`wait`]: waiting on conditions with generous deadlines, never fixed sleeps.
 //! - [`tls`]: a test certificate authority made with openssl.
 //! - [`waldump`]: pg_waldump output and our decoder turned into comparable facts.
 
 pub mod agent;
 pub mod cluster;
+pub mod http;
 pub mod moto;
 pub mod s3;
 pub mod tls;

@@ -10,6 +10,7 @@
 //! locks/expire.json                   LeaseRecord of a running expire
 //! locks/claims/<lease>-<generation>   created (if absent) to take over a lease
 //! locks/expire-journal.json           ExpireJournal: what an expire run deletes
+//! drills/<UTC time>-<nonce>.json      DrillRecord (names sort by time)
 //! ```
 //!
 //! All are framed (and sealed in an encrypted repository) like every other
@@ -25,6 +26,7 @@ pub const CLAIMS_PREFIX: &str = "locks/claims/";
 pub const AGENT_LEASE_KEY: &str = "locks/agent.json";
 pub const EXPIRE_LEASE_KEY: &str = "locks/expire.json";
 pub const EXPIRE_JOURNAL_KEY: &str = "locks/expire-journal.json";
+pub const DRILLS_PREFIX: &str = "drills/";
 
 /// A restore point created by `tidemark-agent mark`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +63,75 @@ pub struct EventRecord {
     /// The details (what an expire deleted, a backup's id and LSNs, ...).
     #[serde(default)]
     pub details: serde_json::Value,
+}
+
+/// One restore drill (`tidemark-agent drill`): what was restored, what was
+/// checked, how long until the restored server took writes, and the outcome.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DrillRecord {
+    /// RFC 3339, UTC.
+    pub started: String,
+    pub finished: String,
+    pub host: String,
+    pub passed: bool,
+    /// Why it failed, one line (names the object or check at fault).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    /// The target asked for: `latest` or `time <RFC 3339>`.
+    pub target: String,
+    #[serde(default)]
+    pub backup_id: Option<String>,
+    #[serde(default)]
+    pub reached_lsn: Option<String>,
+    #[serde(default)]
+    pub reached_time: Option<String>,
+    /// Seconds from the start of the restore until the restored server
+    /// accepted a read-write connection.
+    #[serde(default)]
+    pub rto_seconds: Option<f64>,
+    #[serde(default)]
+    pub amcheck: AmcheckOutcome,
+    #[serde(default)]
+    pub checks: Vec<DrillCheck>,
+    #[serde(default)]
+    pub row_counts: Vec<TableRows>,
+}
+
+/// What `pg_amcheck` said of the restored cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AmcheckOutcome {
+    pub ran: bool,
+    /// Why it did not run (no `pg_amcheck` binary), or what it found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    #[serde(default)]
+    pub databases: Vec<String>,
+    pub passed: bool,
+}
+
+/// One user check: an SQL query that must return true, or a command that must exit 0.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillCheck {
+    /// `sql` or `command`.
+    pub kind: String,
+    /// The query or command line.
+    pub check: String,
+    pub passed: bool,
+    /// What it returned or printed (last lines), or its error.
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableRows {
+    pub database: String,
+    /// Schema-qualified, quoted as PostgreSQL quotes it.
+    pub table: String,
+    pub rows: u64,
+}
+
+/// `drills/<time>-<nonce>.json`, like event names.
+pub fn drill_key(compact_time: &str, nonce: u32) -> String {
+    format!("{DRILLS_PREFIX}{compact_time}-{nonce:08x}.json")
 }
 
 /// `events/<time>-<nonce>.json`; `compact_time` is `20261128T221530.123456Z`.
