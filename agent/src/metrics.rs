@@ -12,8 +12,8 @@
 use crate::spool::Spool;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;
@@ -458,10 +458,8 @@ impl Metrics {
 /// must name `x_total` itself (promtool and older scrapers expect it), and
 /// there is no `# EOF`.
 pub fn classic_text(open_metrics: &str) -> String {
-    let counters: Vec<&str> = open_metrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
+    let counters: Vec<&str> =
+        open_metrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
     let mut out = String::with_capacity(open_metrics.len() + 64);
     for line in open_metrics.lines() {
         if line == "# EOF" || line.starts_with("# UNIT ") {

@@ -226,3 +226,40 @@ fn metrics_and_health_follow_the_archive_and_prometheus_alerts() {
     assert_eq!(value(addr, "tidemark_server_connected"), 1.0);
     assert!(running.stop(), "the agent stops cleanly");
 }
+
+/// Under systemd (`Type=notify`, `WatchdogSec=`): READY=1 once streaming,
+/// WATCHDOG=1 pings at half the interval, STOPPING=1 at shutdown — read
+/// from a datagram socket standing in for systemd's NOTIFY_SOCKET.
+#[test]
+fn systemd_hears_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let cluster = Cluster::start(ClusterOptions::default());
+    let mut agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
+    let socket_path = cluster.dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+    socket.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
+    agent.env.push(("NOTIFY_SOCKET".into(), socket_path.display().to_string()));
+    agent.env.push(("WATCHDOG_USEC".into(), "1000000".into()));
+    agent.init();
+    let running = agent.spawn();
+    let mut heard = Vec::new();
+    let mut buffer = [0u8; 512];
+    while !(heard.iter().any(|m: &String| m.contains("READY=1"))
+        && heard.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 3)
+    {
+        let n = socket.recv(&mut buffer).expect("a notification within 2 minutes");
+        heard.push(String::from_utf8_lossy(&buffer[..n]).into_owned());
+    }
+    let ready = heard.iter().find(|m| m.contains("READY=1")).expect("READY=1");
+    assert!(ready.contains("STATUS=streaming"), "{heard:?}");
+    assert!(running.log_text().contains("streaming"), "READY=1 comes once streaming has started");
+    assert!(running.stop(), "the agent stops cleanly");
+    let mut stopping = false;
+    while let Ok(n) = socket.recv(&mut buffer) {
+        if String::from_utf8_lossy(&buffer[..n]).contains("STOPPING=1") {
+            stopping = true;
+            break;
+        }
+    }
+    assert!(stopping, "STOPPING=1 at shutdown; heard {heard:?}");
+}
