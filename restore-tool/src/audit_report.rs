@@ -3,7 +3,7 @@
 
 use crate::audit::{is_unusual, Audit, Filter};
 use crate::target::{format_time, parse_time};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use tidemark_proto::wal::rmgr::XactStatus;
 use tidemark_proto::wal::summary::{canonical_table, Transaction};
 use tidemark_proto::Lsn;
@@ -50,14 +50,7 @@ pub fn render(audit: &Audit, options: &TimelineOptions, filter: &Filter) -> Stri
     }
     let page = audit.query(filter, Some(options.limit));
     let (transactions, total) = (page.transactions, page.matched);
-    let typical: BTreeMap<String, Option<u64>> = transactions
-        .iter()
-        .flat_map(|t| t.tables.iter().map(|c| c.table.clone()))
-        .map(|table| {
-            let typical = audit.typical_rows(&table);
-            (table, typical)
-        })
-        .collect();
+    let typical = typical_of_tables(audit, &transactions);
     let unusual = |table: &str, rows: u64| is_unusual(rows, typical.get(table).copied().flatten());
     let points: Vec<_> = audit
         .restore_points()
@@ -134,6 +127,13 @@ pub fn render(audit: &Audit, options: &TimelineOptions, filter: &Filter) -> Stri
         out.push_str(&format!("restore point {:?} at {} ({})\n", p.name, time_text(p.time), Lsn(p.lsn)));
     }
     out
+}
+
+/// What one transaction typically changes in each table `transactions`
+/// touch (each table's histogram read once, however many transactions).
+pub fn typical_of_tables(audit: &Audit, transactions: &[Transaction]) -> BTreeMap<String, Option<u64>> {
+    let tables: BTreeSet<&str> = transactions.iter().flat_map(|t| t.tables.iter().map(|c| c.table.as_str())).collect();
+    tables.into_iter().map(|table| (table.to_string(), audit.typical_rows(table))).collect()
 }
 
 /// Rows changed per table in each minute or hour.
