@@ -60,6 +60,12 @@ enum Command {
         cache_dir: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+        /// Write the audit as one self-contained HTML page to FILE instead
+        /// of printing it: rows changed per table over time, the flagged
+        /// transactions marked and listed with the commands that undo them.
+        /// It covers every matching transaction, whatever --limit says.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["json", "per"])]
+        html: Option<PathBuf>,
     },
     /// Base backups, timelines, archived WAL and the restorable window.
     /// The operations log: backups, marks, expire runs (with what they
@@ -322,15 +328,9 @@ async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
                 print_restore(&report);
             }
         }
-        Command::Timeline { table, since, until, xid, per, limit, cache_dir, json } => {
+        Command::Timeline { table, since, until, xid, per, limit, cache_dir, json, html } => {
             let options = crate::audit_report::TimelineOptions { table, since, until, xid, per, limit, json };
-            let filter = crate::audit_report::filter_of(&options).map_err(|e| {
-                Fail::new(e, "times need a zone (2026-11-25T10:31:00Z); tables are schema.name, quoted as in SQL")
-            })?;
-            let repo = open()?;
-            let catalog = Catalog::load(&repo).await?;
-            let audit = crate::audit::Audit::load(&repo, &catalog, cache_dir.as_deref()).await?;
-            print!("{}", crate::audit_report::render(&audit, &options, &filter));
+            timeline(&open()?, &url, &options, cache_dir.as_deref(), html.as_deref()).await?;
         }
         Command::Events { since, json } => {
             let repo = open()?;
@@ -401,6 +401,35 @@ async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `timeline`: the audit printed, or with `--html` written as a page.
+async fn timeline(
+    repo: &Repository,
+    url: &str,
+    options: &crate::audit_report::TimelineOptions,
+    cache_dir: Option<&std::path::Path>,
+    html: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let filter = crate::audit_report::filter_of(options).map_err(|e| {
+        Fail::new(e, "times need a zone (2026-11-25T10:31:00Z); tables are schema.name, quoted as in SQL")
+    })?;
+    let catalog = Catalog::load(repo).await?;
+    let audit = crate::audit::Audit::load(repo, &catalog, cache_dir).await?;
+    let Some(path) = html else {
+        print!("{}", crate::audit_report::render(&audit, options, &filter));
+        return Ok(());
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let generated_at = crate::target::format_time(now.replace_nanosecond(0).unwrap_or(now));
+    let filters = crate::timeline_html::filters_text(options);
+    let provenance = crate::timeline_html::Provenance { repo: url, generated_at: &generated_at, filters: &filters };
+    let page = crate::timeline_html::page(&audit, &filter, &provenance);
+    // Through a temporary name: a browser reloading the file never sees half a page.
+    tidemark_repo::durable::write_atomically(path, page.html.as_bytes(), tidemark_repo::durable::Durability::PageCache)
+        .with_context(|| format!("write {}", path.display()))?;
+    println!("wrote the audit ({} transactions, {} flagged) to {}", page.transactions, page.flagged, path.display());
+    Ok(())
 }
 
 fn print_verify(report: &crate::verify::VerifyReport, json: bool) -> anyhow::Result<()> {

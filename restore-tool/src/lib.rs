@@ -3,6 +3,7 @@
 //! Module map:
 //! - [`audit`]: transactions and their table changes from the agent's WAL summaries (cached locally).
 //! - [`audit_report`]: the `timeline` command's table, JSON and per-period views.
+//! - [`timeline_html`]: the `timeline --html` page: chart, flagged transactions, commands; self-contained.
 //! - [`cli`]: commands, settings, error lines and exit codes.
 //! - [`fetch`]: a base backup into a new data directory.
 //! - [`tablespaces`]: where each tablespace goes (original place or `--tablespace-map`).
@@ -26,5 +27,6 @@ pub mod restore;
 mod retention_model;
 pub mod tablespaces;
 pub mod target;
+pub mod timeline_html;
 pub mod verify;
 pub mod wal_get;
