@@ -11,7 +11,7 @@ use tidemark_tests::agent::AgentSetup;
 use tidemark_tests::cluster::{Cluster, ClusterOptions};
 use tidemark_tests::wait::wait_until;
 
-const SCHEMA: &str = r#"
+pub(crate) const SCHEMA: &str = r#"
 CREATE TABLE "User" (id serial PRIMARY KEY, name text NOT NULL);
 CREATE TABLE "StudentProfile" (id serial PRIMARY KEY,
     "userId" int NOT NULL REFERENCES "User"(id) ON DELETE CASCADE, grade int);
@@ -24,7 +24,7 @@ INSERT INTO "StudentProfile" ("userId", grade) SELECT id, id % 12 FROM "User";
 
 /// `n` attendance transactions, each one insert or one update, `pause` apart
 /// (student 7 only until user 7 is deleted, at `from` 150).
-fn attendance_traffic(cluster: &Cluster, from: u32, n: u32, pause: f64) {
+pub(crate) fn attendance_traffic(cluster: &Cluster, from: u32, n: u32, pause: f64) {
     let mut script = String::new();
     for i in from..from + n {
         let student = match i % 40 + 1 {
@@ -46,7 +46,7 @@ fn attendance_traffic(cluster: &Cluster, from: u32, n: u32, pause: f64) {
 }
 
 /// Runs `sql` in one transaction and returns its xid.
-fn transaction(cluster: &Cluster, sql: &str) -> u32 {
+pub(crate) fn transaction(cluster: &Cluster, sql: &str) -> u32 {
     let out = cluster.psql_file(&format!("BEGIN;\n{sql};\nSELECT txid_current();\nCOMMIT;\n"));
     out.lines().last().expect("xid").trim().parse().expect("xid number")
 }

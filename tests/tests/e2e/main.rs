@@ -22,4 +22,5 @@ mod retention;
 mod roles;
 mod sync;
 mod timeline;
+mod timeline_html;
 mod wal_decoder;
