@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tidemark_proto::repo::backup::{BackupManifest, BackupSummary};
 use tidemark_proto::repo::records::DrillRecord;
+use tidemark_proto::wal::summary::canonical_table;
 use tidemark_proto::Xid;
 use tidemark_repo::catalog::{complete_backups, read_manifest, Catalog, TimelineInfo, WalRange, Window};
 use tidemark_repo::{redact_url, Create, Fail, Repository};
@@ -33,6 +34,14 @@ struct Args {
 enum Command {
     /// Rebuild the cluster as of one target into a new data directory.
     Restore(RestoreArgs),
+    /// Tables (or the rows --where picks) as of a target, from a private
+    /// scratch restore: into a file (csv, sql, copy) or into a live database
+    /// (only rows whose key is absent there, in one transaction).
+    Extract(ExtractArgs),
+    /// Undo one transaction in a live database: the rows it inserted are
+    /// deleted, the rows it updated or deleted get their old values back;
+    /// rows changed again since are conflicts, reported and left alone.
+    Repair(RepairArgs),
     /// The WAL audit: transactions with commit time, xid, LSN and the rows
     /// they inserted, updated and deleted per table; unusual ones flagged.
     Timeline {
@@ -117,12 +126,101 @@ enum Command {
     },
 }
 
+/// Where the scratch restores of `extract` and `repair` go and run.
+#[derive(clap::Args, Debug)]
+struct ScratchArgs {
+    /// Where the scratch data directory is made (default: the temp directory); it needs room for the cluster.
+    #[arg(long)]
+    scratch_dir: Option<PathBuf>,
+    /// PostgreSQL's bin directory (default /usr/lib/postgresql/<major>/bin).
+    #[arg(long)]
+    pg_bin: Option<PathBuf>,
+    /// Seconds to wait for the scratch restore's recovery.
+    #[arg(long, default_value_t = 86_400)]
+    wait_timeout: u64,
+    /// The audit cache (default ~/.cache/tidemark/audit/<system id>).
+    #[arg(long, env = "TIDEMARK_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+impl ScratchArgs {
+    fn options(self) -> crate::scratch::ScratchOptions {
+        crate::scratch::ScratchOptions {
+            parent: self.scratch_dir,
+            pg_bin: self.pg_bin,
+            cache_dir: self.cache_dir,
+            wait_timeout: std::time::Duration::from_secs(self.wait_timeout),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("destination").required(true).args(["to", "into"])))]
+struct ExtractArgs {
+    /// A table, as the audit writes it: '"User"', 'public."AttendanceRecord"'. Repeatable.
+    #[arg(long = "table", required = true)]
+    tables: Vec<String>,
+    /// Only rows matching this SQL condition (on each --table).
+    #[arg(long = "where")]
+    condition: Option<String>,
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Write the rows to this file (written to a temporary name, then renamed).
+    #[arg(long)]
+    to: Option<PathBuf>,
+    /// The file's format: csv (one table, with a header), sql (INSERTs) or copy (psql's COPY ... FROM stdin).
+    #[arg(long, value_parser = ["csv", "sql", "copy"], default_value = "csv")]
+    format: String,
+    /// Insert the rows into this live database (postgresql://...): only rows whose key is absent.
+    #[arg(long)]
+    into: Option<String>,
+    /// The database holding the tables (default: --into's, else postgres).
+    #[arg(long)]
+    database: Option<String>,
+    /// Also the rows that reference the chosen rows through foreign keys, parents first.
+    #[arg(long)]
+    with_dependents: bool,
+    /// Tell rows of tables without a key apart by all their columns.
+    #[arg(long)]
+    all_columns_key: bool,
+    #[command(flatten)]
+    scratch: ScratchArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("mode").required(true).args(["dry_run", "apply"])))]
+struct RepairArgs {
+    /// The transaction to undo.
+    #[arg(long)]
+    xid: Xid,
+    /// Only its changes to this table.
+    #[arg(long)]
+    table: Option<String>,
+    /// Print what would change, the conflicts and the SQL; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Change the live database, in one transaction.
+    #[arg(long)]
+    apply: bool,
+    /// The live database: postgresql://USER:PASSWORD@HOST:PORT/DATABASE.
+    #[arg(long)]
+    into: String,
+    /// Rows changed again since the transaction: keep them (theirs, quietly) or overwrite them (ours).
+    #[arg(long, value_parser = ["theirs", "ours"])]
+    on_conflict: Option<String>,
+    /// Tell rows of tables without a key apart by all their columns.
+    #[arg(long)]
+    all_columns_key: bool,
+    #[command(flatten)]
+    scratch: ScratchArgs,
+}
+
+/// Where recovery stops: exactly one of these.
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("target").required(true).args(["time", "lsn", "xid", "before_xid", "name", "latest", "immediate"])))]
-struct RestoreArgs {
-    /// The new data directory (must be missing or empty, unless --force).
-    #[arg(long)]
-    pgdata: PathBuf,
+struct TargetArgs {
     /// A time with a zone: RFC 3339 or `YYYY-MM-DD HH:MM:SS+TZ`.
     #[arg(long)]
     time: Option<String>,
@@ -144,6 +242,41 @@ struct RestoreArgs {
     /// Only the backup's own consistent point.
     #[arg(long)]
     immediate: bool,
+}
+
+impl TargetArgs {
+    /// The target, checked (times need a zone).
+    fn target(&self) -> Result<crate::target::Target, Fail> {
+        use crate::target::{parse_time, Target};
+        let target = if let Some(text) = &self.time {
+            parse_time(text).map(Target::Time)
+        } else if let Some(text) = &self.lsn {
+            text.parse().map(Target::Lsn).map_err(|e: tidemark_proto::lsn::ParseLsnError| e.to_string())
+        } else if let Some(xid) = self.xid {
+            Ok(Target::Xid(xid))
+        } else if let Some(xid) = self.before_xid {
+            Ok(Target::BeforeXid(xid))
+        } else if let Some(name) = &self.name {
+            Ok(Target::Name(name.clone()))
+        } else if self.latest {
+            Ok(Target::Latest)
+        } else {
+            debug_assert!(self.immediate);
+            Ok(Target::Immediate)
+        };
+        target.map_err(|e| {
+            Fail::new(e, "times need a zone: 2026-11-25T10:31:00Z or \"2026-11-25 10:31:00+00\"; LSNs are X/Y")
+        })
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct RestoreArgs {
+    /// The new data directory (must be missing or empty, unless --force).
+    #[arg(long)]
+    pgdata: PathBuf,
+    #[command(flatten)]
+    target: TargetArgs,
     /// The timeline to follow: latest (default, the newest archived), current (the backup's) or a number.
     #[arg(long)]
     timeline: Option<String>,
@@ -191,26 +324,7 @@ struct RestoreArgs {
 impl RestoreArgs {
     /// The restore's options, the target checked (times need a zone).
     fn options(self) -> Result<crate::restore::RestoreOptions, Fail> {
-        use crate::target::{parse_time, Target};
-        let target = if let Some(text) = &self.time {
-            parse_time(text).map(Target::Time)
-        } else if let Some(text) = &self.lsn {
-            text.parse().map(Target::Lsn).map_err(|e: tidemark_proto::lsn::ParseLsnError| e.to_string())
-        } else if let Some(xid) = self.xid {
-            Ok(Target::Xid(xid))
-        } else if let Some(xid) = self.before_xid {
-            Ok(Target::BeforeXid(xid))
-        } else if let Some(name) = self.name {
-            Ok(Target::Name(name))
-        } else if self.latest {
-            Ok(Target::Latest)
-        } else {
-            debug_assert!(self.immediate);
-            Ok(Target::Immediate)
-        };
-        let target = target.map_err(|e| {
-            Fail::new(e, "times need a zone: 2026-11-25T10:31:00Z or \"2026-11-25 10:31:00+00\"; LSNs are X/Y")
-        })?;
+        let target = self.target.target()?;
         Ok(crate::restore::RestoreOptions {
             pgdata: self.pgdata,
             target,
@@ -226,6 +340,8 @@ impl RestoreArgs {
             prefetch: !self.no_prefetch,
             cache_dir: self.cache_dir,
             tablespace_map: self.tablespace_map,
+            tablespaces_under: None,
+            only_databases: None,
         })
     }
 }
@@ -318,6 +434,8 @@ async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
     let url = repo_url(&args)?;
     let open = || Repository::open(&url, &args.key_files, Create::No);
     match args.command {
+        Command::Extract(extract) => run_extract(&open()?, &url, extract).await?,
+        Command::Repair(repair) => run_repair(&open()?, &url, repair).await?,
         Command::Restore(restore) => {
             let json = restore.json;
             let options = restore.options()?;
@@ -368,7 +486,7 @@ async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
                 crate::tablespaces::place(&manifest.tablespaces, &tablespace_map, &pgdata).map_err(|e| {
                     Fail::new(e, "see `--tablespace-map FROM=TO` in `tidemark-restore fetch-backup --help`")
                 })?;
-            let bytes = crate::fetch::fetch_backup(&repo, &manifest, &pgdata, &placements, true).await?;
+            let bytes = crate::fetch::fetch_backup(&repo, &manifest, &pgdata, &placements, true, None).await?;
             println!(
                 "backup {} written to {} ({bytes} bytes); it needs WAL {} to {} on timeline {}",
                 manifest.id,
@@ -533,6 +651,81 @@ fn print_list(
         Some(d) => println!("  FAILED {}: {}", d.finished, d.failure.as_deref().unwrap_or("")),
         None => println!("  none (`tidemark-agent drill` runs one)"),
     }
+    Ok(())
+}
+
+async fn run_extract(repo: &Repository, url: &str, args: ExtractArgs) -> anyhow::Result<()> {
+    use crate::extract::{Destination, Format};
+    let tables = args.tables.iter().map(|t| canonical_table(t)).collect::<Result<Vec<_>, _>>().map_err(|e| {
+        Fail::new(e, "tables are schema.name, quoted as in SQL: '\"User\"', 'public.\"AttendanceRecord\"'")
+    })?;
+    let destination = match (args.to, args.into) {
+        (Some(path), None) => Destination::File {
+            path,
+            format: match args.format.as_str() {
+                "sql" => Format::Sql,
+                "copy" => Format::Copy,
+                _ => Format::Csv,
+            },
+        },
+        (None, Some(url)) => Destination::Into { url },
+        _ => return Err(Fail::new("give one of --to and --into", "--to FILE writes a file; --into URL inserts").into()),
+    };
+    let options = crate::extract::ExtractOptions {
+        tables,
+        condition: args.condition,
+        target: args.target.target()?,
+        database: args.database,
+        destination,
+        with_dependents: args.with_dependents,
+        all_columns_key: args.all_columns_key,
+        scratch: args.scratch.options(),
+    };
+    let extracted = crate::extract::extract(repo, url, options).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&extracted)?);
+    } else {
+        for (table, rows, present) in &extracted.tables {
+            match present {
+                0 => println!("{table}: {rows} rows"),
+                _ => println!("{table}: {rows} rows inserted, {present} already present (left as they are)"),
+            }
+        }
+        match extracted.left_out_bytes {
+            0 => println!("(scratch restore: {:.1} MB fetched)", extracted.fetched_bytes as f64 / 1e6),
+            left => println!(
+                "(scratch restore: {:.1} MB fetched, {:.1} MB of other databases left out)",
+                extracted.fetched_bytes as f64 / 1e6,
+                left as f64 / 1e6
+            ),
+        }
+    }
+    Ok(())
+}
+
+async fn run_repair(repo: &Repository, url: &str, args: RepairArgs) -> anyhow::Result<()> {
+    use crate::repair::OnConflict;
+    let table = args
+        .table
+        .as_deref()
+        .map(canonical_table)
+        .transpose()
+        .map_err(|e| Fail::new(e, "tables are schema.name, quoted as in SQL"))?;
+    let options = crate::repair::RepairOptions {
+        xid: args.xid,
+        table,
+        into: args.into,
+        on_conflict: match args.on_conflict.as_deref() {
+            Some("ours") => OnConflict::Ours,
+            Some("theirs") => OnConflict::Theirs,
+            _ => OnConflict::Report,
+        },
+        all_columns_key: args.all_columns_key,
+        apply: args.apply,
+        scratch: args.scratch.options(),
+    };
+    let (plan, applied) = crate::repair::repair(repo, url, &options).await?;
+    print!("{}", crate::repair::render(&plan, applied.as_ref()));
     Ok(())
 }
 

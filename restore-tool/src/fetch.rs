@@ -60,6 +60,7 @@ pub async fn fetch_backup(
     pgdata: &Path,
     placements: &[Placement],
     sync: bool,
+    only_databases: Option<&[u32]>,
 ) -> anyhow::Result<u64> {
     check_target(pgdata)?;
     check_placements(manifest, placements)?;
@@ -75,7 +76,7 @@ pub async fn fetch_backup(
             let _ = std::fs::remove_dir_all(root);
         }
     };
-    let bytes = match fill(repo, manifest, &roots, placements, sync).await {
+    let bytes = match fill(repo, manifest, &roots, placements, sync, only_databases).await {
         Ok(bytes) => bytes,
         Err(e) => {
             remove_all(&roots);
@@ -164,6 +165,7 @@ async fn fill(
     roots: &[(String, PathBuf)],
     placements: &[Placement],
     sync: bool,
+    only_databases: Option<&[u32]>,
 ) -> anyhow::Result<u64> {
     let root_of = |archive: &str| -> anyhow::Result<&Path> {
         roots.iter().find(|(name, _)| name == archive).map(|(_, root)| root.as_path()).ok_or_else(|| {
@@ -194,7 +196,12 @@ async fn fill(
     }
     let mut files = Vec::new();
     for file in manifest.files.iter().filter(|f| f.kind == FileKind::File) {
-        files.push((root_of(&file.archive)?, file));
+        let root = root_of(&file.archive)?;
+        if is_skipped(file, only_databases) {
+            write_hollow(root, file)?;
+        } else {
+            files.push((root, file));
+        }
     }
     let progress = tidemark_repo::progress::Progress::bytes("restore: fetch the backup", manifest.bytes);
     let mut results = futures::stream::iter(files.into_iter().map(|(root, file)| write_file(repo, root, file)))
@@ -220,6 +227,49 @@ async fn fill(
         }
     }
     Ok(bytes)
+}
+
+/// The database a relation file belongs to: `base/<oid>/...` in the data
+/// directory, `<version directory>/<oid>/...` in a tablespace.
+pub fn database_of(file: &BackupFile) -> Option<u32> {
+    let mut parts = file.path.split('/');
+    let first = parts.next()?;
+    if file.archive == "base" && first != "base" {
+        return None;
+    }
+    parts.next()?.parse().ok()
+}
+
+/// Whether `file` belongs to a user database left out of a partial restore
+/// (the databases PostgreSQL creates itself, OIDs below 16384, are always kept).
+pub fn is_skipped(file: &BackupFile, only_databases: Option<&[u32]>) -> bool {
+    match (only_databases, database_of(file)) {
+        (Some(keep), Some(oid)) => oid >= 16384 && !keep.contains(&oid),
+        _ => false,
+    }
+}
+
+/// A file of a left-out database: its size, all zeros, no blocks written
+/// (sparse). Recovery rewrites every page the WAL touches from the full
+/// page image logged at its first change after the backup's checkpoint, so
+/// replay works; the database itself is not usable, which is the point
+/// (pgBackRest's `--db-include` does the same).
+fn write_hollow(root: &Path, file: &BackupFile) -> anyhow::Result<()> {
+    let path = safe_join(root, &file.path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("create {}", dir.display()))?;
+    }
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("create {}", path.display()))?;
+    out.set_len(file.size).with_context(|| format!("size {}", path.display()))
 }
 
 /// `pg_tblspc/OID` → the placement (the archive has it as a directory when
@@ -322,4 +372,36 @@ fn safe_join(root: &Path, relative: &str) -> anyhow::Result<PathBuf> {
         "backup path {relative:?} escapes the data directory"
     );
     Ok(root.join(relative))
+}
+
+#[cfg(test)]
+mod database_tests {
+    use super::*;
+    use tidemark_proto::repo::backup::FileKind;
+
+    fn file(archive: &str, path: &str) -> BackupFile {
+        BackupFile {
+            archive: archive.into(),
+            path: path.into(),
+            kind: FileKind::File,
+            size: 8192,
+            mode: 0o600,
+            mtime_unix: 0,
+            link_target: None,
+            chunks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn files_of_other_user_databases_are_left_out() {
+        assert_eq!(database_of(&file("base", "base/16384/16385")), Some(16384));
+        assert_eq!(database_of(&file("base", "global/1262")), None);
+        assert_eq!(database_of(&file("16390", "PG_15_202209061/16384/16400")), Some(16384));
+        let keep = [16384u32];
+        assert!(!is_skipped(&file("base", "base/16384/16385"), Some(&keep)));
+        assert!(is_skipped(&file("base", "base/16999/16385"), Some(&keep)));
+        assert!(!is_skipped(&file("base", "base/5/1259"), Some(&keep)), "the postgres database is always kept");
+        assert!(!is_skipped(&file("base", "base/16999/16385"), None));
+        assert!(!is_skipped(&file("base", "pg_wal/000000010000000000000001"), Some(&keep)));
+    }
 }

@@ -11,6 +11,10 @@
 //! - [`planner`]: catalog + target -> which backup, which WAL, or why not.
 //! - [`prefetch`]: WAL staged ahead of replay during `restore --start`.
 //! - [`restore`]: checks, fetch, recovery settings, start and wait.
+//! - [`scratch`]: a private throwaway restore for `extract` and `repair`.
+//! - [`rows`]: rows as text: columns, keys, reads by ctid or key, the statements that write them back.
+//! - [`extract`]: tables (and their dependents) as of a target, to a file or into a live database.
+//! - [`repair`]: one transaction undone in a live database, row by row, conflicts reported.
 //! - [`verify`]: every object the backups need, read and checked; each bad one named.
 //! - [`wal_get`]: the restore_command: one WAL file to the path PostgreSQL gives.
 //!
@@ -19,12 +23,16 @@
 pub mod audit;
 pub mod audit_report;
 pub mod cli;
+pub mod extract;
 pub mod fetch;
 pub mod planner;
 pub mod prefetch;
+pub mod repair;
 pub mod restore;
 #[cfg(test)]
 mod retention_model;
+pub mod rows;
+pub mod scratch;
 pub mod tablespaces;
 pub mod target;
 pub mod timeline_html;

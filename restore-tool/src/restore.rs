@@ -16,6 +16,7 @@ use tidemark_proto::{Lsn, TimelineId};
 use tidemark_repo::catalog::Catalog;
 use tidemark_repo::{Fail, RepoError, Repository};
 
+#[derive(Clone)]
 pub struct RestoreOptions {
     pub pgdata: PathBuf,
     pub target: Target,
@@ -35,6 +36,12 @@ pub struct RestoreOptions {
     pub cache_dir: Option<PathBuf>,
     /// `--tablespace-map FROM=TO`: tablespaces placed elsewhere than on the source.
     pub tablespace_map: Vec<(String, PathBuf)>,
+    /// Every tablespace not mapped goes to `<dir>/tablespace-<oid>` (scratch
+    /// restores, which must never write where the source's tablespaces are).
+    pub tablespaces_under: Option<PathBuf>,
+    /// Only these user databases' files are fetched (the others are left
+    /// as sparse files of zeros): scratch restores that read one database.
+    pub only_databases: Option<Vec<u32>>,
 }
 
 /// Where recovery will stop for a time, xid or restore-point target,
@@ -105,6 +112,9 @@ pub struct RestoreReport {
     pub wal_needed_to_lsn: Lsn,
     pub wal_available_to_lsn: Lsn,
     pub bytes_to_fetch: u64,
+    /// Bytes of other user databases left out (as sparse files) when only
+    /// some databases were asked for; 0 otherwise.
+    pub bytes_left_out: u64,
     pub segments_to_replay: u64,
     /// Where each tablespace goes (its original location unless mapped).
     pub tablespaces: Vec<crate::tablespaces::Placement>,
@@ -127,7 +137,7 @@ fn refuse(message: impl Into<String>, hint: impl Into<String>) -> anyhow::Error 
 }
 
 /// The pid in `postmaster.pid`, if that process is alive.
-fn running_postmaster(pgdata: &Path) -> Option<i32> {
+pub(crate) fn running_postmaster(pgdata: &Path) -> Option<i32> {
     let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
     let pid: i32 = text.lines().next()?.trim().parse().ok()?;
     // SAFETY: signal 0 only checks that the process exists.
@@ -182,12 +192,32 @@ async fn make_plan(repo: &Repository, catalog: &Catalog, options: &RestoreOption
         .map_err(|e| refuse(e.to_string(), "`tidemark-restore list` shows the backups and the window"))
 }
 
-/// Every chunk and the server's manifest are in the repository; returns the
-/// bytes the backup's files will take.
-async fn check_objects(repo: &Repository, plan: &Plan) -> anyhow::Result<u64> {
+/// Where each tablespace goes: `--tablespace-map`, else inside
+/// `tablespaces_under` (scratch restores), else its original place.
+fn placements(options: &RestoreOptions, plan: &Plan) -> anyhow::Result<Vec<crate::tablespaces::Placement>> {
+    let mut mappings = options.tablespace_map.clone();
+    if let Some(dir) = &options.tablespaces_under {
+        for t in &plan.backup.tablespaces {
+            if !mappings.iter().any(|(from, _)| *from == t.oid.to_string() || *from == t.location) {
+                mappings.push((t.oid.to_string(), dir.join(format!("tablespace-{}", t.oid))));
+            }
+        }
+    }
+    crate::tablespaces::place(&plan.backup.tablespaces, &mappings, &options.pgdata)
+        .map_err(|e| refuse(e, "`restore --dry-run --json` shows each tablespace's OID and original location"))
+}
+
+/// Every chunk the restore reads and the server's manifest are in the
+/// repository; returns the bytes the fetched files will take, and those of
+/// the files of databases left out.
+async fn check_objects(repo: &Repository, plan: &Plan, only_databases: Option<&[u32]>) -> anyhow::Result<(u64, u64)> {
     let present: HashSet<String> = repo.list("backups").await?.into_iter().collect();
-    let mut bytes_to_fetch = 0;
+    let (mut bytes_to_fetch, mut bytes_left_out) = (0, 0);
     for file in &plan.backup.files {
+        if crate::fetch::is_skipped(file, only_databases) {
+            bytes_left_out += file.size;
+            continue;
+        }
         for chunk in &file.chunks {
             if !present.contains(&chunk.key) {
                 return Err(RepoError::Corrupt {
@@ -202,7 +232,7 @@ async fn check_objects(repo: &Repository, plan: &Plan) -> anyhow::Result<u64> {
     if !present.contains(&plan.backup.pg_manifest_key) {
         return Err(RepoError::Corrupt { key: plan.backup.pg_manifest_key.clone(), reason: "missing".into() }.into());
     }
-    Ok(bytes_to_fetch)
+    Ok((bytes_to_fetch, bytes_left_out))
 }
 
 /// Empties `dir` (`--force`), keeping the directory itself; on a blocking
@@ -235,10 +265,9 @@ pub async fn restore(repo: &Repository, repo_url: &str, options: RestoreOptions)
     let planning = std::time::Instant::now();
     let plan = make_plan(repo, &catalog, &options).await?;
     // 3. Every object the restore reads must be there.
-    let bytes_to_fetch = check_objects(repo, &plan).await?;
+    let (bytes_to_fetch, bytes_left_out) = check_objects(repo, &plan, options.only_databases.as_deref()).await?;
     // 4. Where the tablespaces go: each directory missing or empty.
-    let placements = crate::tablespaces::place(&plan.backup.tablespaces, &options.tablespace_map, &options.pgdata)
-        .map_err(|e| refuse(e, "`restore --dry-run --json` shows each tablespace's OID and original location"))?;
+    let placements = placements(&options, &plan)?;
     crate::fetch::check_placements(&plan.backup, &placements)
         .map_err(|e| refuse(e.to_string(), "a tablespace directory must be new or empty; --force never clears one"))?;
     let meta = repo.meta().await?;
@@ -256,6 +285,7 @@ pub async fn restore(repo: &Repository, repo_url: &str, options: RestoreOptions)
         wal_needed_to_lsn: plan.wal_needed_to,
         wal_available_to_lsn: plan.wal_available_to,
         bytes_to_fetch,
+        bytes_left_out,
         segments_to_replay,
         tablespaces: placements.clone(),
         reached_lsn: None,
@@ -282,7 +312,14 @@ pub async fn restore(repo: &Repository, repo_url: &str, options: RestoreOptions)
     let mut staged = staging.is_none();
     let fetching = std::time::Instant::now();
     let fetched = {
-        let fetch = crate::fetch::fetch_backup(repo, &plan.backup, &options.pgdata, &placements, !options.start);
+        let fetch = crate::fetch::fetch_backup(
+            repo,
+            &plan.backup,
+            &options.pgdata,
+            &placements,
+            !options.start,
+            options.only_databases.as_deref(),
+        );
         tokio::pin!(fetch);
         loop {
             tokio::select! {
@@ -491,16 +528,16 @@ async fn start_and_wait(options: &RestoreOptions, plan: &Plan) -> anyhow::Result
 }
 
 /// What the restored server says of its recovery.
-struct RecoveryProbe {
-    in_recovery: bool,
-    paused: bool,
-    replay_lsn: Option<String>,
-    replay_time: Option<String>,
+pub(crate) struct RecoveryProbe {
+    pub in_recovery: bool,
+    pub paused: bool,
+    pub replay_lsn: Option<String>,
+    pub replay_time: Option<String>,
 }
 
 /// Asks the restored server, over its private socket, how recovery stands;
 /// `None` while it does not accept connections yet.
-async fn probe_recovery(pgdata: &Path, port: u16) -> Option<RecoveryProbe> {
+pub(crate) async fn probe_recovery(pgdata: &Path, port: u16) -> Option<RecoveryProbe> {
     let (client, connection) = tokio_postgres::Config::new()
         .host_path(pgdata)
         .port(port)

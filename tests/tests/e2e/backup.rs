@@ -128,7 +128,7 @@ fn second_backup_stores_only_what_changed() {
     let output = agent.run_command(&["backup", "--label", "second", "--json", "--backup-checkpoint", "spread"]);
     assert!(output.status.success(), "backup failed: {}", stderr(&output));
     // Not a terminal: progress goes to the log, at least the final line.
-    assert!(stderr(&output).contains("backup progress"), "{}", stderr(&output));
+    assert!(stderr(&output).contains("backup: ") && stderr(&output).contains("(done in"), "{}", stderr(&output));
     let second: serde_json::Value = serde_json::from_slice(&output.stdout).expect("backup JSON");
     let first_stored = first["stored_bytes"].as_u64().expect("stored");
     let second_stored = second["stored_bytes"].as_u64().expect("stored");

@@ -17,6 +17,7 @@ mod encryption;
 mod metrics;
 mod object_store;
 mod progress;
+mod repair;
 mod restore;
 mod retention;
 mod roles;
