@@ -434,8 +434,10 @@ async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
     let url = repo_url(&args)?;
     let open = || Repository::open(&url, &args.key_files, Create::No);
     match args.command {
-        Command::Extract(extract) => run_extract(&open()?, &url, extract).await?,
-        Command::Repair(repair) => run_repair(&open()?, &url, repair).await?,
+        // On SIGINT/SIGTERM the work is dropped, and with it the scratch
+        // restore (its server stopped, its directory removed).
+        Command::Extract(extract) => until_interrupted(run_extract(&open()?, &url, extract)).await?,
+        Command::Repair(repair) => until_interrupted(run_repair(&open()?, &url, repair)).await?,
         Command::Restore(restore) => {
             let json = restore.json;
             let options = restore.options()?;
@@ -652,6 +654,17 @@ fn print_list(
         None => println!("  none (`tidemark-agent drill` runs one)"),
     }
     Ok(())
+}
+
+/// Runs `work` unless SIGINT or SIGTERM comes first.
+async fn until_interrupted(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    tokio::select! {
+        result = work => result,
+        _ = term.recv() => Err(Fail::new("interrupted; the scratch restore was removed", "run the command again").into()),
+        _ = int.recv() => Err(Fail::new("interrupted; the scratch restore was removed", "run the command again").into()),
+    }
 }
 
 async fn run_extract(repo: &Repository, url: &str, args: ExtractArgs) -> anyhow::Result<()> {

@@ -21,6 +21,8 @@ pub struct Plan {
     /// The timeline recovery follows (recovery_target_timeline) and its history.
     pub target_timeline: TimelineId,
     pub history: Vec<Step>,
+    /// Where recovery stops, when the audit says (time, xid and name targets).
+    pub stop_lsn: Option<Lsn>,
 }
 
 /// Where the WAL audit says recovery stops for a time, xid or
@@ -212,6 +214,7 @@ pub fn plan(
         wal_available_to,
         target_timeline,
         history,
+        stop_lsn,
     })
 }
 

@@ -159,6 +159,12 @@ fn check_target_directory(options: &RestoreOptions) -> anyhow::Result<()> {
             "restore into a new or empty directory, or pass --force to replace its contents",
         ));
     }
+    if options.pause && matches!(options.target, Target::Latest) {
+        return Err(refuse(
+            "--pause needs a target: with --latest recovery ends at the end of the archive and the server promotes",
+            "give a target (--time, --lsn, --xid, --before-xid, --name, --immediate), or leave out --pause",
+        ));
+    }
     if options.start && unsafe { libc::geteuid() } == 0 {
         return Err(refuse(
             "--start cannot run PostgreSQL as root",
@@ -488,8 +494,12 @@ async fn start_and_wait(options: &RestoreOptions, plan: &Plan) -> anyhow::Result
     anyhow::ensure!(status.success(), "pg_ctl could not start the restored server; see {}", log.display());
     let started = std::time::Instant::now();
     let mut seen_pid = false;
-    // Replay measured by position: from the backup's start to where the target needs WAL.
-    let replay_total = plan.wal_needed_to.0.saturating_sub(plan.wal_start.0);
+    // Replay measured by position: from the backup's start to where recovery stops.
+    let replay_to = match plan.target {
+        Target::Latest => plan.wal_available_to,
+        _ => plan.stop_lsn.unwrap_or(plan.wal_needed_to).max(plan.wal_needed_to),
+    };
+    let replay_total = replay_to.0.saturating_sub(plan.wal_start.0);
     let progress = tidemark_repo::progress::Progress::bytes("restore: WAL replay", replay_total);
     loop {
         let alive = running_postmaster(&pgdata).is_some();

@@ -63,6 +63,9 @@ impl Scratch {
             port: free_port()?,
             pg_bin: options.pg_bin.clone(),
         };
+        // Paused at the target (a hot standby, read-only); --latest has no
+        // target to pause at: recovery ends and the copy promotes.
+        let pause = !matches!(target, Target::Latest);
         let restore_options = RestoreOptions {
             pgdata: scratch.pgdata.clone(),
             target,
@@ -72,7 +75,7 @@ impl Scratch {
             force: false,
             start: true,
             port: scratch.port,
-            pause: true,
+            pause,
             pg_bin: options.pg_bin.clone(),
             wait_timeout: options.wait_timeout,
             prefetch: true,

@@ -202,6 +202,15 @@ fn extract_brings_back_a_deleted_user_with_what_cascaded() {
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(String::from_utf8_lossy(&output.stdout).contains("0 rows inserted, 20 already present"));
 
+    // --latest (no target to pause at: the scratch copy promotes) sees the user back.
+    archive_all(&cluster, &agent);
+    let latest = dir.path().join("latest.csv");
+    let output = restorer.run(&[
+        "extract", "--table", "\"User\"", "--latest", "--to", latest.to_str().expect("utf-8"), "--cache-dir", &cache,
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(std::fs::read_to_string(&latest).expect("csv").lines().count(), 31);
+
     // A table without a key cannot be merged into.
     cluster.psql("CREATE TABLE nokey (a int, b text); INSERT INTO nokey VALUES (1, 'x')");
     archive_all(&cluster, &agent);
@@ -213,7 +222,8 @@ fn extract_brings_back_a_deleted_user_with_what_cascaded() {
 
 /// SQL in database `other` of the cluster.
 fn psql_other(cluster: &Cluster, sql: &str) {
-    let url = format!("{}/other", cluster.url("postgres").strip_suffix("/postgres").expect("a URL ending in the database"));
+    let url =
+        format!("{}/other", cluster.url("postgres").strip_suffix("/postgres").expect("a URL ending in the database"));
     let output = std::process::Command::new(tidemark_tests::cluster::pg_bin().join("psql"))
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &url, "-c", sql])
         .output()
@@ -226,7 +236,10 @@ fn repair_undoes_one_transaction_and_leaves_later_work() {
     // Another database, which a repair of database postgres never fetches.
     let (cluster, agent, _running) = setup_with(|cluster| {
         cluster.psql("CREATE DATABASE other");
-        psql_other(cluster, "CREATE TABLE filler AS SELECT g AS id, md5(g::text) AS t FROM generate_series(1, 500000) g");
+        psql_other(
+            cluster,
+            "CREATE TABLE filler AS SELECT g AS id, md5(g::text) AS t FROM generate_series(1, 500000) g",
+        );
     });
     // Written after the backup: replay rewrites the pages it left out from their full-page images.
     psql_other(&cluster, "UPDATE filler SET t = 'changed' WHERE id % 1000 = 0");
@@ -299,6 +312,26 @@ fn repair_undoes_one_transaction_and_leaves_later_work() {
         }
     }
     assert_eq!(cluster.psql("SELECT count(*) FROM \"AttendanceRecord\" WHERE status IS NULL"), "0");
+    // Again, overwriting the conflicts: only those five change, to their values before the accident.
+    let output = restorer.run(&[
+        "repair",
+        "--xid",
+        &bad,
+        "--apply",
+        "--on-conflict",
+        "ours",
+        "--into",
+        &into,
+        "--cache-dir",
+        &cache,
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(text.contains(": 5 rows to put back, 0 conflicts, 415 already as before"), "{text}");
+    let overwritten = rows(&cluster, "\"AttendanceRecord\"");
+    for id in ["a03-2", "a05-7", "a11-0", "a20-13", "a29-5"] {
+        assert_eq!(overwritten.get(id), before.get(id), "{id} overwritten with its value before the accident");
+    }
 
     // A TOASTed value comes back whole.
     let output = restorer.run(&["repair", "--xid", &toast, "--apply", "--into", &into, "--cache-dir", &cache]);
