@@ -289,7 +289,11 @@ impl Run<'_> {
         let restored = Restored { pgdata: pgdata.canonicalize()?, port, pg_bin: PathBuf::new() };
         let version = accept_writes(&restored).await?;
         record.rto_seconds = Some(started.elapsed().as_secs_f64());
-        let pg_bin = self.drill.pg_bin.clone().unwrap_or_else(|| default_pg_bin(version / 10_000));
+        // The installation tidemark-restore found and started it with.
+        let pg_bin = text("pg_bin")
+            .map(PathBuf::from)
+            .or_else(|| self.drill.pg_bin.clone())
+            .unwrap_or_else(|| default_pg_bin(version / 10_000));
         let restored = server.insert(Restored { pg_bin, ..restored });
         info!(rto_seconds = record.rto_seconds, "drill: the restored server accepts writes");
         let databases = databases(restored).await?;

@@ -11,6 +11,7 @@
 //! - [`planner`]: catalog + target -> which backup, which WAL, or why not.
 //! - [`prefetch`]: WAL staged ahead of replay during `restore --start`.
 //! - [`restore`]: checks, fetch, recovery settings, start and wait.
+//! - [`pg_bin`]: which PostgreSQL installation runs a restored cluster (checked before writing).
 //! - [`scratch`]: a private throwaway restore for `extract` and `repair`.
 //! - [`rows`]: rows as text: columns, keys, reads by ctid or key, the statements that write them back.
 //! - [`extract`]: tables (and their dependents) as of a target, to a file or into a live database.
@@ -25,6 +26,7 @@ pub mod audit_report;
 pub mod cli;
 pub mod extract;
 pub mod fetch;
+pub mod pg_bin;
 pub mod planner;
 pub mod prefetch;
 pub mod repair;

@@ -123,6 +123,8 @@ pub struct RestoreReport {
     /// Where the time went: planning (catalog, target resolution, checks),
     /// fetching the backup, and recovery until the target (with --start).
     pub seconds: Timings,
+    /// With --start: the PostgreSQL bin directory that runs the result.
+    pub pg_bin: Option<String>,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -263,19 +265,45 @@ async fn clear_directory(dir: &Path) -> anyhow::Result<()> {
     .context("join the clearing of --pgdata")?
 }
 
-pub async fn restore(repo: &Repository, repo_url: &str, options: RestoreOptions) -> anyhow::Result<RestoreReport> {
+/// What the checks before any write found.
+struct Checked {
+    plan: Plan,
+    placements: Vec<crate::tablespaces::Placement>,
+    bytes_to_fetch: u64,
+    bytes_left_out: u64,
+    /// With --start: the PostgreSQL bin directory of the backup's version.
+    pg_bin: Option<PathBuf>,
+    planning_seconds: f64,
+}
+
+/// Everything checked before anything is written: the target directory,
+/// the plan, the objects it reads, where tablespaces go, and (with
+/// --start) the PostgreSQL installation that will run the result.
+async fn check_everything(repo: &Repository, options: &RestoreOptions) -> anyhow::Result<Checked> {
     // 1. The target directory: checked before anything else is read or written.
-    check_target_directory(&options)?;
+    check_target_directory(options)?;
     // 2. The plan: a backup that reaches the target, and the WAL it needs.
     let catalog = Catalog::load(repo).await?;
     let planning = std::time::Instant::now();
-    let plan = make_plan(repo, &catalog, &options).await?;
+    let plan = make_plan(repo, &catalog, options).await?;
     // 3. Every object the restore reads must be there.
     let (bytes_to_fetch, bytes_left_out) = check_objects(repo, &plan, options.only_databases.as_deref()).await?;
     // 4. Where the tablespaces go: each directory missing or empty.
-    let placements = placements(&options, &plan)?;
+    let placements = placements(options, &plan)?;
     crate::fetch::check_placements(&plan.backup, &placements)
         .map_err(|e| refuse(e.to_string(), "a tablespace directory must be new or empty; --force never clears one"))?;
+    // 5. The programs that start it, of the backup's major version.
+    let pg_bin = match options.start {
+        true => Some(crate::pg_bin::find(options.pg_bin.as_deref(), plan.backup.server_version_num / 10000)?),
+        false => None,
+    };
+    let planning_seconds = planning.elapsed().as_secs_f64();
+    Ok(Checked { plan, placements, bytes_to_fetch, bytes_left_out, pg_bin, planning_seconds })
+}
+
+pub async fn restore(repo: &Repository, repo_url: &str, options: RestoreOptions) -> anyhow::Result<RestoreReport> {
+    let Checked { plan, placements, bytes_to_fetch, bytes_left_out, pg_bin, planning_seconds } =
+        check_everything(repo, &options).await?;
     let meta = repo.meta().await?;
     let segment_size = meta.wal_segment_size;
     let segments_to_replay =
@@ -296,7 +324,8 @@ pub async fn restore(repo: &Repository, repo_url: &str, options: RestoreOptions)
         tablespaces: placements.clone(),
         reached_lsn: None,
         reached_time: None,
-        seconds: Timings { plan: planning.elapsed().as_secs_f64(), ..Default::default() },
+        seconds: Timings { plan: planning_seconds, ..Default::default() },
+        pg_bin: pg_bin.as_ref().map(|p| p.display().to_string()),
     };
     if options.dry_run {
         return Ok(report);
@@ -352,7 +381,8 @@ pub async fn restore(repo: &Repository, repo_url: &str, options: RestoreOptions)
         return Ok(report);
     }
     let recovering = std::time::Instant::now();
-    let waiting = start_and_wait(&options, &plan);
+    let bin = pg_bin.clone().unwrap_or_default();
+    let waiting = start_and_wait(&options, &plan, &bin);
     tokio::pin!(waiting);
     let result = loop {
         tokio::select! {
@@ -460,18 +490,14 @@ fn write_recovery_settings(
     Ok(())
 }
 
-fn pg_bin(options: &RestoreOptions, plan: &Plan) -> PathBuf {
-    options
-        .pg_bin
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("/usr/lib/postgresql/{}/bin", plan.backup.server_version_num / 10000)))
-}
-
 /// Starts the restored server on 127.0.0.1:port and waits until recovery
 /// promoted (or paused, with --pause). Returns the replayed LSN and the
 /// commit time of the last replayed transaction.
-async fn start_and_wait(options: &RestoreOptions, plan: &Plan) -> anyhow::Result<(Option<String>, Option<String>)> {
-    let bin = pg_bin(options, plan);
+async fn start_and_wait(
+    options: &RestoreOptions,
+    plan: &Plan,
+    bin: &Path,
+) -> anyhow::Result<(Option<String>, Option<String>)> {
     let pgdata = options.pgdata.canonicalize()?;
     let log = pgdata.join("tidemark-restore.log");
     let server_options =
@@ -501,6 +527,7 @@ async fn start_and_wait(options: &RestoreOptions, plan: &Plan) -> anyhow::Result
     };
     let replay_total = replay_to.0.saturating_sub(plan.wal_start.0);
     let progress = tidemark_repo::progress::Progress::bytes("restore: WAL replay", replay_total);
+    let mut failed_queries = 0u32;
     loop {
         let alive = running_postmaster(&pgdata).is_some();
         seen_pid |= alive;
@@ -521,7 +548,24 @@ async fn start_and_wait(options: &RestoreOptions, plan: &Plan) -> anyhow::Result
                 ),
             ));
         }
-        if let Some(probe) = probe_recovery(&pgdata, options.port).await {
+        let probed = match probe_recovery(&pgdata, options.port).await {
+            Ok(probed) => {
+                failed_queries = 0;
+                probed
+            }
+            // Connected, but the query fails: say why rather than poll on (a minute of it at most).
+            Err(message) => {
+                failed_queries += 1;
+                if failed_queries > 300 {
+                    return Err(refuse(
+                        format!("the restored server answers but its recovery cannot be read: {message}"),
+                        format!("see {}; the server is still running", log.display()),
+                    ));
+                }
+                None
+            }
+        };
+        if let Some(probe) = probed {
             let replayed = probe.replay_lsn.as_deref().and_then(|l| l.parse::<Lsn>().ok());
             if let Some(lsn) = replayed {
                 progress.set(lsn.0.saturating_sub(plan.wal_start.0).min(replay_total));
@@ -545,32 +589,49 @@ pub(crate) struct RecoveryProbe {
     pub replay_time: Option<String>,
 }
 
-/// Asks the restored server, over its private socket, how recovery stands;
-/// `None` while it does not accept connections yet.
-pub(crate) async fn probe_recovery(pgdata: &Path, port: u16) -> Option<RecoveryProbe> {
-    let (client, connection) = tokio_postgres::Config::new()
+/// Asks the restored server, over its private socket, how recovery stands:
+/// `Ok(None)` while it does not accept connections yet, `Err` with the
+/// server's message when it accepts them but the query fails.
+pub(crate) async fn probe_recovery(pgdata: &Path, port: u16) -> Result<Option<RecoveryProbe>, String> {
+    let Ok((client, connection)) = tokio_postgres::Config::new()
         .host_path(pgdata)
         .port(port)
         .user("postgres")
         .dbname("postgres")
         .connect(tokio_postgres::NoTls)
         .await
-        .ok()?;
+    else {
+        return Ok(None);
+    };
     let session = tokio::spawn(connection);
-    // The pause state exists only during recovery (asking after promotion is an error).
-    let query = "SELECT pg_is_in_recovery(), \
-                 CASE WHEN pg_is_in_recovery() THEN pg_get_wal_replay_pause_state() ELSE 'not paused' END = 'paused', \
-                 pg_last_wal_replay_lsn()::text, pg_last_xact_replay_timestamp()::text";
-    let row = client.query_one(query, &[]).await.ok();
+    let answer = async {
+        let version: i32 = client.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
+        // The pause state exists only during recovery (asking after
+        // promotion is an error); PostgreSQL 13 has only the boolean.
+        let paused =
+            if version >= 140_000 { "pg_get_wal_replay_pause_state() = 'paused'" } else { "pg_is_wal_replay_paused()" };
+        let query = format!(
+            "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN {paused} ELSE false END, \
+             pg_last_wal_replay_lsn()::text, pg_last_xact_replay_timestamp()::text"
+        );
+        client.query_one(&query, &[]).await
+    }
+    .await;
     drop(client);
     let _ = session.await;
-    let row = row?;
-    Some(RecoveryProbe {
-        in_recovery: row.try_get(0).ok()?,
-        paused: row.try_get(1).ok()?,
-        replay_lsn: row.try_get(2).ok()?,
-        replay_time: row.try_get(3).ok()?,
-    })
+    let row = answer.map_err(|e| match e.as_db_error() {
+        Some(db) => db.message().to_string(),
+        None => e.to_string(),
+    })?;
+    let read = || -> Result<RecoveryProbe, tokio_postgres::Error> {
+        Ok(RecoveryProbe {
+            in_recovery: row.try_get(0)?,
+            paused: row.try_get(1)?,
+            replay_lsn: row.try_get(2)?,
+            replay_time: row.try_get(3)?,
+        })
+    };
+    read().map(Some).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -87,6 +87,9 @@ impl Scratch {
         };
         let report = restore(repo, repo_url, restore_options).await?;
         (scratch.fetched_bytes, scratch.left_out_bytes) = (report.bytes_to_fetch, report.bytes_left_out);
+        if let Some(found) = report.pg_bin {
+            scratch.pg_bin = Some(PathBuf::from(found));
+        }
         Ok(scratch)
     }
 
@@ -124,7 +127,7 @@ impl Scratch {
         self.pg_ctl(&["start", "-W", "-l", &log_text, "-o", &options]).await?;
         let started = Instant::now();
         loop {
-            if let Some(probe) = probe_recovery(&self.pgdata, self.port).await {
+            if let Ok(Some(probe)) = probe_recovery(&self.pgdata, self.port).await {
                 if !probe.in_recovery || probe.paused {
                     return Ok(());
                 }

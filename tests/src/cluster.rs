@@ -91,19 +91,32 @@ impl Default for ClusterOptions {
     }
 }
 
-/// PostgreSQL 14's server binaries, installed by `./dev install`
-/// (TIDEMARK_PG14_BIN, else the place `./dev` puts them).
+/// PostgreSQL 14's server binaries (see [`server_bin_for`]).
 pub fn pg14_bin() -> PathBuf {
-    if let Some(dir) = std::env::var_os("TIDEMARK_PG14_BIN") {
+    server_bin_for(14)
+}
+
+/// The server binaries of PostgreSQL `major`: Debian's for 15
+/// ([`pg_bin`]), else npm's embedded-postgres build that `./dev install`
+/// puts in place (TIDEMARK_PG<major>_BIN, else where `./dev` puts them).
+pub fn server_bin_for(major: u32) -> PathBuf {
+    if major == 15 {
+        return pg_bin();
+    }
+    if let Some(dir) = std::env::var_os(format!("TIDEMARK_PG{major}_BIN")) {
         return PathBuf::from(dir);
     }
     let dir = if running_as_root() {
-        PathBuf::from("/opt/tidemark/postgresql-14")
+        PathBuf::from(format!("/opt/tidemark/postgresql-{major}"))
     } else {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tidemark/postgresql-14")
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(format!(".cache/tidemark/postgresql-{major}"))
     };
     let bin = dir.join("native/bin");
-    assert!(bin.join("postgres").exists(), "PostgreSQL 14 is not installed in {}: run `./dev install`", bin.display());
+    assert!(
+        bin.join("postgres").exists(),
+        "PostgreSQL {major} is not installed in {}: run `./dev install`",
+        bin.display()
+    );
     bin
 }
 

@@ -24,4 +24,5 @@ mod roles;
 mod sync;
 mod timeline;
 mod timeline_html;
+mod versions;
 mod wal_decoder;

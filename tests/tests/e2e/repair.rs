@@ -206,7 +206,14 @@ fn extract_brings_back_a_deleted_user_with_what_cascaded() {
     archive_all(&cluster, &agent);
     let latest = dir.path().join("latest.csv");
     let output = restorer.run(&[
-        "extract", "--table", "\"User\"", "--latest", "--to", latest.to_str().expect("utf-8"), "--cache-dir", &cache,
+        "extract",
+        "--table",
+        "\"User\"",
+        "--latest",
+        "--to",
+        latest.to_str().expect("utf-8"),
+        "--cache-dir",
+        &cache,
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(std::fs::read_to_string(&latest).expect("csv").lines().count(), 31);

@@ -1,0 +1,107 @@
+//! Every PostgreSQL from 13 to 18 (Debian's 15, npm's embedded-postgres
+//! server builds for the others, which have no psql or other client
+//! programs): the agent, a backup, attendance traffic with one bad UPDATE,
+//! the timeline finding it with its exact row count, restores to just
+//! before it and to the latest point (started with `--pg-bin`) compared
+//! row by row with the source, and verify.
+
+use crate::audit::{attendance_traffic, transaction, SCHEMA};
+use crate::common::*;
+use crate::restore::Restorer;
+use tidemark_tests::agent::AgentSetup;
+use tidemark_tests::cluster::{server_bin_for, Cluster, ClusterOptions};
+
+/// Every attendance row as `id:status`, in id order.
+fn attendance(cluster: &Cluster) -> String {
+    cluster.psql("SELECT string_agg(id || ':' || coalesce(status, 'NULL'), ',' ORDER BY id) FROM \"AttendanceRecord\"")
+}
+
+fn end_to_end_on(major: u32) {
+    let bin = server_bin_for(major);
+    let cluster =
+        Cluster::start(ClusterOptions { server_bin: (major != 15).then(|| bin.clone()), ..Default::default() });
+    assert!(cluster.psql("SHOW server_version_num").starts_with(&major.to_string()));
+    cluster.psql_file(SCHEMA);
+    let base = cluster.dir.path().join("agent");
+    std::fs::create_dir_all(&base).expect("mkdir");
+    let mut agent = AgentSetup::new(&base, cluster.url("postgres"));
+    agent.run_as_pg_user(&base);
+    agent.init();
+    let running = agent.spawn();
+    let output = agent.run_command(&["backup"]);
+    assert!(output.status.success(), "backup on PostgreSQL {major}: {}", stderr(&output));
+    attendance_traffic(&cluster, 0, 40, 0.0);
+    let before = attendance(&cluster);
+    let rows: u64 = cluster.psql("SELECT count(*) FROM \"AttendanceRecord\"").parse().expect("count");
+    let bad = transaction(&cluster, "UPDATE \"AttendanceRecord\" SET status = NULL").to_string();
+    attendance_traffic(&cluster, 40, 30, 0.0);
+    let after = attendance(&cluster);
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    assert!(running.stop(), "the agent stops cleanly");
+
+    let restorer = Restorer::new(&agent, cluster.dir.path());
+    let (dir, _) = Restorer::target_dir();
+    let cache = dir.path().join("cache").display().to_string();
+    let bin_arg = bin.display().to_string();
+    // The audit finds the bad UPDATE with its exact row count.
+    let output = restorer.run(&["timeline", "--xid", &bad, "--json", "--cache-dir", &cache]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let found: serde_json::Value = serde_json::from_slice(&output.stdout).expect("timeline JSON");
+    let table = &found["transactions"][0]["tables"][0];
+    assert_eq!(table["table"], "public.\"AttendanceRecord\"", "PostgreSQL {major}: {found}");
+    assert_eq!(table["updated"].as_u64(), Some(rows), "PostgreSQL {major}: {found}");
+    // Just before it, and everything: equal to the source at those points.
+    let (restored, report) =
+        restorer.restore_and_start(&["--before-xid", &bad, "--pg-bin", &bin_arg, "--cache-dir", &cache]);
+    assert_eq!(report["pg_bin"], bin_arg.as_str());
+    assert_eq!(attendance(&restored), before, "PostgreSQL {major}: restored just before the bad UPDATE");
+    drop(restored);
+    let (restored, _) = restorer.restore_and_start(&["--latest", "--pg-bin", &bin_arg, "--cache-dir", &cache]);
+    assert_eq!(attendance(&restored), after, "PostgreSQL {major}: restored to the latest point");
+    drop(restored);
+    let output = restorer.run(&["verify"]);
+    assert!(output.status.success(), "verify on PostgreSQL {major}: {}", stderr(&output));
+
+    // Another version's programs are refused before anything is written.
+    let other = if major == 15 { 16 } else { 15 };
+    let (refused_dir, pgdata) = Restorer::target_dir();
+    let pgdata_arg = pgdata.display().to_string();
+    let wrong = server_bin_for(other).display().to_string();
+    restorer.refused(
+        &["restore", "--pgdata", &pgdata_arg, "--latest", "--start", "--pg-bin", &wrong, "--cache-dir", &cache],
+        &format!("holds PostgreSQL {other}; the backup needs PostgreSQL {major}"),
+    );
+    assert!(empty_or_absent(&pgdata), "nothing written for a refused --pg-bin");
+    drop(refused_dir);
+}
+
+#[test]
+fn postgresql_13_end_to_end() {
+    end_to_end_on(13);
+}
+
+#[test]
+fn postgresql_14_end_to_end() {
+    end_to_end_on(14);
+}
+
+#[test]
+fn postgresql_15_end_to_end() {
+    end_to_end_on(15);
+}
+
+#[test]
+fn postgresql_16_end_to_end() {
+    end_to_end_on(16);
+}
+
+#[test]
+fn postgresql_17_end_to_end() {
+    end_to_end_on(17);
+}
+
+#[test]
+fn postgresql_18_end_to_end() {
+    end_to_end_on(18);
+}
