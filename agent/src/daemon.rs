@@ -93,7 +93,7 @@ fn initial_metrics(settings: &Settings, index: &Index, spool: &Spool) -> anyhow:
         drill_interval: settings.drill.interval,
     }));
     metrics.watch_spool(spool.clone());
-    if let Some(archived) = crate::index::archived_end(&index.segments()?, &index.partials()?) {
+    if let Some(archived) = index.archived_end()? {
         metrics.archived(archived);
     }
     if let Some(next) = index.summary_next()? {
@@ -231,6 +231,15 @@ async fn stream_until_stopped(ctx: &StreamContext, shutdown: &mut watch::Receive
         // Only the server's side is retried: a local disk error (full,
         // read-only) stops the agent with its cause rather than spin.
         let Some(pg_error) = error.downcast_ref::<PgError>() else { return Err(error) };
+        if matches!(pg_error, PgError::Server(e) if e.code == "58P01") {
+            // The server no longer has WAL the archive lacks: a gap nothing can fill.
+            if let Err(e) = skip_gap(ctx).await {
+                warn!("could not move past the gap yet: {e:#}");
+            } else {
+                attempt = 0;
+                continue;
+            }
+        }
         let transient = pg_error.is_transient();
         let wait = crate::backoff::delay(attempt, Duration::from_secs(30));
         if transient {
@@ -247,6 +256,61 @@ async fn stream_until_stopped(ctx: &StreamContext, shutdown: &mut watch::Receive
             attempt = 3; // Stay near a few seconds: a restarted server should be picked up fast.
         }
     }
+}
+
+/// The server removed WAL the archive still needs (after a failover to a
+/// standby that recycled it, or a lost slot). Said loudly — log, the
+/// operations log, `tidemark_archive_gaps_total` — never papered over:
+/// streaming goes on from the start of the server's current segment, what
+/// the spool holds of the old one is kept, and a base backup starts at once
+/// so the restorable window begins again after the gap.
+async fn skip_gap(ctx: &StreamContext) -> anyhow::Result<()> {
+    let size = ctx.spool.segment_size;
+    let (old_timeline, old_start) = crate::stream::resume_point(ctx)?;
+    let mut conn = crate::pg::session::connect_replication(&ctx.settings.conn).await?;
+    let identity = crate::pg::session::identify(&mut conn).await?;
+    conn.close().await;
+    let start = identity.xlogpos.segment_start(size);
+    if (identity.timeline, start) <= (old_timeline, old_start) {
+        anyhow::bail!(
+            "the server's WAL ({} on timeline {}) is not past the gap yet",
+            identity.xlogpos,
+            identity.timeline
+        );
+    }
+    if let Some(file) = ctx.spool.scan()?.into_iter().rev().find(|f| !f.complete) {
+        let flushed = ctx.index.progress()?.map(|p| p.flushed_lsn).unwrap_or(old_start);
+        let len = flushed.0.saturating_sub(file.segment.start_lsn(size).0).min(size);
+        if len > 0 {
+            let job = UploadJob::Partial { segment: file.segment, path: file.path, len, last: true };
+            ctx.uploads.send(job).context("the uploader stopped")?;
+        }
+    }
+    ctx.index.put_progress(&crate::index::Progress {
+        timeline: identity.timeline,
+        flushed_lsn: start,
+        server_lsn: identity.xlogpos,
+        updated_at_unix: crate::clock::now_unix(),
+    })?;
+    ctx.index.put_gap((identity.timeline, start))?;
+    ctx.metrics.archive_gap();
+    error!(
+        "ARCHIVE GAP: the server no longer has the WAL from {old_start} (timeline {old_timeline}) to {start} \
+         (timeline {}); the archive cannot be restored across it. Streaming continues at {start}; a base backup \
+         starts now so the restorable window begins again after the gap",
+        identity.timeline
+    );
+    let summary = format!("archive gap: WAL from {old_start} to {start} is missing (the server no longer had it)");
+    let details = serde_json::json!({ "from_lsn": old_start, "from_timeline": old_timeline, "to_lsn": start, "to_timeline": identity.timeline });
+    tidemark_repo::events::record(&ctx.repo, "gap", summary, details).await;
+    let settings = ctx.settings.clone();
+    tokio::spawn(async move {
+        match crate::backup::backup(&settings, Some("after an archive gap".into())).await {
+            Ok(manifest) => info!(id = %manifest.id, "base backup after the gap done"),
+            Err(e) => error!("the base backup after the gap failed: {e:#}"),
+        }
+    });
+    Ok(())
 }
 
 /// Re-reads the last backup, the window and the last drill from the

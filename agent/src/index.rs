@@ -10,6 +10,8 @@
 //! - `sum` + tli u32 + segno u64    -> SegmentSummary (the audit facts of a segment)
 //! - `summary_next`                 -> the segment number the summarizer decodes next
 //! - `rel` + db u32 + filenode u32  -> RelName (what a relation file was named)
+//! - `gap`                          -> (TimelineId, Lsn): where streaming went on after
+//!   the newest archive gap (the server no longer had the WAL before it)
 
 use anyhow::Context;
 use rocksdb::{Options, WriteOptions, DB};
@@ -203,6 +205,28 @@ impl Index {
         Ok(None)
     }
 
+    /// Where streaming went on after the newest archive gap, if there was one.
+    pub fn gap(&self) -> anyhow::Result<Option<(TimelineId, Lsn)>> {
+        self.get_json(b"gap")
+    }
+
+    pub fn put_gap(&self, resumed_at: (TimelineId, Lsn)) -> anyhow::Result<()> {
+        self.put_json(b"gap", &resumed_at, true)
+    }
+
+    /// The end of the archived WAL (see [`archived_end`]), counted from
+    /// after the newest gap: what the archive holds since it can hold it.
+    pub fn archived_end(&self) -> anyhow::Result<Option<Lsn>> {
+        let gap = self.gap()?;
+        let after_gap = |records: Vec<(SegmentId, SegmentRecord)>| -> Vec<(SegmentId, SegmentRecord)> {
+            match gap {
+                Some(resumed) => records.into_iter().filter(|(id, r)| (id.timeline, r.end_lsn) > resumed).collect(),
+                None => records,
+            }
+        };
+        Ok(archived_end(&after_gap(self.segments()?), &after_gap(self.partials()?)))
+    }
+
     pub fn summary_next(&self) -> anyhow::Result<Option<u64>> {
         self.get_json(b"summary_next")
     }
@@ -311,6 +335,14 @@ mod tests {
         let gap = vec![(seg(1, 1), rec(16, 32)), (seg(1, 3), rec(48, 64))];
         assert_eq!(archived_end(&gap, &[]), Some(Lsn(32)));
         assert_eq!(archived_end(&[], &[]), None);
+        // After a gap the index counts from where streaming went on.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Index::open(dir.path()).expect("open");
+        index.put_segment(seg(1, 0), &rec(0, 16)).expect("put");
+        index.put_segment(seg(1, 5), &rec(80, 96)).expect("put");
+        assert_eq!(index.archived_end().expect("end"), Some(Lsn(16)));
+        index.put_gap((TimelineId(1), Lsn(80))).expect("gap");
+        assert_eq!(index.archived_end().expect("end"), Some(Lsn(96)));
         let switched = vec![(seg(1, 1), rec(16, 32)), (seg(2, 1), rec(16, 32)), (seg(2, 2), rec(32, 40))];
         assert_eq!(archived_end(&switched, &[(seg(1, 2), rec(32, 36))]), Some(Lsn(40)));
     }

@@ -107,6 +107,7 @@ pub struct Metrics {
     repository_behind: Gauge,
     repository_reachable: Gauge,
     repository_errors: Counter,
+    archive_gaps: Counter,
     spool_bytes: Gauge,
     backup_last_end: FloatGauge,
     backup_last_duration: FloatGauge,
@@ -194,6 +195,7 @@ impl Metrics {
             repository_behind: Gauge::default(),
             repository_reachable: Gauge::default(),
             repository_errors: Counter::default(),
+            archive_gaps: Counter::default(),
             spool_bytes: Gauge::default(),
             backup_last_end: FloatGauge::default(),
             backup_last_duration: FloatGauge::default(),
@@ -251,6 +253,11 @@ impl Metrics {
         );
         r.register("repository_reachable", "0 while writes to the repository fail", self.repository_reachable.clone());
         r.register("repository_errors", "Failed repository writes (each is retried)", self.repository_errors.clone());
+        r.register(
+            "archive_gaps",
+            "Times the server no longer had WAL the archive needed (the window restarts after each)",
+            self.archive_gaps.clone(),
+        );
         r.register(
             "spool_bytes",
             "Complete WAL segments in the spool waiting for the repository",
@@ -344,6 +351,10 @@ impl Metrics {
     pub fn repository_ok(&self) {
         self.repository_reachable.set(1);
         self.problems().repository = None;
+    }
+
+    pub fn archive_gap(&self) {
+        self.archive_gaps.inc();
     }
 
     pub fn repository_failed(&self, error: &anyhow::Error) {

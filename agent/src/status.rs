@@ -3,7 +3,7 @@
 //! current position.
 
 use crate::config::Settings;
-use crate::index::{archived_end, Index};
+use crate::index::Index;
 use crate::pg::session;
 use anyhow::Context;
 use serde::Serialize;
@@ -62,7 +62,7 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
     let meta = index.meta()?.ok_or_else(|| Fail::new("the index has no metadata", "run `tidemark-agent init`"))?;
     let segments = index.segments()?;
     let progress = index.progress()?;
-    let archived = archived_end(&segments, &index.partials()?);
+    let archived = index.archived_end()?;
     let (server_lsn, server_error) = match server_position(settings).await {
         Ok(lsn) => (Some(lsn), None),
         Err(e) => (None, Some(format!("{e:#}"))),

@@ -36,7 +36,7 @@ fn now_unix_micros() -> i64 {
 }
 
 /// Where to resume: the newest of the spool's own state and the recorded progress.
-fn resume_point(ctx: &StreamContext) -> anyhow::Result<(TimelineId, Lsn)> {
+pub fn resume_point(ctx: &StreamContext) -> anyhow::Result<(TimelineId, Lsn)> {
     let size = ctx.spool.segment_size;
     let mut candidates = vec![ctx.stream_start];
     if let Some(point) = ctx.spool.resume_point()? {
@@ -67,14 +67,28 @@ pub async fn stream_once(
             "was this server restored from an older backup? archive it into a new repository",
         ));
     }
+    if identity.timeline > timeline {
+        (timeline, start) = follow_fork(ctx, &mut conn, identity.timeline, timeline, start).await?;
+    }
     loop {
         if timeline.0 > 1 {
             archive_history(ctx, &mut conn, timeline).await?;
         }
         let command = format!("START_REPLICATION SLOT \"{}\" PHYSICAL {start} TIMELINE {timeline}", ctx.settings.slot);
-        conn.start_copy_both(&command)
-            .await
-            .with_context(|| format!("start streaming at {start} on timeline {timeline}"))?;
+        match conn.start_copy_both(&command).await {
+            Ok(()) => {}
+            // A promoted standby has no slot of ours yet (a failover): make it, then stream.
+            Err(crate::pg::PgError::Server(e)) if e.code == "42704" => {
+                warn!(slot = %ctx.settings.slot, "the server has no replication slot of ours (a new primary after a failover?): creating it");
+                session::ensure_slot(&mut conn, &ctx.settings.slot).await?;
+                conn.start_copy_both(&command)
+                    .await
+                    .with_context(|| format!("start streaming at {start} on timeline {timeline}"))?;
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("start streaming at {start} on timeline {timeline}")))
+            }
+        }
         if !*started {
             crate::service::ready();
         }
@@ -96,6 +110,60 @@ pub async fn stream_once(
             }
         }
     }
+}
+
+/// The server is on a newer timeline than the archive (a failover). When
+/// the archive already holds WAL of `timeline` past the point where the
+/// server's history left it, that WAL is on no path to the server's
+/// timeline: transactions the old primary wrote there are not on the new
+/// one. Said loudly (log and operations log), and streaming goes on where
+/// the server's history continues: the next timeline, from the switch.
+async fn follow_fork(
+    ctx: &StreamContext,
+    conn: &mut Connection,
+    server_timeline: TimelineId,
+    timeline: TimelineId,
+    start: Lsn,
+) -> anyhow::Result<(TimelineId, Lsn)> {
+    let result = conn.simple_query(&format!("TIMELINE_HISTORY {server_timeline}")).await?;
+    let content = result.value("content")?.context("TIMELINE_HISTORY returned no content")?.as_bytes().to_vec();
+    let history =
+        tidemark_proto::timeline::parse_history(&content).context("the server sent an unreadable history file")?;
+    let Some(at) = history.iter().position(|entry| entry.parent == timeline) else {
+        return Ok((timeline, start)); // the server's history does not pass through ours: START_REPLICATION says why
+    };
+    let switch = history[at].switch_lsn;
+    // How far this timeline's WAL reached here (streaming resumes at the
+    // start of a partial segment, so `start` alone may be behind it).
+    let size = ctx.spool.segment_size;
+    let flushed = ctx.index.progress()?.filter(|p| p.timeline == timeline).map(|p| p.flushed_lsn).unwrap_or(start);
+    let reached = flushed.max(start);
+    if reached <= switch {
+        return Ok((timeline, start)); // an ordinary timeline switch: streaming reaches it and moves on
+    }
+    let next = history.get(at + 1).map(|entry| entry.parent).unwrap_or(server_timeline);
+    let lost = reached.0 - switch.0;
+    // The segment holding the end of what we have stays as it is, whole,
+    // in the repository (re-streaming it from the new primary would cut it at the switch).
+    let last = SegmentId::containing(timeline, Lsn(reached.0 - 1), size);
+    let path = ctx.spool.partial_path(last);
+    if path.exists() {
+        let len = reached.0 - last.start_lsn(size).0;
+        ctx.uploads
+            .send(UploadJob::Partial { segment: last, path, len, last: true })
+            .context("the uploader stopped")?;
+    }
+    let start = reached;
+    tracing::error!(
+        "FAILOVER DIVERGENCE: the archive holds {lost} bytes of timeline {timeline} WAL past {switch}, where the new \
+         primary's timeline {next} branched off; transactions the old primary committed there are not on the new \
+         primary. The archive keeps them (timeline {timeline}); streaming continues on timeline {next} from {switch}"
+    );
+    let summary = format!("failover: timeline {timeline} WAL from {switch} to {start} is not on timeline {next}");
+    let details =
+        serde_json::json!({ "timeline": timeline, "switch_lsn": switch, "archived_to": start, "next_timeline": next });
+    tidemark_repo::events::record(&ctx.repo, "failover", summary, details).await;
+    Ok((next, switch.segment_start(size)))
 }
 
 /// Stores `%08X.history` for `timeline` if the repository lacks it.

@@ -97,7 +97,7 @@ impl Uploader {
     /// WAL durable in the spool but not yet in the repository.
     fn behind_bytes(&self) -> anyhow::Result<u64> {
         let flushed = self.index.progress()?.map(|p| p.flushed_lsn).unwrap_or(Lsn::ZERO);
-        let archived = crate::index::archived_end(&self.index.segments()?, &self.index.partials()?);
+        let archived = self.index.archived_end()?;
         Ok(flushed.saturating_sub(archived.unwrap_or(Lsn::ZERO)))
     }
 

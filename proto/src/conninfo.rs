@@ -71,6 +71,15 @@ pub struct ConnParams {
     pub sslrootcert: Option<String>,
     pub application_name: Option<String>,
     pub connect_timeout_secs: Option<u64>,
+    /// Every server to try, in order, with its port (libpq's `host=a,b
+    /// port=5432,5433` or `postgresql://a:5432,b:5433/`); `host` and
+    /// `port` are the first. Empty for a single server.
+    pub alternatives: Vec<(String, u16)>,
+    /// `target_session_attrs=read-write` (or `primary`): only a server that
+    /// accepts writes will do, so after a failover the new primary is found.
+    pub read_write: bool,
+    /// The ports as given (one, or one per host), until paired.
+    port_list: Vec<u16>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -95,6 +104,9 @@ impl Default for ConnParams {
             sslrootcert: None,
             application_name: None,
             connect_timeout_secs: None,
+            alternatives: Vec::new(),
+            read_write: false,
+            port_list: Vec::new(),
         }
     }
 }
@@ -129,13 +141,68 @@ impl ConnParams {
             }
             _ => {}
         }
+        params.pair_hosts_and_ports()?;
         Ok(params)
+    }
+
+    /// One `ConnParams` per server to try, in order.
+    pub fn candidates(&self) -> Vec<ConnParams> {
+        if self.alternatives.is_empty() {
+            return vec![self.clone()];
+        }
+        self.alternatives
+            .iter()
+            .map(|(host, port)| ConnParams {
+                host: Some(host.clone()).filter(|h| !h.is_empty()),
+                port: *port,
+                alternatives: Vec::new(),
+                ..self.clone()
+            })
+            .collect()
+    }
+
+    /// Pairs a list of hosts with its ports, as libpq does: one port for
+    /// all, or one per host.
+    fn pair_hosts_and_ports(&mut self) -> Result<(), ConnInfoError> {
+        let hosts: Vec<String> = self.host.as_deref().unwrap_or("").split(',').map(str::to_string).collect();
+        let ports = if self.port_list.is_empty() { vec![self.port] } else { self.port_list.clone() };
+        if hosts.len() == 1 && ports.len() == 1 {
+            return Ok(());
+        }
+        let paired: Vec<(String, u16)> = match (hosts.len(), ports.as_slice()) {
+            (_, [one]) => hosts.iter().map(|h| (h.clone(), *one)).collect(),
+            (h, many) if h == many.len() => hosts.iter().cloned().zip(many.iter().copied()).collect(),
+            _ => {
+                return Err(ConnInfoError::BadValue(
+                    "port",
+                    format!("{} ports for {} hosts (give one port, or one per host)", ports.len(), hosts.len()),
+                ))
+            }
+        };
+        if let Some((host, port)) = paired.first() {
+            self.host = Some(host.clone()).filter(|h| !h.is_empty());
+            self.port = *port;
+        }
+        self.alternatives = paired;
+        Ok(())
     }
 
     fn set(&mut self, key: &str, value: &str) -> Result<(), ConnInfoError> {
         match key {
             "host" | "hostaddr" => self.host = Some(value.to_string()),
-            "port" => self.port = value.parse().map_err(|_| ConnInfoError::BadValue("port", value.to_string()))?,
+            "port" => {
+                let ports: Result<Vec<u16>, _> = value.split(',').map(|p| p.trim().parse::<u16>()).collect();
+                let ports = ports.map_err(|_| ConnInfoError::BadValue("port", value.to_string()))?;
+                self.port = *ports.first().ok_or_else(|| ConnInfoError::BadValue("port", value.to_string()))?;
+                self.port_list = ports;
+            }
+            "target_session_attrs" => {
+                self.read_write = match value {
+                    "any" => false,
+                    "read-write" | "primary" => true,
+                    other => return Err(ConnInfoError::BadValue("target_session_attrs", other.to_string())),
+                }
+            }
             "user" => self.user = Some(value.to_string()),
             "password" => self.password = Some(Secret::new(value)),
             "dbname" => self.dbname = Some(value.to_string()),
@@ -154,7 +221,10 @@ impl ConnParams {
     }
 
     fn apply_url(&mut self, text: &str) -> Result<(), ConnInfoError> {
-        let parsed = url::Url::parse(text).map_err(|e| ConnInfoError::BadUrl(e.to_string()))?;
+        // `postgresql://user@a:5432,b:5433/db`: the url crate takes one
+        // host, so the list is taken out here and the first put back.
+        let (text, listed) = split_host_list(text);
+        let parsed = url::Url::parse(&text).map_err(|e| ConnInfoError::BadUrl(e.to_string()))?;
         let decode = |s: &str| {
             url::form_urlencoded::parse(format!("x={s}").as_bytes())
                 .next()
@@ -181,6 +251,17 @@ impl ConnParams {
         for (key, value) in parsed.query_pairs() {
             self.set(&key, &value)?;
         }
+        if let Some(listed) = listed {
+            let mut hosts = Vec::new();
+            let mut ports = Vec::new();
+            for entry in &listed {
+                let (host, port) = host_and_port(entry, self.port)?;
+                hosts.push(decode(&host));
+                ports.push(port);
+            }
+            self.host = Some(hosts.join(","));
+            self.port_list = ports;
+        }
         Ok(())
     }
 
@@ -193,6 +274,44 @@ impl ConnParams {
             self.user.as_deref().unwrap_or("(default)")
         )
     }
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port` of a URL's host list.
+fn host_and_port(entry: &str, default_port: u16) -> Result<(String, u16), ConnInfoError> {
+    let bad = || ConnInfoError::BadValue("host", entry.to_string());
+    let (host, port) = match entry.strip_prefix('[') {
+        Some(v6) => {
+            let (host, after) = v6.split_once(']').ok_or_else(bad)?;
+            (host, after.strip_prefix(':'))
+        }
+        None => match entry.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (entry, None),
+        },
+    };
+    let port = match port {
+        Some(text) => text.parse().map_err(|_| ConnInfoError::BadValue("port", text.to_string()))?,
+        None => default_port,
+    };
+    Ok((host.to_string(), port))
+}
+
+/// A URL whose host part lists several servers, with the list taken out:
+/// the URL with only the first server, and the list (`host[:port]` each).
+fn split_host_list(text: &str) -> (String, Option<Vec<String>>) {
+    let Some((scheme, rest)) = text.split_once("://") else { return (text.to_string(), None) };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((user, hosts)) => (format!("{user}@"), hosts),
+        None => (String::new(), authority),
+    };
+    if !hosts.contains(',') {
+        return (text.to_string(), None);
+    }
+    let listed: Vec<String> = hosts.split(',').map(str::to_string).collect();
+    let first = listed.first().cloned().unwrap_or_default();
+    (format!("{scheme}://{userinfo}{first}{tail}"), Some(listed))
 }
 
 /// Parses libpq's `key=value key='quoted value'` form.
@@ -298,6 +417,23 @@ fn split_pgpass_line(line: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn several_hosts_in_urls_and_keywords() {
+        let url = "postgresql://tidemark:pw@db1:5432,db2:5433/postgres?target_session_attrs=read-write";
+        let params = ConnParams::resolve(Some(url), &env(&[])).expect("valid");
+        assert_eq!(params.alternatives, vec![("db1".to_string(), 5432), ("db2".to_string(), 5433)]);
+        assert_eq!((params.host.as_deref(), params.port, params.read_write), (Some("db1"), 5432, true));
+        assert_eq!(params.user.as_deref(), Some("tidemark"));
+        let second = &params.candidates()[1];
+        assert_eq!((second.host.as_deref(), second.port, second.alternatives.len()), (Some("db2"), 5433, 0));
+        let keywords = ConnParams::resolve(Some("host=a,b port=6000 user=u"), &env(&[])).expect("valid");
+        assert_eq!(keywords.alternatives, vec![("a".to_string(), 6000), ("b".to_string(), 6000)]);
+        let single = ConnParams::resolve(Some("postgresql://u@db:7/x"), &env(&[])).expect("valid");
+        assert!(single.alternatives.is_empty() && single.candidates().len() == 1);
+        assert!(ConnParams::resolve(Some("host=a,b,c port=1,2"), &env(&[])).is_err());
+        assert!(ConnParams::resolve(Some("host=a target_session_attrs=standby"), &env(&[])).is_err());
+    }
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()

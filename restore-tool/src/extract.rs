@@ -280,8 +280,7 @@ async fn insert_into(
     selections: &[Selection],
     all_columns_key: bool,
 ) -> anyhow::Result<Extracted> {
-    live.batch_execute("BEGIN").await?;
-    let result = async {
+    let work = async {
         let mut extracted = Extracted::default();
         for selection in selections {
             let table = Table::describe(live, &selection.table, all_columns_key).await.map_err(|e| {
@@ -304,17 +303,7 @@ async fn insert_into(
             }
             extracted.tables.push((table.name.clone(), inserted, present));
         }
-        Ok::<_, anyhow::Error>(extracted)
-    }
-    .await;
-    match result {
-        Ok(extracted) => {
-            live.batch_execute("COMMIT").await.context("commit")?;
-            Ok(extracted)
-        }
-        Err(e) => {
-            let _ = live.batch_execute("ROLLBACK").await;
-            Err(e)
-        }
-    }
+        Ok(extracted)
+    };
+    crate::rows::in_transaction(live, work).await
 }

@@ -255,6 +255,12 @@ pub fn is_skipped(file: &BackupFile, only_databases: Option<&[u32]>) -> bool {
 /// replay works; the database itself is not usable, which is the point
 /// (pgBackRest's `--db-include` does the same).
 fn write_hollow(root: &Path, file: &BackupFile) -> anyhow::Result<()> {
+    let (path, out) = create_file(root, file)?;
+    out.set_len(file.size).with_context(|| format!("size {}", path.display()))
+}
+
+/// A new, owner-only file for `file` under `root`, its directories made.
+fn create_file(root: &Path, file: &BackupFile) -> anyhow::Result<(PathBuf, std::fs::File)> {
     let path = safe_join(root, &file.path)?;
     if let Some(dir) = path.parent() {
         std::fs::DirBuilder::new()
@@ -269,7 +275,7 @@ fn write_hollow(root: &Path, file: &BackupFile) -> anyhow::Result<()> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("create {}", path.display()))?;
-    out.set_len(file.size).with_context(|| format!("size {}", path.display()))
+    Ok((path, out))
 }
 
 /// `pg_tblspc/OID` → the placement (the archive has it as a directory when
@@ -315,20 +321,7 @@ fn sync_tree(root: &Path) -> anyhow::Result<()> {
 }
 
 async fn write_file(repo: &Repository, root: &Path, file: &BackupFile) -> anyhow::Result<u64> {
-    let path = safe_join(root, &file.path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("create {}", dir.display()))?;
-    }
-    let mut out = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("create {}", path.display()))?;
+    let (path, mut out) = create_file(root, file)?;
     let mut written = 0u64;
     for chunk in &file.chunks {
         let raw = repo.get(&chunk.key).await?.ok_or_else(|| RepoError::Corrupt {

@@ -519,8 +519,7 @@ fn updated_by_n(plan: &mut Plan, case: &RowCase<'_>, old: &Values, new: &Values,
 /// Runs the plan in one transaction: each row locked and checked against
 /// what was planned, each statement touching exactly one row.
 async fn apply(live: &Client, plan: &Plan) -> anyhow::Result<Applied> {
-    live.batch_execute("BEGIN").await?;
-    let result = async {
+    let work = async {
         let mut applied = Applied::default();
         for step in &plan.steps {
             let table = &plan.tables[step.table];
@@ -540,19 +539,9 @@ async fn apply(live: &Client, plan: &Plan) -> anyhow::Result<Applied> {
                 _ => applied.deleted += 1,
             }
         }
-        Ok::<_, anyhow::Error>(applied)
-    }
-    .await;
-    match result {
-        Ok(applied) => {
-            live.batch_execute("COMMIT").await.context("commit the repair")?;
-            Ok(applied)
-        }
-        Err(e) => {
-            let _ = live.batch_execute("ROLLBACK").await;
-            Err(e)
-        }
-    }
+        Ok(applied)
+    };
+    crate::rows::in_transaction(live, work).await
 }
 
 /// The dry run (or the record of an apply): what changes, the conflicts

@@ -69,6 +69,25 @@ pub async fn canonical_session(client: &Client) -> anyhow::Result<()> {
         .context("set the session's output style")
 }
 
+/// Runs `work` inside BEGIN ... COMMIT on `client`, or rolls back when it
+/// fails: the live database sees all of it or none.
+pub async fn in_transaction<T>(
+    client: &Client,
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    client.batch_execute("BEGIN").await.context("begin a transaction")?;
+    match work.await {
+        Ok(done) => {
+            client.batch_execute("COMMIT").await.context("commit")?;
+            Ok(done)
+        }
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
 impl Table {
     /// Reads `name`'s columns and key; without a key (and without
     /// `all_columns_key`) the table is refused with the way out named.

@@ -88,6 +88,16 @@ impl AgentSetup {
         self.bin_dir = Some(dir);
     }
 
+    /// An initialized agent for `pg_url`, its state and repository in
+    /// `base`, run as the PostgreSQL OS user ([`AgentSetup::run_as_pg_user`]).
+    pub fn init_as_pg_user(base: &Path, pg_url: String) -> AgentSetup {
+        fs::create_dir_all(base).expect("mkdir");
+        let mut agent = AgentSetup::new(base, pg_url);
+        agent.run_as_pg_user(base);
+        agent.init();
+        agent
+    }
+
     /// A command for one of our binaries, as the configured OS user.
     pub fn program(&self, name: &str) -> Command {
         let mut command = match &self.bin_dir {

@@ -20,7 +20,35 @@ pub struct Identity {
 /// Opens a replication connection. When the server refuses because it has no
 /// WAL senders, an ordinary session finds out whether wal_level is the cause,
 /// so the message names the setting to change.
+/// A replication connection to the first server of the list that answers
+/// (and, with `target_session_attrs=read-write`, accepts writes: after a
+/// failover, the promoted standby).
 pub async fn connect_replication(params: &ConnParams) -> anyhow::Result<Connection> {
+    let candidates = params.candidates();
+    let mut last_error = None;
+    for candidate in &candidates {
+        let mut conn = match connect_one(candidate).await {
+            Ok(conn) => conn,
+            Err(e) if candidates.len() > 1 => {
+                last_error = Some(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if params.read_write && show(&mut conn, "transaction_read_only").await? == "on" {
+            conn.close().await;
+            // As a connection failure, so the daemon keeps trying (a promotion may be under way).
+            let address = format!("{}:{}", candidate.host.as_deref().unwrap_or("localhost"), candidate.port);
+            let refused = std::io::Error::other("a standby: it accepts no writes (target_session_attrs=read-write)");
+            last_error = Some(PgError::Connect { address, source: refused }.into());
+            continue;
+        }
+        return Ok(conn);
+    }
+    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no server to connect to")))
+}
+
+async fn connect_one(params: &ConnParams) -> anyhow::Result<Connection> {
     match Connection::connect(params, ConnectionKind::Replication).await {
         Ok(conn) => Ok(conn),
         Err(PgError::Server(e)) if e.code == "53300" && e.message.contains("max_wal_senders") => {

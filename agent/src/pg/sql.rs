@@ -9,7 +9,35 @@ use super::error::{PgError, ServerError};
 use tidemark_proto::conninfo::ConnParams;
 
 /// Opens a session on `params`' database (default `postgres`).
+/// An SQL session with the first server of the list that answers (with
+/// `target_session_attrs=read-write`, the first that accepts writes).
 pub async fn connect(params: &ConnParams) -> Result<tokio_postgres::Client, PgError> {
+    let candidates = params.candidates();
+    let mut last_error = None;
+    for candidate in &candidates {
+        let client = match connect_one(candidate).await {
+            Ok(client) => client,
+            Err(e) => {
+                last_error = Some(e);
+                continue;
+            }
+        };
+        if params.read_write {
+            let read_only = client.query_one("SHOW transaction_read_only", &[]).await.map_err(from_postgres)?;
+            if read_only.get::<_, String>(0) == "on" {
+                let address = format!("{}:{}", candidate.host.as_deref().unwrap_or("localhost"), candidate.port);
+                let refused =
+                    std::io::Error::other("a standby: it accepts no writes (target_session_attrs=read-write)");
+                last_error = Some(PgError::Connect { address, source: refused });
+                continue;
+            }
+        }
+        return Ok(client);
+    }
+    Err(last_error.unwrap_or_else(|| PgError::Protocol("no server to connect to".into())))
+}
+
+async fn connect_one(params: &ConnParams) -> Result<tokio_postgres::Client, PgError> {
     let user = params.user.clone().ok_or_else(|| PgError::Auth("no user name given".into()))?;
     let (stream, _certificate) = open_stream(params).await?;
     let mut config = tokio_postgres::Config::new();

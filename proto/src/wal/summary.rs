@@ -462,6 +462,15 @@ pub fn qualified_name(schema: &str, table: &str) -> String {
 /// `public."User"`) into the canonical qualified form; an unqualified name
 /// means schema `public`, an unquoted part folds to lower case as in SQL.
 pub fn canonical_table(text: &str) -> Result<String, String> {
+    // A file the audit could not name is shown as `(file DB/FILENODE)`;
+    // given back to --table, it means that file.
+    if let Some(inner) = text.trim().strip_prefix("(file ").and_then(|t| t.strip_suffix(')')) {
+        if let Some((db, file)) = inner.split_once('/') {
+            if db.parse::<u32>().is_ok() && file.parse::<u32>().is_ok() {
+                return Ok(format!("(file {db}/{file})"));
+            }
+        }
+    }
     let mut parts = Vec::new();
     let mut chars = text.trim().chars().peekable();
     loop {
@@ -508,6 +517,13 @@ pub fn canonical_table(text: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unnamed_files_can_be_given_back() {
+        assert_eq!(canonical_table("(file 16384/24988)"), Ok("(file 16384/24988)".into()));
+        assert_eq!(canonical_table(" (file 5/1259) "), Ok("(file 5/1259)".into()));
+        assert!(canonical_table("(file x/1)").is_ok_and(|t| t.starts_with("public.")));
+    }
 
     fn change(xid: u32, table: &str, ins: u64, upd: u64) -> Change {
         Change { xid, db: 5, filenode: 1, table: Some(table.into()), ins, upd, del: 0 }

@@ -73,7 +73,20 @@ pub(super) async fn decode_past(
             break;
         }
     }
-    Ok(Some(builder.finish(timeline.0, covered_to, |_| Naming::Unknown)))
+    Ok(Some(builder.finish(timeline.0, covered_to, tail_naming)))
+}
+
+/// How the tail names a relation file without the server's catalog: files
+/// of the objects initdb made (numbers below 16384, PostgreSQL's
+/// FirstNormalObjectId) are system catalogs, which the agent's summaries
+/// leave out too, so a transaction reads the same before and after its
+/// segment is summarized; others are shown by number.
+fn tail_naming(rel: tidemark_proto::wal::record::RelFileLocator) -> Naming {
+    if rel.relfilenode < 16384 {
+        Naming::Skip
+    } else {
+        Naming::Unknown
+    }
 }
 
 /// The transaction ends of a stored summary, without building its changes.

@@ -19,10 +19,7 @@ fn main() {
          INSERT INTO big SELECT g, 'row ' || g || ' ' || md5(g::text), now() FROM generate_series(1, {rows}) g"
     ));
     let base = cluster.dir.path().join("bench");
-    std::fs::create_dir_all(&base).expect("mkdir");
-    let mut agent = AgentSetup::new(&base, cluster.url("postgres"));
-    agent.run_as_pg_user(&base);
-    agent.init();
+    let agent = AgentSetup::init_as_pg_user(&base, cluster.url("postgres"));
     let running = agent.spawn();
     let output = agent.run_command(&["backup"]);
     assert!(output.status.success(), "backup: {}", String::from_utf8_lossy(&output.stderr));

@@ -37,6 +37,10 @@ pub fn assert_timeline_segments_identical(
     assert!(last > first, "no complete segment between {from} and {to}");
     let scratch = cluster.dir.path().join("fetched");
     std::fs::create_dir_all(&scratch).expect("mkdir scratch");
+    if agent.os_user.is_some() {
+        // wal-get runs as the agent's OS user and writes here.
+        tidemark_tests::cluster::chown(&scratch, tidemark_tests::cluster::PG_USER_OS);
+    }
     for segment_no in first..last {
         let name = SegmentId { timeline, segment_no }.file_name(SEGMENT_SIZE);
         let destination = scratch.join(&name);

@@ -40,11 +40,7 @@ fn setup_with(before_backup: impl Fn(&Cluster)) -> (Cluster, AgentSetup, Running
     let cluster = Cluster::start(ClusterOptions::default());
     cluster.psql_file(SCHEMA);
     before_backup(&cluster);
-    let base = cluster.dir.path().join("agent");
-    std::fs::create_dir_all(&base).expect("mkdir");
-    let mut agent = AgentSetup::new(&base, cluster.url("postgres"));
-    agent.run_as_pg_user(&base);
-    agent.init();
+    let agent = AgentSetup::init_as_pg_user(&cluster.dir.path().join("agent"), cluster.url("postgres"));
     let running = agent.spawn();
     let output = agent.run_command(&["backup"]);
     assert!(output.status.success(), "backup: {}", stderr(&output));

@@ -22,11 +22,7 @@ fn end_to_end_on(major: u32) {
         Cluster::start(ClusterOptions { server_bin: (major != 15).then(|| bin.clone()), ..Default::default() });
     assert!(cluster.psql("SHOW server_version_num").starts_with(&major.to_string()));
     cluster.psql_file(SCHEMA);
-    let base = cluster.dir.path().join("agent");
-    std::fs::create_dir_all(&base).expect("mkdir");
-    let mut agent = AgentSetup::new(&base, cluster.url("postgres"));
-    agent.run_as_pg_user(&base);
-    agent.init();
+    let agent = AgentSetup::init_as_pg_user(&cluster.dir.path().join("agent"), cluster.url("postgres"));
     let running = agent.spawn();
     let output = agent.run_command(&["backup"]);
     assert!(output.status.success(), "backup on PostgreSQL {major}: {}", stderr(&output));
