@@ -34,6 +34,16 @@ pub struct Status {
     pub repository_error: Option<String>,
     /// The newest restore drill (`tidemark-agent drill`), if one was recorded.
     pub last_drill: Option<DrillRecord>,
+    /// After the newest archive gap (the server no longer had WAL the
+    /// archive needed): where streaming went on. Nothing before it can be
+    /// restored to from a backup older than it.
+    pub archive_gap_resumed_at: Option<GapPoint>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GapPoint {
+    pub timeline: TimelineId,
+    pub lsn: Lsn,
 }
 
 /// What the repository says: the last backup, the window, the last drill;
@@ -84,6 +94,7 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
         repository_behind_bytes: flushed.map(|f| f.saturating_sub(archived.unwrap_or(stream_start))),
         repository_error: view.error,
         last_drill: view.last_drill,
+        archive_gap_resumed_at: index.gap()?.map(|(timeline, lsn)| GapPoint { timeline, lsn }),
     })
 }
 
@@ -198,6 +209,12 @@ pub fn render_text(status: &Status) -> String {
             w.latest_lsn
         )),
         None => out.push_str("restorable window   none yet (no backup with its WAL archived)\n"),
+    }
+    if let Some(gap) = &status.archive_gap_resumed_at {
+        out.push_str(&format!(
+            "ARCHIVE GAP         WAL before {} on timeline {} was lost to the archive; restores start after it\n",
+            gap.lsn, gap.timeline
+        ));
     }
     match &status.last_drill {
         Some(d) => out.push_str(&format!("last drill          {}\n", drill_line(d))),

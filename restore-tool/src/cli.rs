@@ -132,8 +132,8 @@ struct ScratchArgs {
     /// Where the scratch data directory is made (default: the temp directory); it needs room for the cluster.
     #[arg(long)]
     scratch_dir: Option<PathBuf>,
-    /// PostgreSQL's bin directory (default /usr/lib/postgresql/<major>/bin).
-    #[arg(long)]
+    /// PostgreSQL's bin directory (default: pg_config --bindir, pg_ctl on PATH, /usr/lib/postgresql/<major>/bin).
+    #[arg(long, env = "TIDEMARK_PG_BIN")]
     pg_bin: Option<PathBuf>,
     /// Seconds to wait for the scratch restore's recovery.
     #[arg(long, default_value_t = 86_400)]
@@ -303,8 +303,9 @@ struct RestoreArgs {
     /// Pause at the target instead of promoting.
     #[arg(long)]
     pause: bool,
-    /// Directory of pg_ctl and psql for --start (default /usr/lib/postgresql/<major>/bin).
-    #[arg(long)]
+    /// Directory of pg_ctl and postgres for --start, of the backup's major version
+    /// (default: pg_config --bindir, pg_ctl on PATH, /usr/lib/postgresql/<major>/bin).
+    #[arg(long, env = "TIDEMARK_PG_BIN")]
     pg_bin: Option<PathBuf>,
     /// With --start: fetch WAL only when PostgreSQL asks, without staging
     /// it ahead of replay (for measuring what staging saves).

@@ -111,6 +111,10 @@ fn a_gap_after_a_failover_is_loud_and_followed_by_a_new_backup() {
     });
     let log = running.log_text();
     assert!(log.contains("ARCHIVE GAP"), "{log}");
+    let gap = agent.status()["archive_gap_resumed_at"].clone();
+    assert_eq!(gap["timeline"], 2, "status shows the gap: {gap}");
+    let text = String::from_utf8_lossy(&agent.run_command(&["status"]).stdout).into_owned();
+    assert!(text.contains("ARCHIVE GAP"), "{text}");
     let new_end = standby.switch_wal();
     wait_archived(&agent, new_end);
     assert!(running.stop(), "the agent stops cleanly");
