@@ -7,13 +7,14 @@
 use crate::common::*;
 use crate::restore::{commit_rows, rows, Restorer};
 use std::time::Duration;
-use tidemark_tests::agent::AgentSetup;
+use tidemark_tests::agent::{AgentSetup, RunningAgent};
 use tidemark_tests::cluster::{Cluster, ClusterOptions};
 use tidemark_tests::wait::wait_until;
 
-#[test]
-fn the_agent_follows_a_failover_to_the_promoted_standby() {
-    let primary = Cluster::start(ClusterOptions::default());
+/// A primary with a ledger table, its streaming standby, and an agent on
+/// a URL naming both (read-write), streaming, with a first backup taken.
+fn pair_with_agent(options: ClusterOptions) -> (Cluster, Cluster, AgentSetup, RunningAgent) {
+    let primary = Cluster::start(options);
     primary.psql("CREATE TABLE ledger (id serial PRIMARY KEY, note text NOT NULL)");
     let standby = Cluster::standby_of(&primary);
     let url = format!(
@@ -24,6 +25,12 @@ fn the_agent_follows_a_failover_to_the_promoted_standby() {
     let running = agent.spawn();
     let output = agent.run_command(&["backup"]);
     assert!(output.status.success(), "backup: {}", stderr(&output));
+    (primary, standby, agent, running)
+}
+
+#[test]
+fn the_agent_follows_a_failover_to_the_promoted_standby() {
+    let (primary, standby, agent, running) = pair_with_agent(ClusterOptions::default());
     commit_rows(&primary, 1, 20, 0.02);
     let before_failover = primary.psql("SELECT now()");
     commit_rows(&primary, 21, 30, 0.02);
@@ -72,17 +79,8 @@ fn the_agent_follows_a_failover_to_the_promoted_standby() {
 #[test]
 fn a_gap_after_a_failover_is_loud_and_followed_by_a_new_backup() {
     // No wal_keep_size: nothing keeps WAL for an agent that is away.
-    let primary = Cluster::start(ClusterOptions { wal_keep_size: None, ..Default::default() });
-    primary.psql("CREATE TABLE ledger (id serial PRIMARY KEY, note text NOT NULL)");
-    let standby = Cluster::standby_of(&primary);
-    let url = format!(
-        "postgresql://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
-        primary.port, standby.port
-    );
-    let agent = AgentSetup::init_as_pg_user(&primary.dir.path().join("agent"), url);
-    let running = agent.spawn();
-    let output = agent.run_command(&["backup"]);
-    assert!(output.status.success(), "backup: {}", stderr(&output));
+    let (primary, standby, agent, running) =
+        pair_with_agent(ClusterOptions { wal_keep_size: None, ..Default::default() });
     commit_rows(&primary, 1, 10, 0.0);
     wait_archived(&agent, primary.current_lsn());
     assert!(running.stop(), "the agent stops cleanly");
