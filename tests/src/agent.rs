@@ -73,15 +73,14 @@ impl AgentSetup {
     /// linked into `base/bin`, which that user can reach.
     pub fn run_as_pg_user(&mut self, base: &Path) {
         let Some((uid, gid)) = crate::cluster::pg_os_ids() else { return };
+        fs::create_dir_all(base).expect("mkdir base");
+        crate::cluster::chown(base, crate::cluster::PG_USER_OS);
+        // Linked after the chown: a link shares the build's file, whose owner stays.
         let dir = base.join("bin");
         fs::create_dir_all(&dir).expect("mkdir bin");
         for name in ["tidemark-agent", "tidemark-restore"] {
-            let to = dir.join(name);
-            if fs::hard_link(bin(name), &to).is_err() {
-                fs::copy(bin(name), &to).expect("copy binary");
-            }
+            link_binary(&bin(name), &dir.join(name));
         }
-        crate::cluster::chown(base, crate::cluster::PG_USER_OS);
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(base, fs::Permissions::from_mode(0o755)).expect("chmod base");
         self.os_user = Some((uid, gid));
@@ -190,6 +189,21 @@ impl AgentSetup {
         let mut command = self.program("tidemark-restore");
         command.arg("--repo").arg(self.repo_url()).args(self.key_args()).args(["wal-get", name]).arg(destination);
         command.envs(self.env.iter().map(|(k, v)| (k, v))).output().expect("run tidemark-restore wal-get")
+    }
+}
+
+/// Puts `from` at `to` for another user to run: a hard link, which opens
+/// nothing for writing (so no child another test thread forked can hold it
+/// busy), else a copy. Whatever was at `to` goes first: copying onto a
+/// link of `from` itself would truncate `from`.
+pub fn link_binary(from: &Path, to: &Path) {
+    match fs::remove_file(to) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => panic!("remove {}: {e}", to.display()),
+    }
+    if fs::hard_link(from, to).is_err() {
+        fs::copy(from, to).unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), to.display()));
     }
 }
 

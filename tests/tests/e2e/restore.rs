@@ -29,11 +29,7 @@ pub struct Restorer {
 impl Restorer {
     pub fn new(agent: &AgentSetup, scratch: &Path) -> Restorer {
         let exe = scratch.join("tidemark-restore");
-        // A hard link opens nothing for writing, so no forked child of
-        // another test can hold the file busy; a copy where links fail.
-        if std::fs::hard_link(bin("tidemark-restore"), &exe).is_err() {
-            std::fs::copy(bin("tidemark-restore"), &exe).expect("copy tidemark-restore");
-        }
+        tidemark_tests::agent::link_binary(&bin("tidemark-restore"), &exe);
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         if as_root() {
             if agent.url.is_none() {

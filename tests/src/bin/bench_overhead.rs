@@ -1,0 +1,247 @@
+//! What an archiver costs the database it sits beside, in one run: the same
+//! pgbench load (`-c 4 -j 2`) with no archiver, with pg_receivewal, with
+//! the agent, and with each as the synchronous standby; then a quiet
+//! database (one commit a second). For each: TPS against no archiver, the
+//! archiver's CPU (user and system, from /proc), its peak and final RSS,
+//! the durable lag (server WAL end minus the archiver's reported flush,
+//! sampled from pg_stat_replication: median and max) and the catch-up time
+//! after the load. Prints figures; asserts nothing.
+//!
+//!     cargo run -p tidemark-tests --bin bench-overhead -- [seconds per run, default 30] [scale, default 50]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tidemark_tests::agent::AgentSetup;
+use tidemark_tests::cluster::{pg_bin, Cluster, ClusterOptions};
+use tidemark_tests::wait::wait_until;
+
+/// CPU seconds (user, system) a process has used so far, and its RSS now and at peak (KiB).
+fn usage(pid: u32) -> (f64, f64, u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("").split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0) / hz.max(1.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11), ticks(12), kib("VmRSS:"), kib("VmHWM:"))
+}
+
+/// One archiver under test.
+enum Archiver {
+    None,
+    Receivewal { synchronous: bool },
+    Agent { synchronous: bool },
+}
+
+impl Archiver {
+    fn name(&self) -> &'static str {
+        match self {
+            Archiver::None => "no archiver",
+            Archiver::Receivewal { synchronous: false } => "pg_receivewal (async)",
+            Archiver::Receivewal { synchronous: true } => "pg_receivewal --synchronous (sync standby)",
+            Archiver::Agent { synchronous: false } => "tidemark-agent run (async)",
+            Archiver::Agent { synchronous: true } => "tidemark-agent run (sync standby)",
+        }
+    }
+
+    fn application_name(&self) -> &'static str {
+        match self {
+            Archiver::Receivewal { .. } => "receivewal",
+            _ => "tidemark",
+        }
+    }
+}
+
+struct Figures {
+    tps: f64,
+    user: f64,
+    system: f64,
+    peak_rss_kib: u64,
+    final_rss_kib: u64,
+    lag_median: u64,
+    lag_max: u64,
+    catch_up: f64,
+}
+
+fn pgbench(cluster: &Cluster, seconds: u64) -> Child {
+    Command::new(pg_bin().join("pgbench"))
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-c", "4", "-j", "2", "-T", &seconds.to_string()])
+        .arg("-p")
+        .arg(cluster.port.to_string())
+        .arg("postgres")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pgbench")
+}
+
+fn tps_of(output: &str) -> f64 {
+    output
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Starts the archiver; returns its pid and a way to stop it.
+fn start(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup) -> Option<(u32, Box<dyn FnOnce()>)> {
+    match archiver {
+        Archiver::None => None,
+        Archiver::Receivewal { synchronous } => {
+            let dir = cluster.dir.path().join("receivewal");
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            let mut command = Command::new(pg_bin().join("pg_receivewal"));
+            command.args(["-h", "127.0.0.1", "-U", "postgres", "--slot", "receivewal", "-n", "-D"]).arg(&dir);
+            command.arg("-p").arg(cluster.port.to_string()).env("PGAPPNAME", "receivewal");
+            if *synchronous {
+                command.arg("--synchronous");
+            }
+            let mut child = command.stdin(Stdio::null()).stderr(Stdio::null()).spawn().expect("pg_receivewal");
+            let pid = child.id();
+            Some((
+                pid,
+                Box::new(move || {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }),
+            ))
+        }
+        Archiver::Agent { .. } => {
+            let running = agent.spawn();
+            let pid = running.pid();
+            Some((
+                pid,
+                Box::new(move || {
+                    running.stop();
+                }),
+            ))
+        }
+    }
+}
+
+fn measure(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup, seconds: u64) -> Figures {
+    let synchronous =
+        matches!(archiver, Archiver::Receivewal { synchronous: true } | Archiver::Agent { synchronous: true });
+    let names = if synchronous { archiver.application_name() } else { "" };
+    cluster.psql(&format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'"));
+    cluster.psql("SELECT pg_reload_conf()");
+    let started = start(cluster, archiver, agent);
+    let app = archiver.application_name();
+    if started.is_some() {
+        wait_until("the archiver streams", Duration::from_secs(120), || {
+            (cluster.psql(&format!("SELECT count(*) FROM pg_stat_replication WHERE application_name = '{app}'")) == "1")
+                .then_some(())
+        });
+    }
+    let before = started.as_ref().map(|(pid, _)| usage(*pid)).unwrap_or_default();
+    let mut load = pgbench(cluster, seconds);
+    let mut lags = Vec::new();
+    while load.try_wait().expect("pgbench").is_none() {
+        if started.is_some() {
+            let lag = cluster.psql(&format!(
+                "SELECT coalesce(pg_current_wal_lsn() - flush_lsn, 0) FROM pg_stat_replication WHERE application_name = '{app}'"
+            ));
+            lags.extend(lag.parse::<f64>().ok().map(|l| l as u64));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let output = load.wait_with_output().expect("pgbench");
+    let tps = tps_of(&String::from_utf8_lossy(&output.stdout));
+    let ended = Instant::now();
+    if started.is_some() {
+        wait_until("the archiver catches up", Duration::from_secs(300), || {
+            (cluster.psql(&format!(
+                "SELECT flush_lsn >= pg_current_wal_lsn() FROM pg_stat_replication WHERE application_name = '{app}'"
+            )) == "t")
+                .then_some(())
+        });
+    }
+    let catch_up = ended.elapsed().as_secs_f64();
+    let after = started.as_ref().map(|(pid, _)| usage(*pid)).unwrap_or_default();
+    if let Some((_, stop)) = started {
+        stop();
+    }
+    lags.sort_unstable();
+    Figures {
+        tps,
+        user: after.0 - before.0,
+        system: after.1 - before.1,
+        peak_rss_kib: after.3,
+        final_rss_kib: after.2,
+        lag_median: lags.get(lags.len() / 2).copied().unwrap_or(0),
+        lag_max: lags.last().copied().unwrap_or(0),
+        catch_up,
+    }
+}
+
+/// CPU seconds the agent uses per hour on a database with one commit a second.
+fn quiet_cpu_per_hour(cluster: &Cluster, agent: &AgentSetup, seconds: u64) -> f64 {
+    cluster.psql("ALTER SYSTEM SET synchronous_standby_names = ''");
+    cluster.psql("SELECT pg_reload_conf()");
+    let running = agent.spawn();
+    std::thread::sleep(Duration::from_secs(5)); // past startup
+    let (user0, system0, _, _) = usage(running.pid());
+    let began = Instant::now();
+    while began.elapsed() < Duration::from_secs(seconds) {
+        cluster.psql("INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 1, now())");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let (user1, system1, _, _) = usage(running.pid());
+    let elapsed = began.elapsed().as_secs_f64();
+    running.stop();
+    (user1 + system1 - user0 - system0) * 3600.0 / elapsed
+}
+
+fn main() {
+    let seconds: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(30);
+    let scale: u32 = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(50);
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.pgbench_init(scale);
+    cluster.psql("SELECT pg_create_physical_replication_slot('receivewal', true)");
+    let base = cluster.dir.path().join("agent");
+    std::fs::create_dir_all(&base).expect("mkdir");
+    let agent = AgentSetup::new(&base, cluster.url("postgres"));
+    agent.init();
+    let runs = [
+        Archiver::None,
+        Archiver::Receivewal { synchronous: false },
+        Archiver::Agent { synchronous: false },
+        Archiver::Receivewal { synchronous: true },
+        Archiver::Agent { synchronous: true },
+    ];
+    println!("pgbench scale {scale}, -c 4 -j 2, {seconds} s per run");
+    println!(
+        "{:<44} {:>6} {:>7} {:>8} {:>8} {:>9} {:>9} {:>11} {:>11} {:>9}",
+        "", "TPS", "ratio", "user s", "sys s", "CPU %", "peak RSS", "final RSS", "lag median", "lag max"
+    );
+    let mut baseline = None;
+    for archiver in &runs {
+        let f = measure(&cluster, archiver, &agent, seconds);
+        let base_tps = *baseline.get_or_insert(f.tps);
+        println!(
+            "{:<44} {:>6.0} {:>7.2} {:>8.2} {:>8.2} {:>8.1}% {:>6} MiB {:>7} MiB {:>8} KB {:>8} KB  catch-up {:.1} s",
+            archiver.name(),
+            f.tps,
+            f.tps / base_tps.max(1e-9),
+            f.user,
+            f.system,
+            (f.user + f.system) * 100.0 / seconds as f64,
+            f.peak_rss_kib / 1024,
+            f.final_rss_kib / 1024,
+            f.lag_median / 1000,
+            f.lag_max / 1000,
+            f.catch_up
+        );
+    }
+    let quiet = quiet_cpu_per_hour(&cluster, &agent, 60);
+    println!("quiet database (one commit a second): tidemark-agent uses {quiet:.1} CPU s per hour");
+}
