@@ -128,6 +128,23 @@ fn start(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup) -> Option<(
     }
 }
 
+/// Waits until the archiver has the server's WAL end. pg_receivewal without
+/// --synchronous flushes (and reports a flush) only when a segment ends, so
+/// for it what it has received counts.
+fn wait_for_catch_up(cluster: &Cluster, archiver: &Archiver) {
+    let reported = match archiver {
+        Archiver::Receivewal { synchronous: false } => "write_lsn",
+        _ => "flush_lsn",
+    };
+    let app = archiver.application_name();
+    wait_until("the archiver catches up", Duration::from_secs(600), || {
+        (cluster.psql(&format!(
+            "SELECT {reported} >= pg_current_wal_lsn() FROM pg_stat_replication WHERE application_name = '{app}'"
+        )) == "t")
+            .then_some(())
+    });
+}
+
 fn measure(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup, seconds: u64) -> Figures {
     let synchronous =
         matches!(archiver, Archiver::Receivewal { synchronous: true } | Archiver::Agent { synchronous: true });
@@ -141,6 +158,11 @@ fn measure(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup, seconds: 
             (cluster.psql(&format!("SELECT count(*) FROM pg_stat_replication WHERE application_name = '{app}'")) == "1")
                 .then_some(())
         });
+    }
+    // Each archiver's slot kept the WAL of the runs before it: let it catch
+    // up first, so the run measures the load, not that backlog.
+    if started.is_some() {
+        wait_for_catch_up(cluster, archiver);
     }
     let before = started.as_ref().map(|(pid, _)| usage(*pid)).unwrap_or_default();
     let mut load = pgbench(cluster, seconds);
@@ -158,18 +180,7 @@ fn measure(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup, seconds: 
     let tps = tps_of(&String::from_utf8_lossy(&output.stdout));
     let ended = Instant::now();
     if started.is_some() {
-        // pg_receivewal without --synchronous flushes (and reports a flush)
-        // only when a segment ends: its catch-up is what it has received.
-        let reported = match archiver {
-            Archiver::Receivewal { synchronous: false } => "write_lsn",
-            _ => "flush_lsn",
-        };
-        wait_until("the archiver catches up", Duration::from_secs(300), || {
-            (cluster.psql(&format!(
-                "SELECT {reported} >= pg_current_wal_lsn() FROM pg_stat_replication WHERE application_name = '{app}'"
-            )) == "t")
-                .then_some(())
-        });
+        wait_for_catch_up(cluster, archiver);
     }
     let catch_up = ended.elapsed().as_secs_f64();
     let after = started.as_ref().map(|(pid, _)| usage(*pid)).unwrap_or_default();
