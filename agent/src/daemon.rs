@@ -72,11 +72,12 @@ async fn keep_lease(
 /// backups and drills, the systemd watchdog. Aborted at stop.
 fn spawn_helpers(
     settings: &Settings,
+    repo: &Repository,
     index: &Arc<Index>,
     shutdown: &watch::Receiver<bool>,
     reporting: &Reporting,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut tasks = vec![tokio::spawn(refresh_facts(settings.clone(), index.clone(), reporting.clone()))];
+    let mut tasks = vec![tokio::spawn(refresh_facts(repo.clone(), index.clone(), reporting.clone()))];
     if let Some(interval) = settings.backup_interval {
         let schedule = crate::backup::schedule(settings.clone(), interval, shutdown.clone(), reporting.clone());
         tasks.push(tokio::spawn(schedule));
@@ -136,19 +137,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     for file in spool.scan()?.into_iter().filter(|f| f.complete) {
         uploads.send(UploadJob::Complete { segment: file.segment, path: file.path })?;
     }
-    // Four segments of slack; beyond that the summarizer catches up from the repository.
-    let (summaries, segments) = mpsc::channel(4);
+    // Two pieces (8 MiB) of slack; beyond that the summarizer catches up from the repository.
+    let (summaries, segments) = mpsc::channel(2);
     let catalog = RelationNames::new(settings.conn.clone(), index.clone())?;
     let summarizer = Summarizer::new(repo.clone(), index.clone(), catalog, meta.wal_segment_size, metrics.clone());
     let summarizer_task = tokio::spawn(summarizer.run(segments));
-    let uploader = Uploader {
-        repo: repo.clone(),
-        index: index.clone(),
-        segment_size: meta.wal_segment_size,
-        compression_level: 3,
-        summaries: Some(summaries),
-        metrics: metrics.clone(),
-    };
+    let uploader =
+        Uploader::new(repo.clone(), index.clone(), meta.wal_segment_size, Some(summaries), metrics.clone())?;
     let uploader_task = tokio::spawn(uploader.run(jobs));
 
     let (stop, mut shutdown) = watch::channel(false);
@@ -161,6 +156,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let _ = stop.send(true);
     });
 
+    let (synchronous, syncrep_task) =
+        crate::syncrep::watch(settings.conn.clone(), settings.application_name.clone());
     let ctx = StreamContext {
         settings: settings.clone(),
         index: index.clone(),
@@ -170,8 +167,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         system_identifier: meta.system_identifier.clone(),
         stream_start: (meta.stream_start_timeline, meta.stream_start_lsn),
         metrics: metrics.clone(),
+        synchronous,
     };
-    let helpers = spawn_helpers(&settings, &index, &shutdown, &reporting);
+    let helpers = spawn_helpers(&settings, &ctx.repo, &index, &shutdown, &reporting);
     // Not aborted at stop like the others: a drill stops its server and removes its files first.
     let drills = settings
         .drill
@@ -187,7 +185,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     }
     // A backup or drill still running is abandoned; expire removes what a backup left.
-    for task in helpers.into_iter().chain(server) {
+    for task in helpers.into_iter().chain(server).chain([syncrep_task]) {
         task.abort();
         let _ = task.await;
     }
@@ -313,28 +311,56 @@ async fn skip_gap(ctx: &StreamContext) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often the repository's facts are re-read when nothing of ours changed
+/// them: they change by the hour (backups, drills, retention), and what
+/// another process does (a backup from cron) shows within this.
+const FACTS_INTERVAL: Duration = Duration::from_secs(300);
+const WINDOW_PENDING: Duration = Duration::from_secs(15);
+
 /// Re-reads the last backup, the window and the last drill from the
-/// repository every 15 s (a few small reads), and at once after a backup or
-/// drill of ours.
-async fn refresh_facts(settings: Settings, index: Arc<Index>, reporting: Reporting) {
+/// repository every 5 minutes (listing the backups and reading manifests
+/// through the repository the agent has open), at once after a backup,
+/// drill or expire of ours, and when the newest drill record's name changes
+/// (a listing of `drills/` every 15 s: a drill from a systemd timer shows
+/// within that).
+async fn refresh_facts(repo: Repository, index: Arc<Index>, reporting: Reporting) {
+    let mut newest_drill = newest_drill_key(&repo).await;
     loop {
         let last_commit = index.last_commit().ok().flatten();
         let archived = Some(reporting.metrics.archived_lsn()).filter(|l| *l > Lsn::ZERO);
-        match crate::status::repository_view(&settings, archived, last_commit).await {
-            Ok(view) if view.error.is_none() => reporting.metrics.repository_facts(&RepositoryFacts {
+        let view = crate::status::read_facts(&repo, archived, last_commit).await;
+        // A backup whose WAL is not all archived yet starts the window soon: look again shortly.
+        let wait = if view.last_backup.is_some() && view.window.is_none() { WINDOW_PENDING } else { FACTS_INTERVAL };
+        match view.error {
+            None => reporting.metrics.repository_facts(&RepositoryFacts {
                 window_start: view.window.as_ref().map(|w| crate::metrics::unix_seconds(&w.earliest)),
                 last_backup: view.last_backup,
                 last_drill: view.last_drill,
             }),
             // An unreachable repository shows in the uploader's metrics.
-            Ok(view) => debug!("cannot read the repository's facts: {}", view.error.unwrap_or_default()),
-            Err(e) => warn!("cannot read the repository's facts: {e:#}"),
+            Some(error) => debug!("cannot read the repository's facts: {error}"),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(15)) => {}
-            _ = reporting.refresh.notified() => {}
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                _ = reporting.refresh.notified() => break,
+                _ = tokio::time::sleep(WINDOW_PENDING) => {
+                    let newest = newest_drill_key(&repo).await;
+                    if newest != newest_drill {
+                        newest_drill = newest;
+                        break;
+                    }
+                }
+            }
         }
     }
+}
+
+/// The name of the newest drill record (names sort by time).
+async fn newest_drill_key(repo: &Repository) -> Option<String> {
+    let prefix = tidemark_proto::repo::records::DRILLS_PREFIX.trim_end_matches('/');
+    repo.list(prefix).await.ok()?.into_iter().max()
 }
 
 /// Runs a drill every `interval` after the newest recorded one; with none

@@ -7,7 +7,10 @@
 //! - `progress`                     -> Progress
 //! - `seg` + tli u32 + segno u64    -> SegmentRecord (a complete segment object)
 //! - `par` + tli u32 + segno u64    -> SegmentRecord (the latest partial object)
-//! - `sum` + tli u32 + segno u64    -> SegmentSummary (the audit facts of a segment)
+//! - `cmt` + tli u32 + segno u64    -> the newest commit among the records starting
+//!   in a summarized segment, (Unix microseconds, LSN), or null. The summaries
+//!   themselves live in the repository only (`sum` keys of older versions, which
+//!   held them whole, are no longer written or read)
 //! - `summary_next`                 -> the segment number the summarizer decodes next
 //! - `rel` + db u32 + filenode u32  -> RelName (what a relation file was named)
 //! - `gap`                          -> (TimelineId, Lsn): where streaming went on after
@@ -85,6 +88,28 @@ pub struct RelName {
 /// A three-letter prefix, the timeline (4 bytes) and the segment number (8 bytes).
 const SEGMENT_KEY_LEN: usize = 15;
 
+/// RocksDB's defaults suit a database server (64 MiB memtables, a 32 MiB
+/// block cache, statistics dumped every 10 minutes). The index holds a few
+/// small records per WAL segment and sits beside the database it archives,
+/// so it gets a footprint of a few MiB and no periodic work of its own.
+fn small_footprint() -> Options {
+    let mut options = Options::default();
+    options.set_write_buffer_size(2 << 20);
+    options.set_max_write_buffer_number(2);
+    options.set_max_open_files(64);
+    options.set_max_background_jobs(1);
+    options.set_max_total_wal_size(8 << 20);
+    options.set_keep_log_file_num(2);
+    options.set_max_log_file_size(1 << 20);
+    options.set_stats_dump_period_sec(0);
+    options.set_stats_persist_period_sec(0);
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_block_cache(&rocksdb::Cache::new_lru_cache(2 << 20));
+    table.set_cache_index_and_filter_blocks(true);
+    options.set_block_based_table_factory(&table);
+    options
+}
+
 fn parse_segment_key(key: &[u8]) -> Option<SegmentId> {
     let tli = u32::from_be_bytes(key.get(3..7)?.try_into().ok()?);
     let segno = u64::from_be_bytes(key.get(7..15)?.try_into().ok()?);
@@ -93,7 +118,7 @@ fn parse_segment_key(key: &[u8]) -> Option<SegmentId> {
 
 impl Index {
     pub fn open(dir: &Path) -> anyhow::Result<Index> {
-        let mut options = Options::default();
+        let mut options = small_footprint();
         options.create_if_missing(true);
         let db = DB::open(&options, dir).with_context(|| format!("open index {}", dir.display()))?;
         Ok(Index { db })
@@ -105,7 +130,7 @@ impl Index {
     pub fn open_read_only(dir: &Path) -> anyhow::Result<Index> {
         let mut attempt = 0;
         loop {
-            match DB::open_for_read_only(&Options::default(), dir, false) {
+            match DB::open_for_read_only(&small_footprint(), dir, false) {
                 Ok(db) => return Ok(Index { db }),
                 Err(e) if attempt < 20 && e.kind() == rocksdb::ErrorKind::IOError => {
                     attempt += 1;
@@ -171,35 +196,30 @@ impl Index {
         self.scan(b"par")
     }
 
-    pub fn put_summary(&self, segment: SegmentId, summary: &SegmentSummary) -> anyhow::Result<()> {
-        self.put_json(&segment_key(b"sum", segment), summary, false)
+    /// Records that `segment` is summarized, with the newest commit among its records.
+    pub fn put_summarized(&self, segment: SegmentId, summary: &SegmentSummary) -> anyhow::Result<()> {
+        let newest = summary
+            .ends
+            .iter()
+            .filter(|e| e.status == tidemark_proto::wal::rmgr::XactStatus::Committed)
+            .max_by_key(|e| e.lsn)
+            .map(|e| (e.time, e.lsn));
+        self.put_json(&segment_key(b"cmt", segment), &newest, false)
     }
 
-    pub fn summaries(&self) -> anyhow::Result<Vec<(SegmentId, SegmentSummary)>> {
-        self.scan(b"sum")
-    }
-
-    /// The newest commit in the summaries (Unix microseconds, LSN), reading
-    /// them newest first and stopping at the first that has one.
+    /// The newest commit in the summarized segments (Unix microseconds, LSN),
+    /// reading them newest first and stopping at the first that has one.
     pub fn last_commit(&self) -> anyhow::Result<Option<(i64, u64)>> {
-        let upper = [b's', b'u', b'm', 0xff];
+        let upper = [b'c', b'm', b't', 0xff];
         let mode = rocksdb::IteratorMode::From(&upper, rocksdb::Direction::Reverse);
         for item in self.db.iterator(mode) {
             let (key, value) = item.context("scan index")?;
-            if !key.starts_with(b"sum") {
+            if !key.starts_with(b"cmt") {
                 break;
             }
-            if key.len() != SEGMENT_KEY_LEN {
-                continue; // `summary_next` shares the prefix
-            }
-            let summary: SegmentSummary = serde_json::from_slice(&value).context("decode index value")?;
-            let last = summary
-                .ends
-                .iter()
-                .filter(|e| e.status == tidemark_proto::wal::rmgr::XactStatus::Committed)
-                .max_by_key(|e| e.lsn);
-            if let Some(end) = last {
-                return Ok(Some((end.time, end.lsn)));
+            let newest: Option<(i64, u64)> = serde_json::from_slice(&value).context("decode index value")?;
+            if newest.is_some() {
+                return Ok(newest);
             }
         }
         Ok(None)

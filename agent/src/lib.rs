@@ -46,4 +46,5 @@ pub mod spool;
 pub mod status;
 pub mod stream;
 pub mod summarizer;
+pub mod syncrep;
 pub mod uploader;

@@ -116,20 +116,26 @@ pub async fn repository_view(
         Ok(None) => return Err(RepoError::NotInitialized(repo.display.clone()).into()),
         Err(unreachable) => return Ok(RepositoryView { error: Some(unreachable), ..Default::default() }),
     }
+    Ok(read_facts(&repo, archived, last_commit).await)
+}
+
+/// The last backup, the window and the last drill from an open repository;
+/// a failed read is reported in `error`.
+pub async fn read_facts(repo: &Repository, archived: Option<Lsn>, last_commit: Option<(i64, u64)>) -> RepositoryView {
     let found = async {
         let ids = catalog::complete_backups(&repo).await?;
         let last_backup = match ids.last() {
             Some(id) => Some(catalog::read_manifest(&repo, id).await?.summary()),
             None => None,
         };
-        let window = window(&repo, &ids, archived, last_commit).await?;
-        let last_drill = tidemark_repo::drills::latest(&repo).await?;
+        let window = window(repo, &ids, archived, last_commit).await?;
+        let last_drill = tidemark_repo::drills::latest(repo).await?;
         Ok::<_, RepoError>(RepositoryView { last_backup, window, last_drill, error: None })
     };
-    Ok(found.await.unwrap_or_else(|e| RepositoryView {
+    found.await.unwrap_or_else(|e| RepositoryView {
         error: Some(format!("{:#}", anyhow::Error::new(e))),
         ..Default::default()
-    }))
+    })
 }
 
 /// The restorable window as far as this agent knows: from the end of the

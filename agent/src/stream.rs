@@ -17,6 +17,7 @@ use tidemark_proto::segment::SegmentId;
 use tidemark_proto::{Lsn, TimelineId};
 use tidemark_repo::Repository;
 use tokio::sync::{mpsc, watch};
+use std::time::{Duration, Instant};
 use tokio::time::MissedTickBehavior;
 use tracing::{info, warn};
 
@@ -29,6 +30,8 @@ pub struct StreamContext {
     pub system_identifier: String,
     pub stream_start: (TimelineId, Lsn),
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Whether a commit may be waiting for our flushes (see `syncrep`).
+    pub synchronous: watch::Receiver<bool>,
 }
 
 fn now_unix_micros() -> i64 {
@@ -181,7 +184,38 @@ async fn archive_history(ctx: &StreamContext, conn: &mut Connection, timeline: T
     Ok(())
 }
 
+/// How often the receive loop records its progress in the index.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// When no commit can be waiting for this agent (see `syncrep`), received
+/// WAL is fsynced at the latest this long after its first unflushed byte
+/// arrived, or once this many bytes wait: a few fsyncs a second under load
+/// instead of one per commit, with the durable lag still a fraction of a second.
+pub const ASYNC_FLUSH_DELAY: Duration = Duration::from_millis(200);
+const ASYNC_FLUSH_BYTES: u64 = 1 << 20;
+
+/// The receive loop's state on one timeline.
+struct Receiving {
+    writer: SegmentWriter,
+    server_lsn: Lsn,
+    /// The flushed position last sent to the server.
+    last_reported: Lsn,
+    last_progress_write: Instant,
+    /// When the oldest written but not yet fsynced byte arrived.
+    unflushed_since: Option<Instant>,
+    /// At the spool limit nothing more is read: the flushed position (and so
+    /// the slot) stops, and the server keeps the WAL until the repository
+    /// catches up. Status updates go on, so the connection stays alive.
+    paused: bool,
+}
+
 /// Returns `None` on shutdown, or the next timeline and its start when the server ended this one.
+///
+/// Spool writes and fsyncs run right here on the async thread, not through
+/// `block_in_place`/`spawn_blocking`: they are this task's own critical path
+/// (nothing else in the task can proceed until the fsync returns), and
+/// handing the thread over for every batch cost more CPU than the fsync
+/// itself. The runtime's workers take the other tasks meanwhile.
 async fn stream_timeline(
     ctx: &StreamContext,
     conn: &mut Connection,
@@ -189,89 +223,49 @@ async fn stream_timeline(
     start: Lsn,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<Option<(TimelineId, Lsn)>> {
-    let mut writer = SegmentWriter::new(ctx.spool.clone(), timeline, start);
-    let mut server_lsn = start;
-    send_status(conn, &writer).await?;
+    let writer = SegmentWriter::new(ctx.spool.clone(), timeline, start);
+    let mut state = Receiving {
+        last_reported: writer.flushed(),
+        writer,
+        server_lsn: start,
+        last_progress_write: Instant::now(),
+        unflushed_since: None,
+        paused: false,
+    };
+    send_status(conn, &state.writer).await?;
     let mut status_tick = tokio::time::interval(ctx.settings.status_interval);
     status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut partial_tick = tokio::time::interval(ctx.settings.partial_upload_interval);
     partial_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let flush_timer = tokio::time::sleep(ASYNC_FLUSH_DELAY);
+    tokio::pin!(flush_timer);
     let mut last_partial: Option<(SegmentId, u64)> = None;
-    let mut last_progress_write = std::time::Instant::now();
-    let mut last_reported = writer.flushed();
-    // At the spool limit nothing more is read: the flushed position (and so
-    // the slot) stops, and the server keeps the WAL until the repository
-    // catches up. Status updates go on, so the connection stays alive.
-    let mut paused = false;
     loop {
         tokio::select! {
-            event = conn.recv_copy(), if !paused => {
-                let mut event = event?;
-                let mut reply_now = false;
-                let mut ended = false;
-                // Take everything already buffered, then fsync once: batching
-                // under load, one fsync per commit when quiet (synchronous mode).
-                loop {
-                    match event {
-                        CopyEvent::Data(payload) => match ServerMessage::parse(payload)? {
-                            ServerMessage::XLogData { start, server_wal_end, data } => {
-                                let completed = tokio::task::block_in_place(|| writer.write(start, &data))?;
-                                if !completed.is_empty() && ctx.settings.spool_limit.is_some() {
-                                    paused = spool_limit_state(ctx, paused)?;
-                                }
-                                for done in completed {
-                                    ctx.uploads.send(UploadJob::Complete { segment: done.segment, path: done.path })
-                                        .context("the uploader stopped")?;
-                                }
-                                server_lsn = server_lsn.max(server_wal_end);
-                            }
-                            ServerMessage::Keepalive { server_wal_end, reply_requested } => {
-                                server_lsn = server_lsn.max(server_wal_end);
-                                reply_now |= reply_requested;
-                            }
-                        },
-                        CopyEvent::Done => {
-                            ended = true;
-                            break;
-                        }
-                    }
-                    match conn.try_recv_copy()? {
-                        Some(next) => event = next,
-                        None => break,
-                    }
+            event = conn.recv_copy(), if !state.paused => {
+                let was_flushed = state.unflushed_since.is_none();
+                if receive_batch(ctx, conn, &mut state, event?).await? {
+                    return end_of_timeline(ctx, conn, &mut state.writer).await.map(Some);
                 }
-                if writer.position() > writer.flushed() {
-                    tokio::task::block_in_place(|| writer.flush())?;
+                if let (true, Some(since)) = (was_flushed, state.unflushed_since) {
+                    flush_timer.as_mut().reset((since + ASYNC_FLUSH_DELAY).into());
                 }
-                ctx.metrics.streamed(timeline.0, server_lsn, writer.flushed());
-                // Report every advance of the flushed position, including one
-                // made by completing a segment exactly at the batch's end (a
-                // synchronous commit there must not wait for the next tick).
-                if writer.flushed() > last_reported {
-                    record_progress(ctx, &writer, server_lsn)?;
-                    last_progress_write = std::time::Instant::now();
-                    send_status(conn, &writer).await?;
-                    last_reported = writer.flushed();
-                } else if reply_now {
-                    send_status(conn, &writer).await?;
-                }
-                if ended {
-                    return end_of_timeline(ctx, conn, &mut writer).await.map(Some);
-                }
+            }
+            () = &mut flush_timer, if state.unflushed_since.is_some() => {
+                flush_and_report(ctx, conn, &mut state, false).await?;
             }
             _ = status_tick.tick() => {
                 if ctx.settings.spool_limit.is_some() {
-                    paused = spool_limit_state(ctx, paused)?;
+                    state.paused = spool_limit_state(ctx, state.paused)?;
                 }
-                ctx.metrics.streamed(timeline.0, server_lsn, writer.flushed());
-                send_status(conn, &writer).await?;
-                if last_progress_write.elapsed() >= ctx.settings.status_interval {
-                    record_progress(ctx, &writer, server_lsn)?;
-                    last_progress_write = std::time::Instant::now();
+                flush_and_report(ctx, conn, &mut state, true).await?;
+                if state.last_progress_write.elapsed() >= ctx.settings.status_interval {
+                    record_progress(ctx, &state.writer, state.server_lsn)?;
+                    state.last_progress_write = Instant::now();
                 }
             }
             _ = partial_tick.tick() => {
-                if let Some((segment, path, len)) = writer.partial() {
+                if let Some((segment, path, len)) = state.writer.partial() {
                     if last_partial != Some((segment, len)) {
                         ctx.uploads.send(UploadJob::Partial { segment, path, len, last: false }).context("the uploader stopped")?;
                         last_partial = Some((segment, len));
@@ -279,10 +273,9 @@ async fn stream_timeline(
                 }
             }
             _ = shutdown.changed() => {
-                tokio::task::block_in_place(|| writer.flush())?;
-                record_progress(ctx, &writer, server_lsn)?;
-                send_status(conn, &writer).await?;
-                if let Some((segment, path, len)) = writer.partial() {
+                flush_and_report(ctx, conn, &mut state, true).await?;
+                record_progress(ctx, &state.writer, state.server_lsn)?;
+                if let Some((segment, path, len)) = state.writer.partial() {
                     let _ = ctx.uploads.send(UploadJob::Partial { segment, path, len, last: false });
                 }
                 conn.send_copy_done().await?;
@@ -292,6 +285,97 @@ async fn stream_timeline(
     }
 }
 
+/// Writes everything already received (the event and whatever is buffered
+/// behind it), then flushes and replies as `syncrep` says. Returns whether
+/// the server ended the timeline.
+async fn receive_batch(
+    ctx: &StreamContext,
+    conn: &mut Connection,
+    state: &mut Receiving,
+    mut event: CopyEvent,
+) -> anyhow::Result<bool> {
+    let mut reply_now = false;
+    let mut ended = false;
+    // Take everything already buffered, then fsync once: batching under load.
+    loop {
+        match event {
+            CopyEvent::Data(payload) => match ServerMessage::parse(payload)? {
+                ServerMessage::XLogData { start, server_wal_end, data } => {
+                    let completed = state.writer.write(start, &data)?;
+                    if !completed.is_empty() && ctx.settings.spool_limit.is_some() {
+                        state.paused = spool_limit_state(ctx, state.paused)?;
+                    }
+                    for done in completed {
+                        ctx.uploads
+                            .send(UploadJob::Complete { segment: done.segment, path: done.path })
+                            .context("the uploader stopped")?;
+                    }
+                    state.server_lsn = state.server_lsn.max(server_wal_end);
+                }
+                ServerMessage::Keepalive { server_wal_end, reply_requested } => {
+                    state.server_lsn = state.server_lsn.max(server_wal_end);
+                    reply_now |= reply_requested;
+                }
+            },
+            CopyEvent::Done => {
+                ended = true;
+                break;
+            }
+        }
+        match conn.try_recv_copy()? {
+            Some(next) => event = next,
+            None => break,
+        }
+    }
+    let written = state.writer.position();
+    if written > state.writer.flushed() && state.unflushed_since.is_none() {
+        state.unflushed_since = Some(Instant::now());
+    }
+    // A synchronous commit may be waiting: fsync and reply now. Otherwise
+    // only when enough has gathered (the timer takes the rest).
+    let now = *ctx.synchronous.borrow()
+        || written.0 - state.writer.flushed().0 >= ASYNC_FLUSH_BYTES
+        || state.unflushed_since.is_some_and(|since| since.elapsed() >= ASYNC_FLUSH_DELAY);
+    if now || ended {
+        flush_and_report(ctx, conn, state, reply_now).await?;
+    } else if reply_now || state.writer.flushed() > state.last_reported {
+        // Completing a segment flushed it: report that at once.
+        report(ctx, conn, state).await?;
+    }
+    Ok(ended)
+}
+
+/// fsyncs what is written, then reports the flushed position if it moved
+/// (or `always`): the reply goes first, a commit may be waiting for it.
+async fn flush_and_report(
+    ctx: &StreamContext,
+    conn: &mut Connection,
+    state: &mut Receiving,
+    always: bool,
+) -> anyhow::Result<()> {
+    if state.writer.position() > state.writer.flushed() {
+        state.writer.flush()?;
+    }
+    state.unflushed_since = None;
+    if always || state.writer.flushed() > state.last_reported {
+        report(ctx, conn, state).await?;
+    }
+    Ok(())
+}
+
+async fn report(ctx: &StreamContext, conn: &mut Connection, state: &mut Receiving) -> anyhow::Result<()> {
+    send_status(conn, &state.writer).await?;
+    state.last_reported = state.writer.flushed();
+    ctx.metrics.streamed(state.writer.timeline().0, state.server_lsn, state.writer.flushed());
+    // The index's progress is for `status` and for resuming after a crash
+    // (which the spool decides anyway): once a second is plenty.
+    if state.last_progress_write.elapsed() >= PROGRESS_INTERVAL {
+        record_progress(ctx, &state.writer, state.server_lsn)?;
+        state.last_progress_write = Instant::now();
+    }
+    Ok(())
+}
+
 async fn end_of_timeline(
     ctx: &StreamContext,
     conn: &mut Connection,
@@ -299,7 +383,7 @@ async fn end_of_timeline(
 ) -> anyhow::Result<(TimelineId, Lsn)> {
     conn.send_copy_done().await?;
     let result = conn.finish_copy().await?;
-    tokio::task::block_in_place(|| writer.flush())?;
+    writer.flush()?;
     if let Some((segment, path, len)) = writer.partial() {
         // The old timeline ends inside this segment; it stays partial for good.
         ctx.uploads.send(UploadJob::Partial { segment, path, len, last: true }).context("the uploader stopped")?;

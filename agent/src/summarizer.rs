@@ -3,7 +3,8 @@
 //! and aborts with their times, restore points), stored in the repository
 //! under `summaries/` and in the index.
 //!
-//! It runs beside the uploader, fed each segment once it is stored, and never
+//! It runs beside the uploader, fed the bytes of each upload as the uploader
+//! reads them (a piece of at most 4 MiB at a time), and never
 //! holds archiving up: if it falls behind or restarts, it reads the segments
 //! it missed back from the repository. A segment's summary is written only
 //! once every record starting in it is complete (the last one may end in the
@@ -25,18 +26,38 @@ use tidemark_repo::Repository;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-/// A complete segment just stored, with its bytes.
-pub type SegmentBytes = (SegmentId, Arc<Vec<u8>>);
+/// Bytes of a segment the uploader just read: `bytes` start `offset` bytes into `segment`.
+pub struct SegmentPiece {
+    pub segment: SegmentId,
+    pub offset: u64,
+    pub bytes: Arc<Vec<u8>>,
+}
 
 /// Summaries being built, per segment number (a record belongs to the segment it starts in).
 type Building = BTreeMap<u64, (TimelineId, SummaryBuilder)>;
+
+/// Where decoding stands: the reader, the bytes it has not taken yet (the
+/// start of a page whose end has not arrived), and the PostgreSQL version
+/// whose record layouts apply.
+struct Decoding {
+    reader: WalReader,
+    pending: Vec<u8>,
+    major: wal::PgMajor,
+}
+
+impl Decoding {
+    /// The LSN of the next byte this decoding takes.
+    fn expects(&self) -> Lsn {
+        Lsn(self.reader.next_page().0 + self.pending.len() as u64)
+    }
+}
 
 pub struct Summarizer {
     repo: Repository,
     index: Arc<Index>,
     catalog: RelationNames,
     segment_size: u64,
-    reader: Option<WalReader>,
+    decoding: Option<Decoding>,
     /// Summaries being built, by segment number, with their file's timeline.
     building: Building,
     metrics: Arc<crate::metrics::Metrics>,
@@ -50,21 +71,39 @@ impl Summarizer {
         segment_size: u64,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Summarizer {
-        Summarizer { repo, index, catalog, segment_size, reader: None, building: BTreeMap::new(), metrics }
+        Summarizer { repo, index, catalog, segment_size, decoding: None, building: BTreeMap::new(), metrics }
     }
 
-    pub async fn run(mut self, mut segments: mpsc::Receiver<SegmentBytes>) {
-        while let Some((segment, bytes)) = segments.recv().await {
-            if let Err(e) = self.take(segment, bytes).await {
+    pub async fn run(mut self, mut pieces: mpsc::Receiver<SegmentPiece>) {
+        while let Some(piece) = pieces.recv().await {
+            let segment = piece.segment;
+            if let Err(e) = self.take(piece).await {
                 // The next segment retries from `summary_next`, reading the repository.
                 warn!(segment = %segment.file_name(self.segment_size), "could not summarize WAL: {e:#}");
-                self.reader = None;
-                self.building.clear();
+                self.reset();
             }
         }
     }
 
-    async fn take(&mut self, segment: SegmentId, bytes: Arc<Vec<u8>>) -> anyhow::Result<()> {
+    fn reset(&mut self) {
+        self.decoding = None;
+        self.building.clear();
+    }
+
+    async fn take(&mut self, piece: SegmentPiece) -> anyhow::Result<()> {
+        let at = Lsn(piece.segment.start_lsn(self.segment_size).0 + piece.offset);
+        if self.decoding.as_ref().map(Decoding::expects) == Some(at) {
+            return self.feed(piece).await;
+        }
+        if piece.offset != 0 {
+            // A piece was missed (the queue was full): wait for the next
+            // segment's start, where the missed segment is read back.
+            self.reset();
+            return Ok(());
+        }
+        // Out of sequence at a segment start (after a restart, or pieces
+        // missed): the segments from `summary_next` on are read back from the repository.
+        let segment = piece.segment;
         let next = match self.index.summary_next()? {
             Some(next) => next,
             None => self.first_archived()?.unwrap_or(segment.segment_no),
@@ -72,18 +111,20 @@ impl Summarizer {
         if segment.segment_no < next {
             return Ok(()); // summarized before a restart
         }
+        self.reset();
         for segment_no in next..segment.segment_no {
             match self.archived(segment_no, segment.timeline).await? {
-                Some((missed, data)) => self.feed(missed, Arc::new(data)).await?,
+                Some((missed, data)) => {
+                    self.feed(SegmentPiece { segment: missed, offset: 0, bytes: Arc::new(data) }).await?
+                }
                 None => {
                     warn!(segment_no, "no archived WAL to summarize; the audit has a gap there");
-                    self.reader = None;
-                    self.building.clear();
+                    self.reset();
                     self.index.put_summary_next(segment_no + 1)?;
                 }
             }
         }
-        self.feed(segment, bytes).await
+        self.feed(piece).await
     }
 
     fn first_archived(&self) -> anyhow::Result<Option<u64>> {
@@ -108,33 +149,37 @@ impl Summarizer {
         Ok(Some((segment, raw)))
     }
 
-    async fn feed(&mut self, segment: SegmentId, data: Arc<Vec<u8>>) -> anyhow::Result<()> {
-        let start = segment.start_lsn(self.segment_size);
-        let major = data
-            .get(..2)
-            .and_then(|b| major_for_magic(u16::from_le_bytes([b[0], b[1]])))
-            .context("the segment does not start with a WAL page of PostgreSQL 13 to 18")?;
-        let reader = match self.reader.take() {
-            Some(reader) if reader.next_page() == start => reader,
-            _ => {
+    /// Decodes a piece that continues the current decoding, or starts a new
+    /// decoding at a segment's start; any other piece is left alone.
+    async fn feed(&mut self, piece: SegmentPiece) -> anyhow::Result<()> {
+        let SegmentPiece { segment, offset, bytes } = piece;
+        let at = Lsn(segment.start_lsn(self.segment_size).0 + offset);
+        let decoding = match self.decoding.take() {
+            Some(decoding) if decoding.expects() == at => decoding,
+            _ if offset == 0 => {
                 self.building.clear();
-                WalReader::new(start, self.segment_size)
+                let major = bytes
+                    .get(..2)
+                    .and_then(|b| major_for_magic(u16::from_le_bytes([b[0], b[1]])))
+                    .context("the segment does not start with a WAL page of PostgreSQL 13 to 18")?;
+                Decoding { reader: WalReader::new(at, self.segment_size), pending: Vec::new(), major }
             }
+            _ => return Ok(()),
         };
         self.building.entry(segment.segment_no).or_insert_with(|| (segment.timeline, SummaryBuilder::default()));
         let building = std::mem::take(&mut self.building);
         let segment_size = self.segment_size;
-        // Decoding a segment is CPU work: off the async threads, so the
-        // replication stream's keepalives are never held up behind it.
-        let (reader, building) =
-            tokio::task::spawn_blocking(move || decode(reader, building, segment, segment_size, &data, major))
+        // Decoding is CPU work: off the async threads, so the replication
+        // stream's keepalives are never held up behind it.
+        let (decoding, building) =
+            tokio::task::spawn_blocking(move || decode(decoding, building, segment, segment_size, &bytes))
                 .await
                 .context("join the WAL decoder")?;
         self.building = building;
-        let done_before = match reader.end() {
+        let done_before = match decoding.reader.end() {
             None => {
-                let done = reader.complete_before();
-                self.reader = Some(reader);
+                let done = decoding.reader.complete_before();
+                self.decoding = Some(decoding);
                 done
             }
             Some(end) => {
@@ -180,7 +225,7 @@ impl Summarizer {
                 .map(|e| e.time)
                 .max();
             tokio::task::spawn_blocking(move || {
-                index.put_summary(segment, &summary)?;
+                index.put_summarized(segment, &summary)?;
                 index.put_summary_next(segment_no + 1)
             })
             .await
@@ -196,18 +241,26 @@ impl Summarizer {
     }
 }
 
-/// Feeds one segment's bytes to the reader, adding each record to the
-/// builder of the segment it starts in.
+/// Feeds a piece's bytes (after what was pending) to the reader, adding each
+/// record to the builder of the segment it starts in; keeps the bytes of a
+/// page whose end is still to come.
 fn decode(
-    mut reader: WalReader,
+    mut decoding: Decoding,
     mut building: Building,
     segment: SegmentId,
     segment_size: u64,
-    data: &[u8],
-    major: wal::PgMajor,
-) -> (WalReader, Building) {
+    bytes: &[u8],
+) -> (Decoding, Building) {
+    let data = if decoding.pending.is_empty() {
+        std::borrow::Cow::Borrowed(bytes)
+    } else {
+        let mut joined = std::mem::take(&mut decoding.pending);
+        joined.extend_from_slice(bytes);
+        std::borrow::Cow::Owned(joined)
+    };
+    let major = decoding.major;
     let mut malformed = 0u64;
-    reader.feed(data, |raw| match wal::decode(raw.lsn, raw.end, raw.bytes, major) {
+    let used = decoding.reader.feed(&data, |raw| match wal::decode(raw.lsn, raw.end, raw.bytes, major) {
         Ok(record) => {
             let segment_no = raw.lsn.segment_no(segment_size);
             building
@@ -221,8 +274,9 @@ fn decode(
             debug!("{e}");
         }
     });
+    decoding.pending = data.get(used..).unwrap_or_default().to_vec();
     if malformed > 0 {
         warn!(segment = %segment.file_name(segment_size), malformed, "records the decoder could not take apart");
     }
-    (reader, building)
+    (decoding, building)
 }

@@ -73,16 +73,73 @@ pub fn encode(raw: &[u8], compression: Compression) -> Result<(Vec<u8>, FrameInf
     };
     let crc32 = crc32fast::hash(raw);
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.push(code);
-    out.push(0);
-    out.extend_from_slice(&(raw.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    write_header(&mut out, code, raw.len() as u64, crc32, payload.len() as u64);
     out.extend_from_slice(&payload);
     let info = FrameInfo { raw_len: raw.len() as u64, crc32, stored_len: out.len() as u64 };
     Ok((out, info))
+}
+
+/// An object built up from consecutive pieces of its raw bytes, each piece
+/// compressed as a zstd frame of its own. Concatenated zstd frames
+/// decompress to the concatenation of their contents, so [`decode`] reads
+/// such an object like any other; the header's length and CRC cover all of it.
+///
+/// This lets a WAL segment that is uploaded several times while it fills
+/// (partial objects) compress each byte once: every upload adds the new
+/// bytes as one more frame and stores the pieces so far.
+pub struct Pieces {
+    raw_len: u64,
+    crc: crc32fast::Hasher,
+    payload: Vec<u8>,
+}
+
+impl Default for Pieces {
+    fn default() -> Self {
+        Pieces::new()
+    }
+}
+
+impl Pieces {
+    pub fn new() -> Pieces {
+        Pieces { raw_len: 0, crc: crc32fast::Hasher::new(), payload: Vec::new() }
+    }
+
+    /// Raw bytes taken so far.
+    pub fn raw_len(&self) -> u64 {
+        self.raw_len
+    }
+
+    /// Appends `raw` as one more compressed frame.
+    pub fn push(&mut self, raw: &[u8], compressor: &mut zstd::bulk::Compressor<'_>) -> Result<(), FrameError> {
+        if raw.is_empty() {
+            return Ok(());
+        }
+        let frame = compressor.compress(raw).map_err(|e| FrameError::Compress(e.to_string()))?;
+        self.payload.extend_from_slice(&frame);
+        self.crc.update(raw);
+        self.raw_len += raw.len() as u64;
+        Ok(())
+    }
+
+    /// The object holding every piece so far, and its info.
+    pub fn object(&self) -> (Vec<u8>, FrameInfo) {
+        let crc32 = self.crc.clone().finalize();
+        let mut out = Vec::with_capacity(HEADER_LEN + self.payload.len());
+        write_header(&mut out, 1, self.raw_len, crc32, self.payload.len() as u64);
+        out.extend_from_slice(&self.payload);
+        let info = FrameInfo { raw_len: self.raw_len, crc32, stored_len: out.len() as u64 };
+        (out, info)
+    }
+}
+
+fn write_header(out: &mut Vec<u8>, compression: u8, raw_len: u64, crc32: u32, payload_len: u64) {
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.push(compression);
+    out.push(0);
+    out.extend_from_slice(&raw_len.to_le_bytes());
+    out.extend_from_slice(&crc32.to_le_bytes());
+    out.extend_from_slice(&payload_len.to_le_bytes());
 }
 
 /// The fields of a frame header.
@@ -168,6 +225,23 @@ mod tests {
             assert_eq!(info.raw_len, raw.len() as u64);
             assert_eq!(info.stored_len, object.len() as u64);
             assert_eq!(decode(&object).expect("decode"), raw);
+        }
+    }
+
+    #[test]
+    fn pieces_decode_as_one_object() {
+        let raw: Vec<u8> = (0..300_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let mut compressor = zstd::bulk::Compressor::new(3).expect("compressor");
+        let mut pieces = Pieces::new();
+        let mut taken = 0;
+        for cut in [0usize, 1, 8191, 500_000, raw.len()] {
+            pieces.push(&raw[taken..cut], &mut compressor).expect("push");
+            taken = cut;
+            let (object, info) = pieces.object();
+            assert_eq!(info.raw_len, cut as u64);
+            assert_eq!(info.stored_len, object.len() as u64);
+            assert_eq!(info.crc32, crc32fast::hash(&raw[..cut]));
+            assert_eq!(decode(&object).expect("decode"), &raw[..cut]);
         }
     }
 

@@ -7,7 +7,7 @@
 //! sampled from pg_stat_replication: median and max) and the catch-up time
 //! after the load. Prints figures; asserts nothing.
 //!
-//!     cargo run -p tidemark-tests --bin bench-overhead -- [seconds per run, default 30] [scale, default 50]
+//!     cargo run -p tidemark-tests --bin bench-overhead -- [seconds per run, default 30] [scale, default 50] [quiet seconds, default 240]
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -68,11 +68,18 @@ struct Figures {
     lag_median: u64,
     lag_max: u64,
     catch_up: f64,
+    latency_p50_us: u64,
+    latency_p99_us: u64,
 }
 
-fn pgbench(cluster: &Cluster, seconds: u64) -> Child {
+/// pgbench with a per-transaction log under `logs` (for latency percentiles).
+fn pgbench(cluster: &Cluster, seconds: u64, logs: &std::path::Path) -> Child {
+    let _ = std::fs::remove_dir_all(logs);
+    std::fs::create_dir_all(logs).expect("mkdir");
     Command::new(pg_bin().join("pgbench"))
         .args(["-h", "127.0.0.1", "-U", "postgres", "-c", "4", "-j", "2", "-T", &seconds.to_string()])
+        .arg("--log")
+        .arg(format!("--log-prefix={}", logs.join("tx").display()))
         .arg("-p")
         .arg(cluster.port.to_string())
         .arg("postgres")
@@ -81,6 +88,25 @@ fn pgbench(cluster: &Cluster, seconds: u64) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("pgbench")
+}
+
+/// Transaction latencies (µs) from pgbench's per-transaction logs, sorted:
+/// each line is `client transaction latency_us script epoch epoch_us`.
+fn latencies(logs: &std::path::Path) -> Vec<u64> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(logs).expect("pgbench logs").flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        all.extend(text.lines().filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok()));
+    }
+    all.sort_unstable();
+    all
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 fn tps_of(output: &str) -> f64 {
@@ -165,7 +191,8 @@ fn measure(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup, seconds: 
         wait_for_catch_up(cluster, archiver);
     }
     let before = started.as_ref().map(|(pid, _)| usage(*pid)).unwrap_or_default();
-    let mut load = pgbench(cluster, seconds);
+    let logs = cluster.dir.path().join("pgbench-logs");
+    let mut load = pgbench(cluster, seconds, &logs);
     let mut lags = Vec::new();
     while load.try_wait().expect("pgbench").is_none() {
         if started.is_some() {
@@ -178,6 +205,7 @@ fn measure(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup, seconds: 
     }
     let output = load.wait_with_output().expect("pgbench");
     let tps = tps_of(&String::from_utf8_lossy(&output.stdout));
+    let latency = latencies(&logs);
     let ended = Instant::now();
     if started.is_some() {
         wait_for_catch_up(cluster, archiver);
@@ -197,6 +225,8 @@ fn measure(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup, seconds: 
         lag_median: lags.get(lags.len() / 2).copied().unwrap_or(0),
         lag_max: lags.last().copied().unwrap_or(0),
         catch_up,
+        latency_p50_us: percentile(&latency, 0.5),
+        latency_p99_us: percentile(&latency, 0.99),
     }
 }
 
@@ -237,15 +267,26 @@ fn main() {
     ];
     println!("pgbench scale {scale}, -c 4 -j 2, {seconds} s per run");
     println!(
-        "{:<44} {:>6} {:>7} {:>8} {:>8} {:>9} {:>9} {:>11} {:>11} {:>9}",
-        "", "TPS", "ratio", "user s", "sys s", "CPU %", "peak RSS", "final RSS", "lag median", "lag max"
+        "{:<44} {:>6} {:>7} {:>8} {:>8} {:>9} {:>9} {:>11} {:>11} {:>9} {:>9} {:>9}",
+        "",
+        "TPS",
+        "ratio",
+        "user s",
+        "sys s",
+        "CPU %",
+        "peak RSS",
+        "final RSS",
+        "lag median",
+        "lag max",
+        "p50 ms",
+        "p99 ms"
     );
     let mut baseline = None;
     for archiver in &runs {
         let f = measure(&cluster, archiver, &agent, seconds);
         let base_tps = *baseline.get_or_insert(f.tps);
         println!(
-            "{:<44} {:>6.0} {:>7.2} {:>8.2} {:>8.2} {:>8.1}% {:>6} MiB {:>7} MiB {:>8} KB {:>8} KB  catch-up {:.1} s",
+            "{:<44} {:>6.0} {:>7.2} {:>8.2} {:>8.2} {:>8.1}% {:>6} MiB {:>7} MiB {:>8} KB {:>8} KB {:>9.2} {:>9.2}  catch-up {:.1} s",
             archiver.name(),
             f.tps,
             f.tps / base_tps.max(1e-9),
@@ -256,9 +297,12 @@ fn main() {
             f.final_rss_kib / 1024,
             f.lag_median / 1000,
             f.lag_max / 1000,
+            f.latency_p50_us as f64 / 1000.0,
+            f.latency_p99_us as f64 / 1000.0,
             f.catch_up
         );
     }
-    let quiet = quiet_cpu_per_hour(&cluster, &agent, 60);
+    let quiet_seconds: u64 = std::env::args().nth(3).and_then(|s| s.parse().ok()).unwrap_or(240);
+    let quiet = quiet_cpu_per_hour(&cluster, &agent, quiet_seconds);
     println!("quiet database (one commit a second): tidemark-agent uses {quiet:.1} CPU s per hour");
 }
