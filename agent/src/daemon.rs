@@ -175,7 +175,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .drill
         .interval
         .map(|interval| tokio::spawn(drill_schedule(settings.clone(), interval, reporting.clone(), shutdown.clone())));
-    let result = stream_until_stopped(&ctx, &mut shutdown).await;
+    // The receive loop runs as a task of its own, not in `block_on`: the
+    // worker that sees the socket become readable then runs it directly,
+    // where a `block_on` future would need a wake-up of the main thread for
+    // every message (a synchronous commit waits through that hop).
+    let streaming = tokio::spawn(async move {
+        let result = stream_until_stopped(&ctx, &mut shutdown).await;
+        (ctx, result)
+    });
+    let (ctx, result) = streaming.await.context("the receive loop panicked")?;
     // Streaming ended (a signal, a lost lease or an error): every task stops.
     let _ = stop_everything.send(true);
     crate::service::stopping();

@@ -193,6 +193,8 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// instead of one per commit, with the durable lag still a fraction of a second.
 pub const ASYNC_FLUSH_DELAY: Duration = Duration::from_millis(200);
 const ASYNC_FLUSH_BYTES: u64 = 1 << 20;
+/// When no commit waits, the pause between reads of the socket.
+const ASYNC_READ_PAUSE: Duration = Duration::from_millis(20);
 
 /// The receive loop's state on one timeline.
 struct Receiving {
@@ -249,6 +251,11 @@ async fn stream_timeline(
                 }
                 if let (true, Some(since)) = (was_flushed, state.unflushed_since) {
                     flush_timer.as_mut().reset((since + ASYNC_FLUSH_DELAY).into());
+                }
+                if !*ctx.synchronous.borrow() {
+                    // No commit waits: let the socket gather WAL for a moment,
+                    // so one read takes many messages instead of one a commit.
+                    tokio::time::sleep(ASYNC_READ_PAUSE).await;
                 }
             }
             () = &mut flush_timer, if state.unflushed_since.is_some() => {

@@ -153,10 +153,12 @@ impl Uploader {
             path.display(),
             self.segment_size
         );
-        let (object, info) = self.compress_up_to(segment, path, self.segment_size).await?;
+        self.compress_up_to(segment, path, self.segment_size).await?;
+        // The segment is whole: its pieces become the object (no copy) and
+        // are not kept (a retry after a failed put compresses it again).
+        let building = self.building.lock().await.take().context("no compressed segment")?;
+        let (object, info) = building.pieces.into_object();
         let record = self.store(&segment_key(segment, self.segment_size), object, info, segment).await?;
-        // The segment is whole: its pieces are not needed again.
-        *self.building.lock().await = None;
         let stored_bytes = record.stored_bytes;
         let index = self.index.clone();
         off_runtime(move || index.put_segment(segment, &record)).await?;
@@ -179,13 +181,17 @@ impl Uploader {
         if self.index.segment(segment)?.is_some() {
             return Ok(()); // The complete segment is already stored.
         }
-        let (object, info) = match self.compress_up_to(segment, path, len).await {
-            Ok(done) => done,
+        match self.compress_up_to(segment, path, len).await {
+            Ok(()) => {}
             // Renamed to complete meanwhile: its Complete job follows.
             Err(e) if e.downcast_ref::<std::io::Error>().map(|e| e.kind()) == Some(std::io::ErrorKind::NotFound) => {
                 return Ok(())
             }
             Err(e) => return Err(e),
+        };
+        let (object, info) = match self.building.lock().await.as_mut() {
+            Some(building) => building.pieces.object(),
+            None => anyhow::bail!("no compressed segment"),
         };
         let record = self.store(&partial_segment_key(segment, self.segment_size), object, info, segment).await?;
         let (index, path) = (self.index.clone(), path.to_path_buf());
@@ -205,7 +211,7 @@ impl Uploader {
     /// compressed for an earlier partial upload of the same segment are
     /// reused; only what follows them is read and compressed, a piece at a
     /// time, and each piece goes on to the summarizer.
-    async fn compress_up_to(&self, segment: SegmentId, path: &Path, len: u64) -> anyhow::Result<(Vec<u8>, FrameInfo)> {
+    async fn compress_up_to(&self, segment: SegmentId, path: &Path, len: u64) -> anyhow::Result<()> {
         let mut guard = self.building.lock().await;
         let mut building = match guard.take() {
             Some(b) if b.segment == segment && b.pieces.raw_len() <= len => b,
@@ -222,9 +228,8 @@ impl Uploader {
         .context("join compression task")?;
         // Pieces are whole even when reading failed part way: keep them.
         let (building, outcome) = result;
-        let object = building.pieces.object();
         *guard = Some(building);
-        outcome.map(|()| object)
+        outcome
     }
 
     async fn store(&self, key: &str, object: Vec<u8>, info: FrameInfo, segment: SegmentId) -> anyhow::Result<SegmentRecord> {
@@ -249,7 +254,14 @@ struct Building {
 
 /// How much of a spool file is read, compressed and handed on at a time:
 /// bounds the agent's memory whatever the segment size.
-const PIECE: u64 = 4 << 20;
+const PIECE: u64 = 2 << 20;
+
+/// How long a piece may wait for room in the summarizer's queue. A
+/// summarizer that is briefly busy (naming tables, storing a summary) is
+/// waited for, so it need not read the segment back from the repository;
+/// one that is stuck (the server unreachable for the catalog) never holds
+/// archiving up for longer than this.
+const SUMMARIZER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Reads `building`'s spool file from where its pieces end up to `len`,
 /// adding a compressed piece per [`PIECE`] and offering each to the summarizer.
@@ -269,8 +281,10 @@ fn append_pieces(
         file.read_exact_at(&mut raw, offset).with_context(|| format!("read spool file {}", path.display()))?;
         building.pieces.push(&raw, &mut compressor)?;
         if let Some(summaries) = summaries {
-            // Never waited on: a summarizer that is behind reads the segment back later.
-            let _ = summaries.try_send(SegmentPiece { segment: building.segment, offset, bytes: Arc::new(raw) });
+            // A summarizer that misses the piece reads the segment back later.
+            let piece = SegmentPiece { segment: building.segment, offset, bytes: Arc::new(raw) };
+            let _ = tokio::runtime::Handle::current()
+                .block_on(tokio::time::timeout(SUMMARIZER_WAIT, summaries.send(piece)));
         }
     }
     Ok(())

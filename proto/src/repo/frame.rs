@@ -90,7 +90,8 @@ pub fn encode(raw: &[u8], compression: Compression) -> Result<(Vec<u8>, FrameInf
 pub struct Pieces {
     raw_len: u64,
     crc: crc32fast::Hasher,
-    payload: Vec<u8>,
+    /// The object: a header (rewritten by `object`) and the frames so far.
+    object: Vec<u8>,
 }
 
 impl Default for Pieces {
@@ -101,7 +102,7 @@ impl Default for Pieces {
 
 impl Pieces {
     pub fn new() -> Pieces {
-        Pieces { raw_len: 0, crc: crc32fast::Hasher::new(), payload: Vec::new() }
+        Pieces { raw_len: 0, crc: crc32fast::Hasher::new(), object: vec![0; HEADER_LEN] }
     }
 
     /// Raw bytes taken so far.
@@ -115,20 +116,31 @@ impl Pieces {
             return Ok(());
         }
         let frame = compressor.compress(raw).map_err(|e| FrameError::Compress(e.to_string()))?;
-        self.payload.extend_from_slice(&frame);
+        self.object.extend_from_slice(&frame);
         self.crc.update(raw);
         self.raw_len += raw.len() as u64;
         Ok(())
     }
 
-    /// The object holding every piece so far, and its info.
-    pub fn object(&self) -> (Vec<u8>, FrameInfo) {
+    /// A copy of the object holding every piece so far, and its info.
+    pub fn object(&mut self) -> (Vec<u8>, FrameInfo) {
+        let info = self.write_header();
+        (self.object.clone(), info)
+    }
+
+    /// The object holding every piece, without a copy.
+    pub fn into_object(mut self) -> (Vec<u8>, FrameInfo) {
+        let info = self.write_header();
+        (self.object, info)
+    }
+
+    fn write_header(&mut self) -> FrameInfo {
         let crc32 = self.crc.clone().finalize();
-        let mut out = Vec::with_capacity(HEADER_LEN + self.payload.len());
-        write_header(&mut out, 1, self.raw_len, crc32, self.payload.len() as u64);
-        out.extend_from_slice(&self.payload);
-        let info = FrameInfo { raw_len: self.raw_len, crc32, stored_len: out.len() as u64 };
-        (out, info)
+        let payload_len = (self.object.len() - HEADER_LEN) as u64;
+        let mut header = Vec::with_capacity(HEADER_LEN);
+        write_header(&mut header, 1, self.raw_len, crc32, payload_len);
+        self.object[..HEADER_LEN].copy_from_slice(&header);
+        FrameInfo { raw_len: self.raw_len, crc32, stored_len: self.object.len() as u64 }
     }
 }
 
@@ -243,6 +255,8 @@ mod tests {
             assert_eq!(info.crc32, crc32fast::hash(&raw[..cut]));
             assert_eq!(decode(&object).expect("decode"), &raw[..cut]);
         }
+        let (whole, _) = pieces.into_object();
+        assert_eq!(decode(&whole).expect("decode"), raw);
     }
 
     #[test]
