@@ -228,7 +228,7 @@ impl PolicyArgs {
 /// glibc's allocator keeps up to eight arenas per core and, after a large
 /// block is freed, raises its mmap threshold up to 32 MiB so that later
 /// blocks of that size come from (and stay in) the heap: with a few threads
-/// passing 4 MiB pieces around, freed memory piled up in several arenas.
+/// passing megabyte-sized pieces around, freed memory piled up in several arenas.
 /// Two arenas, and a fixed 512 KiB threshold (large blocks are mapped and
 /// returned to the system when freed), keep the agent's RSS at what it uses.
 fn limit_allocator_footprint() {

@@ -142,8 +142,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let catalog = RelationNames::new(settings.conn.clone(), index.clone())?;
     let summarizer = Summarizer::new(repo.clone(), index.clone(), catalog, meta.wal_segment_size, metrics.clone());
     let summarizer_task = tokio::spawn(summarizer.run(segments));
-    let uploader =
-        Uploader::new(repo.clone(), index.clone(), meta.wal_segment_size, Some(summaries), metrics.clone())?;
+    let uploader = Uploader::new(repo.clone(), index.clone(), meta.wal_segment_size, Some(summaries), metrics.clone())?;
     let uploader_task = tokio::spawn(uploader.run(jobs));
 
     let (stop, mut shutdown) = watch::channel(false);
@@ -156,8 +155,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let _ = stop.send(true);
     });
 
-    let (synchronous, syncrep_task) =
-        crate::syncrep::watch(settings.conn.clone(), settings.application_name.clone());
+    let (synchronous, syncrep_task) = crate::syncrep::watch(settings.conn.clone(), settings.application_name.clone());
     let ctx = StreamContext {
         settings: settings.clone(),
         index: index.clone(),

@@ -157,7 +157,8 @@ impl SegmentWriter {
                 .mode(0o600)
                 .open(&path)
                 .with_context(|| format!("open spool file {}", path.display()))?;
-            preallocate(&file, self.spool.segment_size).with_context(|| format!("fill {} with zeros", path.display()))?;
+            preallocate(&file, self.spool.segment_size)
+                .with_context(|| format!("fill {} with zeros", path.display()))?;
             sync_dir(&self.spool.dir)?;
             self.current = Some(OpenSegment { segment, file, dirty: false });
         }

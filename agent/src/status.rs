@@ -123,9 +123,9 @@ pub async fn repository_view(
 /// a failed read is reported in `error`.
 pub async fn read_facts(repo: &Repository, archived: Option<Lsn>, last_commit: Option<(i64, u64)>) -> RepositoryView {
     let found = async {
-        let ids = catalog::complete_backups(&repo).await?;
+        let ids = catalog::complete_backups(repo).await?;
         let last_backup = match ids.last() {
-            Some(id) => Some(catalog::read_manifest(&repo, id).await?.summary()),
+            Some(id) => Some(catalog::read_manifest(repo, id).await?.summary()),
             None => None,
         };
         let window = window(repo, &ids, archived, last_commit).await?;

@@ -10,6 +10,7 @@ use crate::spool::{SegmentWriter, Spool};
 use crate::uploader::UploadJob;
 use anyhow::Context;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tidemark_proto::replication::{standby_status_update, ServerMessage};
 use tidemark_proto::repo::frame::{self, Compression};
 use tidemark_proto::repo::layout::history_key;
@@ -17,7 +18,6 @@ use tidemark_proto::segment::SegmentId;
 use tidemark_proto::{Lsn, TimelineId};
 use tidemark_repo::Repository;
 use tokio::sync::{mpsc, watch};
-use std::time::{Duration, Instant};
 use tokio::time::MissedTickBehavior;
 use tracing::{info, warn};
 

@@ -4,7 +4,7 @@
 //! under `summaries/` and in the index.
 //!
 //! It runs beside the uploader, fed the bytes of each upload as the uploader
-//! reads them (a piece of at most 4 MiB at a time), and never
+//! reads them (a piece of at most 2 MiB at a time), and never
 //! holds archiving up: if it falls behind or restarts, it reads the segments
 //! it missed back from the repository. A segment's summary is written only
 //! once every record starting in it is complete (the last one may end in the

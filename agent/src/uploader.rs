@@ -7,7 +7,6 @@ use crate::index::{Index, SegmentRecord};
 use crate::summarizer::SegmentPiece;
 use anyhow::Context;
 use std::path::{Path, PathBuf};
-use tokio::sync::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
 use tidemark_proto::repo::frame::{FrameInfo, Pieces};
@@ -16,6 +15,7 @@ use tidemark_proto::segment::SegmentId;
 use tidemark_proto::Lsn;
 use tidemark_repo::Repository;
 use tokio::sync::mpsc;
+use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
 #[derive(Debug, Clone)]
@@ -232,7 +232,13 @@ impl Uploader {
         outcome
     }
 
-    async fn store(&self, key: &str, object: Vec<u8>, info: FrameInfo, segment: SegmentId) -> anyhow::Result<SegmentRecord> {
+    async fn store(
+        &self,
+        key: &str,
+        object: Vec<u8>,
+        info: FrameInfo,
+        segment: SegmentId,
+    ) -> anyhow::Result<SegmentRecord> {
         self.repo.put(key, object).await?;
         let start = segment.start_lsn(self.segment_size);
         Ok(SegmentRecord {

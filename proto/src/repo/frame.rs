@@ -136,10 +136,13 @@ impl Pieces {
 
     fn write_header(&mut self) -> FrameInfo {
         let crc32 = self.crc.clone().finalize();
-        let payload_len = (self.object.len() - HEADER_LEN) as u64;
+        let payload_len = self.object.len().saturating_sub(HEADER_LEN) as u64;
         let mut header = Vec::with_capacity(HEADER_LEN);
         write_header(&mut header, 1, self.raw_len, crc32, payload_len);
-        self.object[..HEADER_LEN].copy_from_slice(&header);
+        // The object always starts with HEADER_LEN bytes set aside for this.
+        for (slot, byte) in self.object.iter_mut().zip(header) {
+            *slot = byte;
+        }
         FrameInfo { raw_len: self.raw_len, crc32, stored_len: self.object.len() as u64 }
     }
 }

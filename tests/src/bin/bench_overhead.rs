@@ -191,6 +191,7 @@ fn measure(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup, seconds: 
         wait_for_catch_up(cluster, archiver);
     }
     let before = started.as_ref().map(|(pid, _)| usage(*pid)).unwrap_or_default();
+    cluster.psql("CHECKPOINT");
     let logs = cluster.dir.path().join("pgbench-logs");
     let mut load = pgbench(cluster, seconds, &logs);
     let mut lags = Vec::new();
@@ -235,7 +236,15 @@ fn quiet_cpu_per_hour(cluster: &Cluster, agent: &AgentSetup, seconds: u64) -> f6
     cluster.psql("ALTER SYSTEM SET synchronous_standby_names = ''");
     cluster.psql("SELECT pg_reload_conf()");
     let running = agent.spawn();
-    std::thread::sleep(Duration::from_secs(5)); // past startup
+    // Past startup: the slot's backlog (the run before) archived, uploaded
+    // and summarized, which shows as the agent going idle.
+    wait_for_catch_up(cluster, &Archiver::Agent { synchronous: false });
+    wait_until("the agent settles after catching up", Duration::from_secs(300), || {
+        let (u0, s0, _, _) = usage(running.pid());
+        std::thread::sleep(Duration::from_secs(3));
+        let (u1, s1, _, _) = usage(running.pid());
+        (u1 + s1 - u0 - s0 < 0.03).then_some(())
+    });
     let (user0, system0, _, _) = usage(running.pid());
     let began = Instant::now();
     while began.elapsed() < Duration::from_secs(seconds) {
@@ -248,6 +257,25 @@ fn quiet_cpu_per_hour(cluster: &Cluster, agent: &AgentSetup, seconds: u64) -> f6
     (user1 + system1 - user0 - system0) * 3600.0 / elapsed
 }
 
+fn print_row(archiver: &Archiver, f: &Figures, base_tps: f64, seconds: u64) {
+    println!(
+        "{:<44} {:>6.0} {:>7.2} {:>8.2} {:>8.2} {:>8.1}% {:>6} MiB {:>7} MiB {:>8} KB {:>8} KB {:>9.2} {:>9.2}  catch-up {:.1} s",
+        archiver.name(),
+        f.tps,
+        f.tps / base_tps.max(1e-9),
+        f.user,
+        f.system,
+        (f.user + f.system) * 100.0 / seconds as f64,
+        f.peak_rss_kib / 1024,
+        f.final_rss_kib / 1024,
+        f.lag_median / 1000,
+        f.lag_max / 1000,
+        f.latency_p50_us as f64 / 1000.0,
+        f.latency_p99_us as f64 / 1000.0,
+        f.catch_up
+    );
+}
+
 fn main() {
     let seconds: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(30);
     let scale: u32 = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(50);
@@ -258,14 +286,16 @@ fn main() {
     std::fs::create_dir_all(&base).expect("mkdir");
     let agent = AgentSetup::new(&base, cluster.url("postgres"));
     agent.init();
-    let runs = [
-        Archiver::None,
+    // Runs without an archiver between the others: each archiver's TPS is
+    // compared with the mean of the runs beside it, so drift over the run
+    // (table growth, the machine's other load) does not favour the first.
+    let archivers = [
         Archiver::Receivewal { synchronous: false },
         Archiver::Agent { synchronous: false },
         Archiver::Receivewal { synchronous: true },
         Archiver::Agent { synchronous: true },
     ];
-    println!("pgbench scale {scale}, -c 4 -j 2, {seconds} s per run");
+    println!("pgbench scale {scale}, -c 4 -j 2, {seconds} s per run, a CHECKPOINT before each");
     println!(
         "{:<44} {:>6} {:>7} {:>8} {:>8} {:>9} {:>9} {:>11} {:>11} {:>9} {:>9} {:>9}",
         "",
@@ -281,26 +311,14 @@ fn main() {
         "p50 ms",
         "p99 ms"
     );
-    let mut baseline = None;
-    for archiver in &runs {
+    let mut before = measure(&cluster, &Archiver::None, &agent, seconds);
+    print_row(&Archiver::None, &before, before.tps, seconds);
+    for archiver in &archivers {
         let f = measure(&cluster, archiver, &agent, seconds);
-        let base_tps = *baseline.get_or_insert(f.tps);
-        println!(
-            "{:<44} {:>6.0} {:>7.2} {:>8.2} {:>8.2} {:>8.1}% {:>6} MiB {:>7} MiB {:>8} KB {:>8} KB {:>9.2} {:>9.2}  catch-up {:.1} s",
-            archiver.name(),
-            f.tps,
-            f.tps / base_tps.max(1e-9),
-            f.user,
-            f.system,
-            (f.user + f.system) * 100.0 / seconds as f64,
-            f.peak_rss_kib / 1024,
-            f.final_rss_kib / 1024,
-            f.lag_median / 1000,
-            f.lag_max / 1000,
-            f.latency_p50_us as f64 / 1000.0,
-            f.latency_p99_us as f64 / 1000.0,
-            f.catch_up
-        );
+        let after = measure(&cluster, &Archiver::None, &agent, seconds);
+        print_row(archiver, &f, (before.tps + after.tps) / 2.0, seconds);
+        print_row(&Archiver::None, &after, after.tps, seconds);
+        before = after;
     }
     let quiet_seconds: u64 = std::env::args().nth(3).and_then(|s| s.parse().ok()).unwrap_or(240);
     let quiet = quiet_cpu_per_hour(&cluster, &agent, quiet_seconds);
