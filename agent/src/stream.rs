@@ -203,6 +203,8 @@ struct Receiving {
     /// The flushed position last sent to the server.
     last_reported: Lsn,
     last_progress_write: Instant,
+    /// A progress write was skipped (at most one a second): the next is due.
+    progress_due: bool,
     /// When the oldest written but not yet fsynced byte arrived.
     unflushed_since: Option<Instant>,
     /// At the spool limit nothing more is read: the flushed position (and so
@@ -231,6 +233,7 @@ async fn stream_timeline(
         writer,
         server_lsn: start,
         last_progress_write: Instant::now(),
+        progress_due: false,
         unflushed_since: None,
         paused: false,
     };
@@ -260,6 +263,11 @@ async fn stream_timeline(
             }
             () = &mut flush_timer, if state.unflushed_since.is_some() => {
                 flush_and_report(ctx, conn, &mut state, false).await?;
+            }
+            () = tokio::time::sleep_until((state.last_progress_write + PROGRESS_INTERVAL).into()), if state.progress_due => {
+                record_progress(ctx, &state.writer, state.server_lsn)?;
+                state.last_progress_write = Instant::now();
+                state.progress_due = false;
             }
             _ = status_tick.tick() => {
                 if ctx.settings.spool_limit.is_some() {
@@ -375,10 +383,14 @@ async fn report(ctx: &StreamContext, conn: &mut Connection, state: &mut Receivin
     state.last_reported = state.writer.flushed();
     ctx.metrics.streamed(state.writer.timeline().0, state.server_lsn, state.writer.flushed());
     // The index's progress is for `status` and for resuming after a crash
-    // (which the spool decides anyway): once a second is plenty.
+    // (which the spool decides anyway): once a second is plenty, and a
+    // skipped write follows within the second.
     if state.last_progress_write.elapsed() >= PROGRESS_INTERVAL {
         record_progress(ctx, &state.writer, state.server_lsn)?;
         state.last_progress_write = Instant::now();
+        state.progress_due = false;
+    } else {
+        state.progress_due = true;
     }
     Ok(())
 }

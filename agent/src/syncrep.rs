@@ -19,7 +19,7 @@ use tidemark_proto::conninfo::ConnParams;
 use tokio::sync::watch;
 use tracing::{debug, info};
 
-pub const CHECK_INTERVAL: Duration = Duration::from_secs(30);
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Whether `setting` (a `synchronous_standby_names` value) can make a
 /// standby named `application_name` synchronous. The forms are `a, b`,
