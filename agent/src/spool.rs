@@ -243,8 +243,12 @@ mod tests {
         assert_eq!(std::fs::metadata(&completed[0].path).expect("stat").len(), SIZE);
         assert_eq!(writer.flushed(), Lsn(2 * SIZE), "a completed segment is flushed");
         assert_eq!(writer.flush().expect("flush"), Lsn(2 * SIZE + 200));
-        let (segment, _, len) = writer.partial().expect("partial");
+        let (segment, path, len) = writer.partial().expect("partial");
         assert_eq!((segment.segment_no, len), (2, 200));
+        // The file being filled was made whole (zeros) when created; its data is in place.
+        let bytes = std::fs::read(&path).expect("read partial");
+        assert_eq!(bytes.len() as u64, SIZE);
+        assert!(bytes[..200].iter().all(|b| *b == 8) && bytes[200..].iter().all(|b| *b == 0));
         // The newest file is a .partial: resume from its segment start.
         assert_eq!(spool.resume_point().expect("resume"), Some((tli, Lsn(2 * SIZE))));
         let files = spool.scan().expect("scan");

@@ -193,8 +193,10 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// instead of one per commit, with the durable lag still a fraction of a second.
 pub const ASYNC_FLUSH_DELAY: Duration = Duration::from_millis(200);
 const ASYNC_FLUSH_BYTES: u64 = 1 << 20;
-/// When no commit waits, the pause between reads of the socket.
+/// When no commit waits, the pause between reads of the socket after a
+/// batch smaller than `ASYNC_READ_PAUSE_BELOW` bytes.
 const ASYNC_READ_PAUSE: Duration = Duration::from_millis(20);
+const ASYNC_READ_PAUSE_BELOW: u64 = 256 * 1024;
 
 /// The receive loop's state on one timeline.
 struct Receiving {
@@ -249,15 +251,19 @@ async fn stream_timeline(
         tokio::select! {
             event = conn.recv_copy(), if !state.paused => {
                 let was_flushed = state.unflushed_since.is_none();
+                let received_before = state.writer.position();
                 if receive_batch(ctx, conn, &mut state, event?).await? {
                     return end_of_timeline(ctx, conn, &mut state.writer).await.map(Some);
                 }
                 if let (true, Some(since)) = (was_flushed, state.unflushed_since) {
                     flush_timer.as_mut().reset((since + ASYNC_FLUSH_DELAY).into());
                 }
-                if !*ctx.synchronous.borrow() {
-                    // No commit waits: let the socket gather WAL for a moment,
-                    // so one read takes many messages instead of one a commit.
+                let small = state.writer.position().0 - received_before.0 < ASYNC_READ_PAUSE_BELOW;
+                if small && !*ctx.synchronous.borrow() {
+                    // No commit waits and the stream is not behind: let the
+                    // socket gather WAL for a moment, so one read takes many
+                    // messages instead of one a commit. (A backlog comes in
+                    // large batches and is read without pauses.)
                     tokio::time::sleep(ASYNC_READ_PAUSE).await;
                 }
             }

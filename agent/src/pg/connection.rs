@@ -347,7 +347,7 @@ impl Connection {
     }
 
     async fn fill(&mut self) -> Result<(), PgError> {
-        self.read_buf.reserve(128 * 1024);
+        self.read_buf.reserve(256 * 1024);
         let n = self.stream.read_buf(&mut self.read_buf).await?;
         if n == 0 {
             return Err(PgError::Io(std::io::Error::new(
