@@ -187,11 +187,13 @@ fn measure(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup, seconds: 
     }
     // Each archiver's slot kept the WAL of the runs before it: let it catch
     // up first, so the run measures the load, not that backlog.
-    if started.is_some() {
+    if let Some((pid, _)) = &started {
         wait_for_catch_up(cluster, archiver);
+        // The agent goes on uploading and summarizing what it just received.
+        wait_until_idle(*pid);
     }
-    let before = started.as_ref().map(|(pid, _)| usage(*pid)).unwrap_or_default();
     cluster.psql("CHECKPOINT");
+    let before = started.as_ref().map(|(pid, _)| usage(*pid)).unwrap_or_default();
     let logs = cluster.dir.path().join("pgbench-logs");
     let mut load = pgbench(cluster, seconds, &logs);
     let mut lags = Vec::new();
@@ -231,6 +233,17 @@ fn measure(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup, seconds: 
     }
 }
 
+/// Waits until `pid` used under 30 ms of CPU in 3 s: an agent that caught
+/// up with the stream has also stored and summarized what it received.
+fn wait_until_idle(pid: u32) {
+    wait_until("the archiver goes idle", Duration::from_secs(600), || {
+        let (u0, s0, _, _) = usage(pid);
+        std::thread::sleep(Duration::from_secs(3));
+        let (u1, s1, _, _) = usage(pid);
+        (u1 + s1 - u0 - s0 < 0.03).then_some(())
+    });
+}
+
 /// CPU seconds the agent uses per hour on a database with one commit a second.
 fn quiet_cpu_per_hour(cluster: &Cluster, agent: &AgentSetup, seconds: u64) -> f64 {
     cluster.psql("ALTER SYSTEM SET synchronous_standby_names = ''");
@@ -239,12 +252,7 @@ fn quiet_cpu_per_hour(cluster: &Cluster, agent: &AgentSetup, seconds: u64) -> f6
     // Past startup: the slot's backlog (the run before) archived, uploaded
     // and summarized, which shows as the agent going idle.
     wait_for_catch_up(cluster, &Archiver::Agent { synchronous: false });
-    wait_until("the agent settles after catching up", Duration::from_secs(300), || {
-        let (u0, s0, _, _) = usage(running.pid());
-        std::thread::sleep(Duration::from_secs(3));
-        let (u1, s1, _, _) = usage(running.pid());
-        (u1 + s1 - u0 - s0 < 0.03).then_some(())
-    });
+    wait_until_idle(running.pid());
     let (user0, system0, _, _) = usage(running.pid());
     let began = Instant::now();
     while began.elapsed() < Duration::from_secs(seconds) {
