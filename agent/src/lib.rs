@@ -40,6 +40,7 @@ pub mod mark;
 pub mod metrics;
 pub mod pg;
 pub mod preflight;
+pub mod priority;
 pub mod relnames;
 pub mod service;
 pub mod spool;

@@ -172,7 +172,7 @@ impl Summarizer {
         // Decoding is CPU work: off the async threads, so the replication
         // stream's keepalives are never held up behind it.
         let (decoding, building) = tokio::task::spawn_blocking(move || {
-            crate::uploader::background_priority();
+            crate::priority::background_priority();
             decode(decoding, building, segment, segment_size, &bytes)
         })
         .await
@@ -212,7 +212,7 @@ impl Summarizer {
             let catalog = &self.catalog;
             let summary = builder.finish(timeline.0, segment.start_lsn(self.segment_size), |rel| catalog.naming(rel));
             let (object, summary) = tokio::task::spawn_blocking(move || {
-                crate::uploader::background_priority();
+                crate::priority::background_priority();
                 let json = summary.to_json()?;
                 anyhow::Ok((frame::encode(&json, Compression::Zstd { level: 3 })?.0, summary))
             })

@@ -221,7 +221,7 @@ impl Uploader {
         let summaries = self.summaries.clone();
         let path = path.to_path_buf();
         let result = tokio::task::spawn_blocking(move || {
-            background_priority();
+            crate::priority::background_priority();
             let outcome = append_pieces(&mut building, &path, len, &compressor, summaries.as_ref());
             (building, outcome)
         })
@@ -251,28 +251,6 @@ impl Uploader {
             archived_at_unix: crate::clock::now_unix(),
         })
     }
-}
-
-/// Lowers the calling thread's CPU priority (nice 10), once per thread.
-/// Compressing and decoding WAL can wait for idle CPU: on a small host they
-/// would otherwise take cores from the database whose WAL they handle. The
-/// receive loop (fsync and reply) keeps its normal priority; the spool
-/// holds what the background work has not reached yet.
-pub fn background_priority() {
-    thread_local! {
-        static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    }
-    LOWERED.with(|lowered| {
-        if !lowered.get() {
-            // SAFETY: setpriority only changes this thread's nice value (on
-            // Linux, PRIO_PROCESS with a thread id applies to that thread).
-            unsafe {
-                let tid = libc::gettid();
-                libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
-            }
-            lowered.set(true);
-        }
-    });
 }
 
 /// The segment whose compressed pieces the uploader keeps between uploads.
