@@ -46,7 +46,8 @@ pub struct Uploader {
     /// a fresh allocation of its tables each time).
     compressor: Arc<std::sync::Mutex<zstd::bulk::Compressor<'static>>>,
     /// Where the bytes read for each upload go to be summarized for the audit.
-    /// Never waited on: when it is behind, the summarizer reads the segment back later.
+    /// Waited on for at most `SUMMARIZER_WAIT`: a summarizer that misses a
+    /// piece reads the segment back from the repository later.
     summaries: Option<mpsc::Sender<SegmentPiece>>,
     metrics: Arc<crate::metrics::Metrics>,
     /// The compressed pieces of the segment being filled, kept between its uploads.
