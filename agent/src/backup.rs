@@ -4,19 +4,25 @@
 //!
 //! Chunks are compressed and stored concurrently (a few at a time, on all
 //! cores) while the stream continues; a chunk equal to the previous backup's
-//! chunk at the same place is referenced instead of stored again.
+//! chunk at the same place is referenced instead of stored again. An
+//! incremental backup stores only the changed blocks of relation files
+//! (`incremental.rs`).
 
 use crate::config::Settings;
+use crate::incremental::BlockFilter;
 use crate::pg::{session, Connection, QueryEvent};
 use anyhow::Context;
+use std::collections::HashMap;
 use std::sync::Arc;
 use tidemark_proto::base_backup::{self, BackupMessage, BackupResults, Row};
 use tidemark_proto::repo::backup::{
     chunk_key, manifest_key, pg_manifest_key, BackupFile, BackupManifest, ChunkRef, FileKind, CHUNK_SIZE,
-    FORMAT_VERSION,
+    FORMAT_VERSION, INCREMENTAL_FORMAT_VERSION,
 };
+use tidemark_proto::repo::chain::{is_block_file, BLOCK_SIZE};
 use tidemark_proto::repo::frame::{self, Compression};
 use tidemark_proto::tar::{EntryKind, TarEvent, TarReader};
+use tidemark_proto::Lsn;
 use tidemark_repo::progress::Progress;
 use tidemark_repo::Fail;
 use tidemark_repo::{catalog, Repository};
@@ -29,12 +35,19 @@ struct OpenFile {
     file: BackupFile,
     buffer: Vec<u8>,
     chunk_index: usize,
+    /// Set when the file is stored block by block (incremental backups).
+    blocks: Option<BlockFilter>,
 }
 
 struct Receiver<'a> {
     repo: Repository,
     id: String,
-    previous: Option<&'a BackupManifest>,
+    /// The previous backup's files, for reusing unchanged chunks.
+    previous: HashMap<(&'a str, &'a str), &'a BackupFile>,
+    /// The start of the backup this one is incremental on.
+    base_start: Option<Lsn>,
+    /// Relation blocks received, and those stored (incremental backups).
+    relation_blocks: (u64, u64),
     archive: String,
     tar: TarReader,
     open: Option<OpenFile>,
@@ -59,6 +72,7 @@ impl Receiver<'_> {
                         EntryKind::Symlink { target } => (FileKind::Symlink, Some(target)),
                     };
                     self.bytes += header.size;
+                    let blocks = self.block_filter(&header.path, header.size, &kind);
                     self.open = Some(OpenFile {
                         file: BackupFile {
                             archive: self.archive.clone(),
@@ -69,15 +83,20 @@ impl Receiver<'_> {
                             mtime_unix: header.mtime_unix,
                             link_target,
                             chunks: Vec::new(),
+                            blocks: None,
                         },
                         buffer: Vec::new(),
                         chunk_index: 0,
+                        blocks,
                     });
                 }
                 TarEvent::Data(bytes) => {
                     let full = {
                         let open = self.open.as_mut().context("tar data outside a file")?;
-                        open.buffer.extend_from_slice(&bytes);
+                        match open.blocks.as_mut() {
+                            Some(filter) => filter.feed(&bytes, &mut open.buffer),
+                            None => open.buffer.extend_from_slice(&bytes),
+                        }
                         open.buffer.len() >= CHUNK_SIZE
                     };
                     if full {
@@ -88,13 +107,31 @@ impl Receiver<'_> {
                     if self.open.as_ref().is_some_and(|o| !o.buffer.is_empty()) {
                         self.flush_chunk().await?;
                     }
-                    let open = self.open.take().context("end of an entry that never began")?;
+                    let mut open = self.open.take().context("end of an entry that never began")?;
+                    if let Some(filter) = open.blocks.take() {
+                        let (ranges, blocks) = filter.finish()?;
+                        self.relation_blocks.0 += blocks;
+                        self.relation_blocks.1 += ranges.iter().map(|[_, count]| u64::from(*count)).sum::<u64>();
+                        open.file.blocks = Some(ranges);
+                    }
                     self.files.push(open.file);
                 }
                 TarEvent::End => {}
             }
         }
         Ok(())
+    }
+
+    /// A filter when the file is a relation file the base backup has whole
+    /// blocks of: an incremental backup stores only its changed blocks.
+    fn block_filter(&self, path: &str, size: u64, kind: &FileKind) -> Option<BlockFilter> {
+        let base_start = self.base_start?;
+        if *kind != FileKind::File || !size.is_multiple_of(BLOCK_SIZE) || !is_block_file(&self.archive, path) {
+            return None;
+        }
+        let old = self.previous.get(&(self.archive.as_str(), path))?;
+        (old.kind == FileKind::File && old.size.is_multiple_of(BLOCK_SIZE))
+            .then(|| BlockFilter::new(base_start, old.size))
     }
 
     /// Stores (or reuses) the buffered chunk of the open file.
@@ -105,9 +142,11 @@ impl Receiver<'_> {
         let crc32c = crc32c::crc32c(&raw);
         let index = open.chunk_index;
         open.chunk_index += 1;
-        let reusable = self
-            .previous
-            .and_then(|p| p.file(&open.file.archive, &open.file.path))
+        // A chunk of changed blocks is never the same place of the same file.
+        let reusable = Some(&*open)
+            .filter(|open| open.blocks.is_none())
+            .and_then(|open| self.previous.get(&(open.file.archive.as_str(), open.file.path.as_str())))
+            .filter(|f| f.blocks.is_none())
             .and_then(|f| f.chunks.get(index))
             .filter(|c| c.raw_len == raw.len() as u64 && c.crc32 == crc32 && c.crc32c == crc32c)
             .cloned();
@@ -167,7 +206,7 @@ pub async fn schedule(
             _ = shutdown.changed() => return,
         }
         tokio::select! {
-            result = backup(&settings, None) => {
+            result = backup(&settings, None, false) => {
                 reporting.metrics.backup_done(result.is_ok());
                 if result.is_ok() {
                     expire_after_backup(&settings, &reporting.metrics).await;
@@ -232,7 +271,7 @@ fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Result<BackupManifest> {
+pub async fn backup(settings: &Settings, label: Option<String>, full: bool) -> anyhow::Result<BackupManifest> {
     let _lock = crate::lock::lock_file(&settings.state_dir, "backup.lock", "another backup")?;
     let (repo, repo_meta) = settings.open_repository().await?;
     let mut conn = session::connect_replication(&settings.conn).await?;
@@ -256,6 +295,15 @@ pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Resul
         Some(id) => Some(catalog::read_manifest(&repo, id).await?),
         None => None,
     };
+    let base = crate::incremental::choose_base(
+        &repo,
+        previous.as_ref(),
+        settings.max_incremental_chain,
+        full,
+        facts.server_version_num,
+        identity.timeline,
+    )
+    .await?;
     let mut id = crate::clock::backup_id(time::OffsetDateTime::now_utc());
     if repo.exists(&manifest_key(&id)).await? {
         id.push_str("-2");
@@ -271,7 +319,9 @@ pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Resul
     let receiver = Receiver {
         repo: repo.clone(),
         id: id.clone(),
-        previous: previous.as_ref(),
+        previous: previous.iter().flat_map(|p| &p.files).map(|f| ((f.archive.as_str(), f.path.as_str()), f)).collect(),
+        base_start: base.as_ref().map(|b| b.start_lsn),
+        relation_blocks: (0, 0),
         archive: String::new(),
         tar: TarReader::new(),
         open: None,
@@ -285,38 +335,74 @@ pub async fn backup(settings: &Settings, label: Option<String>) -> anyhow::Resul
     let mut stream = BackupStream::new(receiver, legacy);
     stream.run(&mut conn).await?;
     conn.close().await;
-    let BackupStream { mut receiver, results, pg_manifest, .. } = stream;
+    let BackupStream { receiver, results, pg_manifest, .. } = stream;
+    let facts = Finished { id, label, start_time, system_identifier: identity.system_identifier, facts };
+    finish(&repo, receiver, results, pg_manifest, base.as_ref(), facts).await
+}
+
+/// What the backup knew before the stream began.
+struct Finished {
+    id: String,
+    label: String,
+    start_time: String,
+    system_identifier: String,
+    facts: crate::preflight::ServerFacts,
+}
+
+/// Waits for the uploads, then stores the server's manifest and ours (last:
+/// only then does the backup exist).
+async fn finish(
+    repo: &Repository,
+    mut receiver: Receiver<'_>,
+    results: BackupResults,
+    pg_manifest: Vec<u8>,
+    base: Option<&BackupManifest>,
+    known: Finished,
+) -> anyhow::Result<BackupManifest> {
     while let Some(done) = receiver.uploads.join_next().await {
         receiver.stored_bytes += done.context("join upload task")??;
     }
     let (start_lsn, timeline) = results.start.context("BASE_BACKUP sent no start position")?;
     let end_lsn = results.end.context("BASE_BACKUP sent no end position")?;
     anyhow::ensure!(!pg_manifest.is_empty(), "the server sent no backup_manifest");
+    if let Some(base) = base {
+        // The server switched timelines between IDENTIFY_SYSTEM and the backup.
+        anyhow::ensure!(
+            base.timeline == timeline && base.start_lsn < start_lsn,
+            "the server moved to timeline {timeline} while the backup began; take it again (it will be full)"
+        );
+        let (blocks, stored) = receiver.relation_blocks;
+        info!(base = %base.id, blocks, stored, "relation blocks stored (the others come from the base)");
+    }
+    let id = known.id;
     let (object, info) = frame::encode(&pg_manifest, Compression::Zstd { level: 3 })?;
     repo.put(&pg_manifest_key(&id), object).await?;
     let manifest = BackupManifest {
-        format_version: FORMAT_VERSION,
+        format_version: if base.is_some() { INCREMENTAL_FORMAT_VERSION } else { FORMAT_VERSION },
         id: id.clone(),
-        label,
-        system_identifier: identity.system_identifier,
-        server_version_num: facts.server_version_num,
+        label: known.label,
+        system_identifier: known.system_identifier,
+        server_version_num: known.facts.server_version_num,
         timeline,
         start_lsn,
         end_lsn,
-        start_time,
+        start_time: known.start_time,
         end_time: crate::clock::now_rfc3339(),
         tablespaces: results.manifest_tablespaces(),
         files: receiver.files,
         pg_manifest_key: pg_manifest_key(&id),
         bytes: receiver.bytes,
         stored_bytes: receiver.stored_bytes + info.stored_len,
+        base: base.map(|b| b.id.clone()),
     };
     // Written last: only now does the backup exist.
     let (object, _) = frame::encode(&manifest.to_json()?, Compression::Zstd { level: 3 })?;
     repo.put(&manifest_key(&id), object).await?;
     info!(%id, bytes = manifest.bytes, stored_bytes = manifest.stored_bytes, "base backup complete");
-    let summary = format!("backup {id} ({}), WAL {} to {}", manifest.label, manifest.start_lsn, manifest.end_lsn);
-    tidemark_repo::events::record(&repo, "backup", summary, serde_json::to_value(manifest.summary())?).await;
+    let kind = manifest.base.as_ref().map_or("full".to_string(), |b| format!("incremental on {b}"));
+    let summary =
+        format!("backup {id} ({}, {kind}), WAL {} to {}", manifest.label, manifest.start_lsn, manifest.end_lsn);
+    tidemark_repo::events::record(repo, "backup", summary, serde_json::to_value(manifest.summary())?).await;
     Ok(manifest)
 }
 

@@ -39,6 +39,10 @@ struct Args {
     /// The checkpoint a base backup starts with: fast (default) or spread.
     #[arg(long, global = true, env = "TIDEMARK_BACKUP_CHECKPOINT")]
     backup_checkpoint: Option<String>,
+    /// Most incremental backups in a row on one full backup (default 7; 0:
+    /// every backup is full).
+    #[arg(long, global = true, env = "TIDEMARK_MAX_INCREMENTAL_CHAIN")]
+    max_incremental_chain: Option<u32>,
     /// Key file of an encrypted repository: 64 hex digits (`keygen`) or a
     /// passphrase. Repeat it (or separate paths with `:` in the variable)
     /// to give old keys after a rotation; the current key must be among them.
@@ -78,11 +82,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Take one base backup now.
+    /// Take one base backup now: incremental on the newest backup when it
+    /// can be (see max_incremental_chain), else full.
     Backup {
         /// A label for the backup (written to backup_label too).
         #[arg(long)]
         label: Option<String>,
+        /// A full backup even when an incremental one could be taken.
+        #[arg(long)]
+        full: bool,
         #[arg(long)]
         json: bool,
     },
@@ -301,14 +309,18 @@ async fn dispatch(args: Args) -> anyhow::Result<()> {
             let retention = policy.into_config().over(settings.retention.clone());
             crate::expire::run(&settings, retention, dry_run, json).await
         }
-        Command::Backup { label, json } => {
-            let manifest = crate::backup::backup(&settings, label).await?;
+        Command::Backup { label, full, json } => {
+            let manifest = crate::backup::backup(&settings, label, full).await?;
             if json {
                 // Through a JSON value, whose maps keep their keys sorted.
                 println!("{:#}", serde_json::to_value(manifest.summary())?);
             } else {
+                let kind = match &manifest.base {
+                    Some(base) => format!("incremental on {base}"),
+                    None => "full".to_string(),
+                };
                 println!(
-                    "backup {} ({}): {} files, {} bytes, {} bytes stored; WAL {} to {} on timeline {}",
+                    "backup {} ({}, {kind}): {} files, {} bytes, {} bytes stored; WAL {} to {} on timeline {}",
                     manifest.id,
                     manifest.label,
                     manifest.files.len(),
@@ -467,6 +479,7 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         partial_upload_interval_secs: args.partial_upload_interval,
         backup_interval_secs: args.backup_interval,
         backup_checkpoint: args.backup_checkpoint.clone(),
+        max_incremental_chain: args.max_incremental_chain,
         key_files: args.key_files.clone(),
         spool_limit_mb: args.spool_limit_mb,
         no_delete: args.no_delete,

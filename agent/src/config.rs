@@ -23,6 +23,8 @@ pub struct FileConfig {
     pub backup_interval_secs: Option<u64>,
     /// `fast` or `spread`: the checkpoint a base backup starts with.
     pub backup_checkpoint: Option<String>,
+    /// Most incremental backups in a row before the next is full (default 7; 0: always full).
+    pub max_incremental_chain: Option<u32>,
     /// Key files of an encrypted repository (the current key and any older ones).
     pub key_files: Option<Vec<PathBuf>>,
     /// Most WAL (MiB) the spool holds waiting for the repository; 0 = no limit.
@@ -169,6 +171,7 @@ pub struct CliConfig {
     pub partial_upload_interval_secs: Option<u64>,
     pub backup_interval_secs: Option<u64>,
     pub backup_checkpoint: Option<String>,
+    pub max_incremental_chain: Option<u32>,
     pub key_files: Vec<PathBuf>,
     pub spool_limit_mb: Option<u64>,
     pub no_delete: bool,
@@ -192,6 +195,8 @@ pub struct Settings {
     /// let it spread over checkpoint_completion_target (`spread`: less I/O
     /// burst, but the backup may wait minutes to start).
     pub backup_fast_checkpoint: bool,
+    /// Most incremental backups in a row on one full backup (0: every backup is full).
+    pub max_incremental_chain: u32,
     /// Key files of an encrypted repository; empty for a plain one.
     pub key_files: Vec<PathBuf>,
     /// Most complete-segment bytes the spool holds waiting for the
@@ -220,6 +225,10 @@ impl Settings {
 
 pub const DEFAULT_CONFIG: &str = "tidemark.toml";
 
+/// A week of daily incremental backups on one full one: a restore reads at
+/// most eight backups, and a full one still comes weekly.
+pub const DEFAULT_MAX_INCREMENTAL_CHAIN: u32 = 7;
+
 pub fn load_file(path: Option<&Path>) -> Result<FileConfig, Fail> {
     let (path, explicit) = match path {
         Some(p) => (p.to_path_buf(), true),
@@ -229,7 +238,7 @@ pub fn load_file(path: Option<&Path>) -> Result<FileConfig, Fail> {
         Ok(text) => toml::from_str(&text).map_err(|e| {
             Fail::new(
                 format!("config file {} is invalid: {}", path.display(), e.message()),
-                "fix the file; known keys are repo, pg_url, state_dir, slot, application_name, partial_upload_interval_secs, status_interval_secs, backup_interval_secs, backup_checkpoint, key_files, spool_limit_mb, no_delete, lease_secs, listen, a [retention] table (recovery_window, keep_daily, keep_weekly, keep_monthly, min_backups, audit_window, orphan_grace) and a [drill] table (interval, target, check_sql, check_database, check_cmd, scratch_dir, pg_bin, timeout)",
+                "fix the file; known keys are repo, pg_url, state_dir, slot, application_name, partial_upload_interval_secs, status_interval_secs, backup_interval_secs, backup_checkpoint, max_incremental_chain, key_files, spool_limit_mb, no_delete, lease_secs, listen, a [retention] table (recovery_window, keep_daily, keep_weekly, keep_monthly, min_backups, audit_window, orphan_grace) and a [drill] table (interval, target, check_sql, check_database, check_cmd, scratch_dir, pg_bin, timeout)",
             )
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(FileConfig::default()),
@@ -311,6 +320,10 @@ pub fn resolve(file: FileConfig, cli: CliConfig, env: &BTreeMap<String, String>)
             secs => Some(Duration::from_secs(secs)),
         },
         backup_fast_checkpoint,
+        max_incremental_chain: cli
+            .max_incremental_chain
+            .or(file.max_incremental_chain)
+            .unwrap_or(DEFAULT_MAX_INCREMENTAL_CHAIN),
         key_files: if cli.key_files.is_empty() { file.key_files.unwrap_or_default() } else { cli.key_files },
         spool_limit: match cli.spool_limit_mb.or(file.spool_limit_mb).unwrap_or(0) {
             0 => None,

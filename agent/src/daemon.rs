@@ -309,7 +309,7 @@ async fn skip_gap(ctx: &StreamContext) -> anyhow::Result<()> {
     tidemark_repo::events::record(&ctx.repo, "gap", summary, details).await;
     let settings = ctx.settings.clone();
     tokio::spawn(async move {
-        match crate::backup::backup(&settings, Some("after an archive gap".into())).await {
+        match crate::backup::backup(&settings, Some("after an archive gap".into()), true).await {
             Ok(manifest) => info!(id = %manifest.id, "base backup after the gap done"),
             Err(e) => error!("the base backup after the gap failed: {e:#}"),
         }

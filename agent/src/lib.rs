@@ -31,6 +31,7 @@ pub mod config;
 pub mod daemon;
 pub mod drill;
 pub mod expire;
+pub mod incremental;
 pub mod index;
 pub mod init;
 pub mod keys;

@@ -24,6 +24,33 @@ pub async fn read_manifest(repo: &Repository, id: &str) -> Result<BackupManifest
     BackupManifest::from_json(&raw).map_err(|reason| RepoError::Corrupt { key, reason })
 }
 
+/// A backup and every backup it is incremental on, newest first, ending at
+/// a full backup (just `[backup]` for a full one), checked to link up
+/// (`tidemark_proto::repo::chain::Chain::new`). A missing base is named.
+pub async fn read_chain(repo: &Repository, backup: &BackupManifest) -> Result<Vec<BackupManifest>, RepoError> {
+    let mut chain = vec![backup.clone()];
+    while let Some(base) = chain.last().and_then(|b| b.base.clone()) {
+        // A chain longer than any max_incremental_chain is a loop in edited manifests.
+        if chain.len() > 1000 {
+            return Err(RepoError::Corrupt {
+                key: manifest_key(&backup.id),
+                reason: "its chain of bases loops".into(),
+            });
+        }
+        let manifest = read_manifest(repo, &base).await.map_err(|e| match e {
+            RepoError::NoSuchBackup(_) => RepoError::Corrupt {
+                key: manifest_key(&base),
+                reason: format!("missing: backup {} is incremental on it", chain.last().map_or("", |b| b.id.as_str())),
+            },
+            other => other,
+        })?;
+        chain.push(manifest);
+    }
+    tidemark_proto::repo::chain::Chain::new(&chain)
+        .map_err(|reason| RepoError::Corrupt { key: manifest_key(&backup.id), reason })?;
+    Ok(chain)
+}
+
 /// One archived WAL object: complete segments end at the segment end,
 /// partial objects where their durable prefix ends.
 #[derive(Clone, Debug, PartialEq, Eq)]

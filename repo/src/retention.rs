@@ -20,6 +20,9 @@
 //!   A partial object whose complete segment exists is superseded.
 //! - **Summaries**: as long as their WAL, or for `audit_window` if longer.
 //! - **Chunks** of a dropped backup that a kept backup references.
+//! - **Bases**: a kept incremental backup keeps every backup it is based on
+//!   (its unchanged blocks are theirs), each with its own WAL from start to
+//!   end so that it stays listed and restorable to its consistent point.
 //! - Objects of a backup without `backup.json` younger than `orphan_grace`
 //!   (a backup in progress); older ones, staging files and old lease claims
 //!   are orphans.
@@ -209,6 +212,22 @@ impl Keeper<'_> {
         self.kept.entry(backup.id.clone()).or_default().push(reason.into());
     }
 
+    /// Every backup a kept incremental backup is based on, down to its full
+    /// backup, is kept too.
+    fn keep_bases_of(&mut self, id: &str) {
+        let by_id: BTreeMap<&str, &BackupManifest> =
+            self.inventory.backups.iter().map(|b| (b.id.as_str(), b)).collect();
+        let mut current = by_id.get(id).and_then(|b| b.base.as_deref());
+        while let Some(base) = current {
+            let Some(backup) = by_id.get(base) else {
+                self.warnings.push(format!("backup {id} is based on {base}, which is not in the repository"));
+                return;
+            };
+            self.keep(backup, format!("base of {id}"));
+            current = backup.base.as_deref();
+        }
+    }
+
     /// A backup kept only to its consistent point: its own WAL.
     fn keep_consistency_wal(&mut self, backup: &BackupManifest) {
         let steps = history(&self.inventory.timelines, backup.timeline).unwrap_or_default();
@@ -251,6 +270,19 @@ impl Keeper<'_> {
         for (backup, label) in newest_per_period.into_values() {
             self.keep(backup, format!("{name} {label}"));
         }
+    }
+}
+
+fn keep_bases(keeper: &mut Keeper) {
+    let incremental: Vec<String> = keeper
+        .inventory
+        .backups
+        .iter()
+        .filter(|b| b.base.is_some() && keeper.kept.contains_key(&b.id))
+        .map(|b| b.id.clone())
+        .collect();
+    for id in incremental {
+        keeper.keep_bases_of(&id);
     }
 }
 
@@ -307,6 +339,7 @@ pub fn plan(inventory: &Inventory, policy: &Policy, now: OffsetDateTime, orphan_
         keeper.keep(backup, "waiting for its WAL");
     }
     let protected_marks = keep_marks(&mut keeper, &restorable, floor, now);
+    keep_bases(&mut keeper);
     // Backups kept by the calendar (or for a mark) below the floor keep their own WAL.
     let below: Vec<&BackupManifest> =
         inventory.backups.iter().filter(|b| keeper.kept.contains_key(&b.id) && b.start_lsn < floor).collect();
@@ -323,7 +356,15 @@ pub fn plan(inventory: &Inventory, policy: &Policy, now: OffsetDateTime, orphan_
             deletions.push(Deletion { key: object.key.clone(), bytes: object.bytes, what: What::Orphan });
         }
     }
-    deletions.sort_by_key(|d| d.what); // stable: keeps the order within each kind
+    // Stable: keeps the order within each kind, except that backups stop
+    // being listed newest first, so that an incremental backup is never
+    // listed without the backups it is based on (ids sort by time).
+    deletions.sort_by(|a, b| {
+        a.what.cmp(&b.what).then_with(|| match a.what {
+            What::BackupListing => b.key.cmp(&a.key),
+            _ => std::cmp::Ordering::Equal,
+        })
+    });
     let proof = prove(inventory, &kept, &deletions);
     if let Some(window) = policy.recovery_window {
         if proof

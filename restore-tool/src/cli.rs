@@ -489,7 +489,8 @@ async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
                 crate::tablespaces::place(&manifest.tablespaces, &tablespace_map, &pgdata).map_err(|e| {
                     Fail::new(e, "see `--tablespace-map FROM=TO` in `tidemark-restore fetch-backup --help`")
                 })?;
-            let bytes = crate::fetch::fetch_backup(&repo, &manifest, &pgdata, &placements, true, None).await?;
+            let chain = tidemark_repo::catalog::read_chain(&repo, &manifest).await?;
+            let bytes = crate::fetch::fetch_backup(&repo, &chain, &pgdata, &placements, true, None).await?;
             println!(
                 "backup {} written to {} ({bytes} bytes); it needs WAL {} to {} on timeline {}",
                 manifest.id,
@@ -610,8 +611,9 @@ fn print_list(
         println!("  none");
     }
     for b in &catalog.restorable {
+        let kind = b.base.as_ref().map_or("full".to_string(), |base| format!("incremental on {base}"));
         println!(
-            "  {}  timeline {}  {} .. {}  ended {}  {} bytes ({} stored)  {}",
+            "  {}  timeline {}  {} .. {}  ended {}  {} bytes ({} stored, {kind})  {}",
             b.id, b.timeline, b.start_lsn, b.end_lsn, b.end_time, b.bytes, b.stored_bytes, b.label
         );
     }

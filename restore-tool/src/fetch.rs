@@ -4,6 +4,11 @@
 //! that came in the archive, and the server's own `backup_manifest` (so
 //! `pg_verifybackup` can check the result).
 //!
+//! A file of an incremental backup stored block by block is put together
+//! from the chain (`tidemark_proto::repo::chain`): each block from the
+//! newest backup that holds it, written once; the server's manifest then
+//! gets those files' checksums of what was written (`pg_manifest.rs`).
+//!
 //! Files are written into a staging directory beside the target, which is
 //! renamed into place only when everything is there: a failed fetch leaves no
 //! half-restored data directory behind.
@@ -11,9 +16,12 @@
 use crate::tablespaces::Placement;
 use anyhow::Context;
 use futures::StreamExt;
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use tidemark_proto::repo::backup::{BackupFile, BackupManifest, FileKind};
+use tidemark_proto::repo::backup::{manifest_key, BackupFile, BackupManifest, ChunkRef, FileKind};
+use tidemark_proto::repo::chain::Chain;
 use tidemark_repo::durable::{fsync_dir, parent_dir};
 use tidemark_repo::{RepoError, Repository};
 
@@ -48,7 +56,8 @@ pub fn check_target(pgdata: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes the backup into `pgdata`, and each tablespace into its placement
+/// Writes the backup (`chain`'s first: the backup and the ones it is
+/// incremental on, as `catalog::read_chain` gives them) into `pgdata`, and each tablespace into its placement
 /// (`pg_tblspc/OID` a link to it). With `sync`, everything is durable when
 /// this returns; without it the caller relies on PostgreSQL, which fsyncs
 /// the whole data directory itself when it starts from a backup
@@ -56,12 +65,13 @@ pub fn check_target(pgdata: &Path) -> anyhow::Result<()> {
 /// leaving the pages to that one pass keeps them from being written twice.
 pub async fn fetch_backup(
     repo: &Repository,
-    manifest: &BackupManifest,
+    chain: &[BackupManifest],
     pgdata: &Path,
     placements: &[Placement],
     sync: bool,
     only_databases: Option<&[u32]>,
 ) -> anyhow::Result<u64> {
+    let manifest = chain.first().context("no backup to fetch")?;
     check_target(pgdata)?;
     check_placements(manifest, placements)?;
     let existed_before: Vec<&Path> =
@@ -76,7 +86,7 @@ pub async fn fetch_backup(
             let _ = std::fs::remove_dir_all(root);
         }
     };
-    let bytes = match fill(repo, manifest, &roots, placements, sync, only_databases).await {
+    let bytes = match fill(repo, chain, &roots, placements, sync, only_databases).await {
         Ok(bytes) => bytes,
         Err(e) => {
             remove_all(&roots);
@@ -161,12 +171,14 @@ pub fn staging_beside(path: &Path, suffix: &str) -> anyhow::Result<PathBuf> {
 /// → directory), then links `pg_tblspc/OID` to each placement.
 async fn fill(
     repo: &Repository,
-    manifest: &BackupManifest,
+    chain: &[BackupManifest],
     roots: &[(String, PathBuf)],
     placements: &[Placement],
     sync: bool,
     only_databases: Option<&[u32]>,
 ) -> anyhow::Result<u64> {
+    let manifest = chain.first().context("no backup to fetch")?;
+    let chain = Chain::new(chain).map_err(|reason| RepoError::Corrupt { key: manifest_key(&manifest.id), reason })?;
     let root_of = |archive: &str| -> anyhow::Result<&Path> {
         roots.iter().find(|(name, _)| name == archive).map(|(_, root)| root.as_path()).ok_or_else(|| {
             anyhow::Error::new(RepoError::Corrupt {
@@ -204,13 +216,23 @@ async fn fill(
         }
     }
     let progress = tidemark_repo::progress::Progress::bytes("restore: fetch the backup", manifest.bytes);
-    let mut results = futures::stream::iter(files.into_iter().map(|(root, file)| write_file(repo, root, file)))
-        .buffer_unordered(PARALLEL_FILES);
+    let chain = &chain;
+    let mut results = futures::stream::iter(files.into_iter().map(|(root, file)| async move {
+        match file.blocks {
+            Some(_) => write_rebuilt(repo, root, file, chain).await.map(|crc| (file.size, Some((file, crc)))),
+            None => write_file(repo, root, file).await.map(|written| (written, None)),
+        }
+    }))
+    .buffer_unordered(PARALLEL_FILES);
     let mut bytes = 0;
+    let mut rebuilt = HashMap::new();
     while let Some(result) = results.next().await {
-        let written = result?;
+        let (written, crc) = result?;
         bytes += written;
         progress.add(written);
+        if let Some((file, crc)) = crc {
+            rebuilt.insert(manifest_path(file), crc);
+        }
     }
     progress.finish();
     let base = root_of("base")?;
@@ -219,6 +241,8 @@ async fn fill(
         key: manifest.pg_manifest_key.clone(),
         reason: format!("missing: backup {} lacks the server's backup_manifest", manifest.id),
     })?;
+    let pg_manifest = crate::pg_manifest::rewrite(&pg_manifest, &rebuilt)
+        .map_err(|reason| RepoError::Corrupt { key: manifest.pg_manifest_key.clone(), reason })?;
     std::fs::write(base.join("backup_manifest"), pg_manifest).context("write backup_manifest")?;
     if sync {
         // One syncfs per filesystem would do; one per root is simpler and as cheap.
@@ -270,6 +294,7 @@ fn create_file(root: &Path, file: &BackupFile) -> anyhow::Result<(PathBuf, std::
             .with_context(|| format!("create {}", dir.display()))?;
     }
     let out = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create_new(true)
         .mode(0o600)
@@ -320,21 +345,83 @@ fn sync_tree(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The path PostgreSQL's backup_manifest names a file by.
+fn manifest_path(file: &BackupFile) -> String {
+    match file.archive.as_str() {
+        "base" => file.path.clone(),
+        oid => format!("pg_tblspc/{oid}/{}", file.path),
+    }
+}
+
+/// A chunk's raw bytes, checked against the manifest's length and CRC-32C.
+async fn fetch_chunk(repo: &Repository, chunk: &ChunkRef, path: &str) -> anyhow::Result<Vec<u8>> {
+    let raw = repo
+        .get(&chunk.key)
+        .await?
+        .ok_or_else(|| RepoError::Corrupt { key: chunk.key.clone(), reason: format!("missing (needed by {path})") })?;
+    if raw.len() as u64 != chunk.raw_len || crc32c::crc32c(&raw) != chunk.crc32c {
+        return Err(
+            RepoError::Corrupt { key: chunk.key.clone(), reason: "does not match the backup manifest".into() }.into()
+        );
+    }
+    Ok(raw)
+}
+
+/// A file of an incremental backup, put together from the chain: each
+/// chunk it needs fetched once, each block written once at its place.
+/// Returns the CRC-32C of the result, read back, for the backup_manifest.
+async fn write_rebuilt(repo: &Repository, root: &Path, file: &BackupFile, chain: &Chain<'_>) -> anyhow::Result<u32> {
+    let uses = chain.plan(file).map_err(|reason| RepoError::Corrupt {
+        key: chain.newest().map(|b| manifest_key(&b.id)).unwrap_or_default(),
+        reason,
+    })?;
+    let (path, out) = create_file(root, file)?;
+    out.set_len(file.size).with_context(|| format!("size {}", path.display()))?;
+    let out = std::sync::Arc::new(out);
+    for use_ in uses {
+        let raw = fetch_chunk(repo, use_.chunk, &file.path).await?;
+        let (out, extents) = (out.clone(), use_.extents);
+        tokio::task::spawn_blocking(move || {
+            for extent in extents {
+                let start = usize::try_from(extent.chunk_offset).unwrap_or(usize::MAX);
+                let len = usize::try_from(extent.len).unwrap_or(usize::MAX);
+                let bytes = raw.get(start..start.saturating_add(len)).ok_or(std::io::ErrorKind::UnexpectedEof)?;
+                for (i, block) in bytes.chunks(WRITE_SIZE).enumerate() {
+                    out.write_all_at(block, extent.file_offset + (i * WRITE_SIZE) as u64)?;
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .context("join a file write")?
+        .with_context(|| format!("write {}", path.display()))?;
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(file.mode & 0o700)).context("chmod")?;
+    let out = out.clone();
+    let crc = tokio::task::spawn_blocking(move || {
+        let mut crc = 0u32;
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut offset = 0u64;
+        loop {
+            let n = out.read_at(&mut buffer, offset)?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>(crc);
+            }
+            crc = crc32c::crc32c_append(crc, buffer.get(..n).unwrap_or_default());
+            offset += n as u64;
+        }
+    })
+    .await
+    .context("join a checksum")?
+    .with_context(|| format!("read back {}", path.display()))?;
+    Ok(crc)
+}
+
 async fn write_file(repo: &Repository, root: &Path, file: &BackupFile) -> anyhow::Result<u64> {
     let (path, mut out) = create_file(root, file)?;
     let mut written = 0u64;
     for chunk in &file.chunks {
-        let raw = repo.get(&chunk.key).await?.ok_or_else(|| RepoError::Corrupt {
-            key: chunk.key.clone(),
-            reason: format!("missing (needed by {})", file.path),
-        })?;
-        if raw.len() as u64 != chunk.raw_len || crc32c::crc32c(&raw) != chunk.crc32c {
-            return Err(RepoError::Corrupt {
-                key: chunk.key.clone(),
-                reason: "does not match the backup manifest".into(),
-            }
-            .into());
-        }
+        let raw = fetch_chunk(repo, chunk, &file.path).await?;
         written += raw.len() as u64;
         out = tokio::task::spawn_blocking(move || {
             for block in raw.chunks(WRITE_SIZE) {
@@ -382,7 +469,14 @@ mod database_tests {
             mtime_unix: 0,
             link_target: None,
             chunks: Vec::new(),
+            blocks: None,
         }
+    }
+
+    #[test]
+    fn manifest_paths_of_tablespace_files_go_through_pg_tblspc() {
+        assert_eq!(manifest_path(&file("base", "base/5/16384")), "base/5/16384");
+        assert_eq!(manifest_path(&file("16390", "PG_15_202209061/5/16400")), "pg_tblspc/16390/PG_15_202209061/5/16400");
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub mod cli;
 pub mod extract;
 pub mod fetch;
 pub mod pg_bin;
+pub mod pg_manifest;
 pub mod planner;
 pub mod prefetch;
 pub mod repair;

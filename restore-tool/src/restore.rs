@@ -215,18 +215,40 @@ fn placements(options: &RestoreOptions, plan: &Plan) -> anyhow::Result<Vec<crate
         .map_err(|e| refuse(e, "`restore --dry-run --json` shows each tablespace's OID and original location"))
 }
 
-/// Every chunk the restore reads and the server's manifest are in the
-/// repository; returns the bytes the fetched files will take, and those of
-/// the files of databases left out.
-async fn check_objects(repo: &Repository, plan: &Plan, only_databases: Option<&[u32]>) -> anyhow::Result<(u64, u64)> {
+/// Every chunk the restore reads (along the chain of an incremental
+/// backup) and the server's manifest are in the repository; returns the
+/// bytes of the chunks the fetch reads, and those of the files of databases
+/// left out.
+async fn check_objects(
+    repo: &Repository,
+    plan: &Plan,
+    chain: &[tidemark_proto::repo::backup::BackupManifest],
+    only_databases: Option<&[u32]>,
+) -> anyhow::Result<(u64, u64)> {
     let present: HashSet<String> = repo.list("backups").await?.into_iter().collect();
+    let links = tidemark_proto::repo::chain::Chain::new(chain).map_err(|reason| RepoError::Corrupt {
+        key: tidemark_proto::repo::backup::manifest_key(&plan.backup.id),
+        reason,
+    })?;
     let (mut bytes_to_fetch, mut bytes_left_out) = (0, 0);
     for file in &plan.backup.files {
         if crate::fetch::is_skipped(file, only_databases) {
             bytes_left_out += file.size;
             continue;
         }
-        for chunk in &file.chunks {
+        let chunks: Vec<_> = match file.blocks {
+            None => file.chunks.iter().collect(),
+            Some(_) => links
+                .plan(file)
+                .map_err(|reason| RepoError::Corrupt {
+                    key: tidemark_proto::repo::backup::manifest_key(&plan.backup.id),
+                    reason,
+                })?
+                .into_iter()
+                .map(|u| u.chunk)
+                .collect(),
+        };
+        for chunk in chunks {
             if !present.contains(&chunk.key) {
                 return Err(RepoError::Corrupt {
                     key: chunk.key.clone(),
@@ -268,6 +290,8 @@ async fn clear_directory(dir: &Path) -> anyhow::Result<()> {
 /// What the checks before any write found.
 struct Checked {
     plan: Plan,
+    /// The backup and those it is incremental on, newest first.
+    chain: Vec<tidemark_proto::repo::backup::BackupManifest>,
     placements: Vec<crate::tablespaces::Placement>,
     bytes_to_fetch: u64,
     bytes_left_out: u64,
@@ -286,8 +310,11 @@ async fn check_everything(repo: &Repository, options: &RestoreOptions) -> anyhow
     let catalog = Catalog::load(repo).await?;
     let planning = std::time::Instant::now();
     let plan = make_plan(repo, &catalog, options).await?;
-    // 3. Every object the restore reads must be there.
-    let (bytes_to_fetch, bytes_left_out) = check_objects(repo, &plan, options.only_databases.as_deref()).await?;
+    // 3. Every object the restore reads must be there, along the chain of
+    //    backups an incremental one is based on.
+    let chain = tidemark_repo::catalog::read_chain(repo, &plan.backup).await?;
+    let (bytes_to_fetch, bytes_left_out) =
+        check_objects(repo, &plan, &chain, options.only_databases.as_deref()).await?;
     // 4. Where the tablespaces go: each directory missing or empty.
     let placements = placements(options, &plan)?;
     crate::fetch::check_placements(&plan.backup, &placements)
@@ -298,11 +325,11 @@ async fn check_everything(repo: &Repository, options: &RestoreOptions) -> anyhow
         false => None,
     };
     let planning_seconds = planning.elapsed().as_secs_f64();
-    Ok(Checked { plan, placements, bytes_to_fetch, bytes_left_out, pg_bin, planning_seconds })
+    Ok(Checked { plan, chain, placements, bytes_to_fetch, bytes_left_out, pg_bin, planning_seconds })
 }
 
 pub async fn restore(repo: &Repository, repo_url: &str, options: RestoreOptions) -> anyhow::Result<RestoreReport> {
-    let Checked { plan, placements, bytes_to_fetch, bytes_left_out, pg_bin, planning_seconds } =
+    let Checked { plan, chain, placements, bytes_to_fetch, bytes_left_out, pg_bin, planning_seconds } =
         check_everything(repo, &options).await?;
     let meta = repo.meta().await?;
     let segment_size = meta.wal_segment_size;
@@ -349,7 +376,7 @@ pub async fn restore(repo: &Repository, repo_url: &str, options: RestoreOptions)
     let fetched = {
         let fetch = crate::fetch::fetch_backup(
             repo,
-            &plan.backup,
+            &chain,
             &options.pgdata,
             &placements,
             !options.start,

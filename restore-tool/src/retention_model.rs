@@ -1,7 +1,8 @@
 //! A model-based property test of the retention planner against the restore
 //! planner: random histories (backups with chunk references, WAL on several
 //! timelines, superseded partials, marks with and without `--keep`,
-//! interrupted uploads) × random policies × random "now". After the plan,
+//! interrupted uploads, incremental backups on the one before) × random
+//! policies × random "now". After the plan,
 //! every target the policy promises that was restorable before is still
 //! restorable according to [`crate::planner::plan`], every listed backup is
 //! complete (also after any prefix of the deletions: a crash mid-expire),
@@ -129,6 +130,47 @@ fn manifest(id: &str, timeline: u32, start: u64, end: u64, chunks: &[String]) ->
     .expect("manifest")
 }
 
+/// Backups along the newest history, each reusing some of the previous
+/// one's chunks, some incremental on it.
+fn backups_along(
+    rng: &mut Rng,
+    end: u64,
+    timeline_at: &dyn Fn(u64) -> u32,
+) -> (Vec<BackupManifest>, Vec<StoredObject>) {
+    let mut backups: Vec<BackupManifest> = Vec::new();
+    let mut backup_objects = Vec::new();
+    let mut lsn = rng.below(SEG * 2);
+    let mut n = 0;
+    while lsn + 12 < end {
+        let id = format!("B{n:03}");
+        let finish = lsn + 1 + rng.below(10);
+        let mut chunks = Vec::new();
+        for c in 0..3u64 {
+            match backups.last() {
+                Some(previous) if rng.chance(50) => {
+                    chunks.push(previous.files[c as usize].chunks[0].key.clone());
+                }
+                _ => {
+                    let key = chunk_key(&id, c);
+                    backup_objects.push(object(key.clone(), at(finish)));
+                    chunks.push(key);
+                }
+            }
+        }
+        let mut backup = manifest(&id, timeline_at(lsn), lsn, finish, &chunks);
+        if let Some(previous) = backups.last().filter(|p| p.timeline == backup.timeline && rng.chance(40)) {
+            backup.base = Some(previous.id.clone());
+            backup.format_version = tidemark_proto::repo::backup::INCREMENTAL_FORMAT_VERSION;
+        }
+        backup_objects.push(object(pg_manifest_key(&id), at(finish)));
+        backup_objects.push(object(manifest_key(&id), at(finish)));
+        backups.push(backup);
+        n += 1;
+        lsn = finish + 10 + rng.below(SEG * 4);
+    }
+    (backups, backup_objects)
+}
+
 fn generate(seed: u64) -> Model {
     let mut rng = Rng(seed | 1);
     let end = SEG * (8 + rng.below(40)) + rng.below(SEG);
@@ -162,34 +204,7 @@ fn generate(seed: u64) -> Model {
         wal.remove(victim);
     }
     let timeline_at = |lsn: u64| steps.iter().rev().find(|s| s.1 <= lsn).map(|s| s.0).unwrap_or(1);
-    // Backups along the newest history, each reusing some of the previous one's chunks.
-    let mut backups: Vec<BackupManifest> = Vec::new();
-    let mut backup_objects = Vec::new();
-    let mut lsn = rng.below(SEG * 2);
-    let mut n = 0;
-    while lsn + 12 < end {
-        let id = format!("B{n:03}");
-        let finish = lsn + 1 + rng.below(10);
-        let mut chunks = Vec::new();
-        for c in 0..3u64 {
-            match backups.last() {
-                Some(previous) if rng.chance(50) => {
-                    chunks.push(previous.files[c as usize].chunks[0].key.clone());
-                }
-                _ => {
-                    let key = chunk_key(&id, c);
-                    backup_objects.push(object(key.clone(), at(finish)));
-                    chunks.push(key);
-                }
-            }
-        }
-        let backup = manifest(&id, timeline_at(lsn), lsn, finish, &chunks);
-        backup_objects.push(object(pg_manifest_key(&id), at(finish)));
-        backup_objects.push(object(manifest_key(&id), at(finish)));
-        backups.push(backup);
-        n += 1;
-        lsn = finish + 10 + rng.below(SEG * 4);
-    }
+    let (backups, mut backup_objects) = backups_along(&mut rng, end, &timeline_at);
     let now = at(end) + Duration::seconds(rng.below(100) as i64 * UNIT / 10);
     // Interrupted and in-progress backups (no backup.json).
     let mut in_progress = Vec::new();
@@ -270,17 +285,24 @@ fn remaining(model: &Model, deletions: &[retention::Deletion]) -> BTreeSet<Strin
         .collect()
 }
 
-/// Every backup still listed has all its objects.
+/// Every backup still listed has all its objects, and those of every
+/// backup it is incremental on.
 fn listed_backups_complete(model: &Model, present: &BTreeSet<String>) -> Result<(), String> {
-    for backup in &model.inventory.backups {
-        if !present.contains(&manifest_key(&backup.id)) {
+    let by_id = |id: &str| model.inventory.backups.iter().find(|b| b.id == id);
+    for listed in &model.inventory.backups {
+        if !present.contains(&manifest_key(&listed.id)) {
             continue;
         }
-        let needed = backup.files.iter().flat_map(|f| f.chunks.iter().map(|c| c.key.clone()));
-        for key in needed.chain([backup.pg_manifest_key.clone()]) {
-            if !present.contains(&key) {
-                return Err(format!("listed backup {} lost {key}", backup.id));
+        let mut current = Some(listed);
+        while let Some(backup) = current {
+            let needed = backup.files.iter().flat_map(|f| f.chunks.iter().map(|c| c.key.clone()));
+            let own = [manifest_key(&backup.id), backup.pg_manifest_key.clone()];
+            for key in needed.chain(own) {
+                if !present.contains(&key) {
+                    return Err(format!("listed backup {} lost {key} (of {})", listed.id, backup.id));
+                }
             }
+            current = backup.base.as_deref().and_then(by_id);
         }
     }
     Ok(())

@@ -73,6 +73,20 @@ pub async fn verify(repo: &Repository, backup: Option<&str>) -> anyhow::Result<V
     for id in &ids {
         let Some(manifest) = read_backup_manifest(repo, id, &mut problems).await? else { continue };
         checks.extend(backup_checks(&manifest));
+        if manifest.base.is_some() {
+            // An incremental backup needs the backups it is based on, and
+            // its files must add up along that chain.
+            match catalog::read_chain(repo, &manifest).await {
+                Ok(chain) => {
+                    problems.extend(chain_problems(&chain));
+                    for base in chain.iter().skip(1).filter(|b| !ids.contains(&b.id)) {
+                        checks.extend(backup_checks(base));
+                    }
+                }
+                Err(RepoError::Corrupt { key, reason }) => problems.push(Problem { key, problem: reason }),
+                Err(e) => return Err(e.into()),
+            }
+        }
         // A backup still waiting for its WAL (the archive has not reached
         // its end yet) needs nothing more than what is there.
         if catalog.restorable.iter().any(|b| b.id == manifest.id) {
@@ -154,6 +168,22 @@ fn backup_checks(manifest: &BackupManifest) -> Vec<(String, Expect)> {
         }
     }
     checks
+}
+
+/// Files of an incremental backup whose blocks do not add up along its chain.
+fn chain_problems(chain: &[BackupManifest]) -> Vec<Problem> {
+    let Some(newest) = chain.first() else { return Vec::new() };
+    let links = match tidemark_proto::repo::chain::Chain::new(chain) {
+        Ok(links) => links,
+        Err(problem) => return vec![Problem { key: manifest_key(&newest.id), problem }],
+    };
+    newest
+        .files
+        .iter()
+        .filter(|f| f.blocks.is_some())
+        .filter_map(|f| links.plan(f).err())
+        .map(|problem| Problem { key: manifest_key(&newest.id), problem })
+        .collect()
 }
 
 /// Archived segment numbers per timeline.

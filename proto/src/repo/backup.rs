@@ -11,12 +11,22 @@
 //! previous backup (same length, CRC-32 and CRC-32C: 64 bits of checksum) is
 //! not stored again; the manifest refers to the earlier backup's object.
 //!
+//! An incremental backup names its `base`; each of its relation files with
+//! `blocks` holds only those 8 kB blocks (in order, in its chunks), and every
+//! other block of the file comes from the base's same file, which may itself
+//! be incremental (a chain, put back together by [`crate::repo::chain`]).
+//! Incremental backups are format 2, which builds that know only format 1
+//! refuse instead of restoring them wrongly; full backups stay format 1.
+//!
 //! **API boundary:** a stored format; changing it needs a new `FORMAT_VERSION`.
 
 use crate::{Lsn, TimelineId};
 use serde::{Deserialize, Serialize};
 
+/// The format of a full backup's manifest.
 pub const FORMAT_VERSION: u32 = 1;
+/// The format of an incremental backup's manifest (one with `base`).
+pub const INCREMENTAL_FORMAT_VERSION: u32 = 2;
 pub const CHUNK_SIZE: usize = 8 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,12 +51,17 @@ pub struct BackupManifest {
     pub bytes: u64,
     /// Bytes this backup added to the repository (chunks it did not reuse).
     pub stored_bytes: u64,
+    /// The backup this one is incremental on; `None` for a full backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
 }
 
 /// A backup in reports. **Stable JSON:** the fields are in alphabetical
 /// order, as they were when reports were built as JSON maps.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupSummary {
+    /// The backup this one is incremental on (`null` for a full backup).
+    pub base: Option<String>,
     pub bytes: u64,
     pub end_lsn: Lsn,
     pub end_time: String,
@@ -84,6 +99,12 @@ pub struct BackupFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_target: Option<String>,
     pub chunks: Vec<ChunkRef>,
+    /// In an incremental backup, a relation file stored block by block: the
+    /// ranges (`[first block, count]`, ascending) of the 8 kB blocks whose
+    /// bytes `chunks` hold, in order. Every other block below `size` comes
+    /// from the base backup's same file. `None`: `chunks` hold the whole file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<Vec<[u32; 2]>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +147,7 @@ impl BackupManifest {
     /// `backup --json`): the stable fields, without the file list.
     pub fn summary(&self) -> BackupSummary {
         BackupSummary {
+            base: self.base.clone(),
             bytes: self.bytes,
             end_lsn: self.end_lsn,
             end_time: self.end_time.clone(),
@@ -144,11 +166,20 @@ impl BackupManifest {
 
     pub fn from_json(bytes: &[u8]) -> Result<BackupManifest, String> {
         let manifest: BackupManifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        if manifest.format_version > FORMAT_VERSION {
+        if manifest.format_version > INCREMENTAL_FORMAT_VERSION {
             return Err(format!(
-                "backup format {} is newer than this build understands ({FORMAT_VERSION}); upgrade Tidemark",
+                "backup format {} is newer than this build understands ({INCREMENTAL_FORMAT_VERSION}); upgrade Tidemark",
                 manifest.format_version
             ));
+        }
+        if manifest.base.is_some() != (manifest.format_version == INCREMENTAL_FORMAT_VERSION) {
+            return Err(format!(
+                "backup format {} disagrees with its base {:?}",
+                manifest.format_version, manifest.base
+            ));
+        }
+        if manifest.base.is_none() && manifest.files.iter().any(|f| f.blocks.is_some()) {
+            return Err("a full backup lists a file stored block by block".into());
         }
         for file in &manifest.files {
             if file.path.starts_with('/') || file.path.split('/').any(|p| p == "..") {
@@ -190,10 +221,12 @@ mod tests {
                 mtime_unix: 0,
                 link_target: None,
                 chunks: vec![ChunkRef { key: chunk_key("20261125T020000Z", 0), raw_len: 3, crc32: 1, crc32c: 2 }],
+                blocks: None,
             }],
             pg_manifest_key: pg_manifest_key("20261125T020000Z"),
             bytes: 3,
             stored_bytes: 40,
+            base: None,
         }
     }
 
@@ -212,7 +245,10 @@ mod tests {
         assert_eq!(json["start_lsn"], "0/2000028");
         assert_eq!(json["timeline"], 1);
         let summary = serde_json::to_string(&manifest().summary()).expect("json");
-        assert!(summary.starts_with(r#"{"bytes":3,"end_lsn":"0/2000100","end_time":"#), "{summary}");
+        assert!(summary.starts_with(r#"{"base":null,"bytes":3,"end_lsn":"0/2000100","end_time":"#), "{summary}");
+        // A full backup's manifest reads as before incremental backups existed.
+        let text = String::from_utf8(manifest().to_json().expect("json")).expect("utf-8");
+        assert!(!text.contains("\"base\":") && !text.contains("\"blocks\":"), "{text}");
     }
 
     #[test]
@@ -235,5 +271,20 @@ mod tests {
         let mut m = manifest();
         m.format_version = 7;
         assert!(BackupManifest::from_json(&m.to_json().expect("json")).unwrap_err().contains("upgrade"));
+    }
+
+    #[test]
+    fn incremental_manifests_are_format_2_and_only_they_have_blocks() {
+        let mut m = manifest();
+        m.base = Some("20261124T020000Z".into());
+        assert!(BackupManifest::from_json(&m.to_json().expect("json")).is_err(), "format 1 with a base");
+        m.format_version = INCREMENTAL_FORMAT_VERSION;
+        m.files[0].blocks = Some(vec![[0, 1]]);
+        let back = BackupManifest::from_json(&m.to_json().expect("json")).expect("valid");
+        assert_eq!(back.files[0].blocks, Some(vec![[0, 1]]));
+        assert_eq!(back.summary().base.as_deref(), Some("20261124T020000Z"));
+        let mut full = manifest();
+        full.files[0].blocks = Some(vec![[0, 1]]);
+        assert!(BackupManifest::from_json(&full.to_json().expect("json")).is_err(), "blocks without a base");
     }
 }

@@ -1,6 +1,7 @@
 //! The repository: where objects live and how each one is framed.
 
 pub mod backup;
+pub mod chain;
 pub mod frame;
 pub mod layout;
 pub mod records;

@@ -52,6 +52,13 @@ fn the_agent_follows_a_failover_to_the_promoted_standby() {
         let status = agent.status();
         (status["timeline"] == 2 && agent.archived_lsn().is_some_and(|a| a >= new_end)).then_some(())
     });
+    // The next backup is full: the new timeline's page LSNs say nothing
+    // about what changed since a backup of the old one.
+    let output = agent.run_command(&["backup", "--json"]);
+    assert!(output.status.success(), "backup on the new timeline: {}", stderr(&output));
+    let after: serde_json::Value = serde_json::from_slice(&output.stdout).expect("backup JSON");
+    assert!(after["base"].is_null() && after["timeline"] == 2, "a full backup on timeline 2: {after}");
+    assert!(stderr(&output).contains("full backup: the server is on timeline 2"), "{}", stderr(&output));
     let log = running.log_text();
     assert!(log.contains("creating it"), "the agent made its slot on the new primary:\n{log}");
     assert_eq!(standby.psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'tidemark'"), "1");

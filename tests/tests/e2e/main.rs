@@ -16,6 +16,7 @@ mod deploy;
 mod drill;
 mod encryption;
 mod failover;
+mod incremental;
 mod metrics;
 mod object_store;
 mod progress;

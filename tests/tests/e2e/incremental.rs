@@ -1,0 +1,208 @@
+//! Block-level incremental backups: chains of 1, 3 and 7 increments taken
+//! under load restore exactly (the ledger, pgbench's invariant, every index
+//! against its heap); the combined directory passes pg_verifybackup; small
+//! changes store small increments; a flipped byte in the middle of a chain
+//! is refused, naming the object; a hole in the archived WAL gives a full
+//! backup, never a restore that misses a block.
+
+use crate::common::*;
+use crate::restore::{commit_rows, rows, Restorer};
+use std::process::Command;
+use std::time::Duration;
+use tidemark_tests::agent::AgentSetup;
+use tidemark_tests::cluster::{pg_bin, Cluster, ClusterOptions};
+use tidemark_tests::wait::wait_until;
+
+fn backup(agent: &AgentSetup, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["backup", "--json"];
+    all.extend_from_slice(args);
+    let output = agent.run_command(&all);
+    assert!(output.status.success(), "backup failed: {}", stderr(&output));
+    serde_json::from_slice(&output.stdout).expect("backup JSON")
+}
+
+fn stored(backup: &serde_json::Value) -> u64 {
+    backup["stored_bytes"].as_u64().expect("stored_bytes")
+}
+
+/// pgbench's invariant (every transaction moved the same delta in accounts,
+/// tellers and history), and the indexes.
+fn assert_consistent(restored: &Cluster) {
+    let invariant = restored.psql(
+        "SELECT (SELECT sum(abalance) FROM pgbench_accounts) = (SELECT coalesce(sum(delta), 0) FROM pgbench_history) \
+         AND (SELECT sum(tbalance) FROM pgbench_tellers) = (SELECT coalesce(sum(delta), 0) FROM pgbench_history)",
+    );
+    assert_eq!(invariant, "t", "pgbench's invariant does not hold");
+    assert_indexes_intact(restored);
+}
+
+/// Every B-tree index against its heap (amcheck's heapallindexed: a block
+/// missing from heap or index is found).
+fn assert_indexes_intact(restored: &Cluster) {
+    restored.psql("CREATE EXTENSION IF NOT EXISTS amcheck");
+    let checked = restored.psql(
+        "SELECT count(bt_index_check(c.oid, true)) FROM pg_class c JOIN pg_am am ON am.oid = c.relam \
+         WHERE am.amname = 'btree' AND c.relpersistence <> 't' AND c.relkind = 'i'",
+    );
+    assert!(checked.parse::<u32>().expect("count") > 10, "amcheck checked {checked} indexes");
+}
+
+#[test]
+fn chains_of_one_three_and_seven_increments_restore_exactly_under_load() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.pgbench_init(5);
+    cluster.psql("CREATE TABLE ledger (id serial PRIMARY KEY, note text NOT NULL)");
+    let agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
+    agent.init();
+    let running = agent.spawn();
+    let full = backup(&agent, &[]);
+    assert!(full["base"].is_null(), "the first backup is full: {full}");
+    // Seven increments, each taken while pgbench runs, then ten ledger rows;
+    // the LSN after them is a target only that increment reaches first.
+    let mut chain = vec![full.clone()];
+    let mut targets = Vec::new();
+    for k in 1..=7u32 {
+        let history = cluster.psql("SELECT count(*) FROM pgbench_history").parse::<u64>().expect("count");
+        let mut pgbench = cluster.pgbench_spawn(&["-n", "-T", "4", "-c", "2"]);
+        wait_until("pgbench to commit", Duration::from_secs(60), || {
+            let now = cluster.psql("SELECT count(*) FROM pgbench_history").parse::<u64>().ok()?;
+            (now > history + 50).then_some(())
+        });
+        let increment = backup(&agent, &[]);
+        assert!(pgbench.wait().expect("wait pgbench").success());
+        assert_eq!(increment["base"], chain[chain.len() - 1]["id"], "increment {k} is on the one before: {increment}");
+        // Under this much load most pages change: the ratios that matter are
+        // the small-change test's and the benchmark's.
+        assert!(stored(&increment) < stored(&full), "increment {k} stored {} of {}", stored(&increment), stored(&full));
+        let lsns = commit_rows(&cluster, 10 * k - 9, 10 * k, 0.0);
+        targets.push(lsns.last().expect("an LSN").clone());
+        chain.push(increment);
+    }
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    assert!(running.stop(), "agent did not stop cleanly");
+
+    let scratch = tempfile::Builder::new().prefix("tidemark-incremental-").tempdir().expect("tempdir");
+    std::fs::set_permissions(scratch.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let restorer = Restorer::new(&agent, scratch.path());
+    let listed = String::from_utf8_lossy(&restorer.run(&["list"]).stdout).to_string();
+    for (k, b) in chain.iter().enumerate().skip(1) {
+        let line = listed.lines().find(|l| l.contains(b["id"].as_str().expect("id"))).expect("listed");
+        let on = chain[k - 1]["id"].as_str().expect("id");
+        assert!(line.contains(&format!("incremental on {on}")), "{line}");
+    }
+    for k in [1usize, 3, 7] {
+        let (restored, report) = restorer.restore_and_start(&["--lsn", &targets[k - 1]]);
+        assert_eq!(report["backup_id"], chain[k]["id"], "chain of {k} increments: {report}");
+        let expected = rows(&cluster, &format!("WHERE id <= {}", 10 * k));
+        assert_eq!(rows(&restored, ""), expected, "chain of {k}: the ledger as committed before the target");
+        assert_consistent(&restored);
+    }
+
+    // The combined directory of the longest chain is what its manifest says.
+    let (dir, pgdata) = Restorer::target_dir();
+    let newest = chain[7]["id"].as_str().expect("id");
+    let output = restorer.run(&["fetch-backup", "--backup", newest, "--pgdata", pgdata.to_str().expect("utf-8")]);
+    assert!(output.status.success(), "fetch-backup: {}", stderr(&output));
+    let verify =
+        Command::new(pg_bin().join("pg_verifybackup")).arg("-n").arg(&pgdata).output().expect("run pg_verifybackup");
+    assert!(verify.status.success(), "pg_verifybackup: {}{}", stderr(&verify), String::from_utf8_lossy(&verify.stdout));
+    drop(dir);
+
+    // A flipped byte in every chunk of the middle increment: verify names
+    // one, and a restore through it is refused naming one, writing nothing.
+    let middle = chain[3]["id"].as_str().expect("id");
+    let chunks = agent.repo.join("backups").join(middle).join("chunks");
+    for entry in std::fs::read_dir(&chunks).expect("chunks") {
+        let path = entry.expect("entry").path();
+        let mut bytes = std::fs::read(&path).expect("read chunk");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        std::fs::write(&path, bytes).expect("write chunk");
+    }
+    let named = format!("backups/{middle}/chunks/");
+    let output = restorer.run(&["verify"]);
+    assert!(
+        !output.status.success() && String::from_utf8_lossy(&output.stdout).contains(&named),
+        "verify: {}",
+        stderr(&output)
+    );
+    let (dir, pgdata) = Restorer::target_dir();
+    let output = restorer.run(&["restore", "--pgdata", pgdata.to_str().expect("utf-8"), "--lsn", &targets[6]]);
+    assert!(!output.status.success() && stderr(&output).contains(&named), "restore: {}", stderr(&output));
+    assert!(empty_or_absent(&pgdata), "a refused restore wrote {}", pgdata.display());
+    drop(dir);
+}
+
+#[test]
+fn small_changes_store_small_increments_and_a_hole_in_the_wal_gives_a_full_backup() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.pgbench_init(10);
+    let agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
+    agent.init();
+    let running = agent.spawn();
+    let full = backup(&agent, &[]);
+    // One row.
+    cluster.psql("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 500000");
+    let one_row = backup(&agent, &[]);
+    assert_eq!(one_row["base"], full["id"]);
+    assert!(stored(&one_row) * 100 <= stored(&full), "one row: {} of {}", stored(&one_row), stored(&full));
+    // A hot spot: 1 % of the rows, updated again and again.
+    for _ in 0..5 {
+        cluster.psql("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= 10000");
+    }
+    let hot = backup(&agent, &[]);
+    assert_eq!(hot["base"], one_row["id"]);
+    assert!(stored(&hot) * 20 <= stored(&full), "hot spot: {} of {}", stored(&hot), stored(&full));
+    eprintln!("full {} bytes, one row {}, hot spot {}", stored(&full), stored(&one_row), stored(&hot));
+    let forced = backup(&agent, &["--full"]);
+    assert!(forced["base"].is_null(), "--full: {forced}");
+
+    // WAL the archive lost after the last backup (a segment between two
+    // archived ones): the next backup is full, and it restores what the
+    // source has.
+    cluster.psql("UPDATE pgbench_accounts SET abalance = abalance + 7 WHERE aid % 1000 = 0");
+    cluster.switch_wal();
+    cluster.psql("UPDATE pgbench_accounts SET abalance = abalance + 8 WHERE aid % 1000 = 1");
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    let start: tidemark_proto::Lsn = forced["start_lsn"].as_str().expect("start").parse().expect("lsn");
+    let lost = tidemark_proto::segment::SegmentId::containing(
+        tidemark_proto::TimelineId(1),
+        tidemark_proto::Lsn(end.0 - 1),
+        SEGMENT_SIZE,
+    );
+    assert!(lost.segment_no > start.segment_no(SEGMENT_SIZE), "the lost segment is after the backup's start");
+    let name = lost.file_name(SEGMENT_SIZE);
+    let wal_dir = agent.repo.join("wal").join(&name[..8]);
+    let objects: Vec<_> = std::fs::read_dir(&wal_dir)
+        .expect("wal dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&name)))
+        .collect();
+    assert!(!objects.is_empty(), "no archived object for {name} in {}", wal_dir.display());
+    for path in objects {
+        std::fs::remove_file(path).expect("remove a WAL object");
+    }
+    // A segment archived after the hole.
+    cluster.psql("UPDATE pgbench_accounts SET abalance = abalance + 3 WHERE aid % 1000 = 2");
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    cluster.psql("UPDATE pgbench_accounts SET abalance = abalance + 9 WHERE aid % 997 = 0");
+    let output = agent.run_command(&["backup", "--json"]);
+    assert!(output.status.success(), "backup failed: {}", stderr(&output));
+    let after_hole: serde_json::Value = serde_json::from_slice(&output.stdout).expect("backup JSON");
+    assert!(after_hole["base"].is_null(), "after a hole the backup is full: {after_hole}");
+    let log = stderr(&output);
+    assert!(log.contains("full backup: the archived WAL has a hole"), "{log}");
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    assert!(running.stop(), "agent did not stop cleanly");
+    let scratch = tempfile::Builder::new().prefix("tidemark-incremental-").tempdir().expect("tempdir");
+    std::fs::set_permissions(scratch.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let restorer = Restorer::new(&agent, scratch.path());
+    let (restored, _) = restorer.restore_and_start(&["--latest"]);
+    let sums = "SELECT sum(abalance), count(*), sum(hashtext(filler)) FROM pgbench_accounts";
+    assert_eq!(restored.psql(sums), cluster.psql(sums), "the restored accounts equal the source's");
+    assert_indexes_intact(&restored);
+}
