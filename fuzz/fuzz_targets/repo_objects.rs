@@ -1,17 +1,55 @@
 //! The readers of repository objects must never panic, whatever the bytes:
 //! the sealed envelope (with the key that sealed it and with another), the
 //! frame, and the JSON documents (repository.json, backup manifests,
-//! summaries). The first byte picks the reader.
+//! summaries), and the planner that puts a file back together from a chain
+//! of incremental backups, over layers built from the bytes. The first byte
+//! picks the reader.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tidemark_proto::repo::seal::{self, Key};
-use tidemark_proto::repo::{backup, frame, layout};
+use tidemark_proto::repo::backup::{BackupFile, ChunkRef, FileKind};
+use tidemark_proto::repo::{backup, chain, frame, layout};
+
+/// Layers of one file from bytes: per layer a size in blocks, up to three
+/// block ranges (or none: stored whole) and up to three chunk lengths.
+fn layers(mut bytes: &[u8]) -> Vec<BackupFile> {
+    let mut take = || -> Option<u64> {
+        let (&b, rest) = bytes.split_first()?;
+        bytes = rest;
+        Some(u64::from(b))
+    };
+    let mut out = Vec::new();
+    while let (Some(size), Some(shape)) = (take(), take()) {
+        let blocks = (shape & 3 != 0).then(|| {
+            (0..shape & 3).filter_map(|_| Some([take()? as u32, take()? as u32 % 9])).collect::<Vec<_>>()
+        });
+        let chunks = (0..(shape >> 2) % 4)
+            .filter_map(|_| {
+                let len = take()? * if shape & 0x80 != 0 { 8192 } else { 97 };
+                Some(ChunkRef { key: format!("c{}", out.len()), raw_len: len, crc32: 0, crc32c: 0 })
+            })
+            .collect();
+        let file = BackupFile {
+            archive: "base".into(),
+            path: "base/5/16384".into(),
+            kind: FileKind::File,
+            size: size * chain::BLOCK_SIZE + u64::from(shape & 0x40 != 0),
+            mode: 0o600,
+            mtime_unix: 0,
+            link_target: None,
+            chunks,
+            blocks,
+        };
+        out.push(file);
+    }
+    out
+}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else { return };
     let keys = [Key::from_bytes([7; 32]), Key::from_bytes([9; 32])];
-    match mode % 4 {
+    match mode % 5 {
         0 => {
             let _ = seal::open(&keys, "wal/00000001/000000010000000000000001", rest);
             let _ = seal::sealed_key_id(rest);
@@ -29,6 +67,16 @@ fuzz_target!(|data: &[u8]| {
         2 => {
             let _ = frame::decode(rest);
             let _ = frame::parse_header(rest);
+        }
+        3 => {
+            let layers = layers(rest);
+            let refs: Vec<&BackupFile> = layers.iter().collect();
+            if let Ok(uses) = chain::plan_file(&refs) {
+                // Every extent lies inside its chunk.
+                assert!(uses.iter().all(|u| u.extents.iter().all(|e| e.chunk_offset + e.len <= u.chunk.raw_len)));
+            }
+            let _ = chain::page_changed(rest, tidemark_proto::Lsn(7));
+            let _ = chain::is_block_file("base", &String::from_utf8_lossy(rest));
         }
         _ => {
             let _ = layout::RepositoryMeta::from_json(rest);
