@@ -287,8 +287,13 @@ struct RestoreArgs {
     #[arg(long)]
     dry_run: bool,
     /// Replace the contents of a non-empty --pgdata (never next to a running server).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "delta")]
     force: bool,
+    /// Update an existing data directory of the same cluster in place,
+    /// writing only what differs from the backup and removing what it
+    /// does not list (never next to a running server).
+    #[arg(long)]
+    delta: bool,
     /// Put a tablespace elsewhere than its original location: FROM (its
     /// OID or original location, see --dry-run) = TO (an absolute,
     /// missing or empty directory). Repeatable.
@@ -333,6 +338,7 @@ impl RestoreArgs {
             timeline: self.timeline,
             dry_run: self.dry_run,
             force: self.force,
+            delta: self.delta,
             start: self.start,
             port: self.port,
             pause: self.pause,

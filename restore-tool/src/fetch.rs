@@ -237,13 +237,7 @@ async fn fill(
     progress.finish();
     let base = root_of("base")?;
     link_tablespaces(base, placements)?;
-    let pg_manifest = repo.get(&manifest.pg_manifest_key).await?.ok_or_else(|| RepoError::Corrupt {
-        key: manifest.pg_manifest_key.clone(),
-        reason: format!("missing: backup {} lacks the server's backup_manifest", manifest.id),
-    })?;
-    let pg_manifest = crate::pg_manifest::rewrite(&pg_manifest, &rebuilt)
-        .map_err(|reason| RepoError::Corrupt { key: manifest.pg_manifest_key.clone(), reason })?;
-    std::fs::write(base.join("backup_manifest"), pg_manifest).context("write backup_manifest")?;
+    write_pg_manifest(repo, manifest, base, &rebuilt).await?;
     if sync {
         // One syncfs per filesystem would do; one per root is simpler and as cheap.
         for (_, root) in roots {
@@ -335,7 +329,7 @@ fn link_tablespaces(base: &Path, placements: &[Placement]) -> anyhow::Result<()>
 /// Makes everything written under `root` durable with one syncfs(2) of its
 /// filesystem: far cheaper than an fsync per file when a backup has
 /// thousands, and the same guarantee once it returns.
-fn sync_tree(root: &Path) -> anyhow::Result<()> {
+pub(crate) fn sync_tree(root: &Path) -> anyhow::Result<()> {
     let dir = std::fs::File::open(root).with_context(|| format!("open {}", root.display()))?;
     use std::os::fd::AsRawFd;
     // SAFETY: syncfs only reads the descriptor, which `dir` keeps open.
@@ -345,8 +339,45 @@ fn sync_tree(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The server's backup_manifest into `base`, with the checksums of the
+/// files put together from a chain (`rebuilt`: manifest path → CRC-32C).
+pub(crate) async fn write_pg_manifest(
+    repo: &Repository,
+    manifest: &BackupManifest,
+    base: &Path,
+    rebuilt: &HashMap<String, u32>,
+) -> anyhow::Result<()> {
+    let pg_manifest = repo.get(&manifest.pg_manifest_key).await?.ok_or_else(|| RepoError::Corrupt {
+        key: manifest.pg_manifest_key.clone(),
+        reason: format!("missing: backup {} lacks the server's backup_manifest", manifest.id),
+    })?;
+    let pg_manifest = crate::pg_manifest::rewrite(&pg_manifest, rebuilt)
+        .map_err(|reason| RepoError::Corrupt { key: manifest.pg_manifest_key.clone(), reason })?;
+    std::fs::write(base.join("backup_manifest"), pg_manifest).context("write backup_manifest")
+}
+
+/// The CRC-32C of a whole file, read on a blocking thread.
+pub(crate) async fn crc32c_of(file: std::sync::Arc<std::fs::File>, path: &Path) -> anyhow::Result<u32> {
+    tokio::task::spawn_blocking(move || {
+        let mut crc = 0u32;
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut offset = 0u64;
+        loop {
+            let n = file.read_at(&mut buffer, offset)?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>(crc);
+            }
+            crc = crc32c::crc32c_append(crc, buffer.get(..n).unwrap_or_default());
+            offset += n as u64;
+        }
+    })
+    .await
+    .context("join a checksum")?
+    .with_context(|| format!("read back {}", path.display()))
+}
+
 /// The path PostgreSQL's backup_manifest names a file by.
-fn manifest_path(file: &BackupFile) -> String {
+pub(crate) fn manifest_path(file: &BackupFile) -> String {
     match file.archive.as_str() {
         "base" => file.path.clone(),
         oid => format!("pg_tblspc/{oid}/{}", file.path),
@@ -354,7 +385,7 @@ fn manifest_path(file: &BackupFile) -> String {
 }
 
 /// A chunk's raw bytes, checked against the manifest's length and CRC-32C.
-async fn fetch_chunk(repo: &Repository, chunk: &ChunkRef, path: &str) -> anyhow::Result<Vec<u8>> {
+pub(crate) async fn fetch_chunk(repo: &Repository, chunk: &ChunkRef, path: &str) -> anyhow::Result<Vec<u8>> {
     let raw = repo
         .get(&chunk.key)
         .await?
@@ -397,24 +428,7 @@ async fn write_rebuilt(repo: &Repository, root: &Path, file: &BackupFile, chain:
         .with_context(|| format!("write {}", path.display()))?;
     }
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(file.mode & 0o700)).context("chmod")?;
-    let out = out.clone();
-    let crc = tokio::task::spawn_blocking(move || {
-        let mut crc = 0u32;
-        let mut buffer = vec![0u8; 1 << 20];
-        let mut offset = 0u64;
-        loop {
-            let n = out.read_at(&mut buffer, offset)?;
-            if n == 0 {
-                return Ok::<_, std::io::Error>(crc);
-            }
-            crc = crc32c::crc32c_append(crc, buffer.get(..n).unwrap_or_default());
-            offset += n as u64;
-        }
-    })
-    .await
-    .context("join a checksum")?
-    .with_context(|| format!("read back {}", path.display()))?;
-    Ok(crc)
+    crc32c_of(out, &path).await
 }
 
 async fn write_file(repo: &Repository, root: &Path, file: &BackupFile) -> anyhow::Result<u64> {
@@ -446,7 +460,7 @@ async fn write_file(repo: &Repository, root: &Path, file: &BackupFile) -> anyhow
 }
 
 /// `root/relative`, refusing anything that would leave `root`.
-fn safe_join(root: &Path, relative: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn safe_join(root: &Path, relative: &str) -> anyhow::Result<PathBuf> {
     anyhow::ensure!(
         !relative.starts_with('/') && !relative.split('/').any(|p| p == ".." || p.is_empty()),
         "backup path {relative:?} escapes the data directory"

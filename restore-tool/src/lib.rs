@@ -24,6 +24,7 @@
 pub mod audit;
 pub mod audit_report;
 pub mod cli;
+pub mod delta;
 pub mod extract;
 pub mod fetch;
 pub mod pg_bin;

@@ -24,6 +24,8 @@ pub struct RestoreOptions {
     pub timeline: Option<String>,
     pub dry_run: bool,
     pub force: bool,
+    /// Update the existing directory in place (`delta.rs`).
+    pub delta: bool,
     pub start: bool,
     pub port: u16,
     pub pause: bool,
@@ -155,7 +157,7 @@ fn check_target_directory(options: &RestoreOptions) -> anyhow::Result<()> {
             "stop that server first; a restore never writes next to a running one",
         ));
     }
-    if !crate::fetch::is_empty_or_missing(&options.pgdata)? && !options.force {
+    if !crate::fetch::is_empty_or_missing(&options.pgdata)? && !options.force && !options.delta {
         return Err(refuse(
             format!("{} is not empty", options.pgdata.display()),
             "restore into a new or empty directory, or pass --force to replace its contents",
@@ -313,6 +315,9 @@ async fn check_everything(repo: &Repository, options: &RestoreOptions) -> anyhow
     // 3. Every object the restore reads must be there, along the chain of
     //    backups an incremental one is based on.
     let chain = tidemark_repo::catalog::read_chain(repo, &plan.backup).await?;
+    if options.delta && !crate::fetch::is_empty_or_missing(&options.pgdata)? {
+        crate::delta::check_target(&options.pgdata, &plan.backup.system_identifier)?;
+    }
     let (bytes_to_fetch, bytes_left_out) =
         check_objects(repo, &plan, &chain, options.only_databases.as_deref()).await?;
     // 4. Where the tablespaces go: each directory missing or empty.
@@ -374,14 +379,19 @@ pub async fn restore(repo: &Repository, repo_url: &str, options: RestoreOptions)
     let mut staged = staging.is_none();
     let fetching = std::time::Instant::now();
     let fetched = {
-        let fetch = crate::fetch::fetch_backup(
-            repo,
-            &chain,
-            &options.pgdata,
-            &placements,
-            !options.start,
-            options.only_databases.as_deref(),
-        );
+        let fetch: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<u64>> + '_>> =
+            if options.delta && !crate::fetch::is_empty_or_missing(&options.pgdata)? {
+                Box::pin(async { crate::delta::apply(repo, &chain, &options.pgdata).await.map(|r| r.bytes_written) })
+            } else {
+                Box::pin(crate::fetch::fetch_backup(
+                    repo,
+                    &chain,
+                    &options.pgdata,
+                    &placements,
+                    !options.start,
+                    options.only_databases.as_deref(),
+                ))
+            };
         tokio::pin!(fetch);
         loop {
             tokio::select! {

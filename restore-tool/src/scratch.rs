@@ -73,6 +73,7 @@ impl Scratch {
             timeline: None,
             dry_run: false,
             force: false,
+            delta: false,
             start: true,
             port: scratch.port,
             pause,

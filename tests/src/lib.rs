@@ -9,8 +9,10 @@
 //! - [`wait`]: waiting on conditions with generous deadlines, never fixed sleeps.
 //! - [`tls`]: a test certificate authority made with openssl.
 //! - [`waldump`]: pg_waldump output and our decoder turned into comparable facts.
+//! - [`benchmarks`]: what the benchmark programs share (sizes, timed runs, a pgBackRest stanza).
 
 pub mod agent;
+pub mod benchmarks;
 pub mod cluster;
 pub mod http;
 pub mod moto;

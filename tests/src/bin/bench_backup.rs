@@ -10,26 +10,11 @@
 //!
 //!     cargo run -p tidemark-tests --bin bench-backup -- [scale, default 50]
 
-use std::path::Path;
 use std::process::Command;
-use std::time::Instant;
 use tidemark_tests::agent::{have_s3_server, keygen, AgentSetup};
-use tidemark_tests::cluster::{chown, pg_bin, Cluster, ClusterOptions, PG_USER_OS};
+use tidemark_tests::benchmarks::{dir_size, run_timed, PgBackRest};
+use tidemark_tests::cluster::{pg_bin, Cluster, ClusterOptions};
 use tidemark_tests::s3::S3Server;
-
-fn dir_size(dir: &Path) -> u64 {
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        let meta = std::fs::symlink_metadata(&path).ok();
-        total += match meta {
-            Some(m) if m.is_dir() => dir_size(&path),
-            Some(m) => m.len(),
-            None => 0,
-        };
-    }
-    total
-}
 
 fn report(tool: &str, seconds: f64, data_bytes: u64, stored: u64) {
     println!(
@@ -40,16 +25,7 @@ fn report(tool: &str, seconds: f64, data_bytes: u64, stored: u64) {
 }
 
 fn run(command: &mut Command, what: &str) -> f64 {
-    let began = Instant::now();
-    let output = command.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
-    let seconds = began.elapsed().as_secs_f64();
-    assert!(
-        output.status.success(),
-        "{what} failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    seconds
+    run_timed(command, what).0
 }
 
 fn measure(cluster: &Cluster, round: &str, s3: Option<&S3Server>) {
@@ -112,37 +88,10 @@ fn measure(cluster: &Cluster, round: &str, s3: Option<&S3Server>) {
     report("pg_basebackup -Ft client-zstd:1", seconds, data_bytes, dir_size(&target));
 
     // pgBackRest: zst level 1, two processes, local repository.
-    let pgbr = work.join("pgbackrest");
-    for sub in ["repo", "log", "lock", "spool"] {
-        std::fs::create_dir_all(pgbr.join(sub)).expect("mkdir");
-    }
-    let conf = pgbr.join("pgbackrest.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "[global]\nrepo1-path={}\nlog-path={}\nlock-path={}\nspool-path={}\ncompress-type=zst\ncompress-level=1\nprocess-max=2\nstart-fast=y\narchive-check=n\nrepo1-retention-full=10\nlog-level-console=warn\n\n[bench]\npg1-path={}\npg1-port={}\npg1-socket-path={}\npg1-user=postgres\n",
-            pgbr.join("repo").display(),
-            pgbr.join("log").display(),
-            pgbr.join("lock").display(),
-            pgbr.join("spool").display(),
-            cluster.data.display(),
-            cluster.port,
-            cluster.dir.path().display()
-        ),
-    )
-    .expect("write pgbackrest.conf");
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        chown(&pgbr, PG_USER_OS);
-    }
-    let pgbackrest = |args: &[&str]| {
-        let mut command = cluster.as_pg_user(Path::new("pgbackrest"));
-        command.arg(format!("--config={}", conf.display())).arg("--stanza=bench").args(args);
-        command
-    };
-    run(&mut pgbackrest(&["stanza-create"]), "pgbackrest stanza-create");
+    let pgbr = PgBackRest::create(cluster, &work.join("pgbackrest"));
+    let pgbackrest = |args: &[&str]| pgbr.command(cluster, args);
     let seconds = run(&mut pgbackrest(&["--type=full", "backup"]), "pgbackrest backup");
-    report("pgbackrest zst-1 process-max 2", seconds, data_bytes, dir_size(&pgbr.join("repo").join("backup")));
+    report("pgbackrest zst-1 process-max 2", seconds, data_bytes, dir_size(&pgbr.dir.join("repo").join("backup")));
 }
 
 fn main() {

@@ -19,24 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tidemark_tests::agent::{bin, AgentSetup};
+use tidemark_tests::benchmarks::{as_pg, is_root};
 use tidemark_tests::cluster::{chown, free_port, pg_bin, Cluster, ClusterOptions, PG_USER_OS};
 use tidemark_tests::wait::wait_until;
-
-fn root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// `program` run as the PostgreSQL OS user when we are root.
-fn as_pg(program: &Path) -> Command {
-    if root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", PG_USER_OS, "--"]).arg(program);
-        c
-    } else {
-        Command::new(program)
-    }
-}
 
 /// Every restore starts from the same state: the source checkpointed and
 /// nothing dirty left for the kernel to write back during the timed run
@@ -153,7 +138,7 @@ fn pgbackrest_setup(work: &Path, data: &Path, port: u16, socket_dir: &Path) -> P
         ),
     )
     .expect("write pgbackrest.conf");
-    if root() {
+    if is_root() {
         chown(&dir, PG_USER_OS);
     }
     PgBackRest { conf }
@@ -240,7 +225,7 @@ fn tidemark_restores(cluster: &Cluster, agent: &AgentSetup, target: &str, wal: u
     std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let exe = scratch.path().join("tidemark-restore");
     std::fs::copy(bin("tidemark-restore"), &exe).expect("copy");
-    if root() {
+    if is_root() {
         chown(&agent.repo, PG_USER_OS);
         chown(scratch.path(), PG_USER_OS);
     }
@@ -295,7 +280,7 @@ fn pgbackrest_restore(cluster: &Cluster, pgbr: &PgBackRest, target: &str, wal: u
     let pgdata = restored_dir.path().join("data");
     std::fs::create_dir(&pgdata).expect("mkdir");
     std::fs::set_permissions(&pgdata, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-    if root() {
+    if is_root() {
         chown(restored_dir.path(), PG_USER_OS);
     }
     quiesce(cluster);

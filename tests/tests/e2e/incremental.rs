@@ -206,3 +206,89 @@ fn small_changes_store_small_increments_and_a_hole_in_the_wal_gives_a_full_backu
     assert_eq!(restored.psql(sums), cluster.psql(sums), "the restored accounts equal the source's");
     assert_indexes_intact(&restored);
 }
+
+/// `restore --start` into a new directory with `args`; the running server.
+fn restore_started(
+    restorer: &Restorer,
+    pgdata: &std::path::Path,
+    dir: tempfile::TempDir,
+    args: &[&str],
+) -> (Cluster, String) {
+    let port = tidemark_tests::cluster::free_port();
+    let port_text = port.to_string();
+    let mut all = vec!["restore", "--pgdata", pgdata.to_str().expect("utf-8"), "--start", "--port", &port_text];
+    all.extend_from_slice(args);
+    let output = restorer.run(&all);
+    let server = Cluster::adopt_running(dir, pgdata.to_path_buf(), port);
+    assert!(output.status.success(), "restore {args:?}: {}", stderr(&output));
+    (server, stderr(&output))
+}
+
+#[test]
+fn delta_restore_onto_a_stale_copy_equals_a_fresh_restore() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.pgbench_init(5);
+    cluster.psql("CREATE TABLE ledger (id serial PRIMARY KEY, note text NOT NULL)");
+    let agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
+    agent.init();
+    let running = agent.spawn();
+    backup(&agent, &[]);
+    commit_rows(&cluster, 1, 10, 0.0);
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    let scratch = tempfile::Builder::new().prefix("tidemark-delta-").tempdir().expect("tempdir");
+    std::fs::set_permissions(scratch.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let restorer = Restorer::new(&agent, scratch.path());
+    // Yesterday's copy: restored, started (it promoted, so it has moved on
+    // by itself), stopped.
+    let (dir, stale_data) = Restorer::target_dir();
+    let (stale, _) = restore_started(&restorer, &stale_data, dir, &["--latest"]);
+    assert_eq!(rows(&stale, "").len(), 10);
+    stale.psql("INSERT INTO ledger (note) VALUES ('only in the copy')");
+    stale.stop("fast");
+
+    // The source moves on: load, an incremental backup, more commits.
+    let mut pgbench = cluster.pgbench_spawn(&["-n", "-T", "4", "-c", "2"]);
+    assert!(pgbench.wait().expect("wait pgbench").success());
+    commit_rows(&cluster, 11, 20, 0.0);
+    assert!(!backup(&agent, &[])["base"].is_null(), "the second backup is incremental");
+    commit_rows(&cluster, 21, 30, 0.0);
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    assert!(running.stop(), "agent did not stop cleanly");
+    // Again: the repository's new objects become readable to the server's user.
+    let restorer = Restorer::new(&agent, scratch.path());
+
+    // Refused: another cluster's directory, and a directory with a running server.
+    let other = Cluster::start(ClusterOptions::default());
+    other.stop("fast");
+    restorer.refused(
+        &["restore", "--delta", "--pgdata", other.data.to_str().expect("utf-8"), "--latest"],
+        "another cluster",
+    );
+    restorer
+        .refused(&["restore", "--delta", "--pgdata", cluster.data.to_str().expect("utf-8"), "--latest"], "is running");
+
+    // The delta restore onto the stale copy, and a fresh one, both to the latest.
+    let expected = rows(&cluster, "");
+    let sums = "SELECT sum(abalance), count(*), (SELECT sum(delta) FROM pgbench_history) FROM pgbench_accounts";
+    let (delta, log) =
+        restore_started(&restorer, &stale_data, tempfile::tempdir().expect("tempdir"), &["--delta", "--latest"]);
+    assert!(log.contains("restore: delta: "), "{log}");
+    let (dir, fresh_data) = Restorer::target_dir();
+    let (fresh, _) = restore_started(&restorer, &fresh_data, dir, &["--latest"]);
+    for (name, restored) in [("delta", &delta), ("fresh", &fresh)] {
+        assert_eq!(rows(restored, ""), expected, "{name}: the ledger as committed");
+        assert_eq!(restored.psql(sums), cluster.psql(sums), "{name}: pgbench's tables");
+        assert_consistent(restored);
+    }
+    // What the delta wrote was less than the whole database.
+    let written: u64 = log
+        .lines()
+        .find_map(|l| l.split("restore: delta: ").nth(1)?.split(" MB written").next()?.trim().parse().ok())
+        .expect("the delta line");
+    let total_mb = cluster.psql("SELECT pg_database_size('postgres') / 1048576").parse::<u64>().expect("size");
+    assert!(written < total_mb, "delta wrote {written} MB of a {total_mb} MB database");
+    drop(delta);
+    drop(stale);
+}

@@ -41,8 +41,13 @@ fn retention_keeps_the_window_exact_and_survives_kills() {
     cluster.psql("CREATE TABLE ledger (id serial PRIMARY KEY, note text NOT NULL)");
     let base = cluster.dir.path();
     let config = base.join("tidemark.toml");
-    std::fs::write(&config, "lease_secs = 6\n[retention]\nrecovery_window = \"150s\"\nmin_backups = 2\n")
-        .expect("config");
+    // Chains of one increment: a full backup every other minute, so that
+    // the final expire finds whole chains older than the window to drop.
+    std::fs::write(
+        &config,
+        "lease_secs = 6\nmax_incremental_chain = 1\n[retention]\nrecovery_window = \"150s\"\nmin_backups = 2\n",
+    )
+    .expect("config");
     let mut agent = AgentSetup::new(base, cluster.url("postgres"));
     agent.extra_args = vec!["--config".into(), config.display().to_string()];
     agent.env = vec![("TIDEMARK_BACKUP_INTERVAL".into(), "60".into())];

@@ -1,0 +1,169 @@
+//! What a backup after a change costs, in one run on the same database
+//! states: Tidemark's block-level incremental (`backup`), its file-level
+//! backup (chunk reuse only: `--max-incremental-chain 0`, into a copy of
+//! the repository made after the full backup), and pgBackRest's full and
+//! incremental (file-level; block incremental needs pgBackRest 2.46+ with
+//! bundling, which Debian 12's 2.45 lacks). After a full backup of pgbench
+//! scale N: 5 s of `pgbench -c 4`, then a one-row update, then a hot spot
+//! (1 % of the accounts updated three times); each backup is against the
+//! one before it. Prints stored bytes (and their share of the full
+//! backup's), bytes read from the server and wall time. Then `restore
+//! --delta` onto a copy restored before a minute of pgbench and one more
+//! backup, against a fresh restore of the same target (files written, no
+//! recovery: what --delta changes). Asserts nothing.
+//! Needs pgbackrest (`apt-get install pgbackrest`).
+//!
+//!     cargo run -p tidemark-tests --bin bench-incremental -- [scale, default 30]
+
+use std::path::Path;
+use tidemark_tests::agent::bin;
+use tidemark_tests::agent::AgentSetup;
+use tidemark_tests::benchmarks::{as_pg, is_root, run_timed, PgBackRest};
+use tidemark_tests::cluster::{chown, PG_USER_OS};
+use tidemark_tests::cluster::{Cluster, ClusterOptions};
+
+/// A change to the database, and what to call it.
+type Scenario<'a> = (&'a str, Box<dyn Fn() + 'a>);
+
+/// One backup's figures.
+struct Figures {
+    seconds: f64,
+    read: u64,
+    stored: u64,
+}
+
+fn tidemark(agent: &AgentSetup, args: &[&str]) -> Figures {
+    let mut all = vec!["backup", "--json"];
+    all.extend_from_slice(args);
+    let (seconds, output) = run_timed(&mut agent.command(&all), "tidemark-agent backup");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("backup JSON");
+    let number = |field: &str| report[field].as_u64().expect("a byte count");
+    // BASE_BACKUP sends every file: what is read is the whole database.
+    Figures { seconds, read: number("bytes"), stored: number("stored_bytes") }
+}
+
+fn pgbackrest(cluster: &Cluster, stanza: &PgBackRest, kind: &str) -> Figures {
+    let (seconds, _) =
+        run_timed(&mut stanza.command(cluster, &[&format!("--type={kind}"), "backup"]), "pgbackrest backup");
+    let (_, output) = run_timed(&mut stanza.command(cluster, &["--output=json", "info"]), "pgbackrest info");
+    let info: serde_json::Value = serde_json::from_slice(&output.stdout).expect("pgbackrest info JSON");
+    let last = info[0]["backup"].as_array().and_then(|b| b.last()).cloned().expect("a pgbackrest backup");
+    // `delta`: bytes of the files this backup copied; the repository's delta: what it stored.
+    Figures {
+        seconds,
+        read: last["info"]["delta"].as_u64().unwrap_or(0),
+        stored: last["info"]["repository"]["delta"].as_u64().unwrap_or(0),
+    }
+}
+
+fn print(label: &str, figures: &Figures, full_stored: u64) {
+    println!(
+        "  {label:<40} {:7.2} s  read {:8.1} MB  stored {:8.2} MB  ({:6.2} % of the full backup's)",
+        figures.seconds,
+        figures.read as f64 / 1e6,
+        figures.stored as f64 / 1e6,
+        100.0 * figures.stored as f64 / full_stored.max(1) as f64
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let status = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().expect("run cp");
+    assert!(status.success(), "cp -a {} {}", from.display(), to.display());
+}
+
+fn main() {
+    let scale: u32 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(30);
+    let cluster = Cluster::start(ClusterOptions {
+        conf: vec!["archive_mode = on".into(), "archive_command = '/bin/true'".into(), "max_wal_size = '4GB'".into()],
+        ..Default::default()
+    });
+    cluster.pgbench_init(scale);
+    cluster.psql("CHECKPOINT");
+    let work = cluster.dir.path().join("bench-incremental");
+    std::fs::create_dir_all(&work).expect("mkdir");
+    // The block-level repository has its agent streaming: an incremental
+    // backup needs the WAL since its base archived without a hole.
+    let block = AgentSetup::new(&work.join("block"), cluster.url("postgres"));
+    block.init();
+    let streaming = block.spawn();
+    let stanza = PgBackRest::create(&cluster, &work.join("pgbackrest"));
+
+    println!("pgbench scale {scale}: full backups");
+    let full = tidemark(&block, &[]);
+    print("tidemark full", &full, full.stored);
+    // The file-level repository starts as a copy of the block-level one.
+    let file = AgentSetup::new(&work.join("file"), cluster.url("postgres"));
+    std::fs::create_dir_all(&file.repo).expect("mkdir");
+    std::fs::create_dir_all(&file.state_dir).expect("mkdir");
+    for entry in ["repository.json", "backups"] {
+        copy_dir(&block.repo.join(entry), &file.repo.join(entry));
+    }
+    let pgbr_full = pgbackrest(&cluster, &stanza, "full");
+    print("pgbackrest full", &pgbr_full, full.stored);
+
+    let hot_rows = scale * 1000;
+    let scenarios: [Scenario; 3] = [
+        (
+            "after 5 s of pgbench -c 4",
+            Box::new(|| {
+                let mut pgbench = cluster.pgbench_spawn(&["-n", "-T", "5", "-c", "4", "-j", "2"]);
+                assert!(pgbench.wait().expect("wait pgbench").success());
+            }),
+        ),
+        (
+            "after a one-row update",
+            Box::new(|| {
+                cluster.psql("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 4242");
+            }),
+        ),
+        (
+            "after a hot spot (1 % of rows, 3 times)",
+            Box::new(|| {
+                for _ in 0..3 {
+                    cluster
+                        .psql(&format!("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= {hot_rows}"));
+                }
+            }),
+        ),
+    ];
+    for (label, change) in &scenarios {
+        change();
+        println!("{label}");
+        print("tidemark block-level incremental", &tidemark(&block, &[]), full.stored);
+        print("tidemark file-level (chunk reuse)", &tidemark(&file, &["--max-incremental-chain", "0"]), full.stored);
+        print("pgbackrest incr (file-level)", &pgbackrest(&cluster, &stanza, "incr"), pgbr_full.stored);
+    }
+    println!("(targets: ≤ 40 % after 5 s of pgbench, ≤ 1 % after one row, ≤ 5 % after the hot spot)");
+    delta_against_fresh(&cluster, &block, &work);
+    assert!(streaming.stop(), "the agent did not stop cleanly");
+}
+
+/// `tidemark-restore restore --latest` (no --start) into `pgdata`; seconds.
+fn restore(agent: &AgentSetup, exe: &Path, pgdata: &Path, extra: &[&str]) -> f64 {
+    let mut command = as_pg(exe);
+    command.arg("--repo").arg(agent.repo_url()).args(["restore", "--latest", "--pgdata"]).arg(pgdata).args(extra);
+    run_timed(&mut command, "tidemark-restore restore").0
+}
+
+fn delta_against_fresh(cluster: &Cluster, agent: &AgentSetup, work: &Path) {
+    let scratch = work.join("restores");
+    std::fs::create_dir_all(&scratch).expect("mkdir");
+    let exe = scratch.join("tidemark-restore");
+    std::fs::copy(bin("tidemark-restore"), &exe).expect("copy");
+    if is_root() {
+        chown(&agent.repo, PG_USER_OS);
+        chown(&scratch, PG_USER_OS);
+    }
+    let copy = scratch.join("copy");
+    let seconds = restore(agent, &exe, &copy, &[]);
+    println!("restore --delta onto a copy a minute of pgbench -c 4 behind");
+    println!("  {:<40} {seconds:7.2} s", "the copy (a fresh restore)");
+    let mut pgbench = cluster.pgbench_spawn(&["-n", "-T", "60", "-c", "4", "-j", "2"]);
+    assert!(pgbench.wait().expect("wait pgbench").success());
+    tidemark(agent, &[]);
+    cluster.psql("CHECKPOINT");
+    let delta = restore(agent, &exe, &copy, &["--delta"]);
+    let fresh = restore(agent, &exe, &scratch.join("fresh"), &[]);
+    println!("  {:<40} {delta:7.2} s", "restore --delta onto the copy");
+    println!("  {:<40} {fresh:7.2} s  (delta / fresh {:.2})", "fresh restore of the same target", delta / fresh);
+}
