@@ -104,26 +104,30 @@ pub async fn apply(repo: &Repository, chain: &[BackupManifest], pgdata: &Path) -
     }
     let (control, files): (Vec<&BackupFile>, Vec<&BackupFile>) =
         manifest.files.iter().filter(|f| f.kind == FileKind::File).partition(|f| f.path == CONTROL);
+    let control =
+        control.first().copied().with_context(|| format!("backup {} has no global/pg_control", manifest.id))?;
     let links = &links;
     let mut results = futures::stream::iter(
         files
             .into_iter()
-            .chain(control)
             .map(|file| async move { sync_file(repo, links, pgdata, file).await.map(|done| (file, done)) }),
     )
     .buffer_unordered(8);
     let mut rebuilt = HashMap::new();
-    let mut control_done = false;
-    while let Some(result) = results.next().await {
-        let (file, (written, unchanged, crc)) = result?;
+    let mut add = |file: &BackupFile, (written, unchanged, crc): (u64, u64, Option<u32>)| {
         report.bytes_written += written;
         report.bytes_unchanged += unchanged;
         if let Some(crc) = crc {
             rebuilt.insert(manifest_path(file), crc);
         }
-        control_done |= file.path == CONTROL;
+    };
+    while let Some(result) = results.next().await {
+        let (file, done) = result?;
+        add(file, done);
     }
-    anyhow::ensure!(control_done, "backup {} has no global/pg_control", manifest.id);
+    // Every other file durable before pg_control exists again.
+    sync_tree(pgdata)?;
+    add(control, sync_file(repo, links, pgdata, control).await?);
     write_pg_manifest(repo, manifest, pgdata, &rebuilt).await?;
     sync_tree(pgdata)?;
     std::fs::remove_file(pgdata.join(MARKER)).context("remove the delta restore's marker")?;

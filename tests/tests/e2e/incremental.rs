@@ -195,6 +195,19 @@ fn small_changes_store_small_increments_and_a_hole_in_the_wal_gives_a_full_backu
     assert!(after_hole["base"].is_null(), "after a hole the backup is full: {after_hole}");
     let log = stderr(&output);
     assert!(log.contains("full backup: the archived WAL has a hole"), "{log}");
+    // Retention: the three newest backups are kept, and the increment among
+    // them keeps the backups it is based on.
+    let output = agent.run_command(&["expire", "--min-backups", "3", "--json"]);
+    assert!(output.status.success(), "expire: {}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("expire JSON");
+    let reasons = |id: &serde_json::Value| -> String {
+        let kept = report["plan"]["kept"].as_array().expect("kept");
+        kept.iter().find(|k| k["id"] == *id).map(|k| k["reasons"].to_string()).unwrap_or_default()
+    };
+    let of_hot = format!("base of {}", hot["id"].as_str().expect("id"));
+    assert!(reasons(&one_row["id"]).contains(&of_hot), "{report}");
+    assert!(reasons(&full["id"]).contains(&of_hot), "{report}");
+    assert!(report["plan"]["dropped"].as_array().expect("dropped").is_empty(), "{report}");
     let end = cluster.switch_wal();
     wait_archived(&agent, end);
     assert!(running.stop(), "agent did not stop cleanly");
