@@ -13,7 +13,11 @@
 //! recovery: what --delta changes). Asserts nothing.
 //! Needs pgbackrest (`apt-get install pgbackrest`).
 //!
-//!     cargo run -p tidemark-tests --bin bench-incremental -- [scale, default 30]
+//!     cargo run -p tidemark-tests --bin bench-incremental -- [scale, default 30] [random]
+//!
+//! `random` fills pgbench's filler column with random text first (pgbench's
+//! own blank filler compresses about 38x, so its primary key index, whose
+//! pages nearly all change under random updates, dominates the stored bytes).
 
 use std::path::Path;
 use tidemark_tests::agent::bin;
@@ -37,6 +41,12 @@ fn tidemark(agent: &AgentSetup, args: &[&str]) -> Figures {
     all.extend_from_slice(args);
     let (seconds, output) = run_timed(&mut agent.command(&all), "tidemark-agent backup");
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("backup JSON");
+    // What the agent says about the blocks it stored, or why the backup is full.
+    for line in String::from_utf8_lossy(&output.stderr).lines() {
+        if line.contains("relation blocks stored") || line.contains("full backup:") {
+            println!("    {}", line.split("INFO").last().unwrap_or(line).trim());
+        }
+    }
     let number = |field: &str| report[field].as_u64().expect("a byte count");
     // BASE_BACKUP sends every file: what is read is the whole database.
     Figures { seconds, read: number("bytes"), stored: number("stored_bytes") }
@@ -78,6 +88,14 @@ fn main() {
         ..Default::default()
     });
     cluster.pgbench_init(scale);
+    let random = std::env::args().nth(2).is_some_and(|a| a == "random");
+    if random {
+        cluster.psql("UPDATE pgbench_accounts SET filler = md5(random()::text) || md5(random()::text) || substr(md5(random()::text), 1, 20)");
+        cluster.psql("VACUUM FULL pgbench_accounts");
+        // Frozen and all-visible now, so that no autovacuum rewrites pages
+        // between the scenarios (it would show as changed blocks, rightly).
+        cluster.psql("VACUUM (FREEZE, ANALYZE) pgbench_accounts");
+    }
     cluster.psql("CHECKPOINT");
     let work = cluster.dir.path().join("bench-incremental");
     std::fs::create_dir_all(&work).expect("mkdir");
@@ -88,7 +106,7 @@ fn main() {
     let streaming = block.spawn();
     let stanza = PgBackRest::create(&cluster, &work.join("pgbackrest"));
 
-    println!("pgbench scale {scale}: full backups");
+    println!("pgbench scale {scale}{}: full backups", if random { " with random filler" } else { "" });
     let full = tidemark(&block, &[]);
     print("tidemark full", &full, full.stored);
     // The file-level repository starts as a copy of the block-level one.
@@ -134,8 +152,22 @@ fn main() {
         print("pgbackrest incr (file-level)", &pgbackrest(&cluster, &stanza, "incr"), pgbr_full.stored);
     }
     println!("(targets: ≤ 40 % after 5 s of pgbench, ≤ 1 % after one row, ≤ 5 % after the hot spot)");
+    stop_when_archived(&cluster, &block, streaming);
     delta_against_fresh(&cluster, &block, &work);
-    assert!(streaming.stop(), "the agent did not stop cleanly");
+}
+
+/// Stops the agent once the WAL written so far is in the repository, and
+/// hands the repository to the server's OS user (the agent, running as
+/// root, makes its directories owner-only), which runs the restores.
+fn stop_when_archived(cluster: &Cluster, agent: &AgentSetup, running: tidemark_tests::agent::RunningAgent) {
+    let end = cluster.switch_wal();
+    tidemark_tests::wait::wait_until("the agent to archive the WAL", std::time::Duration::from_secs(300), || {
+        agent.archived_lsn().is_some_and(|a| a >= end).then_some(())
+    });
+    assert!(running.stop(), "the agent did not stop cleanly");
+    if is_root() {
+        chown(&agent.repo, PG_USER_OS);
+    }
 }
 
 /// `tidemark-restore restore --latest` (no --start) into `pgdata`; seconds.
@@ -151,16 +183,17 @@ fn delta_against_fresh(cluster: &Cluster, agent: &AgentSetup, work: &Path) {
     let exe = scratch.join("tidemark-restore");
     std::fs::copy(bin("tidemark-restore"), &exe).expect("copy");
     if is_root() {
-        chown(&agent.repo, PG_USER_OS);
-        chown(&scratch, PG_USER_OS);
+        chown(work, PG_USER_OS);
     }
     let copy = scratch.join("copy");
     let seconds = restore(agent, &exe, &copy, &[]);
     println!("restore --delta onto a copy a minute of pgbench -c 4 behind");
     println!("  {:<40} {seconds:7.2} s", "the copy (a fresh restore)");
+    let streaming = agent.spawn();
     let mut pgbench = cluster.pgbench_spawn(&["-n", "-T", "60", "-c", "4", "-j", "2"]);
     assert!(pgbench.wait().expect("wait pgbench").success());
     tidemark(agent, &[]);
+    stop_when_archived(cluster, agent, streaming);
     cluster.psql("CHECKPOINT");
     let delta = restore(agent, &exe, &copy, &["--delta"]);
     let fresh = restore(agent, &exe, &scratch.join("fresh"), &[]);
