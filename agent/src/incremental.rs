@@ -108,26 +108,25 @@ pub fn refusal(
     Ok(())
 }
 
-/// Whether the archive holds the WAL from `base`'s start on, on its
-/// timeline, without a hole or a later timeline: what the block map of a
-/// WAL-based incremental needs, and a sign that nothing happened to the
-/// cluster that the page LSNs could hide (a restore to an earlier point
-/// starts a new timeline).
+/// Whether the archive shows a hole in the WAL after `base`'s start on its
+/// timeline, or a later timeline: what a WAL-derived block map could not
+/// cover, and a sign that something happened to the cluster that page LSNs
+/// could hide (a restore to an earlier point starts a new timeline). WAL
+/// not archived yet (the agent behind, or not running) is no hole: nothing
+/// is known to be missing, and the page LSNs decide alone.
 pub fn wal_since(base: &BackupManifest, catalog: &Catalog) -> Result<(), String> {
     if let Some(newer) = catalog.timelines.iter().find(|t| t.timeline > base.timeline) {
         return Err(format!("timeline {} began after backup {}", newer.timeline, base.id));
     }
     let on_timeline: Vec<_> = catalog.ranges.iter().filter(|r| r.timeline == base.timeline).collect();
-    let Some(covering) = on_timeline.iter().find(|r| r.start <= base.start_lsn && base.start_lsn <= r.end) else {
-        return Err(format!("the WAL from backup {}'s start {} is not archived", base.id, base.start_lsn));
-    };
-    if let Some(after) = on_timeline.iter().find(|r| r.start > covering.end) {
-        return Err(format!(
-            "the archived WAL has a hole from {} to {} since backup {}",
-            covering.end, after.start, base.id
-        ));
+    let covering = on_timeline.iter().find(|r| r.start <= base.start_lsn && base.start_lsn <= r.end);
+    let archived_from = covering.map_or(base.start_lsn, |r| r.end);
+    match on_timeline.iter().filter(|r| r.start > archived_from).map(|r| r.start).min() {
+        Some(next) => {
+            Err(format!("the archived WAL has a hole from {archived_from} to {next} since backup {}", base.id))
+        }
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The backup the next one is incremental on, or `None` for a full backup
@@ -234,8 +233,12 @@ mod tests {
         assert!(wal_since(&base, &catalog).is_ok());
         catalog.ranges.push(range(1, 0x8000000, 0x9000000));
         assert!(wal_since(&base, &catalog).unwrap_err().contains("hole from 0/6000000 to 0/8000000"));
+        // The base's start is missing but later WAL is there: a hole.
         catalog.ranges = vec![range(1, 0x4000000, 0x6000000)];
-        assert!(wal_since(&base, &catalog).unwrap_err().contains("not archived"));
+        assert!(wal_since(&base, &catalog).unwrap_err().contains("hole from 0/3000000 to 0/4000000"));
+        // Nothing archived since before the base: not yet, not a hole.
+        catalog.ranges = vec![range(1, 0x1000000, 0x2000000)];
+        assert!(wal_since(&base, &catalog).is_ok());
         catalog.ranges = vec![range(1, 0x1000000, 0x6000000)];
         catalog.timelines.push(TimelineInfo { timeline: TimelineId(2), parent: Some(TimelineId(1)), ..one });
         assert!(wal_since(&base, &catalog).unwrap_err().contains("timeline 2"));

@@ -1,6 +1,7 @@
 //! Every PostgreSQL from 13 to 18 (Debian's 15, npm's embedded-postgres
 //! server builds for the others, which have no psql or other client
 //! programs): the agent, a backup, attendance traffic with one bad UPDATE,
+//! an incremental backup,
 //! the timeline finding it with its exact row count, restores to just
 //! before it and to the latest point (started with `--pg-bin`) compared
 //! row by row with the source, and verify.
@@ -31,6 +32,13 @@ fn end_to_end_on(major: u32) {
     let rows: u64 = cluster.psql("SELECT count(*) FROM \"AttendanceRecord\"").parse().expect("count");
     let bad = transaction(&cluster, "UPDATE \"AttendanceRecord\" SET status = NULL").to_string();
     attendance_traffic(&cluster, 40, 30, 0.0);
+    // A block-level incremental backup: the latest restore below starts
+    // from it and puts its files together from the chain.
+    let output = agent.run_command(&["backup", "--json"]);
+    assert!(output.status.success(), "second backup on PostgreSQL {major}: {}", stderr(&output));
+    let second: serde_json::Value = serde_json::from_slice(&output.stdout).expect("backup JSON");
+    assert!(!second["base"].is_null(), "PostgreSQL {major}: the second backup is incremental: {second}");
+    attendance_traffic(&cluster, 70, 10, 0.0);
     let after = attendance(&cluster);
     let end = cluster.switch_wal();
     wait_archived(&agent, end);
@@ -53,7 +61,8 @@ fn end_to_end_on(major: u32) {
     assert_eq!(report["pg_bin"], bin_arg.as_str());
     assert_eq!(attendance(&restored), before, "PostgreSQL {major}: restored just before the bad UPDATE");
     drop(restored);
-    let (restored, _) = restorer.restore_and_start(&["--latest", "--pg-bin", &bin_arg, "--cache-dir", &cache]);
+    let (restored, report) = restorer.restore_and_start(&["--latest", "--pg-bin", &bin_arg, "--cache-dir", &cache]);
+    assert_eq!(report["backup_id"], second["id"], "PostgreSQL {major}: the latest restore starts from the increment");
     assert_eq!(attendance(&restored), after, "PostgreSQL {major}: restored to the latest point");
     drop(restored);
     let output = restorer.run(&["verify"]);
