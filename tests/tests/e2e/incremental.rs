@@ -282,12 +282,25 @@ fn delta_restore_onto_a_stale_copy_equals_a_fresh_restore() {
     restorer
         .refused(&["restore", "--delta", "--pgdata", cluster.data.to_str().expect("utf-8"), "--latest"], "is running");
 
+    // The copy as an interrupted delta restore leaves it: pg_control gone,
+    // the marker naming the cluster, a relation file cut short. The next
+    // --delta accepts it and finishes.
+    let marker = stale_data.join("tidemark-delta-restore");
+    std::fs::write(&marker, cluster.system_identifier()).expect("marker");
+    if tidemark_tests::cluster::pg_os_ids().is_some() {
+        tidemark_tests::cluster::chown(&marker, tidemark_tests::cluster::PG_USER_OS);
+    }
+    std::fs::remove_file(stale_data.join("global/pg_control")).expect("remove pg_control");
+    let tellers = stale_data.join(cluster.psql("SELECT pg_relation_filepath('pgbench_tellers')"));
+    std::fs::OpenOptions::new().write(true).open(&tellers).and_then(|f| f.set_len(0)).expect("cut a file short");
+
     // The delta restore onto the stale copy, and a fresh one, both to the latest.
     let expected = rows(&cluster, "");
     let sums = "SELECT sum(abalance), count(*), (SELECT sum(delta) FROM pgbench_history) FROM pgbench_accounts";
     let (delta, log) =
         restore_started(&restorer, &stale_data, tempfile::tempdir().expect("tempdir"), &["--delta", "--latest"]);
     assert!(log.contains("restore: delta: "), "{log}");
+    assert!(!stale_data.join("tidemark-delta-restore").exists(), "the marker goes once the delta restore is done");
     let (dir, fresh_data) = Restorer::target_dir();
     let (fresh, _) = restore_started(&restorer, &fresh_data, dir, &["--latest"]);
     for (name, restored) in [("delta", &delta), ("fresh", &fresh)] {
