@@ -47,14 +47,21 @@ fn assert_indexes_intact(restored: &Cluster) {
     assert!(checked.parse::<u32>().expect("count") > 10, "amcheck checked {checked} indexes");
 }
 
-#[test]
-fn chains_of_one_three_and_seven_increments_restore_exactly_under_load() {
+/// A cluster with pgbench's tables (scale 5) and a ledger table, and an
+/// agent streaming from it.
+fn pgbench_ledger_and_agent() -> (Cluster, AgentSetup, tidemark_tests::agent::RunningAgent) {
     let cluster = Cluster::start(ClusterOptions::default());
     cluster.pgbench_init(5);
     cluster.psql("CREATE TABLE ledger (id serial PRIMARY KEY, note text NOT NULL)");
     let agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
     agent.init();
     let running = agent.spawn();
+    (cluster, agent, running)
+}
+
+#[test]
+fn chains_of_one_three_and_seven_increments_restore_exactly_under_load() {
+    let (cluster, agent, running) = pgbench_ledger_and_agent();
     let full = backup(&agent, &[]);
     assert!(full["base"].is_null(), "the first backup is full: {full}");
     // Seven increments, each taken while pgbench runs, then ten ledger rows;
@@ -239,12 +246,7 @@ fn restore_started(
 
 #[test]
 fn delta_restore_onto_a_stale_copy_equals_a_fresh_restore() {
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.pgbench_init(5);
-    cluster.psql("CREATE TABLE ledger (id serial PRIMARY KEY, note text NOT NULL)");
-    let agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
-    agent.init();
-    let running = agent.spawn();
+    let (cluster, agent, running) = pgbench_ledger_and_agent();
     backup(&agent, &[]);
     commit_rows(&cluster, 1, 10, 0.0);
     let end = cluster.switch_wal();
