@@ -135,6 +135,20 @@ impl Repository {
         if !self.deletes_allowed {
             return Err(RepoError::NoDelete(key.to_string()));
         }
+        // A staging file a killed put left in a local repository (`name#N`)
+        // is no object to the store (its paths refuse that form): remove
+        // the file itself.
+        if let Some(root) = self.local_root.as_ref().filter(|_| key.contains('#') && !key.split('/').any(|p| p == ".."))
+        {
+            let path = root.join(key);
+            let removed = tokio::task::spawn_blocking(move || match std::fs::remove_file(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            return removed.map_err(|source| RepoError::Local { context: format!("remove {key}"), source });
+        }
         match self.store.delete(&ObjectPath::from(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(RepoError::store(format!("delete object {key} from {}", self.display), e)),
@@ -202,5 +216,21 @@ mod tests {
         repo.delete(key).await.expect("delete again");
         assert_eq!(repo.get(key).await.expect("get"), None);
         assert!(!repo.exists(key).await.expect("exists"));
+    }
+
+    #[tokio::test]
+    async fn staging_files_a_killed_put_left_are_found_and_deleted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("file://{}/repo", dir.path().display());
+        let repo = Repository::open(&url, &[], Create::Yes).expect("open").with_keyring(None);
+        let chunks = dir.path().join("repo/backups/B/chunks");
+        std::fs::create_dir_all(&chunks).expect("mkdir");
+        std::fs::write(chunks.join("00000098#1"), b"half a chunk").expect("write");
+        let found: Vec<String> = repo.local_staging_files().into_iter().map(|o| o.key).collect();
+        assert_eq!(found, vec!["backups/B/chunks/00000098#1".to_string()]);
+        repo.delete(&found[0]).await.expect("delete");
+        assert!(!chunks.join("00000098#1").exists(), "the staging file is gone");
+        assert!(repo.local_staging_files().is_empty());
+        repo.delete(&found[0]).await.expect("delete again");
     }
 }
