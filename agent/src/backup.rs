@@ -15,6 +15,7 @@ use anyhow::Context;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tidemark_proto::base_backup::{self, BackupMessage, BackupResults, Row};
+use tidemark_proto::incremental_file::{self, combined_backup_label, IncrementalFile};
 use tidemark_proto::repo::backup::{
     chunk_key, manifest_key, pg_manifest_key, BackupFile, BackupManifest, ChunkRef, FileKind, CHUNK_SIZE,
     FORMAT_VERSION, INCREMENTAL_FORMAT_VERSION,
@@ -35,8 +36,22 @@ struct OpenFile {
     file: BackupFile,
     buffer: Vec<u8>,
     chunk_index: usize,
-    /// Set when the file is stored block by block (incremental backups).
-    blocks: Option<BlockFilter>,
+    reading: Reading,
+    /// Its chunks hold changed blocks: never the same place of the same file.
+    by_block: bool,
+}
+
+/// How the bytes of the file being received are read.
+enum Reading {
+    /// Stored as they come.
+    Whole,
+    /// A relation file sent whole, stored block by block (incremental backups).
+    Blocks(BlockFilter),
+    /// PostgreSQL 17+'s `INCREMENTAL.<name>`: only changed blocks were sent.
+    Incremental(IncrementalFile),
+    /// An incremental backup's backup_label from PostgreSQL 17+, stored
+    /// without the lines that would stop the server starting from it.
+    Label,
 }
 
 struct Receiver<'a> {
@@ -48,6 +63,8 @@ struct Receiver<'a> {
     base_start: Option<Lsn>,
     /// Relation blocks received, and those stored (incremental backups).
     relation_blocks: (u64, u64),
+    /// The server sends incremental files (`BASE_BACKUP … INCREMENTAL`).
+    native: bool,
     archive: String,
     tar: TarReader,
     open: Option<OpenFile>,
@@ -72,11 +89,11 @@ impl Receiver<'_> {
                         EntryKind::Symlink { target } => (FileKind::Symlink, Some(target)),
                     };
                     self.bytes += header.size;
-                    let blocks = self.block_filter(&header.path, header.size, &kind);
+                    let (path, reading) = self.reading(header.path, header.size, &kind)?;
                     self.open = Some(OpenFile {
                         file: BackupFile {
                             archive: self.archive.clone(),
-                            path: header.path,
+                            path,
                             kind,
                             size: header.size,
                             mode: header.mode,
@@ -87,39 +104,84 @@ impl Receiver<'_> {
                         },
                         buffer: Vec::new(),
                         chunk_index: 0,
-                        blocks,
+                        by_block: matches!(reading, Reading::Blocks(_) | Reading::Incremental(_)),
+                        reading,
                     });
                 }
                 TarEvent::Data(bytes) => {
                     let full = {
                         let open = self.open.as_mut().context("tar data outside a file")?;
-                        match open.blocks.as_mut() {
-                            Some(filter) => filter.feed(&bytes, &mut open.buffer),
-                            None => open.buffer.extend_from_slice(&bytes),
+                        match &mut open.reading {
+                            Reading::Blocks(filter) => filter.feed(&bytes, &mut open.buffer),
+                            Reading::Incremental(reader) => reader.feed(&bytes, &mut open.buffer)?,
+                            Reading::Whole | Reading::Label => open.buffer.extend_from_slice(&bytes),
                         }
-                        open.buffer.len() >= CHUNK_SIZE
+                        open.buffer.len() >= CHUNK_SIZE && !matches!(open.reading, Reading::Label)
                     };
                     if full {
                         self.flush_chunk().await?;
                     }
                 }
-                TarEvent::EndOfEntry => {
-                    if self.open.as_ref().is_some_and(|o| !o.buffer.is_empty()) {
-                        self.flush_chunk().await?;
-                    }
-                    let mut open = self.open.take().context("end of an entry that never began")?;
-                    if let Some(filter) = open.blocks.take() {
-                        let (ranges, blocks) = filter.finish()?;
-                        self.relation_blocks.0 += blocks;
-                        self.relation_blocks.1 += ranges.iter().map(|[_, count]| u64::from(*count)).sum::<u64>();
-                        open.file.blocks = Some(ranges);
-                    }
-                    self.files.push(open.file);
-                }
+                TarEvent::EndOfEntry => self.end_of_entry().await?,
                 TarEvent::End => {}
             }
         }
         Ok(())
+    }
+
+    /// Finishes the open file: its last chunk, its block ranges and length.
+    async fn end_of_entry(&mut self) -> anyhow::Result<()> {
+        let open = self.open.as_mut().context("end of an entry that never began")?;
+        let mut ranges = None;
+        match std::mem::replace(&mut open.reading, Reading::Whole) {
+            Reading::Whole => {}
+            Reading::Label => {
+                open.buffer = combined_backup_label(&open.buffer);
+                open.file.size = open.buffer.len() as u64;
+            }
+            Reading::Blocks(filter) => {
+                let (stored, blocks) = filter.finish()?;
+                ranges = Some((stored, blocks));
+            }
+            Reading::Incremental(reader) => {
+                let (stored, blocks) = reader.finish(&mut open.buffer)?;
+                open.file.size = blocks * BLOCK_SIZE;
+                ranges = Some((stored, blocks));
+            }
+        }
+        if !open.buffer.is_empty() {
+            self.flush_chunk().await?;
+        }
+        let mut open = self.open.take().context("end of an entry that never began")?;
+        if let Some((stored, blocks)) = ranges {
+            self.relation_blocks.0 += blocks;
+            self.relation_blocks.1 += stored.iter().map(|[_, count]| u64::from(*count)).sum::<u64>();
+            open.file.blocks = Some(stored);
+        }
+        self.files.push(open.file);
+        Ok(())
+    }
+
+    /// How to read a file that begins: its path in the backup and its reader.
+    fn reading(&self, path: String, size: u64, kind: &FileKind) -> anyhow::Result<(String, Reading)> {
+        if !self.native || *kind != FileKind::File {
+            return Ok((path.clone(), self.block_filter(&path, size, kind).map_or(Reading::Whole, Reading::Blocks)));
+        }
+        if self.archive == "base" && path == "backup_label" {
+            return Ok((path, Reading::Label));
+        }
+        let Some(target) = incremental_file::target_path(&path) else {
+            return Ok((path.clone(), self.block_filter(&path, size, kind).map_or(Reading::Whole, Reading::Blocks)));
+        };
+        // The server sends a file incrementally only when the base's manifest
+        // lists it; blocks it leaves out come from the base.
+        let Some(old) = self.previous.get(&(self.archive.as_str(), target.as_str())) else {
+            anyhow::bail!(
+                "the server sent {path} as changed blocks, but the base backup has no {target}; take a full backup (--full)"
+            );
+        };
+        let reader = IncrementalFile::new(&path, size, old.size);
+        Ok((target, Reading::Incremental(reader)))
     }
 
     /// A filter when the file is a relation file the base backup has whole
@@ -142,9 +204,8 @@ impl Receiver<'_> {
         let crc32c = crc32c::crc32c(&raw);
         let index = open.chunk_index;
         open.chunk_index += 1;
-        // A chunk of changed blocks is never the same place of the same file.
         let reusable = Some(&*open)
-            .filter(|open| open.blocks.is_none())
+            .filter(|open| !open.by_block)
             .and_then(|open| self.previous.get(&(open.file.archive.as_str(), open.file.path.as_str())))
             .filter(|f| f.blocks.is_none())
             .and_then(|f| f.chunks.get(index))
@@ -304,9 +365,15 @@ pub async fn backup(settings: &Settings, label: Option<String>, full: bool) -> a
         identity.timeline,
     )
     .await?;
-    let mut id = crate::clock::backup_id(time::OffsetDateTime::now_utc());
-    if repo.exists(&manifest_key(&id)).await? {
-        id.push_str("-2");
+    // Backups in the same second get -2, -3, …: an id is never reused (a
+    // reused one would overwrite a backup, and could name itself its base).
+    let second = crate::clock::backup_id(time::OffsetDateTime::now_utc());
+    let mut id = second.clone();
+    for n in 2.. {
+        if !repo.exists(&manifest_key(&id)).await? {
+            break;
+        }
+        id = format!("{second}-{n}");
     }
     let label = label.unwrap_or_else(|| format!("tidemark {id}"));
     let start_time = crate::clock::now_rfc3339();
@@ -314,26 +381,48 @@ pub async fn backup(settings: &Settings, label: Option<String>, full: bool) -> a
     // 15 replaced BASE_BACKUP's syntax and its answer (one CopyOut with typed
     // messages instead of one raw CopyOut per tablespace plus the manifest).
     let legacy = facts.server_version_num < 150000;
-    conn.send_query(&base_backup_command(&label, legacy, settings.backup_fast_checkpoint)).await?;
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) * 2;
-    let receiver = Receiver {
+    let mut native = match &base {
+        Some(base) if facts.server_version_num >= 170000 => native_incremental(&mut conn, &repo, base).await?,
+        _ => false,
+    };
+    let previous: HashMap<_, _> =
+        previous.iter().flat_map(|p| &p.files).map(|f| ((f.archive.as_str(), f.path.as_str()), f)).collect();
+    let new_receiver = |native: bool| Receiver {
         repo: repo.clone(),
         id: id.clone(),
-        previous: previous.iter().flat_map(|p| &p.files).map(|f| ((f.archive.as_str(), f.path.as_str()), f)).collect(),
+        previous: previous.clone(),
         base_start: base.as_ref().map(|b| b.start_lsn),
         relation_blocks: (0, 0),
+        native,
         archive: String::new(),
         tar: TarReader::new(),
         open: None,
         files: Vec::new(),
         next_chunk: 0,
         uploads: JoinSet::new(),
-        slots: Arc::new(Semaphore::new(workers)),
+        slots: Arc::new(Semaphore::new(workers())),
         bytes: 0,
         stored_bytes: 0,
     };
-    let mut stream = BackupStream::new(receiver, legacy);
-    stream.run(&mut conn).await?;
+    let command = base_backup_command(&label, legacy, settings.backup_fast_checkpoint, native);
+    conn.send_query(&command).await?;
+    let mut stream = BackupStream::new(new_receiver(native), legacy);
+    if let Err(e) = stream.run(&mut conn).await {
+        // The server checks its WAL summaries before it sends anything: when
+        // they do not reach back to the base (summarize_wal turned on since,
+        // or summaries removed after wal_summary_keep_time), read every file.
+        if !native || stream.results.start.is_some() || !stream.receiver.files.is_empty() {
+            return Err(e);
+        }
+        tracing::warn!("the server cannot send only the changed blocks ({e:#}); reading every file instead");
+        native = false;
+        conn.send_query(&base_backup_command(&label, legacy, settings.backup_fast_checkpoint, false)).await?;
+        stream = BackupStream::new(new_receiver(false), legacy);
+        stream.run(&mut conn).await?;
+    }
+    if native {
+        info!("the server sent only the blocks its WAL summaries show changed");
+    }
     conn.close().await;
     let BackupStream { receiver, results, pg_manifest, .. } = stream;
     let facts = Finished { id, label, start_time, system_identifier: identity.system_identifier, facts };
@@ -406,7 +495,37 @@ async fn finish(
     Ok(manifest)
 }
 
-fn base_backup_command(label: &str, legacy: bool, fast_checkpoint: bool) -> String {
+/// Chunks compressed and stored at once.
+fn workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) * 2
+}
+
+/// Whether the server (PostgreSQL 17+) will send only the blocks changed
+/// since `base`: it summarizes its WAL (`summarize_wal`) and took the base's
+/// manifest (UPLOAD_MANIFEST). When not, the backup reads every file and
+/// stores the changed blocks by their page LSNs; the log says why.
+async fn native_incremental(conn: &mut Connection, repo: &Repository, base: &BackupManifest) -> anyhow::Result<bool> {
+    let summarizing = conn.simple_query("SHOW summarize_wal").await?;
+    if summarizing.rows.first().and_then(|row| row.first()).and_then(|v| v.as_deref()) != Some("on") {
+        info!("summarize_wal is off: the server sends every file and only changed blocks are stored; turn it on to read only changed blocks");
+        return Ok(false);
+    }
+    let manifest = repo.get(&base.pg_manifest_key).await?.ok_or_else(|| {
+        Fail::new(
+            format!("backup {} lacks the server's backup_manifest ({})", base.id, base.pg_manifest_key),
+            "run `tidemark-restore verify`, then take a full backup with `tidemark-agent backup --full`",
+        )
+    })?;
+    match conn.copy_in("UPLOAD_MANIFEST", &manifest).await {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            tracing::warn!("the server did not take backup {}'s manifest ({e}); reading every file", base.id);
+            Ok(false)
+        }
+    }
+}
+
+fn base_backup_command(label: &str, legacy: bool, fast_checkpoint: bool, incremental: bool) -> String {
     if legacy {
         format!(
             "BASE_BACKUP LABEL {} PROGRESS FAST NOWAIT TABLESPACE_MAP MANIFEST 'yes' MANIFEST_CHECKSUMS 'CRC32C'",
@@ -414,9 +533,10 @@ fn base_backup_command(label: &str, legacy: bool, fast_checkpoint: bool) -> Stri
         )
     } else {
         format!(
-            "BASE_BACKUP (LABEL {}, PROGRESS, CHECKPOINT '{}', MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C', TABLESPACE_MAP true, WAIT false)",
+            "BASE_BACKUP (LABEL {}, PROGRESS, CHECKPOINT '{}', MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C', TABLESPACE_MAP true, WAIT false{})",
             quote_literal(label),
-            if fast_checkpoint { "fast" } else { "spread" }
+            if fast_checkpoint { "fast" } else { "spread" },
+            if incremental { ", INCREMENTAL" } else { "" }
         )
     }
 }

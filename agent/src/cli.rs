@@ -435,6 +435,7 @@ fn print_init(settings: &Settings, report: &crate::init::InitReport, json: bool)
             "repository": repository,
             "repository_created": report.repository_created,
             "stream_start_lsn": report.stream_start,
+            "advice": report.advice,
         });
         println!("{value:#}");
         return;
@@ -449,6 +450,9 @@ fn print_init(settings: &Settings, report: &crate::init::InitReport, json: bool)
         if report.repository_created { "created" } else { "adopted" },
         report.stream_start
     );
+    for advice in &report.advice {
+        println!("advice: {advice}");
+    }
     println!("next: tidemark-agent run");
 }
 

@@ -16,6 +16,8 @@ pub struct InitReport {
     pub slot_created: bool,
     pub repository_created: bool,
     pub stream_start: String,
+    /// What would make Tidemark cheaper on this server (`preflight::advice`).
+    pub advice: Vec<String>,
 }
 
 pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
@@ -107,5 +109,6 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
         slot_created,
         repository_created: existing.is_none(),
         stream_start: meta.stream_start_lsn.to_string(),
+        advice: crate::preflight::advice(&facts),
     })
 }

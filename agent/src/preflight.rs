@@ -9,6 +9,8 @@ pub struct ServerFacts {
     pub wal_level: String,
     pub max_wal_senders: u32,
     pub wal_segment_size: u64,
+    /// `summarize_wal` (PostgreSQL 17+; `None` before).
+    pub summarize_wal: Option<String>,
 }
 
 pub fn check(facts: &ServerFacts) -> Result<(), Fail> {
@@ -39,6 +41,21 @@ pub fn check(facts: &ServerFacts) -> Result<(), Fail> {
     Ok(())
 }
 
+/// What `init` advises without refusing: settings that make Tidemark
+/// cheaper but are not needed for it to be correct.
+pub fn advice(facts: &ServerFacts) -> Vec<String> {
+    let mut advice = Vec::new();
+    if facts.summarize_wal.as_deref().is_some_and(|value| value != "on") {
+        advice.push(
+            "summarize_wal is off: incremental backups read every file from the server (and store only the \
+             changed blocks); set summarize_wal = on in postgresql.conf and reload PostgreSQL so that they \
+             read only the changed blocks"
+                .to_string(),
+        );
+    }
+    advice
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,7 +66,17 @@ mod tests {
             wal_level: "replica".into(),
             max_wal_senders: 10,
             wal_segment_size: 16 << 20,
+            summarize_wal: None,
         }
+    }
+
+    #[test]
+    fn advice_on_summarize_wal_only_where_it_exists() {
+        assert!(advice(&facts()).is_empty());
+        let on = ServerFacts { server_version_num: 170004, summarize_wal: Some("on".into()), ..facts() };
+        assert!(advice(&on).is_empty());
+        let off = ServerFacts { summarize_wal: Some("off".into()), ..on };
+        assert!(advice(&off)[0].contains("summarize_wal = on"));
     }
 
     #[test]

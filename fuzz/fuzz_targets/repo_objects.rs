@@ -2,13 +2,15 @@
 //! the sealed envelope (with the key that sealed it and with another), the
 //! frame, and the JSON documents (repository.json, backup manifests,
 //! summaries), and the planner that puts a file back together from a chain
-//! of incremental backups, over layers built from the bytes. The first byte
-//! picks the reader.
+//! of incremental backups, over layers built from the bytes; and the reader
+//! of the INCREMENTAL.* files PostgreSQL 17+ sends. The first byte picks
+//! the reader.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tidemark_proto::repo::seal::{self, Key};
 use tidemark_proto::repo::backup::{BackupFile, ChunkRef, FileKind};
+use tidemark_proto::incremental_file;
 use tidemark_proto::repo::{backup, chain, frame, layout};
 
 /// Layers of one file from bytes: per layer a size in blocks, up to three
@@ -49,7 +51,7 @@ fn layers(mut bytes: &[u8]) -> Vec<BackupFile> {
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else { return };
     let keys = [Key::from_bytes([7; 32]), Key::from_bytes([9; 32])];
-    match mode % 5 {
+    match mode % 6 {
         0 => {
             let _ = seal::open(&keys, "wal/00000001/000000010000000000000001", rest);
             let _ = seal::sealed_key_id(rest);
@@ -77,6 +79,31 @@ fuzz_target!(|data: &[u8]| {
             }
             let _ = chain::page_changed(rest, tidemark_proto::Lsn(7));
             let _ = chain::is_block_file("base", &String::from_utf8_lossy(rest));
+        }
+        4 => {
+            // PostgreSQL 17+'s INCREMENTAL.* files as BASE_BACKUP sends them:
+            // the declared size, the base's length and the piece size come
+            // from the input; the truncation block length is kept small so
+            // the zero pages it may imply stay cheap to fuzz.
+            let Some((&[size, base, piece], body)) = rest.split_first_chunk::<3>() else { return };
+            let mut body = body.to_vec();
+            if let Some(truncation) = body.get_mut(8..12) {
+                truncation[2] = 0;
+                truncation[3] = 0;
+            }
+            let entry_size = (body.len() as u64).saturating_add(u64::from(size) * 8192) % (1 << 20);
+            let mut reader = incremental_file::IncrementalFile::new("f", entry_size, u64::from(base) * 8192);
+            let mut out = Vec::new();
+            let fed = body.chunks(usize::from(piece).max(1)).try_for_each(|part| reader.feed(part, &mut out));
+            if fed.is_ok() {
+                if let Ok((ranges, length)) = reader.finish(&mut out) {
+                    let stored: u64 = ranges.iter().map(|[_, count]| u64::from(*count)).sum();
+                    assert_eq!(stored * 8192, out.len() as u64);
+                    assert!(ranges.iter().all(|[first, count]| u64::from(*first + *count) <= length));
+                }
+            }
+            let _ = incremental_file::target_path(&String::from_utf8_lossy(rest));
+            let _ = incremental_file::combined_backup_label(rest);
         }
         _ => {
             let _ = layout::RepositoryMeta::from_json(rest);

@@ -6,6 +6,7 @@
 //! - [`timeline`]: `TimelineId` and timeline history files.
 //! - [`segment`]: WAL segment and history file names.
 //! - [`conninfo`]: libpq-style connection settings (URL, `PG*` variables, `.pgpass`).
+//! - [`incremental_file`]: PostgreSQL 17+'s `INCREMENTAL.*` files, read into block ranges.
 //! - [`replication`]: messages of the physical replication stream.
 //! - [`repo`]: the repository layout and the envelope every stored object is framed in.
 //! - [`tar`]: a streaming reader of the tar archives BASE_BACKUP sends.
@@ -18,6 +19,7 @@
 
 pub mod base_backup;
 pub mod conninfo;
+pub mod incremental_file;
 pub mod lsn;
 pub mod replication;
 pub mod repo;

@@ -339,8 +339,11 @@ pub(crate) fn sync_tree(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The server's backup_manifest into `base`, with the checksums of the
-/// files put together from a chain (`rebuilt`: manifest path → CRC-32C).
+/// The server's backup_manifest into `base`, with the sizes and checksums
+/// of the files put together from a chain (`rebuilt`: manifest path →
+/// CRC-32C of what was written). A PostgreSQL 17+ incremental backup's
+/// backup_label was stored without its INCREMENTAL lines, so its entry is
+/// rewritten too.
 pub(crate) async fn write_pg_manifest(
     repo: &Repository,
     manifest: &BackupManifest,
@@ -351,7 +354,19 @@ pub(crate) async fn write_pg_manifest(
         key: manifest.pg_manifest_key.clone(),
         reason: format!("missing: backup {} lacks the server's backup_manifest", manifest.id),
     })?;
-    let pg_manifest = crate::pg_manifest::rewrite(&pg_manifest, rebuilt)
+    let mut written = HashMap::new();
+    for file in manifest.files.iter().filter(|f| f.kind == FileKind::File) {
+        let path = manifest_path(file);
+        if let Some(&crc) = rebuilt.get(&path) {
+            written.insert(path, (file.size, crc));
+        } else if manifest.base.is_some() && file.archive == "base" && file.path == "backup_label" {
+            // Small: one chunk, or none when empty (CRC-32C of nothing is 0).
+            if let [] | [_] = file.chunks.as_slice() {
+                written.insert(path, (file.size, file.chunks.first().map_or(0, |c| c.crc32c)));
+            }
+        }
+    }
+    let pg_manifest = crate::pg_manifest::rewrite(&pg_manifest, &written)
         .map_err(|reason| RepoError::Corrupt { key: manifest.pg_manifest_key.clone(), reason })?;
     std::fs::write(base.join("backup_manifest"), pg_manifest).context("write backup_manifest")
 }

@@ -20,10 +20,15 @@ pub fn crc32c_text(crc: u32) -> String {
 
 const CHECKSUM_KEY: &str = "\"Manifest-Checksum\": \"";
 
-/// `manifest` with the CRC-32C of each path in `checksums` replaced, and
+/// What a file of the restored directory holds: its length and CRC-32C.
+pub type Written = (u64, u32);
+
+/// `manifest` with the size and CRC-32C of each path in `files` replaced
+/// (an `INCREMENTAL.<name>` entry of PostgreSQL 17+ becomes `<name>`), and
 /// its own checksum recomputed. Every path must be found, with CRC-32C as
-/// its algorithm: the rewrite never leaves a file unchecked.
-pub fn rewrite(manifest: &[u8], checksums: &HashMap<String, u32>) -> Result<Vec<u8>, String> {
+/// its algorithm, and every incremental entry must be among them: the
+/// rewrite never leaves a file unchecked.
+pub fn rewrite(manifest: &[u8], files: &HashMap<String, Written>) -> Result<Vec<u8>, String> {
     let text = std::str::from_utf8(manifest).map_err(|_| "the backup_manifest is not UTF-8")?;
     let body_end = text.rfind(CHECKSUM_KEY).ok_or("the backup_manifest has no Manifest-Checksum")?;
     let (body, _) = text.split_at(body_end);
@@ -31,39 +36,56 @@ pub fn rewrite(manifest: &[u8], checksums: &HashMap<String, u32>) -> Result<Vec<
     let mut found = 0;
     for line in body.split_inclusive('\n') {
         let replaced = if line.starts_with("{ \"Path\":") {
-            // The line's object; a comma or the array's end may follow it.
-            let value: serde_json::Value = serde_json::Deserializer::from_str(line)
-                .into_iter()
-                .next()
-                .ok_or("an empty backup_manifest line")?
-                .map_err(|e| format!("a backup_manifest line does not parse: {e}"))?;
-            match value.get("Path").and_then(|p| p.as_str()).and_then(|p| checksums.get(p)) {
-                Some(crc) => {
-                    if value.get("Checksum-Algorithm").and_then(|a| a.as_str()) != Some("CRC32C") {
-                        return Err("the backup_manifest's checksums are not CRC32C".into());
-                    }
-                    let old = value.get("Checksum").and_then(|c| c.as_str()).ok_or("a file without a checksum")?;
-                    found += 1;
-                    Some(line.replacen(
-                        &format!("\"Checksum\": \"{old}\""),
-                        &format!("\"Checksum\": \"{}\"", crc32c_text(*crc)),
-                        1,
-                    ))
-                }
-                None => None,
-            }
+            let rewritten = rewrite_line(line, files)?;
+            found += usize::from(rewritten.is_some());
+            rewritten
         } else {
             None
         };
         out.push_str(replaced.as_deref().unwrap_or(line));
     }
-    if found != checksums.len() {
-        return Err(format!("the backup_manifest lists {found} of the {} rebuilt files", checksums.len()));
+    if found != files.len() {
+        return Err(format!("the backup_manifest lists {found} of the {} rebuilt files", files.len()));
     }
     let digest = Sha256::digest(out.as_bytes());
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     out.push_str(&format!("{CHECKSUM_KEY}{hex}\"}}\n"));
     Ok(out.into_bytes())
+}
+
+/// One file's line with its path, size and checksum replaced, or `None`
+/// when `files` does not name it.
+fn rewrite_line(line: &str, files: &HashMap<String, Written>) -> Result<Option<String>, String> {
+    // The line's object; a comma or the array's end may follow it.
+    let value: serde_json::Value = serde_json::Deserializer::from_str(line)
+        .into_iter()
+        .next()
+        .ok_or("an empty backup_manifest line")?
+        .map_err(|e| format!("a backup_manifest line does not parse: {e}"))?;
+    let path = value.get("Path").and_then(|p| p.as_str()).ok_or("a backup_manifest line without a path")?;
+    let incremental = tidemark_proto::incremental_file::target_path(path);
+    let name = incremental.as_deref().unwrap_or(path);
+    let Some(&(size, crc)) = files.get(name) else {
+        return match incremental {
+            Some(_) => Err(format!("the backup_manifest lists {path}, which the restore did not put together")),
+            None => Ok(None),
+        };
+    };
+    if value.get("Checksum-Algorithm").and_then(|a| a.as_str()) != Some("CRC32C") {
+        return Err("the backup_manifest's checksums are not CRC32C".into());
+    }
+    let old_checksum = value.get("Checksum").and_then(|c| c.as_str()).ok_or("a file without a checksum")?;
+    let old_size = value.get("Size").and_then(|s| s.as_u64()).ok_or("a file without a size")?;
+    let json = |text: &str| serde_json::to_string(text).map_err(|e| e.to_string());
+    Ok(Some(
+        line.replacen(&format!("\"Path\": {}", json(path)?), &format!("\"Path\": {}", json(name)?), 1)
+            .replacen(&format!("\"Size\": {old_size},"), &format!("\"Size\": {size},"), 1)
+            .replacen(
+                &format!("\"Checksum\": \"{old_checksum}\""),
+                &format!("\"Checksum\": \"{}\"", crc32c_text(crc)),
+                1,
+            ),
+    ))
 }
 
 #[cfg(test)]
@@ -84,7 +106,7 @@ mod tests {
     #[test]
     fn replaces_the_checksum_and_reseals_the_manifest() {
         let original = manifest(&[A, B]);
-        let checksums = HashMap::from([("base/5/16384".to_string(), 0x12345678u32)]);
+        let checksums = HashMap::from([("base/5/16384".to_string(), (8192, 0x12345678u32))]);
         let rewritten = String::from_utf8(rewrite(original.as_bytes(), &checksums).expect("rewrite")).expect("utf-8");
         let expected = manifest(&[&A.replace("00000000", "78563412"), B]);
         assert_eq!(rewritten, expected);
@@ -95,11 +117,32 @@ mod tests {
     #[test]
     fn refuses_what_it_cannot_rewrite_faithfully() {
         let original = manifest(&[A, B]);
-        let missing = HashMap::from([("base/5/99999".to_string(), 1u32)]);
+        let missing = HashMap::from([("base/5/99999".to_string(), (0, 1u32))]);
         assert!(rewrite(original.as_bytes(), &missing).unwrap_err().contains("0 of the 1"));
         let sha = manifest(&[&A.replace("CRC32C", "SHA256"), B]);
-        let checksums = HashMap::from([("base/5/16384".to_string(), 1u32)]);
+        let checksums = HashMap::from([("base/5/16384".to_string(), (8192, 1u32))]);
         assert!(rewrite(sha.as_bytes(), &checksums).is_err());
         assert!(rewrite(b"{}", &checksums).is_err());
+        // An incremental entry the restore did not put together.
+        let incremental = manifest(&[&A.replace("base/5/16384", "base/5/INCREMENTAL.16384"), B]);
+        assert!(rewrite(incremental.as_bytes(), &HashMap::new()).unwrap_err().contains("INCREMENTAL.16384"));
+    }
+
+    #[test]
+    fn an_incremental_entry_becomes_the_file_put_together() {
+        let entry = A.replace("base/5/16384", "base/5/INCREMENTAL.16384").replace("8192", "8204");
+        let label = r#"{ "Path": "backup_label", "Size": 300, "Last-Modified": "2026-11-29 07:00:00 GMT", "Checksum-Algorithm": "CRC32C", "Checksum": "22222222" }"#;
+        let original = manifest(&[&entry, label, B]);
+        let files = HashMap::from([
+            ("base/5/16384".to_string(), (3 * 8192, 0x01020304u32)),
+            ("backup_label".to_string(), (240, 0x0a0b0c0du32)),
+        ]);
+        let rewritten = String::from_utf8(rewrite(original.as_bytes(), &files).expect("rewrite")).expect("utf-8");
+        let expected = manifest(&[
+            &A.replace("8192", "24576").replace("00000000", "04030201"),
+            &label.replace("300", "240").replace("22222222", "0d0c0b0a"),
+            B,
+        ]);
+        assert_eq!(rewritten, expected);
     }
 }

@@ -222,6 +222,41 @@ impl Connection {
         }
     }
 
+    /// Runs a command answered with CopyIn (UPLOAD_MANIFEST) and sends
+    /// `data` as its input. An error leaves the connection ready for the
+    /// next command.
+    pub async fn copy_in(&mut self, command: &str, data: &[u8]) -> Result<(), PgError> {
+        frontend::query(command, &mut self.write_buf)?;
+        self.flush().await?;
+        loop {
+            match self.read_message().await? {
+                Message::CopyInResponse(_) => break,
+                Message::ErrorResponse(body) => {
+                    let error = server_error(&body);
+                    self.wait_ready().await?;
+                    return Err(PgError::Server(error));
+                }
+                Message::NoticeResponse(_) | Message::ParameterStatus(_) => {}
+                _ => return Err(PgError::Protocol(format!("unexpected reply to {command:?}"))),
+            }
+        }
+        for piece in data.chunks(64 * 1024) {
+            frontend::CopyData::new(piece)?.write(&mut self.write_buf);
+            self.flush().await?;
+        }
+        frontend::copy_done(&mut self.write_buf);
+        self.flush().await?;
+        let mut error = None;
+        loop {
+            match self.read_message().await? {
+                Message::ErrorResponse(body) => error = Some(server_error(&body)),
+                Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        error.map_or(Ok(()), |e| Err(PgError::Server(e)))
+    }
+
     /// Sends a command whose answer is read with `next_query_event`.
     pub async fn send_query(&mut self, sql: &str) -> Result<(), PgError> {
         frontend::query(sql, &mut self.write_buf)?;

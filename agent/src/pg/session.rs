@@ -64,6 +64,7 @@ async fn connect_one(params: &ConnParams) -> anyhow::Result<Connection> {
                 wal_level: wal_level.unwrap_or_else(|| "replica".into()),
                 max_wal_senders: 0,
                 wal_segment_size: 16 << 20,
+                summarize_wal: None,
             };
             Err(crate::preflight::check(&facts)
                 .err()
@@ -93,8 +94,14 @@ async fn show(conn: &mut Connection, name: &str) -> anyhow::Result<String> {
 
 pub async fn server_facts(conn: &mut Connection) -> anyhow::Result<ServerFacts> {
     let size_text = show(conn, "wal_segment_size").await?;
+    let server_version_num: u32 = show(conn, "server_version_num").await?.parse()?;
+    let summarize_wal = match server_version_num >= 170000 {
+        true => Some(show(conn, "summarize_wal").await?),
+        false => None,
+    };
     Ok(ServerFacts {
-        server_version_num: show(conn, "server_version_num").await?.parse()?,
+        server_version_num,
+        summarize_wal,
         wal_level: show(conn, "wal_level").await?,
         max_wal_senders: show(conn, "max_wal_senders").await?.parse()?,
         wal_segment_size: parse_size_with_unit(&size_text)

@@ -5,10 +5,20 @@
 //! the timeline finding it with its exact row count, restores to just
 //! before it and to the latest point (started with `--pg-bin`) compared
 //! row by row with the source, and verify.
+//!
+//! On 17 and 18 `init` advises summarize_wal; turned on after the first
+//! backup and its summaries then removed, the next incremental backup
+//! cannot be served from WAL summaries and reads every file, and the one
+//! after it reads only changed blocks
+//! (`BASE_BACKUP … INCREMENTAL`); the latest restore puts the chain
+//! together, and its backup_manifest matches every file (npm's builds have
+//! no pg_verifybackup, so the test checks sizes, CRC-32C and the manifest's
+//! SHA-256 itself).
 
 use crate::audit::{attendance_traffic, transaction, SCHEMA};
 use crate::common::*;
 use crate::restore::Restorer;
+use std::time::Duration;
 use tidemark_tests::agent::AgentSetup;
 use tidemark_tests::cluster::{server_bin_for, Cluster, ClusterOptions};
 
@@ -24,20 +34,38 @@ fn end_to_end_on(major: u32) {
     assert!(cluster.psql("SHOW server_version_num").starts_with(&major.to_string()));
     cluster.psql_file(SCHEMA);
     let agent = AgentSetup::init_as_pg_user(&cluster.dir.path().join("agent"), cluster.url("postgres"));
+    let summaries = major >= 17;
+    if summaries {
+        let output = agent.run_command(&["init", "--json"]);
+        assert!(output.status.success(), "init again on PostgreSQL {major}: {}", stderr(&output));
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("init JSON");
+        assert!(report["advice"][0].as_str().is_some_and(|a| a.contains("summarize_wal = on")), "{report}");
+    }
     let running = agent.spawn();
-    let output = agent.run_command(&["backup"]);
-    assert!(output.status.success(), "backup on PostgreSQL {major}: {}", stderr(&output));
+    let first = backup(&agent, major);
     attendance_traffic(&cluster, 0, 40, 0.0);
     let before = attendance(&cluster);
     let rows: u64 = cluster.psql("SELECT count(*) FROM \"AttendanceRecord\"").parse().expect("count");
     let bad = transaction(&cluster, "UPDATE \"AttendanceRecord\" SET status = NULL").to_string();
+    if summaries {
+        cluster.psql("ALTER SYSTEM SET summarize_wal = on");
+        cluster.psql("SELECT pg_reload_conf()");
+        // Summaries lost (as wal_summary_keep_time removes them): the
+        // server cannot say what changed since the first backup and
+        // refuses to send only changed blocks; the agent reads every file.
+        forget_wal_summaries(&cluster);
+        let fallback = backup(&agent, major);
+        assert_eq!(fallback["base"], first["id"], "PostgreSQL {major}: {fallback}");
+        assert!(read(&fallback) * 3 > read(&first) * 2, "PostgreSQL {major}: every file read: {fallback} / {first}");
+    }
     attendance_traffic(&cluster, 40, 30, 0.0);
     // A block-level incremental backup: the latest restore below starts
     // from it and puts its files together from the chain.
-    let output = agent.run_command(&["backup", "--json"]);
-    assert!(output.status.success(), "second backup on PostgreSQL {major}: {}", stderr(&output));
-    let second: serde_json::Value = serde_json::from_slice(&output.stdout).expect("backup JSON");
+    let second = backup(&agent, major);
     assert!(!second["base"].is_null(), "PostgreSQL {major}: the second backup is incremental: {second}");
+    if summaries {
+        assert!(read(&second) * 3 < read(&first), "PostgreSQL {major}: only changed blocks read: {second} / {first}");
+    }
     attendance_traffic(&cluster, 70, 10, 0.0);
     let after = attendance(&cluster);
     let end = cluster.switch_wal();
@@ -61,6 +89,14 @@ fn end_to_end_on(major: u32) {
     assert_eq!(report["pg_bin"], bin_arg.as_str());
     assert_eq!(attendance(&restored), before, "PostgreSQL {major}: restored just before the bad UPDATE");
     drop(restored);
+    if summaries {
+        let (_dir, pgdata) = Restorer::target_dir();
+        let pgdata_arg = pgdata.display().to_string();
+        let newest = second["id"].as_str().expect("id");
+        let output = restorer.run(&["fetch-backup", "--backup", newest, "--pgdata", &pgdata_arg]);
+        assert!(output.status.success(), "fetch-backup on PostgreSQL {major}: {}", stderr(&output));
+        check_backup_manifest(&pgdata);
+    }
     let (restored, report) = restorer.restore_and_start(&["--latest", "--pg-bin", &bin_arg, "--cache-dir", &cache]);
     assert_eq!(report["backup_id"], second["id"], "PostgreSQL {major}: the latest restore starts from the increment");
     assert_eq!(attendance(&restored), after, "PostgreSQL {major}: restored to the latest point");
@@ -79,6 +115,57 @@ fn end_to_end_on(major: u32) {
     );
     assert!(empty_or_absent(&pgdata), "nothing written for a refused --pg-bin");
     drop(refused_dir);
+}
+
+/// Waits until the WAL summarizer has passed a checkpoint made now, then
+/// removes every summary file it wrote: later summaries start past that
+/// checkpoint.
+fn forget_wal_summaries(cluster: &Cluster) {
+    cluster.psql("CHECKPOINT");
+    let redo = cluster.psql("SELECT redo_lsn FROM pg_control_checkpoint()");
+    tidemark_tests::wait::wait_until("the WAL summarizer passes the checkpoint", Duration::from_secs(120), || {
+        let sql = format!("SELECT summarized_lsn >= '{redo}' FROM pg_get_wal_summarizer_state()");
+        (cluster.psql(&sql) == "t").then_some(())
+    });
+    let summaries = cluster.data.join("pg_wal/summaries");
+    for entry in std::fs::read_dir(&summaries).expect("list pg_wal/summaries") {
+        std::fs::remove_file(entry.expect("entry").path()).expect("remove a WAL summary");
+    }
+}
+
+/// `backup --json`, which must succeed.
+fn backup(agent: &AgentSetup, major: u32) -> serde_json::Value {
+    let output = agent.run_command(&["backup", "--json"]);
+    assert!(output.status.success(), "backup on PostgreSQL {major}: {}", stderr(&output));
+    serde_json::from_slice(&output.stdout).expect("backup JSON")
+}
+
+/// Bytes a backup read from the server.
+fn read(backup: &serde_json::Value) -> u64 {
+    backup["bytes"].as_u64().expect("bytes")
+}
+
+/// What `pg_verifybackup -n` checks of a restored directory: every file the
+/// backup_manifest lists is there with its size and CRC-32C, and the
+/// manifest's own SHA-256 is right.
+fn check_backup_manifest(pgdata: &std::path::Path) {
+    use sha2::Digest;
+    let text = std::fs::read_to_string(pgdata.join("backup_manifest")).expect("read backup_manifest");
+    let body_end = text.rfind("\"Manifest-Checksum\"").expect("a Manifest-Checksum");
+    let digest: String =
+        sha2::Sha256::digest(&text.as_bytes()[..body_end]).iter().map(|b| format!("{b:02x}")).collect();
+    let manifest: serde_json::Value = serde_json::from_str(&text).expect("backup_manifest is JSON");
+    assert_eq!(manifest["Manifest-Checksum"].as_str(), Some(digest.as_str()), "the manifest's SHA-256");
+    let files = manifest["Files"].as_array().expect("Files");
+    assert!(files.len() > 100, "{} files", files.len());
+    for file in files {
+        let path = file["Path"].as_str().expect("Path");
+        assert!(!path.contains("INCREMENTAL."), "{path}");
+        let bytes = std::fs::read(pgdata.join(path)).unwrap_or_else(|e| panic!("read {path}: {e}"));
+        assert_eq!(Some(bytes.len() as u64), file["Size"].as_u64(), "size of {path}");
+        let crc: String = crc32c::crc32c(&bytes).to_le_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(file["Checksum"].as_str(), Some(crc.as_str()), "CRC-32C of {path}");
+    }
 }
 
 #[test]
