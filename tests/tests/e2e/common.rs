@@ -81,3 +81,26 @@ pub fn run_when_the_lease_is_free(
         candidate.is_running().then_some(candidate)
     })
 }
+
+/// What `pg_verifybackup -n` checks of a restored directory: every file the
+/// backup_manifest lists is there with its size and CRC-32C, and the
+/// manifest's own SHA-256 is right.
+pub fn check_backup_manifest(pgdata: &Path) {
+    use sha2::Digest;
+    let text = std::fs::read_to_string(pgdata.join("backup_manifest")).expect("read backup_manifest");
+    let body_end = text.rfind("\"Manifest-Checksum\"").expect("a Manifest-Checksum");
+    let digest: String =
+        sha2::Sha256::digest(&text.as_bytes()[..body_end]).iter().map(|b| format!("{b:02x}")).collect();
+    let manifest: serde_json::Value = serde_json::from_str(&text).expect("backup_manifest is JSON");
+    assert_eq!(manifest["Manifest-Checksum"].as_str(), Some(digest.as_str()), "the manifest's SHA-256");
+    let files = manifest["Files"].as_array().expect("Files");
+    assert!(files.len() > 100, "{} files", files.len());
+    for file in files {
+        let path = file["Path"].as_str().expect("Path");
+        assert!(!path.contains("INCREMENTAL."), "{path}");
+        let bytes = std::fs::read(pgdata.join(path)).unwrap_or_else(|e| panic!("read {path}: {e}"));
+        assert_eq!(Some(bytes.len() as u64), file["Size"].as_u64(), "size of {path}");
+        let crc: String = crc32c::crc32c(&bytes).to_le_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(file["Checksum"].as_str(), Some(crc.as_str()), "CRC-32C of {path}");
+    }
+}

@@ -3,14 +3,16 @@
 //! against its heap); the combined directory passes pg_verifybackup; small
 //! changes store small increments; a flipped byte in the middle of a chain
 //! is refused, naming the object; a hole in the archived WAL gives a full
-//! backup, never a restore that misses a block.
+//! backup, never a restore that misses a block. On PostgreSQL 17 with
+//! summarize_wal, increments that read only changed blocks, taken under
+//! load, restore exactly too.
 
 use crate::common::*;
 use crate::restore::{commit_rows, rows, Restorer};
 use std::process::Command;
 use std::time::Duration;
 use tidemark_tests::agent::AgentSetup;
-use tidemark_tests::cluster::{pg_bin, Cluster, ClusterOptions};
+use tidemark_tests::cluster::{pg_bin, server_bin_for, Cluster, ClusterOptions};
 use tidemark_tests::wait::wait_until;
 
 fn backup(agent: &AgentSetup, args: &[&str]) -> serde_json::Value {
@@ -50,7 +52,11 @@ fn assert_indexes_intact(restored: &Cluster) {
 /// A cluster with pgbench's tables (scale 5) and a ledger table, and an
 /// agent streaming from it.
 fn pgbench_ledger_and_agent() -> (Cluster, AgentSetup, tidemark_tests::agent::RunningAgent) {
-    let cluster = Cluster::start(ClusterOptions::default());
+    pgbench_ledger_and_agent_on(ClusterOptions::default())
+}
+
+fn pgbench_ledger_and_agent_on(options: ClusterOptions) -> (Cluster, AgentSetup, tidemark_tests::agent::RunningAgent) {
+    let cluster = Cluster::start(options);
     cluster.pgbench_init(5);
     cluster.psql("CREATE TABLE ledger (id serial PRIMARY KEY, note text NOT NULL)");
     let agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
@@ -59,32 +65,86 @@ fn pgbench_ledger_and_agent() -> (Cluster, AgentSetup, tidemark_tests::agent::Ru
     (cluster, agent, running)
 }
 
-#[test]
-fn chains_of_one_three_and_seven_increments_restore_exactly_under_load() {
-    let (cluster, agent, running) = pgbench_ledger_and_agent();
-    let full = backup(&agent, &[]);
+/// Takes `count` increments, each while pgbench (4 s, 2 clients, then
+/// `pgbench_args`) runs, each followed by ten ledger rows; returns the
+/// backups (the full one first) and, per increment, an LSN only that
+/// increment reaches first.
+fn increments_under_load(
+    cluster: &Cluster,
+    agent: &AgentSetup,
+    count: u32,
+    pgbench_args: &[&str],
+) -> (Vec<serde_json::Value>, Vec<String>) {
+    let full = backup(agent, &[]);
     assert!(full["base"].is_null(), "the first backup is full: {full}");
-    // Seven increments, each taken while pgbench runs, then ten ledger rows;
-    // the LSN after them is a target only that increment reaches first.
     let mut chain = vec![full.clone()];
     let mut targets = Vec::new();
-    for k in 1..=7u32 {
+    for k in 1..=count {
         let history = cluster.psql("SELECT count(*) FROM pgbench_history").parse::<u64>().expect("count");
-        let mut pgbench = cluster.pgbench_spawn(&["-n", "-T", "4", "-c", "2"]);
+        let mut args = vec!["-n", "-T", "4", "-c", "2"];
+        args.extend_from_slice(pgbench_args);
+        let mut pgbench = cluster.pgbench_spawn(&args);
         wait_until("pgbench to commit", Duration::from_secs(60), || {
             let now = cluster.psql("SELECT count(*) FROM pgbench_history").parse::<u64>().ok()?;
             (now > history + 50).then_some(())
         });
-        let increment = backup(&agent, &[]);
+        let increment = backup(agent, &[]);
         assert!(pgbench.wait().expect("wait pgbench").success());
         assert_eq!(increment["base"], chain[chain.len() - 1]["id"], "increment {k} is on the one before: {increment}");
         // Under this much load most pages change: the ratios that matter are
         // the small-change test's and the benchmark's.
         assert!(stored(&increment) < stored(&full), "increment {k} stored {} of {}", stored(&increment), stored(&full));
-        let lsns = commit_rows(&cluster, 10 * k - 9, 10 * k, 0.0);
+        let lsns = commit_rows(cluster, 10 * k - 9, 10 * k, 0.0);
         targets.push(lsns.last().expect("an LSN").clone());
         chain.push(increment);
     }
+    (chain, targets)
+}
+
+#[test]
+fn postgresql_17_increments_that_read_only_changed_blocks_restore_exactly_under_load() {
+    let bin = server_bin_for(17);
+    let options = ClusterOptions {
+        server_bin: Some(bin.clone()),
+        conf: vec!["summarize_wal = on".to_string()],
+        ..Default::default()
+    };
+    let (cluster, agent, running) = pgbench_ledger_and_agent_on(options);
+    // At 100 transactions a second a minority of pages changes, and the
+    // server sends the segments incrementally.
+    let (chain, targets) = increments_under_load(&cluster, &agent, 3, &["-R", "100"]);
+    let read = |backup: &serde_json::Value| backup["bytes"].as_u64().expect("bytes");
+    for increment in &chain[1..] {
+        // The server sent only changed blocks (of what it sends whole, the
+        // free space maps and the WAL-free files are small).
+        assert!(read(increment) * 2 < read(&chain[0]), "read {} of {}", read(increment), read(&chain[0]));
+    }
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    assert!(running.stop(), "agent did not stop cleanly");
+
+    let scratch = tempfile::Builder::new().prefix("tidemark-incremental-").tempdir().expect("tempdir");
+    std::fs::set_permissions(scratch.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let restorer = Restorer::new(&agent, scratch.path());
+    let bin_arg = bin.display().to_string();
+    for k in 1..=3 {
+        let (restored, report) = restorer.restore_and_start(&["--lsn", &targets[k - 1], "--pg-bin", &bin_arg]);
+        assert_eq!(report["backup_id"], chain[k]["id"], "chain of {k} increments: {report}");
+        let expected = rows(&cluster, &format!("WHERE id <= {}", 10 * k));
+        assert_eq!(rows(&restored, ""), expected, "chain of {k}: the ledger as committed before the target");
+        assert_consistent(&restored);
+    }
+    let (_dir, pgdata) = Restorer::target_dir();
+    let newest = chain[3]["id"].as_str().expect("id");
+    let output = restorer.run(&["fetch-backup", "--backup", newest, "--pgdata", pgdata.to_str().expect("utf-8")]);
+    assert!(output.status.success(), "fetch-backup: {}", stderr(&output));
+    check_backup_manifest(&pgdata);
+}
+
+#[test]
+fn chains_of_one_three_and_seven_increments_restore_exactly_under_load() {
+    let (cluster, agent, running) = pgbench_ledger_and_agent();
+    let (chain, targets) = increments_under_load(&cluster, &agent, 7, &[]);
     let end = cluster.switch_wal();
     wait_archived(&agent, end);
     assert!(running.stop(), "agent did not stop cleanly");
