@@ -13,11 +13,15 @@
 //! recovery: what --delta changes). Asserts nothing.
 //! Needs pgbackrest (`apt-get install pgbackrest`).
 //!
-//!     cargo run -p tidemark-tests --bin bench-incremental -- [scale, default 30] [random]
+//!     cargo run -p tidemark-tests --bin bench-incremental -- [scale, default 30] [random] [pg17 | pg17-nosummaries]
 //!
 //! `random` fills pgbench's filler column with random text first (pgbench's
 //! own blank filler compresses about 38x, so its primary key index, whose
 //! pages nearly all change under random updates, dominates the stored bytes).
+//! `pg17` runs npm's PostgreSQL 17 with summarize_wal on, so increments read
+//! only changed blocks (`BASE_BACKUP … INCREMENTAL`); `pg17-nosummaries`
+//! the same server with it off, so they read every file: the two runs
+//! compare the paths. pgBackRest 2.45 does not know 17 and is left out there.
 
 use std::path::Path;
 use tidemark_tests::agent::bin;
@@ -43,12 +47,13 @@ fn tidemark(agent: &AgentSetup, args: &[&str]) -> Figures {
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("backup JSON");
     // What the agent says about the blocks it stored, or why the backup is full.
     for line in String::from_utf8_lossy(&output.stderr).lines() {
-        if line.contains("relation blocks stored") || line.contains("full backup:") {
+        if line.contains("relation blocks stored") || line.contains("full backup:") || line.contains("the server sent only") {
             println!("    {}", line.split("INFO").last().unwrap_or(line).trim());
         }
     }
     let number = |field: &str| report[field].as_u64().expect("a byte count");
-    // BASE_BACKUP sends every file: what is read is the whole database.
+    // What BASE_BACKUP sent: every file, or (17+ with summarize_wal) only
+    // the changed blocks of relation segments.
     Figures { seconds, read: number("bytes"), stored: number("stored_bytes") }
 }
 
@@ -82,13 +87,18 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 fn main() {
-    let scale: u32 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(30);
-    let cluster = Cluster::start(ClusterOptions {
-        conf: vec!["archive_mode = on".into(), "archive_command = '/bin/true'".into(), "max_wal_size = '4GB'".into()],
-        ..Default::default()
-    });
+    let args: Vec<String> = std::env::args().collect();
+    let scale: u32 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(30);
+    let random = args.iter().any(|a| a == "random");
+    let summaries = args.iter().any(|a| a == "pg17");
+    let pg17 = summaries || args.iter().any(|a| a == "pg17-nosummaries");
+    let mut conf = vec!["archive_mode = on".into(), "archive_command = '/bin/true'".into(), "max_wal_size = '4GB'".into()];
+    if pg17 {
+        conf.push(format!("summarize_wal = {}", if summaries { "on" } else { "off" }));
+    }
+    let server_bin = pg17.then(|| tidemark_tests::cluster::server_bin_for(17));
+    let cluster = Cluster::start(ClusterOptions { conf, server_bin, ..Default::default() });
     cluster.pgbench_init(scale);
-    let random = std::env::args().nth(2).is_some_and(|a| a == "random");
     if random {
         cluster.psql("UPDATE pgbench_accounts SET filler = md5(random()::text) || md5(random()::text) || substr(md5(random()::text), 1, 20)");
         cluster.psql("VACUUM FULL pgbench_accounts");
@@ -104,9 +114,14 @@ fn main() {
     let block = AgentSetup::new(&work.join("block"), cluster.url("postgres"));
     block.init();
     let streaming = block.spawn();
-    let stanza = PgBackRest::create(&cluster, &work.join("pgbackrest"));
+    let stanza = (!pg17).then(|| PgBackRest::create(&cluster, &work.join("pgbackrest")));
 
-    println!("pgbench scale {scale}{}: full backups", if random { " with random filler" } else { "" });
+    let server = match (pg17, summaries) {
+        (false, _) => "PostgreSQL 15",
+        (true, true) => "PostgreSQL 17, summarize_wal on",
+        (true, false) => "PostgreSQL 17, summarize_wal off",
+    };
+    println!("pgbench scale {scale}{} on {server}: full backups", if random { " with random filler" } else { "" });
     let full = tidemark(&block, &[]);
     print("tidemark full", &full, full.stored);
     // The file-level repository starts as a copy of the block-level one.
@@ -116,8 +131,10 @@ fn main() {
     for entry in ["repository.json", "backups"] {
         copy_dir(&block.repo.join(entry), &file.repo.join(entry));
     }
-    let pgbr_full = pgbackrest(&cluster, &stanza, "full");
-    print("pgbackrest full", &pgbr_full, full.stored);
+    let pgbr_full = stanza.as_ref().map(|stanza| pgbackrest(&cluster, stanza, "full"));
+    if let Some(figures) = &pgbr_full {
+        print("pgbackrest full", figures, full.stored);
+    }
 
     let hot_rows = scale * 1000;
     let scenarios: [Scenario; 3] = [
@@ -149,7 +166,9 @@ fn main() {
         println!("{label}");
         print("tidemark block-level incremental", &tidemark(&block, &[]), full.stored);
         print("tidemark file-level (chunk reuse)", &tidemark(&file, &["--max-incremental-chain", "0"]), full.stored);
-        print("pgbackrest incr (file-level)", &pgbackrest(&cluster, &stanza, "incr"), pgbr_full.stored);
+        if let (Some(stanza), Some(pgbr_full)) = (&stanza, &pgbr_full) {
+            print("pgbackrest incr (file-level)", &pgbackrest(&cluster, stanza, "incr"), pgbr_full.stored);
+        }
     }
     println!("(targets: ≤ 40 % after 5 s of pgbench, ≤ 1 % after one row, ≤ 5 % after the hot spot)");
     stop_when_archived(&cluster, &block, streaming);
