@@ -47,7 +47,10 @@ fn tidemark(agent: &AgentSetup, args: &[&str]) -> Figures {
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("backup JSON");
     // What the agent says about the blocks it stored, or why the backup is full.
     for line in String::from_utf8_lossy(&output.stderr).lines() {
-        if line.contains("relation blocks stored") || line.contains("full backup:") || line.contains("the server sent only") {
+        if line.contains("relation blocks stored")
+            || line.contains("full backup:")
+            || line.contains("the server sent only")
+        {
             println!("    {}", line.split("INFO").last().unwrap_or(line).trim());
         }
     }
@@ -92,7 +95,8 @@ fn main() {
     let random = args.iter().any(|a| a == "random");
     let summaries = args.iter().any(|a| a == "pg17");
     let pg17 = summaries || args.iter().any(|a| a == "pg17-nosummaries");
-    let mut conf = vec!["archive_mode = on".into(), "archive_command = '/bin/true'".into(), "max_wal_size = '4GB'".into()];
+    let mut conf =
+        vec!["archive_mode = on".into(), "archive_command = '/bin/true'".into(), "max_wal_size = '4GB'".into()];
     if pg17 {
         conf.push(format!("summarize_wal = {}", if summaries { "on" } else { "off" }));
     }

@@ -379,4 +379,22 @@ fn delta_restore_onto_a_stale_copy_equals_a_fresh_restore() {
     assert!(written < total_mb, "delta wrote {written} MB of a {total_mb} MB database");
     drop(delta);
     drop(stale);
+
+    // --force (replace whatever is there) and --delta (update it) exclude each other.
+    let (_dir, target) = Restorer::target_dir();
+    let target = target.to_str().expect("utf-8");
+    let output = restorer.run(&["restore", "--delta", "--force", "--pgdata", target, "--latest"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("cannot be used with"), "{}", stderr(&output));
+    // An incremental backup whose base is gone: no restore from it, and the
+    // base is named; nothing is written.
+    let listed = restorer.run(&["list", "--json"]);
+    let backups: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("list JSON");
+    let newest = backups["backups"].as_array().and_then(|b| b.last()).expect("a backup").clone();
+    let base = newest["base"].as_str().expect("the newest backup is incremental").to_string();
+    std::fs::remove_file(agent.repo.join(format!("backups/{base}/backup.json"))).expect("remove the base's manifest");
+    let output = restorer.run(&["restore", "--pgdata", target, "--latest"]);
+    assert!(!output.status.success(), "a restore through a missing base");
+    assert!(stderr(&output).contains(&base), "the missing base is named: {}", stderr(&output));
+    assert!(empty_or_absent(std::path::Path::new(target)), "nothing written");
 }
