@@ -145,7 +145,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let uploader = Uploader::new(repo.clone(), index.clone(), meta.wal_segment_size, Some(summaries), metrics.clone())?;
     let uploader_task = tokio::spawn(uploader.run(jobs));
 
-    let (stop, mut shutdown) = watch::channel(false);
+    let (stop, shutdown) = watch::channel(false);
     let (lost_tx, mut lost_rx) = tokio::sync::oneshot::channel();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let lease_task = tokio::spawn(keep_lease(lease, stop.clone(), lost_tx, done_rx));
@@ -166,6 +166,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         stream_start: (meta.stream_start_timeline, meta.stream_start_lsn),
         metrics: metrics.clone(),
         synchronous,
+        runtime: tokio::runtime::Handle::current(),
     };
     let helpers = spawn_helpers(&settings, &ctx.repo, &index, &shutdown, &reporting);
     // Not aborted at stop like the others: a drill stops its server and removes its files first.
@@ -173,15 +174,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .drill
         .interval
         .map(|interval| tokio::spawn(drill_schedule(settings.clone(), interval, reporting.clone(), shutdown.clone())));
-    // The receive loop runs as a task of its own, not in `block_on`: the
-    // worker that sees the socket become readable then runs it directly,
-    // where a `block_on` future would need a wake-up of the main thread for
-    // every message (a synchronous commit waits through that hop).
-    let streaming = tokio::spawn(async move {
-        let result = stream_until_stopped(&ctx, &mut shutdown).await;
-        (ctx, result)
-    });
-    let (ctx, result) = streaming.await.context("the receive loop panicked")?;
+    let streamed = receive_on_its_own_thread(ctx, shutdown)?;
+    let (ctx, result) = streamed.await.context("the receive loop panicked")?;
     // Streaming ended (a signal, a lost lease or an error): every task stops.
     let _ = stop_everything.send(true);
     crate::service::stopping();
@@ -212,6 +206,29 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         return Err(lost);
     }
     result
+}
+
+/// Starts the receive loop on a thread and a runtime of its own: a
+/// synchronous commit waits for it (receive, write, fsync, reply), so it
+/// never waits behind the uploader's, summarizer's or helpers' tasks for
+/// one of the shared workers, and the thread epoll wakes is the one that
+/// runs the loop. The context comes back with the result when it ends.
+fn receive_on_its_own_thread(
+    ctx: StreamContext,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<(StreamContext, anyhow::Result<()>)>> {
+    let (done, streamed) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("tidemark-receive".into())
+        .spawn(move || {
+            let result = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime.block_on(stream_until_stopped(&ctx, &mut shutdown)),
+                Err(e) => Err(anyhow::Error::new(e).context("start the receive loop's runtime")),
+            };
+            let _ = done.send((ctx, result));
+        })
+        .context("start the receive loop's thread")?;
+    Ok(streamed)
 }
 
 /// Streams, reconnecting after server-side failures, until shutdown.
@@ -308,7 +325,8 @@ async fn skip_gap(ctx: &StreamContext) -> anyhow::Result<()> {
     let details = serde_json::json!({ "from_lsn": old_start, "from_timeline": old_timeline, "to_lsn": start, "to_timeline": identity.timeline });
     tidemark_repo::events::record(&ctx.repo, "gap", summary, details).await;
     let settings = ctx.settings.clone();
-    tokio::spawn(async move {
+    // On the agent's main runtime: the receive loop's thread is for receiving.
+    ctx.runtime.spawn(async move {
         match crate::backup::backup(&settings, Some("after an archive gap".into()), true).await {
             Ok(manifest) => info!(id = %manifest.id, "base backup after the gap done"),
             Err(e) => error!("the base backup after the gap failed: {e:#}"),

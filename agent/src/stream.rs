@@ -32,6 +32,9 @@ pub struct StreamContext {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Whether a commit may be waiting for our flushes (see `syncrep`).
     pub synchronous: watch::Receiver<bool>,
+    /// The agent's main runtime, for work the receive loop starts but does
+    /// not wait for (it runs on a thread and runtime of its own).
+    pub runtime: tokio::runtime::Handle,
 }
 
 fn now_unix_micros() -> i64 {
