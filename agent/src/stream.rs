@@ -197,8 +197,12 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 pub const ASYNC_FLUSH_DELAY: Duration = Duration::from_millis(200);
 const ASYNC_FLUSH_BYTES: u64 = 1 << 20;
 /// When no commit waits, the pause between reads of the socket after a
-/// batch smaller than `ASYNC_READ_PAUSE_BELOW` bytes.
+/// batch smaller than `ASYNC_READ_PAUSE_BELOW` bytes that came less than
+/// `ASYNC_READ_PAUSE_WITHIN` after the one before (a stream of small
+/// batches: load). A quiet database's commits, seconds apart, are read
+/// without it: the pause would only add a wake-up per commit.
 const ASYNC_READ_PAUSE: Duration = Duration::from_millis(20);
+const ASYNC_READ_PAUSE_WITHIN: Duration = Duration::from_millis(100);
 const ASYNC_READ_PAUSE_BELOW: u64 = 256 * 1024;
 
 /// The receive loop's state on one timeline.
@@ -212,6 +216,10 @@ struct Receiving {
     progress_due: bool,
     /// When the oldest written but not yet fsynced byte arrived.
     unflushed_since: Option<Instant>,
+    /// When the last batch was read.
+    last_batch: Instant,
+    /// The batch being read came alone, not in a stream of batches.
+    alone: bool,
     /// At the spool limit nothing more is read: the flushed position (and so
     /// the slot) stops, and the server keeps the WAL until the repository
     /// catches up. Status updates go on, so the connection stays alive.
@@ -240,6 +248,8 @@ async fn stream_timeline(
         last_progress_write: Instant::now(),
         progress_due: false,
         unflushed_since: None,
+        last_batch: Instant::now(),
+        alone: false,
         paused: false,
     };
     send_status(conn, &state.writer).await?;
@@ -255,6 +265,11 @@ async fn stream_timeline(
             event = conn.recv_copy(), if !state.paused => {
                 let was_flushed = state.unflushed_since.is_none();
                 let received_before = state.writer.position();
+                // A batch that comes alone (a quiet database) is fsynced at
+                // once: waiting would batch nothing and cost a wake-up.
+                let busy = state.last_batch.elapsed() < ASYNC_READ_PAUSE_WITHIN;
+                state.last_batch = Instant::now();
+                state.alone = !busy;
                 if receive_batch(ctx, conn, &mut state, event?).await? {
                     return end_of_timeline(ctx, conn, &mut state.writer).await.map(Some);
                 }
@@ -262,7 +277,7 @@ async fn stream_timeline(
                     flush_timer.as_mut().reset((since + ASYNC_FLUSH_DELAY).into());
                 }
                 let small = state.writer.position().0 - received_before.0 < ASYNC_READ_PAUSE_BELOW;
-                if small && !*ctx.synchronous.borrow() {
+                if small && busy && !*ctx.synchronous.borrow() {
                     // No commit waits and the stream is not behind: let the
                     // socket gather WAL for a moment, so one read takes many
                     // messages instead of one a commit. (A backlog comes in
@@ -358,6 +373,7 @@ async fn receive_batch(
     // A synchronous commit may be waiting: fsync and reply now. Otherwise
     // only when enough has gathered (the timer takes the rest).
     let now = *ctx.synchronous.borrow()
+        || state.alone
         || written.0 - state.writer.flushed().0 >= ASYNC_FLUSH_BYTES
         || state.unflushed_since.is_some_and(|since| since.elapsed() >= ASYNC_FLUSH_DELAY);
     if now || ended {
