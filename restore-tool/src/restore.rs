@@ -294,6 +294,8 @@ struct Checked {
     plan: Plan,
     /// The backup and those it is incremental on, newest first.
     chain: Vec<tidemark_proto::repo::backup::BackupManifest>,
+    /// --delta onto an existing data directory (checked to be this cluster's).
+    delta_onto_existing: bool,
     placements: Vec<crate::tablespaces::Placement>,
     bytes_to_fetch: u64,
     bytes_left_out: u64,
@@ -315,7 +317,8 @@ async fn check_everything(repo: &Repository, options: &RestoreOptions) -> anyhow
     // 3. Every object the restore reads must be there, along the chain of
     //    backups an incremental one is based on.
     let chain = tidemark_repo::catalog::read_chain(repo, &plan.backup).await?;
-    if options.delta && !crate::fetch::is_empty_or_missing(&options.pgdata)? {
+    let delta_onto_existing = options.delta && !crate::fetch::is_empty_or_missing(&options.pgdata)?;
+    if delta_onto_existing {
         crate::delta::check_target(&options.pgdata, &plan.backup.system_identifier)?;
     }
     let (bytes_to_fetch, bytes_left_out) =
@@ -330,12 +333,45 @@ async fn check_everything(repo: &Repository, options: &RestoreOptions) -> anyhow
         false => None,
     };
     let planning_seconds = planning.elapsed().as_secs_f64();
-    Ok(Checked { plan, chain, placements, bytes_to_fetch, bytes_left_out, pg_bin, planning_seconds })
+    Ok(Checked {
+        plan,
+        chain,
+        delta_onto_existing,
+        placements,
+        bytes_to_fetch,
+        bytes_left_out,
+        pg_bin,
+        planning_seconds,
+    })
+}
+
+/// The backup into --pgdata: fetched into a new directory, or with --delta
+/// onto the existing one. Returns the bytes written.
+async fn write_backup(
+    repo: &Repository,
+    options: &RestoreOptions,
+    chain: &[tidemark_proto::repo::backup::BackupManifest],
+    placements: &[crate::tablespaces::Placement],
+    delta_onto_existing: bool,
+) -> anyhow::Result<u64> {
+    if delta_onto_existing {
+        return crate::delta::apply(repo, chain, &options.pgdata).await.map(|r| r.bytes_written);
+    }
+    let databases = options.only_databases.as_deref();
+    crate::fetch::fetch_backup(repo, chain, &options.pgdata, placements, !options.start, databases).await
 }
 
 pub async fn restore(repo: &Repository, repo_url: &str, options: RestoreOptions) -> anyhow::Result<RestoreReport> {
-    let Checked { plan, chain, placements, bytes_to_fetch, bytes_left_out, pg_bin, planning_seconds } =
-        check_everything(repo, &options).await?;
+    let Checked {
+        plan,
+        chain,
+        delta_onto_existing,
+        placements,
+        bytes_to_fetch,
+        bytes_left_out,
+        pg_bin,
+        planning_seconds,
+    } = check_everything(repo, &options).await?;
     let meta = repo.meta().await?;
     let segment_size = meta.wal_segment_size;
     let segments_to_replay =
@@ -379,19 +415,7 @@ pub async fn restore(repo: &Repository, repo_url: &str, options: RestoreOptions)
     let mut staged = staging.is_none();
     let fetching = std::time::Instant::now();
     let fetched = {
-        let fetch: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<u64>> + '_>> =
-            if options.delta && !crate::fetch::is_empty_or_missing(&options.pgdata)? {
-                Box::pin(async { crate::delta::apply(repo, &chain, &options.pgdata).await.map(|r| r.bytes_written) })
-            } else {
-                Box::pin(crate::fetch::fetch_backup(
-                    repo,
-                    &chain,
-                    &options.pgdata,
-                    &placements,
-                    !options.start,
-                    options.only_databases.as_deref(),
-                ))
-            };
+        let fetch = write_backup(repo, &options, &chain, &placements, delta_onto_existing);
         tokio::pin!(fetch);
         loop {
             tokio::select! {
