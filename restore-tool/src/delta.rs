@@ -5,7 +5,10 @@
 //! - Only a directory of the same cluster: its `global/pg_control` (or the
 //!   marker of an interrupted delta restore) names the backup's system
 //!   identifier. Never next to a running server (checked before, as for
-//!   every restore). Backups with tablespaces are refused for now.
+//!   every restore). A tablespace is updated where it goes (its original
+//!   location or `--tablespace-map`): a directory that is missing, empty,
+//!   or the one the data directory's `pg_tblspc/<OID>` already points to;
+//!   any other is refused, as it may be another cluster's.
 //! - `global/pg_control` goes first and comes back last, and a marker file
 //!   holds the system identifier meanwhile: an interrupted delta restore
 //!   leaves a directory PostgreSQL will not start, which the next
@@ -18,6 +21,7 @@
 //!   files of dropped relations, `postmaster.pid` of a dead server).
 
 use crate::fetch::{crc32c_of, fetch_chunk, manifest_path, safe_join, sync_tree, write_pg_manifest};
+use crate::tablespaces::Placement;
 use anyhow::Context;
 use futures::StreamExt;
 use std::collections::HashMap;
@@ -78,24 +82,69 @@ pub fn check_target(pgdata: &Path, system_identifier: &str) -> anyhow::Result<()
 
 /// Brings `pgdata` to the backup (`chain`'s first, with the backups it is
 /// based on). See the module comment for the order of things.
-pub async fn apply(repo: &Repository, chain: &[BackupManifest], pgdata: &Path) -> anyhow::Result<DeltaReport> {
-    let manifest = chain.first().context("no backup to restore")?;
-    if !manifest.tablespaces.is_empty() {
-        return Err(Fail::new(
-            format!("backup {} has tablespaces, which --delta does not handle yet", manifest.id),
-            "restore into an empty directory (without --delta)",
-        )
-        .into());
+/// Refuses a tablespace placement `--delta` must not write into: each must
+/// be missing, empty, or where `pgdata`'s `pg_tblspc/<OID>` points now.
+pub fn check_placements(pgdata: &Path, manifest: &BackupManifest, placements: &[Placement]) -> anyhow::Result<()> {
+    for tablespace in &manifest.tablespaces {
+        let placement = placements
+            .iter()
+            .find(|p| p.oid == tablespace.oid)
+            .with_context(|| format!("tablespace {} of backup {} has no place to go", tablespace.oid, manifest.id))?;
+        if crate::fetch::is_empty_or_missing(&placement.target)? {
+            continue;
+        }
+        let linked = std::fs::canonicalize(pgdata.join("pg_tblspc").join(tablespace.oid.to_string())).ok();
+        if linked.is_none() || linked != std::fs::canonicalize(&placement.target).ok() {
+            return Err(Fail::new(
+                format!(
+                    "tablespace {} would be updated in {}, which is not empty and not where {}'s pg_tblspc/{} points",
+                    tablespace.oid,
+                    placement.target.display(),
+                    pgdata.display(),
+                    tablespace.oid
+                ),
+                "give --tablespace-map OID=DIR with the directory the copy uses, or a new or empty one",
+            )
+            .into());
+        }
     }
+    Ok(())
+}
+
+/// Brings `pgdata` (and each tablespace, at its placement) to the backup
+/// (`chain`'s first, with the backups it is based on). See the module
+/// comment for the order of things.
+pub async fn apply(
+    repo: &Repository,
+    chain: &[BackupManifest],
+    pgdata: &Path,
+    placements: &[Placement],
+) -> anyhow::Result<DeltaReport> {
+    let manifest = chain.first().context("no backup to restore")?;
+    check_placements(pgdata, manifest, placements)?;
     let links = Chain::new(chain).map_err(|reason| RepoError::Corrupt { key: manifest_key(&manifest.id), reason })?;
+    let mut roots = vec![("base".to_string(), pgdata.to_path_buf())];
+    roots.extend(placements.iter().map(|p| (p.oid.to_string(), p.target.clone())));
+    let root_of = |archive: &str| -> anyhow::Result<&Path> {
+        roots.iter().find(|(name, _)| name == archive).map(|(_, root)| root.as_path()).ok_or_else(|| {
+            anyhow::Error::new(RepoError::Corrupt {
+                key: manifest_key(&manifest.id),
+                reason: format!("it lists files of an unknown archive {archive:?}"),
+            })
+        })
+    };
     write_durably(&pgdata.join(MARKER), manifest.system_identifier.as_bytes())?;
     match std::fs::remove_file(pgdata.join(CONTROL)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).context("remove global/pg_control"),
         _ => {}
     }
-    let mut report = DeltaReport { files_removed: remove_unlisted(pgdata, manifest)?, ..Default::default() };
+    let mut report = DeltaReport::default();
+    for (archive, root) in &roots {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(root)?;
+        report.files_removed += remove_unlisted(root, archive, manifest)?;
+    }
     for dir in manifest.files.iter().filter(|f| f.kind == FileKind::Directory) {
-        let path = safe_join(pgdata, &dir.path)?;
+        let path = safe_join(root_of(&dir.archive)?, &dir.path)?;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -107,10 +156,14 @@ pub async fn apply(repo: &Repository, chain: &[BackupManifest], pgdata: &Path) -
     let control =
         control.first().copied().with_context(|| format!("backup {} has no global/pg_control", manifest.id))?;
     let links = &links;
+    let mut rooted = Vec::new();
+    for file in files {
+        rooted.push((root_of(&file.archive)?, file));
+    }
     let mut results = futures::stream::iter(
-        files
+        rooted
             .into_iter()
-            .map(|file| async move { sync_file(repo, links, pgdata, file).await.map(|done| (file, done)) }),
+            .map(|(root, file)| async move { sync_file(repo, links, root, file).await.map(|done| (file, done)) }),
     )
     .buffer_unordered(8);
     let mut rebuilt = HashMap::new();
@@ -125,8 +178,11 @@ pub async fn apply(repo: &Repository, chain: &[BackupManifest], pgdata: &Path) -
         let (file, done) = result?;
         add(file, done);
     }
+    crate::fetch::link_tablespaces(pgdata, placements)?;
     // Every other file durable before pg_control exists again.
-    sync_tree(pgdata)?;
+    for (_, root) in &roots {
+        sync_tree(root)?;
+    }
     add(control, sync_file(repo, links, pgdata, control).await?);
     write_pg_manifest(repo, manifest, pgdata, &rebuilt).await?;
     sync_tree(pgdata)?;
@@ -149,14 +205,16 @@ fn write_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     tidemark_repo::durable::fsync_dir(tidemark_repo::durable::parent_dir(path)).context("fsync the data directory")
 }
 
-/// Removes every file, link and directory under `pgdata` that the backup
+/// Removes every file, link and directory under `root` (where `archive`
+/// goes: `base` the data directory, an OID its tablespace) that the backup
 /// does not list (a listed path of another kind goes too). Returns how many.
-fn remove_unlisted(pgdata: &Path, manifest: &BackupManifest) -> anyhow::Result<u64> {
-    let listed: HashMap<&str, &FileKind> = manifest.files.iter().map(|f| (f.path.as_str(), &f.kind)).collect();
+fn remove_unlisted(root: &Path, archive: &str, manifest: &BackupManifest) -> anyhow::Result<u64> {
+    let listed: HashMap<&str, &FileKind> =
+        manifest.files.iter().filter(|f| f.archive == archive).map(|f| (f.path.as_str(), &f.kind)).collect();
     let mut removed = 0;
     let mut stack = vec![String::new()];
     while let Some(relative) = stack.pop() {
-        let dir = if relative.is_empty() { pgdata.to_path_buf() } else { pgdata.join(&relative) };
+        let dir = if relative.is_empty() { root.to_path_buf() } else { root.join(&relative) };
         for entry in std::fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
             let entry = entry.with_context(|| format!("read {}", dir.display()))?;
             let name = entry.file_name().to_string_lossy().to_string();
@@ -169,7 +227,7 @@ fn remove_unlisted(pgdata: &Path, manifest: &BackupManifest) -> anyhow::Result<u
             } else {
                 FileKind::File
             };
-            if relative.is_empty() && name == MARKER {
+            if relative.is_empty() && name == MARKER && archive == "base" {
                 continue;
             }
             match listed.get(path_text.as_str()) {
@@ -348,7 +406,7 @@ mod tests {
             {"archive":"base","path":"postgresql.conf","kind":"file","size":1,"mode":384,"mtime_unix":0,"chunks":[]}],
             "pg_manifest_key":"","bytes":0,"stored_bytes":0}"#;
         let manifest = BackupManifest::from_json(text.as_bytes()).expect("manifest");
-        assert_eq!(remove_unlisted(root, &manifest).expect("remove"), 4);
+        assert_eq!(remove_unlisted(root, "base", &manifest).expect("remove"), 4);
         assert!(root.join(MARKER).exists(), "the marker stays until the end");
         let mut left = Vec::new();
         for path in listed(&manifest) {

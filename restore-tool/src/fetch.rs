@@ -302,7 +302,7 @@ fn create_file(root: &Path, file: &BackupFile) -> anyhow::Result<(PathBuf, std::
 /// from tablespace_map when recovery starts, so a moved tablespace's map is
 /// rewritten too; the links make the directory complete without it
 /// (pg_verifybackup follows them).
-fn link_tablespaces(base: &Path, placements: &[Placement]) -> anyhow::Result<()> {
+pub(crate) fn link_tablespaces(base: &Path, placements: &[Placement]) -> anyhow::Result<()> {
     if placements.is_empty() {
         return Ok(());
     }

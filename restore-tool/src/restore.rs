@@ -323,10 +323,16 @@ async fn check_everything(repo: &Repository, options: &RestoreOptions) -> anyhow
     }
     let (bytes_to_fetch, bytes_left_out) =
         check_objects(repo, &plan, &chain, options.only_databases.as_deref()).await?;
-    // 4. Where the tablespaces go: each directory missing or empty.
+    // 4. Where the tablespaces go: each directory missing or empty (with
+    //    --delta onto a directory: or the one it already uses).
     let placements = placements(options, &plan)?;
-    crate::fetch::check_placements(&plan.backup, &placements)
-        .map_err(|e| refuse(e.to_string(), "a tablespace directory must be new or empty; --force never clears one"))?;
+    if delta_onto_existing {
+        crate::delta::check_placements(&options.pgdata, &plan.backup, &placements)?;
+    } else {
+        crate::fetch::check_placements(&plan.backup, &placements).map_err(|e| {
+            refuse(e.to_string(), "a tablespace directory must be new or empty; --force never clears one")
+        })?;
+    }
     // 5. The programs that start it, of the backup's major version.
     let pg_bin = match options.start {
         true => Some(crate::pg_bin::find(options.pg_bin.as_deref(), plan.backup.server_version_num / 10000)?),
@@ -355,7 +361,7 @@ async fn write_backup(
     delta_onto_existing: bool,
 ) -> anyhow::Result<u64> {
     if delta_onto_existing {
-        return crate::delta::apply(repo, chain, &options.pgdata).await.map(|r| r.bytes_written);
+        return crate::delta::apply(repo, chain, &options.pgdata, placements).await.map(|r| r.bytes_written);
     }
     let databases = options.only_databases.as_deref();
     crate::fetch::fetch_backup(repo, chain, &options.pgdata, placements, !options.start, databases).await

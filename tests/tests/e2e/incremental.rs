@@ -5,7 +5,8 @@
 //! is refused, naming the object; a hole in the archived WAL gives a full
 //! backup, never a restore that misses a block. On PostgreSQL 17 with
 //! summarize_wal, increments that read only changed blocks, taken under
-//! load, restore exactly too.
+//! load, restore exactly too. `restore --delta` brings a stale copy (also
+//! one whose tablespace lives elsewhere) to what a fresh restore gives.
 
 use crate::common::*;
 use crate::restore::{commit_rows, rows, Restorer};
@@ -397,4 +398,82 @@ fn delta_restore_onto_a_stale_copy_equals_a_fresh_restore() {
     assert!(!output.status.success(), "a restore through a missing base");
     assert!(stderr(&output).contains(&base), "the missing base is named: {}", stderr(&output));
     assert!(empty_or_absent(std::path::Path::new(target)), "nothing written");
+}
+
+/// A directory the server's OS user owns (owner-only), under `parent`.
+fn pg_owned_dir(parent: &std::path::Path, name: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = parent.join(name);
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    if tidemark_tests::cluster::pg_os_ids().is_some() {
+        tidemark_tests::cluster::chown(&dir, tidemark_tests::cluster::PG_USER_OS);
+    }
+    dir
+}
+
+#[test]
+fn delta_restore_updates_a_tablespace_where_the_copy_keeps_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let cluster = Cluster::start(ClusterOptions::default());
+    let source_ts = pg_owned_dir(cluster.dir.path(), "ts-source");
+    cluster.psql(&format!("CREATE TABLESPACE fast LOCATION '{}'", source_ts.display()));
+    cluster.psql("CREATE TABLE ledger (id serial PRIMARY KEY, note text NOT NULL) TABLESPACE fast");
+    let oid = cluster.psql("SELECT oid FROM pg_tablespace WHERE spcname = 'fast'");
+    let agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
+    agent.init();
+    let running = agent.spawn();
+    backup(&agent, &[]);
+    commit_rows(&cluster, 1, 10, 0.0);
+    wait_archived(&agent, cluster.switch_wal());
+    let scratch = tempfile::Builder::new().prefix("tidemark-delta-ts-").tempdir().expect("tempdir");
+    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let restorer = Restorer::new(&agent, scratch.path());
+    // The copy keeps its tablespace elsewhere (--tablespace-map), and moves
+    // on by itself after its restore.
+    // (The restore stages beside it: its parent is the server user's.)
+    let copy_ts = pg_owned_dir(scratch.path(), "homes").join("ts-copy");
+    let map = format!("{oid}={}", copy_ts.display());
+    let (dir, copy_data) = Restorer::target_dir();
+    let (copy, _) = restore_started(&restorer, &copy_data, dir, &["--latest", "--tablespace-map", &map]);
+    assert_eq!(rows(&copy, "").len(), 10);
+    copy.psql("INSERT INTO ledger (note) VALUES ('only in the copy')");
+    copy.stop("fast");
+
+    // The source moves on: rows, an incremental backup, more rows.
+    commit_rows(&cluster, 11, 20, 0.0);
+    assert!(!backup(&agent, &[])["base"].is_null(), "the second backup is incremental");
+    commit_rows(&cluster, 21, 30, 0.0);
+    wait_archived(&agent, cluster.switch_wal());
+    assert!(running.stop(), "agent did not stop cleanly");
+    let restorer = Restorer::new(&agent, scratch.path());
+
+    // Without the map the tablespace would be updated in the source's own
+    // directory, which the copy does not use: refused, nothing touched.
+    let copy_arg = copy_data.to_str().expect("utf-8");
+    let before = std::fs::read_dir(&source_ts).expect("list").count();
+    restorer.refused(&["restore", "--delta", "--pgdata", copy_arg, "--latest"], "not where");
+    assert_eq!(std::fs::read_dir(&source_ts).expect("list").count(), before);
+    assert!(copy_data.join("global/pg_control").exists(), "the refused delta left the copy as it was");
+
+    // What the backup does not have, in the copy's tablespace: removed.
+    let version_dir = std::fs::read_dir(&copy_ts).expect("list").next().expect("a version directory").expect("entry");
+    let db_dir = std::fs::read_dir(version_dir.path()).expect("list").next().expect("a database").expect("entry");
+    let stray = db_dir.path().join("999999");
+    std::fs::write(&stray, [7u8; 8192]).expect("a stray relation file");
+
+    // With it: the copy's tablespace is brought to the backup in place.
+    let expected = rows(&cluster, "");
+    let (delta, log) = restore_started(
+        &restorer,
+        &copy_data,
+        tempfile::tempdir().expect("tempdir"),
+        &["--delta", "--latest", "--tablespace-map", &map],
+    );
+    assert!(log.contains("restore: delta: "), "{log}");
+    assert_eq!(rows(&delta, ""), expected, "the ledger, in the tablespace, as committed");
+    let link = std::fs::read_link(copy_data.join("pg_tblspc").join(&oid)).expect("pg_tblspc link");
+    assert_eq!(link, copy_ts, "the copy's tablespace stays where it was");
+    assert!(!stray.exists(), "a file the backup does not have is removed from the tablespace");
+    assert_indexes_intact(&delta);
 }
