@@ -102,6 +102,36 @@ fn increments_under_load(
     (chain, targets)
 }
 
+/// A restorer with a scratch directory of its own (kept while the first lives).
+fn restorer_for(agent: &AgentSetup) -> (tempfile::TempDir, Restorer) {
+    let scratch = tempfile::Builder::new().prefix("tidemark-incremental-").tempdir().expect("tempdir");
+    std::fs::set_permissions(scratch.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let restorer = Restorer::new(agent, scratch.path());
+    (scratch, restorer)
+}
+
+/// Restores (started, with `extra` arguments) to the target after each of
+/// `increments` (counted from 1) of `chain` (the full backup first) and its
+/// `targets`: each starts from that increment and holds the ledger as
+/// committed before the target, pgbench's invariant and intact indexes.
+fn restore_each(
+    restorer: &Restorer,
+    cluster: &Cluster,
+    (chain, targets): (&[serde_json::Value], &[String]),
+    increments: &[usize],
+    extra: &[&str],
+) {
+    for &k in increments {
+        let mut args = vec!["--lsn", targets[k - 1].as_str()];
+        args.extend_from_slice(extra);
+        let (restored, report) = restorer.restore_and_start(&args);
+        assert_eq!(report["backup_id"], chain[k]["id"], "chain of {k} increments: {report}");
+        let expected = rows(cluster, &format!("WHERE id <= {}", 10 * k));
+        assert_eq!(rows(&restored, ""), expected, "chain of {k}: the ledger as committed before the target");
+        assert_consistent(&restored);
+    }
+}
+
 #[test]
 fn postgresql_17_increments_that_read_only_changed_blocks_restore_exactly_under_load() {
     let bin = server_bin_for(17);
@@ -124,17 +154,9 @@ fn postgresql_17_increments_that_read_only_changed_blocks_restore_exactly_under_
     wait_archived(&agent, end);
     assert!(running.stop(), "agent did not stop cleanly");
 
-    let scratch = tempfile::Builder::new().prefix("tidemark-incremental-").tempdir().expect("tempdir");
-    std::fs::set_permissions(scratch.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
-    let restorer = Restorer::new(&agent, scratch.path());
+    let (_scratch, restorer) = restorer_for(&agent);
     let bin_arg = bin.display().to_string();
-    for k in 1..=3 {
-        let (restored, report) = restorer.restore_and_start(&["--lsn", &targets[k - 1], "--pg-bin", &bin_arg]);
-        assert_eq!(report["backup_id"], chain[k]["id"], "chain of {k} increments: {report}");
-        let expected = rows(&cluster, &format!("WHERE id <= {}", 10 * k));
-        assert_eq!(rows(&restored, ""), expected, "chain of {k}: the ledger as committed before the target");
-        assert_consistent(&restored);
-    }
+    restore_each(&restorer, &cluster, (&chain, &targets), &[1, 2, 3], &["--pg-bin", &bin_arg]);
     let (_dir, pgdata) = Restorer::target_dir();
     let newest = chain[3]["id"].as_str().expect("id");
     let output = restorer.run(&["fetch-backup", "--backup", newest, "--pgdata", pgdata.to_str().expect("utf-8")]);
@@ -150,22 +172,14 @@ fn chains_of_one_three_and_seven_increments_restore_exactly_under_load() {
     wait_archived(&agent, end);
     assert!(running.stop(), "agent did not stop cleanly");
 
-    let scratch = tempfile::Builder::new().prefix("tidemark-incremental-").tempdir().expect("tempdir");
-    std::fs::set_permissions(scratch.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
-    let restorer = Restorer::new(&agent, scratch.path());
+    let (_scratch, restorer) = restorer_for(&agent);
     let listed = String::from_utf8_lossy(&restorer.run(&["list"]).stdout).to_string();
     for (k, b) in chain.iter().enumerate().skip(1) {
         let line = listed.lines().find(|l| l.contains(b["id"].as_str().expect("id"))).expect("listed");
         let on = chain[k - 1]["id"].as_str().expect("id");
         assert!(line.contains(&format!("incremental on {on}")), "{line}");
     }
-    for k in [1usize, 3, 7] {
-        let (restored, report) = restorer.restore_and_start(&["--lsn", &targets[k - 1]]);
-        assert_eq!(report["backup_id"], chain[k]["id"], "chain of {k} increments: {report}");
-        let expected = rows(&cluster, &format!("WHERE id <= {}", 10 * k));
-        assert_eq!(rows(&restored, ""), expected, "chain of {k}: the ledger as committed before the target");
-        assert_consistent(&restored);
-    }
+    restore_each(&restorer, &cluster, (&chain, &targets), &[1, 3, 7], &[]);
 
     // The combined directory of the longest chain is what its manifest says.
     let (dir, pgdata) = Restorer::target_dir();
@@ -279,9 +293,7 @@ fn small_changes_store_small_increments_and_a_hole_in_the_wal_gives_a_full_backu
     let end = cluster.switch_wal();
     wait_archived(&agent, end);
     assert!(running.stop(), "agent did not stop cleanly");
-    let scratch = tempfile::Builder::new().prefix("tidemark-incremental-").tempdir().expect("tempdir");
-    std::fs::set_permissions(scratch.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
-    let restorer = Restorer::new(&agent, scratch.path());
+    let (_scratch, restorer) = restorer_for(&agent);
     let (restored, _) = restorer.restore_and_start(&["--latest"]);
     let sums = "SELECT sum(abalance), count(*), sum(hashtext(filler)) FROM pgbench_accounts";
     assert_eq!(restored.psql(sums), cluster.psql(sums), "the restored accounts equal the source's");
@@ -312,9 +324,7 @@ fn delta_restore_onto_a_stale_copy_equals_a_fresh_restore() {
     commit_rows(&cluster, 1, 10, 0.0);
     let end = cluster.switch_wal();
     wait_archived(&agent, end);
-    let scratch = tempfile::Builder::new().prefix("tidemark-delta-").tempdir().expect("tempdir");
-    std::fs::set_permissions(scratch.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
-    let restorer = Restorer::new(&agent, scratch.path());
+    let (scratch, restorer) = restorer_for(&agent);
     // Yesterday's copy: restored, started (it promoted, so it has moved on
     // by itself), stopped.
     let (dir, stale_data) = Restorer::target_dir();
@@ -414,7 +424,6 @@ fn pg_owned_dir(parent: &std::path::Path, name: &str) -> std::path::PathBuf {
 
 #[test]
 fn delta_restore_updates_a_tablespace_where_the_copy_keeps_it() {
-    use std::os::unix::fs::PermissionsExt;
     let cluster = Cluster::start(ClusterOptions::default());
     let source_ts = pg_owned_dir(cluster.dir.path(), "ts-source");
     cluster.psql(&format!("CREATE TABLESPACE fast LOCATION '{}'", source_ts.display()));
@@ -426,9 +435,7 @@ fn delta_restore_updates_a_tablespace_where_the_copy_keeps_it() {
     backup(&agent, &[]);
     commit_rows(&cluster, 1, 10, 0.0);
     wait_archived(&agent, cluster.switch_wal());
-    let scratch = tempfile::Builder::new().prefix("tidemark-delta-ts-").tempdir().expect("tempdir");
-    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let restorer = Restorer::new(&agent, scratch.path());
+    let (scratch, restorer) = restorer_for(&agent);
     // The copy keeps its tablespace elsewhere (--tablespace-map), and moves
     // on by itself after its restore.
     // (The restore stages beside it: its parent is the server user's.)
