@@ -252,6 +252,25 @@ async fn stream_timeline(
         alone: false,
         paused: false,
     };
+    let result = receive(ctx, conn, &mut state, shutdown).await;
+    if result.is_err() {
+        // Progress is written at most once a second: record where the
+        // fsynced WAL ends now, so that what runs next (a reconnect, or the
+        // last upload before an archive gap) starts from all of it.
+        if let Err(e) = record_progress(ctx, &state.writer, state.server_lsn) {
+            warn!("could not record the streaming progress: {e:#}");
+        }
+    }
+    result
+}
+
+/// The receive loop on one timeline, until shutdown, the timeline's end or an error.
+async fn receive(
+    ctx: &StreamContext,
+    conn: &mut Connection,
+    state: &mut Receiving,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<Option<(TimelineId, Lsn)>> {
     send_status(conn, &state.writer).await?;
     let mut status_tick = tokio::time::interval(ctx.settings.status_interval);
     status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -270,7 +289,7 @@ async fn stream_timeline(
                 let busy = state.last_batch.elapsed() < ASYNC_READ_PAUSE_WITHIN;
                 state.last_batch = Instant::now();
                 state.alone = !busy;
-                if receive_batch(ctx, conn, &mut state, event?).await? {
+                if receive_batch(ctx, conn, state, event?).await? {
                     return end_of_timeline(ctx, conn, &mut state.writer).await.map(Some);
                 }
                 if let (true, Some(since)) = (was_flushed, state.unflushed_since) {
@@ -286,7 +305,7 @@ async fn stream_timeline(
                 }
             }
             () = &mut flush_timer, if state.unflushed_since.is_some() => {
-                flush_and_report(ctx, conn, &mut state, false).await?;
+                flush_and_report(ctx, conn, state, false).await?;
             }
             () = tokio::time::sleep_until((state.last_progress_write + PROGRESS_INTERVAL).into()), if state.progress_due => {
                 record_progress(ctx, &state.writer, state.server_lsn)?;
@@ -297,7 +316,7 @@ async fn stream_timeline(
                 if ctx.settings.spool_limit.is_some() {
                     state.paused = spool_limit_state(ctx, state.paused)?;
                 }
-                flush_and_report(ctx, conn, &mut state, true).await?;
+                flush_and_report(ctx, conn, state, true).await?;
                 if state.last_progress_write.elapsed() >= ctx.settings.status_interval {
                     record_progress(ctx, &state.writer, state.server_lsn)?;
                     state.last_progress_write = Instant::now();
@@ -312,7 +331,7 @@ async fn stream_timeline(
                 }
             }
             _ = shutdown.changed() => {
-                flush_and_report(ctx, conn, &mut state, true).await?;
+                flush_and_report(ctx, conn, state, true).await?;
                 record_progress(ctx, &state.writer, state.server_lsn)?;
                 if let Some((segment, path, len)) = state.writer.partial() {
                     let _ = ctx.uploads.send(UploadJob::Partial { segment, path, len, last: false });
