@@ -417,4 +417,27 @@ mod tests {
         assert_eq!(left, vec!["PG_VERSION", "base", "base/5", "base/5/16384", "pg_wal", "pg_wal/archive_status"]);
         assert!(!root.join("old").exists() && !root.join("base/5/99999").exists());
     }
+
+    #[test]
+    fn a_tablespace_is_updated_only_where_the_copy_keeps_it_or_where_nothing_is() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (pgdata, used, other) = (dir.path().join("data"), dir.path().join("ts"), dir.path().join("elsewhere"));
+        for d in [pgdata.join("pg_tblspc"), used.join("PG_15_1"), other.join("PG_15_1")] {
+            std::fs::create_dir_all(d).expect("mkdir");
+        }
+        std::os::unix::fs::symlink(&used, pgdata.join("pg_tblspc/16384")).expect("link");
+        let text = r#"{"format_version":1,"id":"A","label":"","system_identifier":"1","server_version_num":150000,
+            "timeline":1,"start_lsn":"0/3000000","end_lsn":"0/3000100","start_time":"","end_time":"",
+            "tablespaces":[{"oid":16384,"location":"/src/ts"}],"files":[],"pg_manifest_key":"","bytes":0,"stored_bytes":0}"#;
+        let manifest = BackupManifest::from_json(text.as_bytes()).expect("manifest");
+        let at =
+            |target: &Path| vec![Placement { oid: 16384, original: "/src/ts".into(), target: target.to_path_buf() }];
+        assert!(check_placements(&pgdata, &manifest, &at(&used)).is_ok(), "where the copy's link points");
+        assert!(check_placements(&pgdata, &manifest, &at(&dir.path().join("new"))).is_ok(), "a missing directory");
+        let refused = check_placements(&pgdata, &manifest, &at(&other)).expect_err("another non-empty directory");
+        assert!(refused.to_string().contains("not where"), "{refused}");
+        std::fs::remove_file(pgdata.join("pg_tblspc/16384")).expect("unlink");
+        assert!(check_placements(&pgdata, &manifest, &at(&used)).is_err(), "no link: a non-empty directory is refused");
+        assert!(check_placements(&pgdata, &manifest, &[]).is_err(), "a tablespace without a placement");
+    }
 }
