@@ -125,14 +125,7 @@ pub async fn apply(
     let links = Chain::new(chain).map_err(|reason| RepoError::Corrupt { key: manifest_key(&manifest.id), reason })?;
     let mut roots = vec![("base".to_string(), pgdata.to_path_buf())];
     roots.extend(placements.iter().map(|p| (p.oid.to_string(), p.target.clone())));
-    let root_of = |archive: &str| -> anyhow::Result<&Path> {
-        roots.iter().find(|(name, _)| name == archive).map(|(_, root)| root.as_path()).ok_or_else(|| {
-            anyhow::Error::new(RepoError::Corrupt {
-                key: manifest_key(&manifest.id),
-                reason: format!("it lists files of an unknown archive {archive:?}"),
-            })
-        })
-    };
+    let root_of = |archive: &str| crate::fetch::root_of(&roots, manifest, archive);
     write_durably(&pgdata.join(MARKER), manifest.system_identifier.as_bytes())?;
     match std::fs::remove_file(pgdata.join(CONTROL)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).context("remove global/pg_control"),

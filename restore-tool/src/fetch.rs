@@ -179,14 +179,7 @@ async fn fill(
 ) -> anyhow::Result<u64> {
     let manifest = chain.first().context("no backup to fetch")?;
     let chain = Chain::new(chain).map_err(|reason| RepoError::Corrupt { key: manifest_key(&manifest.id), reason })?;
-    let root_of = |archive: &str| -> anyhow::Result<&Path> {
-        roots.iter().find(|(name, _)| name == archive).map(|(_, root)| root.as_path()).ok_or_else(|| {
-            anyhow::Error::new(RepoError::Corrupt {
-                key: tidemark_proto::repo::backup::manifest_key(&manifest.id),
-                reason: format!("it lists files of an unknown archive {archive:?}"),
-            })
-        })
-    };
+    let root_of = |archive: &str| root_of(roots, manifest, archive);
     for (_, root) in roots {
         std::fs::DirBuilder::new().mode(0o700).create(root).with_context(|| format!("create {}", root.display()))?;
     }
@@ -245,6 +238,21 @@ async fn fill(
         }
     }
     Ok(bytes)
+}
+
+/// Where `archive` (`base` or a tablespace's OID) of `manifest` is written,
+/// among `roots` (archive name → directory).
+pub(crate) fn root_of<'r>(
+    roots: &'r [(String, PathBuf)],
+    manifest: &BackupManifest,
+    archive: &str,
+) -> anyhow::Result<&'r Path> {
+    roots.iter().find(|(name, _)| name == archive).map(|(_, root)| root.as_path()).ok_or_else(|| {
+        anyhow::Error::new(RepoError::Corrupt {
+            key: manifest_key(&manifest.id),
+            reason: format!("it lists files of an unknown archive {archive:?}"),
+        })
+    })
 }
 
 /// The database a relation file belongs to: `base/<oid>/...` in the data
