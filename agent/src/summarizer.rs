@@ -189,6 +189,9 @@ impl Summarizer {
                 // a switch, which the reader skips): this is damage. Decoding
                 // starts afresh at the next segment.
                 warn!(segment = %segment.file_name(segment_size), "WAL decoding stopped early: {end}");
+                for (_, builder) in self.building.values_mut() {
+                    builder.mark_incomplete();
+                }
                 segment.end_lsn(segment_size)
             }
         };
@@ -275,6 +278,12 @@ fn decode(
         Err(e) => {
             malformed += 1;
             debug!("{e}");
+            // Its blocks are not known: the segment's block map is dropped.
+            building
+                .entry(raw.lsn.segment_no(segment_size))
+                .or_insert_with(|| (segment.timeline, SummaryBuilder::default()))
+                .1
+                .mark_incomplete();
         }
     });
     decoding.pending = data.get(used..).unwrap_or_default().to_vec();

@@ -5,6 +5,7 @@
 //! Facts from PostgreSQL's access/xlog_internal.h, xlogrecord.h, xact.h,
 //! heapam_xlog.h; checked against pg_waldump by the end-to-end tests.
 
+pub mod blockmap;
 pub mod exercise;
 pub mod page;
 pub mod reader;

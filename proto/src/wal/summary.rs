@@ -10,6 +10,7 @@
 //! Summaries are stored in the repository (framed JSON) so the restore tool
 //! answers from the repository alone.
 
+use super::blockmap::{BlockMapBuilder, ChangedBlocks};
 use super::page::PgMajor;
 use super::record::{Record, RelFileLocator};
 use super::rmgr::{self, XactStatus};
@@ -82,6 +83,11 @@ pub struct SegmentSummary {
     /// belonged to a backend that crashed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_below: Option<u32>,
+    /// The relation blocks this segment's records changed (`None`: not
+    /// known, as in summaries written before Tidemark kept them, or when a
+    /// record could not be decoded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<ChangedBlocks>,
 }
 
 impl SegmentSummary {
@@ -173,12 +179,14 @@ pub struct SummaryBuilder {
     pub created: Vec<RelFileLocator>,
     /// Tables locked AccessExclusive (DDL, TRUNCATE): (database, table OID).
     pub locked: Vec<(u32, u32)>,
+    blocks: BlockMapBuilder,
 }
 
 impl SummaryBuilder {
     pub fn add(&mut self, record: &Record<'_>, major: PgMajor) {
         self.records += 1;
         self.end_lsn = self.end_lsn.max(record.end.0);
+        self.blocks.add(record);
         if let Some(change) = rmgr::parse_row_change(record) {
             let key = (record.xid, change.rel.database, change.rel.relfilenode, change.rel.tablespace);
             self.changes.add(key, u64::from(change.inserted), u64::from(change.updated), u64::from(change.deleted));
@@ -207,6 +215,11 @@ impl SummaryBuilder {
         } else if let Some(locks) = rmgr::parse_standby_locks(record) {
             self.locked.extend(locks);
         }
+    }
+
+    /// A record of this stretch could not be decoded: its changed blocks are not known.
+    pub fn mark_incomplete(&mut self) {
+        self.blocks.mark_incomplete();
     }
 
     /// The relation files this stretch changed rows in.
@@ -247,6 +260,7 @@ impl SummaryBuilder {
             restore_points: self.restore_points,
             prepared: self.prepared,
             finished_below: self.finished_below,
+            blocks: self.blocks.finish(),
         }
     }
 }

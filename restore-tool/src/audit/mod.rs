@@ -330,6 +330,7 @@ mod tests {
             restore_points: vec![],
             prepared: vec![],
             finished_below: None,
+            blocks: None,
         }
     }
 
