@@ -41,31 +41,44 @@ struct OpenFile {
     by_block: bool,
 }
 
+/// A file, directory or link of the backup as it begins.
+pub(crate) struct Entry {
+    pub path: String,
+    pub kind: FileKind,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime_unix: i64,
+    pub link_target: Option<String>,
+}
+
 /// How the bytes of the file being received are read.
-enum Reading {
+pub(crate) enum Reading {
     /// Stored as they come.
     Whole,
     /// A relation file sent whole, stored block by block (incremental backups).
     Blocks(BlockFilter),
     /// PostgreSQL 17+'s `INCREMENTAL.<name>`: only changed blocks were sent.
     Incremental(IncrementalFile),
+    /// Only these blocks are sent, in order (PostgreSQL 13–16's SQL path,
+    /// which reads the blocks the WAL map names).
+    Chosen { ranges: Vec<[u32; 2]> },
     /// An incremental backup's backup_label from PostgreSQL 17+, stored
     /// without the lines that would stop the server starting from it.
     Label,
 }
 
-struct Receiver<'a> {
+pub(crate) struct Receiver<'a> {
     repo: Repository,
     id: String,
     /// The previous backup's files, for reusing unchanged chunks.
-    previous: HashMap<(&'a str, &'a str), &'a BackupFile>,
+    pub(crate) previous: HashMap<(&'a str, &'a str), &'a BackupFile>,
     /// The start of the backup this one is incremental on.
     base_start: Option<Lsn>,
     /// Relation blocks received, and those stored (incremental backups).
     relation_blocks: (u64, u64),
     /// The server sends incremental files (`BASE_BACKUP … INCREMENTAL`).
     native: bool,
-    archive: String,
+    pub(crate) archive: String,
     tar: TarReader,
     open: Option<OpenFile>,
     files: Vec<BackupFile>,
@@ -88,40 +101,18 @@ impl Receiver<'_> {
                         EntryKind::Directory => (FileKind::Directory, None),
                         EntryKind::Symlink { target } => (FileKind::Symlink, Some(target)),
                     };
-                    self.bytes += header.size;
-                    let (path, reading) = self.reading(header.path, header.size, &kind)?;
-                    self.open = Some(OpenFile {
-                        file: BackupFile {
-                            archive: self.archive.clone(),
-                            path,
-                            kind,
-                            size: header.size,
-                            mode: header.mode,
-                            mtime_unix: header.mtime_unix,
-                            link_target,
-                            chunks: Vec::new(),
-                            blocks: None,
-                        },
-                        buffer: Vec::new(),
-                        chunk_index: 0,
-                        by_block: matches!(reading, Reading::Blocks(_) | Reading::Incremental(_)),
-                        reading,
-                    });
-                }
-                TarEvent::Data(bytes) => {
-                    let full = {
-                        let open = self.open.as_mut().context("tar data outside a file")?;
-                        match &mut open.reading {
-                            Reading::Blocks(filter) => filter.feed(&bytes, &mut open.buffer),
-                            Reading::Incremental(reader) => reader.feed(&bytes, &mut open.buffer)?,
-                            Reading::Whole | Reading::Label => open.buffer.extend_from_slice(&bytes),
-                        }
-                        open.buffer.len() >= CHUNK_SIZE && !matches!(open.reading, Reading::Label)
+                    let entry = Entry {
+                        path: header.path,
+                        kind,
+                        size: header.size,
+                        mode: header.mode,
+                        mtime_unix: header.mtime_unix,
+                        link_target,
                     };
-                    if full {
-                        self.flush_chunk().await?;
-                    }
+                    let reading = self.reading(&entry)?;
+                    self.begin_entry(entry, reading);
                 }
+                TarEvent::Data(bytes) => self.entry_data(&bytes).await?,
                 TarEvent::EndOfEntry => self.end_of_entry().await?,
                 TarEvent::End => {}
             }
@@ -129,8 +120,47 @@ impl Receiver<'_> {
         Ok(())
     }
 
+    /// A file (or directory, or link) of the current archive begins.
+    pub(crate) fn begin_entry(&mut self, entry: Entry, (path, reading): (String, Reading)) {
+        self.bytes += entry.size;
+        self.open = Some(OpenFile {
+            file: BackupFile {
+                archive: self.archive.clone(),
+                path,
+                kind: entry.kind,
+                size: entry.size,
+                mode: entry.mode,
+                mtime_unix: entry.mtime_unix,
+                link_target: entry.link_target,
+                chunks: Vec::new(),
+                blocks: None,
+            },
+            buffer: Vec::new(),
+            chunk_index: 0,
+            by_block: matches!(reading, Reading::Blocks(_) | Reading::Incremental(_) | Reading::Chosen { .. }),
+            reading,
+        });
+    }
+
+    /// Bytes of the open file, as its reading takes them.
+    pub(crate) async fn entry_data(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let full = {
+            let open = self.open.as_mut().context("file data outside a file")?;
+            match &mut open.reading {
+                Reading::Blocks(filter) => filter.feed(bytes, &mut open.buffer),
+                Reading::Incremental(reader) => reader.feed(bytes, &mut open.buffer)?,
+                Reading::Whole | Reading::Label | Reading::Chosen { .. } => open.buffer.extend_from_slice(bytes),
+            }
+            open.buffer.len() >= CHUNK_SIZE && !matches!(open.reading, Reading::Label)
+        };
+        if full {
+            self.flush_chunk().await?;
+        }
+        Ok(())
+    }
+
     /// Finishes the open file: its last chunk, its block ranges and length.
-    async fn end_of_entry(&mut self) -> anyhow::Result<()> {
+    pub(crate) async fn end_of_entry(&mut self) -> anyhow::Result<()> {
         let open = self.open.as_mut().context("end of an entry that never began")?;
         let mut ranges = None;
         match std::mem::replace(&mut open.reading, Reading::Whole) {
@@ -148,6 +178,9 @@ impl Receiver<'_> {
                 open.file.size = blocks * BLOCK_SIZE;
                 ranges = Some((stored, blocks));
             }
+            Reading::Chosen { ranges: stored } => {
+                ranges = Some((stored, open.file.size / BLOCK_SIZE));
+            }
         }
         if !open.buffer.is_empty() {
             self.flush_chunk().await?;
@@ -163,7 +196,8 @@ impl Receiver<'_> {
     }
 
     /// How to read a file that begins: its path in the backup and its reader.
-    fn reading(&self, path: String, size: u64, kind: &FileKind) -> anyhow::Result<(String, Reading)> {
+    fn reading(&self, entry: &Entry) -> anyhow::Result<(String, Reading)> {
+        let (path, size, kind) = (entry.path.clone(), entry.size, &entry.kind);
         if !self.native || *kind != FileKind::File {
             return Ok((path.clone(), self.block_filter(&path, size, kind).map_or(Reading::Whole, Reading::Blocks)));
         }
@@ -186,7 +220,7 @@ impl Receiver<'_> {
 
     /// A filter when the file is a relation file the base backup has whole
     /// blocks of: an incremental backup stores only its changed blocks.
-    fn block_filter(&self, path: &str, size: u64, kind: &FileKind) -> Option<BlockFilter> {
+    pub(crate) fn block_filter(&self, path: &str, size: u64, kind: &FileKind) -> Option<BlockFilter> {
         let base_start = self.base_start?;
         if *kind != FileKind::File || !size.is_multiple_of(BLOCK_SIZE) || !is_block_file(&self.archive, path) {
             return None;
@@ -404,6 +438,33 @@ pub async fn backup(settings: &Settings, label: Option<String>, full: bool) -> a
         bytes: 0,
         stored_bytes: 0,
     };
+    if let (Some(base), Some(client)) = (&base, sql_session(settings, facts.server_version_num).await) {
+        conn.close().await;
+        let mut receiver = new_receiver(false);
+        let major = facts.server_version_num / 10000;
+        let taken = crate::sql_backup::backup(
+            &client,
+            &repo,
+            &mut receiver,
+            base,
+            &label,
+            settings.backup_fast_checkpoint,
+            major,
+        )
+        .await?;
+        if taken.by_map {
+            info!(read_bytes = taken.read_bytes, "read only the blocks the WAL map shows changed, over SQL");
+        }
+        let facts = Finished {
+            id,
+            label,
+            start_time,
+            system_identifier: identity.system_identifier,
+            facts,
+            read_bytes: taken.read_bytes,
+        };
+        return finish(&repo, receiver, taken.results, taken.pg_manifest, Some(base), facts).await;
+    }
     let command = base_backup_command(&label, legacy, settings.backup_fast_checkpoint, native);
     conn.send_query(&command).await?;
     let mut stream = BackupStream::new(new_receiver(native), legacy);
@@ -425,13 +486,16 @@ pub async fn backup(settings: &Settings, label: Option<String>, full: bool) -> a
     }
     conn.close().await;
     let BackupStream { receiver, results, pg_manifest, .. } = stream;
-    let facts = Finished { id, label, start_time, system_identifier: identity.system_identifier, facts };
+    let read_bytes = receiver.bytes;
+    let facts = Finished { id, label, start_time, system_identifier: identity.system_identifier, facts, read_bytes };
     finish(&repo, receiver, results, pg_manifest, base.as_ref(), facts).await
 }
 
 /// What the backup knew before the stream began.
 struct Finished {
     id: String,
+    /// Bytes of files read from the server.
+    read_bytes: u64,
     label: String,
     start_time: String,
     system_identifier: String,
@@ -482,6 +546,7 @@ async fn finish(
         pg_manifest_key: pg_manifest_key(&id),
         bytes: receiver.bytes,
         stored_bytes: receiver.stored_bytes + info.stored_len,
+        read_bytes: Some(known.read_bytes),
         base: base.map(|b| b.id.clone()),
     };
     // Written last: only now does the backup exist.
@@ -493,6 +558,22 @@ async fn finish(
         format!("backup {id} ({}, {kind}), WAL {} to {}", manifest.label, manifest.start_lsn, manifest.end_lsn);
     tidemark_repo::events::record(repo, "backup", summary, serde_json::to_value(manifest.summary())?).await;
     Ok(manifest)
+}
+
+/// On PostgreSQL 13–16 with `read_changed_blocks` on, an SQL session whose
+/// role may take a low-level backup (`sql_backup.rs`); `None` (and why,
+/// logged) when the backup goes over BASE_BACKUP.
+async fn sql_session(settings: &Settings, server_version_num: u32) -> Option<tokio_postgres::Client> {
+    if !(130000..170000).contains(&server_version_num) || !settings.read_changed_blocks {
+        return None;
+    }
+    match crate::sql_backup::session(settings, server_version_num / 10000).await {
+        Ok(client) => Some(client),
+        Err(reason) => {
+            info!("reading every file over BASE_BACKUP (and storing only the changed blocks): {reason}");
+            None
+        }
+    }
 }
 
 /// Chunks compressed and stored at once.

@@ -43,6 +43,11 @@ struct Args {
     /// every backup is full).
     #[arg(long, global = true, env = "TIDEMARK_MAX_INCREMENTAL_CHAIN")]
     max_incremental_chain: Option<u32>,
+    /// On PostgreSQL 13–16, whether an incremental backup reads only the
+    /// changed blocks over an SQL session (default true; needs EXECUTE on
+    /// the low-level backup functions) or every file over BASE_BACKUP.
+    #[arg(long, global = true, env = "TIDEMARK_READ_CHANGED_BLOCKS")]
+    read_changed_blocks: Option<bool>,
     /// Key file of an encrypted repository: 64 hex digits (`keygen`) or a
     /// passphrase. Repeat it (or separate paths with `:` in the variable)
     /// to give old keys after a rotation; the current key must be among them.
@@ -484,6 +489,7 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         backup_interval_secs: args.backup_interval,
         backup_checkpoint: args.backup_checkpoint.clone(),
         max_incremental_chain: args.max_incremental_chain,
+        read_changed_blocks: args.read_changed_blocks,
         key_files: args.key_files.clone(),
         spool_limit_mb: args.spool_limit_mb,
         no_delete: args.no_delete,

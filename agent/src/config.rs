@@ -25,6 +25,8 @@ pub struct FileConfig {
     pub backup_checkpoint: Option<String>,
     /// Most incremental backups in a row before the next is full (default 7; 0: always full).
     pub max_incremental_chain: Option<u32>,
+    /// PostgreSQL 13–16: incremental backups read only changed blocks over SQL (default true).
+    pub read_changed_blocks: Option<bool>,
     /// Key files of an encrypted repository (the current key and any older ones).
     pub key_files: Option<Vec<PathBuf>>,
     /// Most WAL (MiB) the spool holds waiting for the repository; 0 = no limit.
@@ -172,6 +174,7 @@ pub struct CliConfig {
     pub backup_interval_secs: Option<u64>,
     pub backup_checkpoint: Option<String>,
     pub max_incremental_chain: Option<u32>,
+    pub read_changed_blocks: Option<bool>,
     pub key_files: Vec<PathBuf>,
     pub spool_limit_mb: Option<u64>,
     pub no_delete: bool,
@@ -197,6 +200,9 @@ pub struct Settings {
     pub backup_fast_checkpoint: bool,
     /// Most incremental backups in a row on one full backup (0: every backup is full).
     pub max_incremental_chain: u32,
+    /// PostgreSQL 13–16: an incremental backup reads only the blocks the
+    /// WAL map names, over SQL (`sql_backup.rs`), instead of every file.
+    pub read_changed_blocks: bool,
     /// Key files of an encrypted repository; empty for a plain one.
     pub key_files: Vec<PathBuf>,
     /// Most complete-segment bytes the spool holds waiting for the
@@ -238,7 +244,7 @@ pub fn load_file(path: Option<&Path>) -> Result<FileConfig, Fail> {
         Ok(text) => toml::from_str(&text).map_err(|e| {
             Fail::new(
                 format!("config file {} is invalid: {}", path.display(), e.message()),
-                "fix the file; known keys are repo, pg_url, state_dir, slot, application_name, partial_upload_interval_secs, status_interval_secs, backup_interval_secs, backup_checkpoint, max_incremental_chain, key_files, spool_limit_mb, no_delete, lease_secs, listen, a [retention] table (recovery_window, keep_daily, keep_weekly, keep_monthly, min_backups, audit_window, orphan_grace) and a [drill] table (interval, target, check_sql, check_database, check_cmd, scratch_dir, pg_bin, timeout)",
+                "fix the file; known keys are repo, pg_url, state_dir, slot, application_name, partial_upload_interval_secs, status_interval_secs, backup_interval_secs, backup_checkpoint, max_incremental_chain, read_changed_blocks, key_files, spool_limit_mb, no_delete, lease_secs, listen, a [retention] table (recovery_window, keep_daily, keep_weekly, keep_monthly, min_backups, audit_window, orphan_grace) and a [drill] table (interval, target, check_sql, check_database, check_cmd, scratch_dir, pg_bin, timeout)",
             )
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(FileConfig::default()),
@@ -324,6 +330,7 @@ pub fn resolve(file: FileConfig, cli: CliConfig, env: &BTreeMap<String, String>)
             .max_incremental_chain
             .or(file.max_incremental_chain)
             .unwrap_or(DEFAULT_MAX_INCREMENTAL_CHAIN),
+        read_changed_blocks: cli.read_changed_blocks.or(file.read_changed_blocks).unwrap_or(true),
         key_files: if cli.key_files.is_empty() { file.key_files.unwrap_or_default() } else { cli.key_files },
         spool_limit: match cli.spool_limit_mb.or(file.spool_limit_mb).unwrap_or(0) {
             0 => None,

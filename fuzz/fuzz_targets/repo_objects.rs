@@ -3,7 +3,9 @@
 //! frame, and the JSON documents (repository.json, backup manifests,
 //! summaries), and the planner that puts a file back together from a chain
 //! of incremental backups, over layers built from the bytes; and the reader
-//! of the INCREMENTAL.* files PostgreSQL 17+ sends. The first byte picks
+//! of the INCREMENTAL.* files PostgreSQL 17+ sends, and the WAL block map
+//! a summary carries (the blocks an incremental backup asks the server
+//! for). The first byte picks
 //! the reader.
 #![no_main]
 
@@ -11,6 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use tidemark_proto::repo::seal::{self, Key};
 use tidemark_proto::repo::backup::{BackupFile, ChunkRef, FileKind};
 use tidemark_proto::incremental_file;
+use tidemark_proto::wal::blockmap;
 use tidemark_proto::repo::{backup, chain, frame, layout};
 
 /// Layers of one file from bytes: per layer a size in blocks, up to three
@@ -79,6 +82,7 @@ fuzz_target!(|data: &[u8]| {
             }
             let _ = chain::page_changed(rest, tidemark_proto::Lsn(7));
             let _ = chain::is_block_file("base", &String::from_utf8_lossy(rest));
+            let _ = chain::block_file_of("16390", &String::from_utf8_lossy(rest));
         }
         4 => {
             // PostgreSQL 17+'s INCREMENTAL.* files as BASE_BACKUP sends them:
@@ -108,7 +112,26 @@ fuzz_target!(|data: &[u8]| {
         _ => {
             let _ = layout::RepositoryMeta::from_json(rest);
             let _ = backup::BackupManifest::from_json(rest);
-            let _ = tidemark_proto::wal::summary::SegmentSummary::from_json(rest);
+            // A summary's block map, as an incremental backup reads it: the
+            // ranges asked of the server stay inside the file, in order.
+            if let Ok(summary) = tidemark_proto::wal::summary::SegmentSummary::from_json(rest) {
+                let mut since = blockmap::ChangedSince::default();
+                let Some(map) = &summary.blocks else { return };
+                since.add(map);
+                for file in &map.files {
+                    let rel = tidemark_proto::wal::RelFileLocator { tablespace: file.spc, database: file.db, relfilenode: file.rel };
+                    for (first, blocks, base) in [(0, 131_072, 100), (131_072, 7, 9), (u32::MAX - 3, 3, 0)] {
+                        if let blockmap::Reads::Blocks(ranges) = since.reads(rel, first, blocks, base) {
+                            let mut next = 0u64;
+                            for [start, count] in ranges {
+                                assert!(u64::from(start) >= next && count > 0);
+                                next = u64::from(start) + u64::from(count);
+                            }
+                            assert!(next <= u64::from(blocks));
+                        }
+                    }
+                }
+            }
         }
     }
 });

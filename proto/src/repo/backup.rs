@@ -51,6 +51,11 @@ pub struct BackupManifest {
     pub bytes: u64,
     /// Bytes this backup added to the repository (chunks it did not reuse).
     pub stored_bytes: u64,
+    /// Bytes of files the server sent for it: the data directory's size for
+    /// a full backup, less for an incremental one that read only changed
+    /// blocks (`None` in backups taken before Tidemark counted them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_bytes: Option<u64>,
     /// The backup this one is incremental on; `None` for a full backup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<String>,
@@ -67,6 +72,9 @@ pub struct BackupSummary {
     pub end_time: String,
     pub id: String,
     pub label: String,
+    /// Bytes of files the server sent (see [`BackupManifest::read_bytes`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_bytes: Option<u64>,
     pub start_lsn: Lsn,
     pub start_time: String,
     pub stored_bytes: u64,
@@ -156,6 +164,7 @@ impl BackupManifest {
             start_lsn: self.start_lsn,
             start_time: self.start_time.clone(),
             stored_bytes: self.stored_bytes,
+            read_bytes: self.read_bytes,
             timeline: self.timeline,
         }
     }
@@ -226,6 +235,7 @@ mod tests {
             pg_manifest_key: pg_manifest_key("20261125T020000Z"),
             bytes: 3,
             stored_bytes: 40,
+            read_bytes: None,
             base: None,
         }
     }

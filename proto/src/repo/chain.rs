@@ -12,6 +12,7 @@
 //! so both (and init forks) are stored whole.
 
 use crate::repo::backup::{BackupFile, BackupManifest, ChunkRef};
+use crate::wal::RelFileLocator;
 use crate::Lsn;
 use std::collections::{BTreeMap, HashMap};
 
@@ -36,6 +37,34 @@ pub fn is_block_file(archive: &str, path: &str) -> bool {
         [version, db, name] if archive != "base" => version.starts_with("PG_") && db_ok(db) && name_ok(name),
         _ => false,
     }
+}
+
+/// The default tablespace's OID (`base/`) and the shared one's (`global/`).
+pub const DEFAULT_TABLESPACE: u32 = 1663;
+pub const GLOBAL_TABLESPACE: u32 = 1664;
+/// Blocks in one segment file of a relation (RELSEG_SIZE: 1 GB of 8 kB blocks).
+pub const SEGMENT_BLOCKS: u32 = 131_072;
+
+/// The relation file and first block of a main-fork segment file (see
+/// [`is_block_file`]); `None` for any other file. `archive` is `base` or a
+/// tablespace's OID.
+pub fn block_file_of(archive: &str, path: &str) -> Option<(RelFileLocator, u32)> {
+    if !is_block_file(archive, path) {
+        return None;
+    }
+    let parts: Vec<&str> = path.split('/').collect();
+    let (tablespace, database, name) = match parts.as_slice() {
+        ["base", db, name] => (DEFAULT_TABLESPACE, db.parse().ok()?, *name),
+        ["global", name] => (GLOBAL_TABLESPACE, 0, *name),
+        [_, db, name] => (archive.parse().ok()?, db.parse().ok()?, *name),
+        _ => return None,
+    };
+    let (relfilenode, segment) = match name.split_once('.') {
+        Some((rel, segment)) => (rel.parse().ok()?, segment.parse::<u32>().ok()?),
+        None => (name.parse().ok()?, 0),
+    };
+    let first_block = segment.checked_mul(SEGMENT_BLOCKS)?;
+    Some((RelFileLocator { tablespace, database, relfilenode }, first_block))
 }
 
 /// Whether a page read now must be stored in a backup based on one that
@@ -315,7 +344,13 @@ mod tests {
             ("base", "PG_15_202209061/5/16400"),
         ] {
             assert!(!is_block_file(archive, path), "{archive} {path}");
+            assert_eq!(block_file_of(archive, path), None);
         }
+        let rel = |tablespace, database, relfilenode| RelFileLocator { tablespace, database, relfilenode };
+        assert_eq!(block_file_of("base", "base/5/16384.2"), Some((rel(1663, 5, 16384), 2 * SEGMENT_BLOCKS)));
+        assert_eq!(block_file_of("base", "global/1262"), Some((rel(1664, 0, 1262), 0)));
+        assert_eq!(block_file_of("16390", "PG_15_202209061/5/16400"), Some((rel(16390, 5, 16400), 0)));
+        assert_eq!(block_file_of("base", "base/5/16384.99999"), None);
     }
 
     #[test]
@@ -447,6 +482,7 @@ mod chain_tests {
             pg_manifest_key: String::new(),
             bytes: 0,
             stored_bytes: 0,
+            read_bytes: None,
             base: base.map(str::to_string),
         }
     }

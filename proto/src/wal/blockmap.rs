@@ -135,7 +135,6 @@ fn ranges_of(blocks: impl Iterator<Item = u32>) -> Vec<[u32; 2]> {
     for block in blocks {
         match ranges.last_mut() {
             Some([first, count]) if u64::from(*first) + u64::from(*count) == u64::from(block) => *count += 1,
-            Some([first, count]) if u64::from(*first) + u64::from(*count) > u64::from(block) => {}
             _ => ranges.push([block, 1]),
         }
     }
@@ -143,9 +142,11 @@ fn ranges_of(blocks: impl Iterator<Item = u32>) -> Vec<[u32; 2]> {
 }
 
 /// What changed over a stretch of WAL: the union of its segments' maps.
+/// Ranges are kept as ranges (a map read from the repository may name a
+/// whole relation in one), and merged per file when asked.
 #[derive(Default, Debug)]
 pub struct ChangedSince {
-    files: FxHashMap<(u32, u32, u32), (Option<u32>, Vec<u32>)>,
+    files: FxHashMap<(u32, u32, u32), (Option<u32>, Vec<[u32; 2]>)>,
     databases: FxHashSet<u32>,
 }
 
@@ -166,9 +167,7 @@ impl ChangedSince {
             if let Some(from) = file.from {
                 entry.0 = Some(entry.0.map_or(from, |old| old.min(from)));
             }
-            for &[first, count] in &file.ranges {
-                entry.1.extend((0..count).map_while(|n| first.checked_add(n)));
-            }
+            entry.1.extend(file.ranges.iter().filter(|[_, count]| *count > 0));
         }
         self.databases.extend(map.databases.iter().copied());
     }
@@ -176,31 +175,53 @@ impl ChangedSince {
     /// Which blocks of one segment file of a relation's main fork to read:
     /// the file holds relation blocks `first_block..first_block + blocks`,
     /// of which the base has the first `base_blocks` (of the file).
-    pub fn reads(&mut self, rel: RelFileLocator, first_block: u32, blocks: u32, base_blocks: u32) -> Reads {
+    pub fn reads(&self, rel: RelFileLocator, first_block: u32, blocks: u32, base_blocks: u32) -> Reads {
         if self.databases.contains(&rel.database) {
             return Reads::Whole;
         }
-        let end = first_block.saturating_add(blocks);
-        let mut wanted: Vec<u32> = Vec::new();
-        if let Some((from, changed)) = self.files.get_mut(&(rel.tablespace, rel.database, rel.relfilenode)) {
-            if from.is_some_and(|from| from <= first_block) {
+        let (start, end) = (u64::from(first_block), u64::from(first_block) + u64::from(blocks));
+        // Half-open spans of file-relative blocks.
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        if let Some((from, changed)) = self.files.get(&(rel.tablespace, rel.database, rel.relfilenode)) {
+            if from.is_some_and(|from| u64::from(from) <= start) {
                 return Reads::Whole;
             }
-            changed.sort_unstable();
-            changed.dedup();
-            let start = changed.partition_point(|b| *b < first_block);
-            let stop = changed.partition_point(|b| *b < end);
-            wanted.extend(changed.get(start..stop).unwrap_or_default().iter().map(|b| b - first_block));
+            for &[first, count] in changed {
+                let (a, b) = (u64::from(first).max(start), (u64::from(first) + u64::from(count)).min(end));
+                if a < b {
+                    spans.push((a - start, b - start));
+                }
+            }
             if let Some(from) = *from {
-                wanted.extend(from.saturating_sub(first_block)..blocks);
+                spans.push((u64::from(from).max(start) - start, u64::from(blocks)));
             }
         }
         // Blocks past the base's length of the file are new to the chain.
-        wanted.extend(base_blocks.min(blocks)..blocks);
-        wanted.sort_unstable();
-        wanted.dedup();
-        Reads::Blocks(ranges_of(wanted.into_iter()))
+        spans.push((u64::from(base_blocks.min(blocks)), u64::from(blocks)));
+        spans.retain(|(a, b)| a < b);
+        spans.sort_unstable();
+        let mut ranges: Vec<[u32; 2]> = Vec::new();
+        let mut current: Option<(u64, u64)> = None;
+        for (a, b) in spans {
+            current = match current {
+                Some((ca, cb)) if a <= cb => Some((ca, cb.max(b))),
+                Some((ca, cb)) => {
+                    ranges.push(range(ca, cb));
+                    Some((a, b))
+                }
+                None => Some((a, b)),
+            };
+        }
+        if let Some((a, b)) = current {
+            ranges.push(range(a, b));
+        }
+        Reads::Blocks(ranges)
     }
+}
+
+/// `[first, count]` of a span within one file (both below 2^32: spans are clipped to the file).
+fn range(a: u64, b: u64) -> [u32; 2] {
+    [u32::try_from(a).unwrap_or(u32::MAX), u32::try_from(b - a).unwrap_or(u32::MAX)]
 }
 
 #[cfg(test)]
@@ -298,5 +319,16 @@ mod tests {
         let other = RelFileLocator { relfilenode: 1, ..REL };
         assert_eq!(since.reads(other, 0, 8, 8), Reads::Blocks(vec![]));
         assert_eq!(since.reads(other, 0, 8, 6), Reads::Blocks(vec![[6, 2]]));
+    }
+
+    #[test]
+    fn ranges_from_the_repository_are_clipped_to_the_file_never_expanded() {
+        // A map naming every block of a relation, and overlapping ranges.
+        let everything =
+            FileBlocks { spc: 1663, db: 5, rel: 16384, from: None, ranges: vec![[0, u32::MAX], [5, 3], [u32::MAX, 1]] };
+        let mut since = ChangedSince::default();
+        since.add(&ChangedBlocks { files: vec![everything], databases: vec![] });
+        assert_eq!(since.reads(REL, 131_072, 10, 10), Reads::Blocks(vec![[0, 10]]));
+        assert_eq!(since.reads(REL, u32::MAX - 4, 4, 4), Reads::Blocks(vec![[0, 4]]));
     }
 }

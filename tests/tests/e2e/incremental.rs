@@ -164,6 +164,122 @@ fn postgresql_17_increments_that_read_only_changed_blocks_restore_exactly_under_
     check_backup_manifest(&pgdata);
 }
 
+/// Bytes an incremental backup since `since` must read at least: the main-fork
+/// pages of the database's relations whose LSN is at or after it (pageinspect),
+/// and every other file of the data directory, which any method reads whole.
+fn changed_bytes(cluster: &Cluster, since: &str) -> u64 {
+    let pages: u64 = cluster
+        .psql(&format!(
+            "SELECT coalesce(sum((SELECT count(*) FROM generate_series(0, pg_relation_size(c.oid) / 8192 - 1) AS b \
+             WHERE (page_header(get_raw_page(c.oid::regclass::text, 'main', b::int))).lsn >= '{since}'::pg_lsn)), 0) \
+             FROM pg_class c WHERE c.relpersistence = 'p' AND c.relkind IN ('r', 'i', 't', 'm', 'S') \
+             AND pg_relation_size(c.oid) > 0"
+        ))
+        .parse()
+        .expect("a page count");
+    let mut whole = 0;
+    let mut stack = vec![cluster.data.clone()];
+    let skipped = [
+        "pg_wal",
+        "pg_replslot",
+        "pg_stat_tmp",
+        "pg_subtrans",
+        "pg_dynshmem",
+        "pg_notify",
+        "pg_serial",
+        "pg_snapshots",
+    ];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read the data directory") {
+            let entry = entry.expect("entry");
+            let path = entry.path();
+            let relative = path.strip_prefix(&cluster.data).expect("inside").to_string_lossy().to_string();
+            let meta = entry.metadata().expect("metadata");
+            if meta.is_dir() && !skipped.contains(&relative.as_str()) {
+                stack.push(path);
+            } else if meta.is_file()
+                && !tidemark_proto::repo::chain::is_block_file("base", &relative)
+                && !relative.starts_with("postmaster.")
+            {
+                whole += meta.len();
+            }
+        }
+    }
+    pages * 8192 + whole
+}
+
+/// An increment's bytes read from the server, and its log.
+fn backup_logged(agent: &AgentSetup) -> (serde_json::Value, String) {
+    let output = agent.run_command(&["backup", "--json"]);
+    assert!(output.status.success(), "backup failed: {}", stderr(&output));
+    (serde_json::from_slice(&output.stdout).expect("backup JSON"), stderr(&output))
+}
+
+fn read_bytes(backup: &serde_json::Value) -> u64 {
+    backup["read_bytes"].as_u64().expect("read_bytes")
+}
+
+#[test]
+fn postgresql_15_increments_read_only_the_blocks_the_wal_map_names_and_restore_exactly() {
+    let (cluster, agent, running) = pgbench_ledger_and_agent();
+    cluster.psql("CREATE EXTENSION pageinspect");
+    let (mut chain, mut targets) = increments_under_load(&cluster, &agent, 2, &["-R", "100"]);
+    let full_read = read_bytes(&chain[0]);
+    for increment in &chain[1..] {
+        assert!(read_bytes(increment) * 3 < full_read, "read {} of {full_read}", read_bytes(increment));
+    }
+
+    // A quiet change (pgbench's invariant kept): what the increment reads
+    // against what changed.
+    cluster.psql("UPDATE pgbench_accounts SET filler = 'quiet' WHERE aid % 5000 = 0");
+    let before = chain.last().expect("a backup")["start_lsn"].as_str().expect("start").to_string();
+    let (quiet, log) = backup_logged(&agent);
+    assert!(log.contains("read only the blocks the WAL map shows changed"), "{log}");
+    let changed = changed_bytes(&cluster, &before);
+    eprintln!("read {} bytes for {changed} changed bytes (full backup: {full_read})", read_bytes(&quiet));
+    assert!(read_bytes(&quiet) <= 2 * changed, "read {} for {changed} changed bytes", read_bytes(&quiet));
+    chain.push(quiet);
+    targets.push(commit_rows(&cluster, 21, 30, 0.0).last().expect("an LSN").clone());
+
+    // A summary gone from the middle of the WAL since the last backup (as
+    // if the agent had not been streaming then): the map is incomplete, so
+    // the relation files are read whole (and stored by page LSN).
+    let size = SEGMENT_SIZE;
+    let start: tidemark_proto::Lsn =
+        chain.last().expect("a backup")["start_lsn"].as_str().expect("lsn").parse().expect("lsn");
+    cluster.psql("UPDATE pgbench_accounts SET filler = 'gap' WHERE aid % 70 = 0");
+    cluster.switch_wal();
+    cluster.psql("UPDATE pgbench_accounts SET filler = 'gap' WHERE aid % 90 = 0");
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    let gone = tidemark_proto::segment::SegmentId {
+        timeline: tidemark_proto::TimelineId(1),
+        segment_no: start.segment_no(size) + 1,
+    };
+    let summary = agent.repo.join(tidemark_proto::repo::layout::summary_key(gone, size));
+    wait_until("the segment to be summarized", Duration::from_secs(60), || summary.exists().then_some(()));
+    std::fs::remove_file(&summary).expect("remove a summary");
+    let (whole, log) = backup_logged(&agent);
+    assert!(log.contains("reading every relation file whole"), "{log}");
+    assert!(read_bytes(&whole) * 2 > full_read, "read {} of {full_read}", read_bytes(&whole));
+    chain.push(whole);
+    targets.push(commit_rows(&cluster, 31, 40, 0.0).last().expect("an LSN").clone());
+
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    assert!(running.stop(), "agent did not stop cleanly");
+    let (_scratch, restorer) = restorer_for(&agent);
+    restore_each(&restorer, &cluster, (&chain, &targets), &[2, 3, 4], &[]);
+    let (_dir, pgdata) = Restorer::target_dir();
+    let newest = chain[4]["id"].as_str().expect("id");
+    let output = restorer.run(&["fetch-backup", "--backup", newest, "--pgdata", pgdata.to_str().expect("utf-8")]);
+    assert!(output.status.success(), "fetch-backup: {}", stderr(&output));
+    check_backup_manifest(&pgdata);
+    let verify =
+        Command::new(pg_bin().join("pg_verifybackup")).arg("-n").arg(&pgdata).output().expect("run pg_verifybackup");
+    assert!(verify.status.success(), "pg_verifybackup: {}{}", stderr(&verify), String::from_utf8_lossy(&verify.stdout));
+}
+
 #[test]
 fn chains_of_one_three_and_seven_increments_restore_exactly_under_load() {
     let (cluster, agent, running) = pgbench_ledger_and_agent();
@@ -220,7 +336,9 @@ fn chains_of_one_three_and_seven_increments_restore_exactly_under_load() {
 fn small_changes_store_small_increments_and_a_hole_in_the_wal_gives_a_full_backup() {
     let cluster = Cluster::start(ClusterOptions::default());
     cluster.pgbench_init(10);
-    let agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
+    let mut agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
+    // Over BASE_BACKUP: every file read, the changed pages found by their LSNs.
+    agent.env.push(("TIDEMARK_READ_CHANGED_BLOCKS".into(), "false".into()));
     agent.init();
     let running = agent.spawn();
     let full = backup(&agent, &[]);
