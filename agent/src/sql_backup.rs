@@ -8,8 +8,8 @@
 //! the base's start to this one's (`wal::blockmap`, kept in the summaries),
 //! then each file listed with `pg_ls_dir`/`pg_stat_file` and read with
 //! `pg_read_binary_file(path, offset, length)`: a relation's main fork only
-//! at the blocks the map names (plus blocks past the base's length), every
-//! other file whole; `pg_backup_stop` last, whose label and tablespace map
+//! at the blocks the map names (plus blocks past the base's length) unless
+//! they are more than half of it, every other file whole; `pg_backup_stop` last, whose label and tablespace map
 //! become files of the backup. The same files are left out as BASE_BACKUP
 //! leaves out (basebackup.c), and a `backup_manifest` in the server's format
 //! is written for the restore to complete (it sets the checksum of every
@@ -369,6 +369,12 @@ impl Walk<'_, '_, '_> {
             }
             _ => Reads::Whole,
         };
+        // Most blocks changed: one sequential read of the file is cheaper
+        // than many scattered ones (the page LSNs then pick the changed ones).
+        let reads = match reads {
+            Reads::Blocks(ranges) if chosen_blocks(&ranges) * BLOCK_SIZE * 2 > size => Reads::Whole,
+            other => other,
+        };
         match reads {
             Reads::Blocks(ranges) => {
                 self.begin(path, FileKind::File, size, listed.mtime_unix, Reading::Chosen { ranges: ranges.clone() });
@@ -472,6 +478,10 @@ impl Walk<'_, '_, '_> {
             oid => format!("pg_tblspc/{oid}/{path}"),
         }
     }
+}
+
+fn chosen_blocks(ranges: &[[u32; 2]]) -> u64 {
+    ranges.iter().map(|[_, count]| u64::from(*count)).sum()
 }
 
 /// `(offset, length)` pieces of at most READ_PIECE bytes covering `length` bytes from `offset`.

@@ -1,5 +1,7 @@
 //! What a backup after a change costs, in one run on the same database
-//! states: Tidemark's block-level incremental (`backup`), its file-level
+//! states: Tidemark's block-level incremental (`backup`; on 13–16 both
+//! ways of reading: only the changed blocks over SQL, the default, and every
+//! file over BASE_BACKUP, into a copy of the repository), its file-level
 //! backup (chunk reuse only: `--max-incremental-chain 0`, into a copy of
 //! the repository made after the full backup), and pgBackRest's full and
 //! incremental (file-level; block incremental needs pgBackRest 2.46+ with
@@ -55,9 +57,9 @@ fn tidemark(agent: &AgentSetup, args: &[&str]) -> Figures {
         }
     }
     let number = |field: &str| report[field].as_u64().expect("a byte count");
-    // What BASE_BACKUP sent: every file, or (17+ with summarize_wal) only
-    // the changed blocks of relation segments.
-    Figures { seconds, read: number("bytes"), stored: number("stored_bytes") }
+    // What the server sent: every file over BASE_BACKUP, or only the changed
+    // blocks of relation segments (13–16 over SQL, 17+ with summarize_wal).
+    Figures { seconds, read: number("read_bytes"), stored: number("stored_bytes") }
 }
 
 fn pgbackrest(cluster: &Cluster, stanza: &PgBackRest, kind: &str) -> Figures {
@@ -76,7 +78,7 @@ fn pgbackrest(cluster: &Cluster, stanza: &PgBackRest, kind: &str) -> Figures {
 
 fn print(label: &str, figures: &Figures, full_stored: u64) {
     println!(
-        "  {label:<40} {:7.2} s  read {:8.1} MB  stored {:8.2} MB  ({:6.2} % of the full backup's)",
+        "  {label:<46} {:7.2} s  read {:8.1} MB  stored {:8.2} MB  ({:6.2} % of the full backup's)",
         figures.seconds,
         figures.read as f64 / 1e6,
         figures.stored as f64 / 1e6,
@@ -135,6 +137,17 @@ fn main() {
     for entry in ["repository.json", "backups"] {
         copy_dir(&block.repo.join(entry), &file.repo.join(entry));
     }
+    // 13–16: block-level increments that read every file over BASE_BACKUP
+    // (the changed pages found by their LSNs), into another copy.
+    let mut whole = AgentSetup::new(&work.join("whole"), cluster.url("postgres"));
+    whole.env.push(("TIDEMARK_READ_CHANGED_BLOCKS".into(), "false".into()));
+    if !pg17 {
+        std::fs::create_dir_all(&whole.repo).expect("mkdir");
+        std::fs::create_dir_all(&whole.state_dir).expect("mkdir");
+        for entry in ["repository.json", "backups"] {
+            copy_dir(&block.repo.join(entry), &whole.repo.join(entry));
+        }
+    }
     let pgbr_full = stanza.as_ref().map(|stanza| pgbackrest(&cluster, stanza, "full"));
     if let Some(figures) = &pgbr_full {
         print("pgbackrest full", figures, full.stored);
@@ -168,7 +181,11 @@ fn main() {
     for (label, change) in &scenarios {
         change();
         println!("{label}");
-        print("tidemark block-level incremental", &tidemark(&block, &[]), full.stored);
+        let path = if pg17 { "block-level incremental" } else { "block-level, changed blocks over SQL" };
+        print(&format!("tidemark {path}"), &tidemark(&block, &[]), full.stored);
+        if !pg17 {
+            print("tidemark block-level over BASE_BACKUP", &tidemark(&whole, &[]), full.stored);
+        }
         print("tidemark file-level (chunk reuse)", &tidemark(&file, &["--max-incremental-chain", "0"]), full.stored);
         if let (Some(stanza), Some(pgbr_full)) = (&stanza, &pgbr_full) {
             print("pgbackrest incr (file-level)", &pgbackrest(&cluster, stanza, "incr"), pgbr_full.stored);
@@ -211,7 +228,7 @@ fn delta_against_fresh(cluster: &Cluster, agent: &AgentSetup, work: &Path) {
     let copy = scratch.join("copy");
     let seconds = restore(agent, &exe, &copy, &[]);
     println!("restore --delta onto a copy a minute of pgbench -c 4 behind");
-    println!("  {:<40} {seconds:7.2} s", "the copy (a fresh restore)");
+    println!("  {:<46} {seconds:7.2} s", "the copy (a fresh restore)");
     let streaming = agent.spawn();
     let mut pgbench = cluster.pgbench_spawn(&["-n", "-T", "60", "-c", "4", "-j", "2"]);
     assert!(pgbench.wait().expect("wait pgbench").success());
@@ -220,6 +237,6 @@ fn delta_against_fresh(cluster: &Cluster, agent: &AgentSetup, work: &Path) {
     cluster.psql("CHECKPOINT");
     let delta = restore(agent, &exe, &copy, &["--delta"]);
     let fresh = restore(agent, &exe, &scratch.join("fresh"), &[]);
-    println!("  {:<40} {delta:7.2} s", "restore --delta onto the copy");
-    println!("  {:<40} {fresh:7.2} s  (delta / fresh {:.2})", "fresh restore of the same target", delta / fresh);
+    println!("  {:<46} {delta:7.2} s", "restore --delta onto the copy");
+    println!("  {:<46} {fresh:7.2} s  (delta / fresh {:.2})", "fresh restore of the same target", delta / fresh);
 }

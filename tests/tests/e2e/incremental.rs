@@ -221,7 +221,23 @@ fn read_bytes(backup: &serde_json::Value) -> u64 {
 
 #[test]
 fn postgresql_15_increments_read_only_the_blocks_the_wal_map_names_and_restore_exactly() {
-    let (cluster, agent, running) = pgbench_ledger_and_agent();
+    // As the README sets it up: a replication role with the grants of the
+    // low-level backup functions, not a superuser.
+    let cluster = Cluster::start(ClusterOptions {
+        hba: vec!["host all tidemark 127.0.0.1/32 trust".into(), "host replication tidemark 127.0.0.1/32 trust".into()],
+        ..Default::default()
+    });
+    cluster.pgbench_init(5);
+    cluster.psql("CREATE TABLE ledger (id serial PRIMARY KEY, note text NOT NULL)");
+    cluster.psql(
+        "CREATE ROLE tidemark LOGIN REPLICATION; \
+         GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean), pg_backup_stop(boolean), pg_switch_wal(), \
+         pg_ls_dir(text, boolean, boolean), pg_stat_file(text, boolean), \
+         pg_read_binary_file(text, bigint, bigint, boolean) TO tidemark",
+    );
+    let agent = AgentSetup::new(cluster.dir.path(), cluster.url("tidemark"));
+    agent.init();
+    let running = agent.spawn();
     cluster.psql("CREATE EXTENSION pageinspect");
     let (mut chain, mut targets) = increments_under_load(&cluster, &agent, 2, &["-R", "100"]);
     let full_read = read_bytes(&chain[0]);
