@@ -8,6 +8,8 @@
 //! incremental backup stores only the changed blocks of relation files
 //! (`incremental.rs`).
 
+mod sql;
+
 use crate::config::Settings;
 use crate::incremental::BlockFilter;
 use crate::pg::{session, Connection, QueryEvent};
@@ -399,16 +401,7 @@ pub async fn backup(settings: &Settings, label: Option<String>, full: bool) -> a
         identity.timeline,
     )
     .await?;
-    // Backups in the same second get -2, -3, …: an id is never reused (a
-    // reused one would overwrite a backup, and could name itself its base).
-    let second = crate::clock::backup_id(time::OffsetDateTime::now_utc());
-    let mut id = second.clone();
-    for n in 2.. {
-        if !repo.exists(&manifest_key(&id)).await? {
-            break;
-        }
-        id = format!("{second}-{n}");
-    }
+    let id = new_backup_id(&repo).await?;
     let label = label.unwrap_or_else(|| format!("tidemark {id}"));
     let start_time = crate::clock::now_rfc3339();
     info!(%id, %label, "starting base backup");
@@ -440,30 +433,10 @@ pub async fn backup(settings: &Settings, label: Option<String>, full: bool) -> a
     };
     if let (Some(base), Some(client)) = (&base, sql_session(settings, facts.server_version_num).await) {
         conn.close().await;
-        let mut receiver = new_receiver(false);
-        let major = facts.server_version_num / 10000;
-        let taken = crate::sql_backup::backup(
-            &client,
-            &repo,
-            &mut receiver,
-            base,
-            &label,
-            settings.backup_fast_checkpoint,
-            major,
-        )
-        .await?;
-        if taken.by_map {
-            info!(read_bytes = taken.read_bytes, "read only the blocks the WAL map shows changed, over SQL");
-        }
-        let facts = Finished {
-            id,
-            label,
-            start_time,
-            system_identifier: identity.system_identifier,
-            facts,
-            read_bytes: taken.read_bytes,
-        };
-        return finish(&repo, receiver, taken.results, taken.pg_manifest, Some(base), facts).await;
+        let receiver = new_receiver(false);
+        let known =
+            Finished { id, label, start_time, system_identifier: identity.system_identifier, facts, read_bytes: 0 };
+        return over_sql(&client, &repo, receiver, base, known, settings.backup_fast_checkpoint).await;
     }
     let command = base_backup_command(&label, legacy, settings.backup_fast_checkpoint, native);
     conn.send_query(&command).await?;
@@ -560,14 +533,47 @@ async fn finish(
     Ok(manifest)
 }
 
+/// A new backup's id: its start second, then -2, -3, … for backups in the
+/// same second (a reused id would overwrite a backup, and could name itself
+/// its base).
+async fn new_backup_id(repo: &Repository) -> anyhow::Result<String> {
+    let second = crate::clock::backup_id(time::OffsetDateTime::now_utc());
+    let mut id = second.clone();
+    for n in 2.. {
+        if !repo.exists(&manifest_key(&id)).await? {
+            break;
+        }
+        id = format!("{second}-{n}");
+    }
+    Ok(id)
+}
+
+/// An incremental backup of PostgreSQL 13–16 over SQL (`backup/sql.rs`).
+async fn over_sql(
+    client: &tokio_postgres::Client,
+    repo: &Repository,
+    mut receiver: Receiver<'_>,
+    base: &BackupManifest,
+    mut known: Finished,
+    fast: bool,
+) -> anyhow::Result<BackupManifest> {
+    let major = known.facts.server_version_num / 10000;
+    let taken = sql::backup(client, repo, &mut receiver, base, &known.label, fast, major).await?;
+    if taken.by_map {
+        info!(read_bytes = taken.read_bytes, "read only the blocks the WAL map shows changed, over SQL");
+    }
+    known.read_bytes = taken.read_bytes;
+    finish(repo, receiver, taken.results, taken.pg_manifest, Some(base), known).await
+}
+
 /// On PostgreSQL 13–16 with `read_changed_blocks` on, an SQL session whose
-/// role may take a low-level backup (`sql_backup.rs`); `None` (and why,
+/// role may take a low-level backup (`backup/sql.rs`); `None` (and why,
 /// logged) when the backup goes over BASE_BACKUP.
 async fn sql_session(settings: &Settings, server_version_num: u32) -> Option<tokio_postgres::Client> {
     if !(130000..170000).contains(&server_version_num) || !settings.read_changed_blocks {
         return None;
     }
-    match crate::sql_backup::session(settings, server_version_num / 10000).await {
+    match sql::session(settings, server_version_num / 10000).await {
         Ok(client) => Some(client),
         Err(reason) => {
             info!("reading every file over BASE_BACKUP (and storing only the changed blocks): {reason}");

@@ -201,7 +201,7 @@ pub struct Settings {
     /// Most incremental backups in a row on one full backup (0: every backup is full).
     pub max_incremental_chain: u32,
     /// PostgreSQL 13–16: an incremental backup reads only the blocks the
-    /// WAL map names, over SQL (`sql_backup.rs`), instead of every file.
+    /// WAL map names, over SQL (`backup/sql.rs`), instead of every file.
     pub read_changed_blocks: bool,
     /// Key files of an encrypted repository; empty for a plain one.
     pub key_files: Vec<PathBuf>,

@@ -45,7 +45,6 @@ pub mod priority;
 pub mod relnames;
 pub mod service;
 pub mod spool;
-pub mod sql_backup;
 pub mod status;
 pub mod stream;
 pub mod summarizer;

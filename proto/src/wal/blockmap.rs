@@ -141,12 +141,15 @@ fn ranges_of(blocks: impl Iterator<Item = u32>) -> Vec<[u32; 2]> {
     ranges
 }
 
+/// Per relation file: the block from which all count as changed, and ranges.
+type FileChanges = (Option<u32>, Vec<[u32; 2]>);
+
 /// What changed over a stretch of WAL: the union of its segments' maps.
 /// Ranges are kept as ranges (a map read from the repository may name a
 /// whole relation in one), and merged per file when asked.
 #[derive(Default, Debug)]
 pub struct ChangedSince {
-    files: FxHashMap<(u32, u32, u32), (Option<u32>, Vec<[u32; 2]>)>,
+    files: FxHashMap<(u32, u32, u32), FileChanges>,
     databases: FxHashSet<u32>,
 }
 

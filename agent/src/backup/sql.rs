@@ -19,7 +19,7 @@
 //! could not take apart) every relation file is read whole and stored by
 //! page LSN, as over BASE_BACKUP: never a missing block.
 
-use crate::backup::{Entry, Reading, Receiver};
+use super::{Entry, Reading, Receiver};
 use anyhow::Context;
 use std::time::Duration;
 use tidemark_proto::base_backup::{BackupResults, TablespaceRow};
@@ -361,7 +361,9 @@ impl Walk<'_, '_, '_> {
         let base_file = self.receiver.previous.get(&(archive.as_str(), path)).copied();
         let reads = match (block_file_of(&archive, path), base_file, self.map) {
             (Some((rel, first_block)), Some(old), Some(map))
-                if old.kind == FileKind::File && old.size % BLOCK_SIZE == 0 && size % BLOCK_SIZE == 0 =>
+                if old.kind == FileKind::File
+                    && old.size.is_multiple_of(BLOCK_SIZE)
+                    && size.is_multiple_of(BLOCK_SIZE) =>
             {
                 let blocks = u32::try_from(size / BLOCK_SIZE).context("a relation file of more than 2^32 blocks")?;
                 let base_blocks = u32::try_from(old.size / BLOCK_SIZE).unwrap_or(u32::MAX);
