@@ -8,7 +8,7 @@
 //! incremental backup stores only the changed blocks of relation files
 //! (`incremental.rs`).
 
-mod sql;
+pub(crate) mod sql;
 
 use crate::config::Settings;
 use crate::incremental::BlockFilter;
@@ -87,7 +87,7 @@ pub(crate) struct Receiver<'a> {
     next_chunk: u64,
     uploads: JoinSet<anyhow::Result<u64>>,
     slots: Arc<Semaphore>,
-    bytes: u64,
+    pub(crate) bytes: u64,
     /// Bytes put in the repository by finished chunk uploads.
     stored_bytes: u64,
 }
@@ -431,7 +431,7 @@ pub async fn backup(settings: &Settings, label: Option<String>, full: bool) -> a
         bytes: 0,
         stored_bytes: 0,
     };
-    if let (Some(base), Some(client)) = (&base, sql_session(settings, facts.server_version_num).await) {
+    if let (Some(base), Some(client)) = (&base, sql_session(settings, &repo, facts.server_version_num).await) {
         conn.close().await;
         let receiver = new_receiver(false);
         let known =
@@ -569,8 +569,18 @@ async fn over_sql(
 /// On PostgreSQL 13–16 with `read_changed_blocks` on, an SQL session whose
 /// role may take a low-level backup (`backup/sql.rs`); `None` (and why,
 /// logged) when the backup goes over BASE_BACKUP.
-async fn sql_session(settings: &Settings, server_version_num: u32) -> Option<tokio_postgres::Client> {
+async fn sql_session(
+    settings: &Settings,
+    repo: &Repository,
+    server_version_num: u32,
+) -> Option<tokio_postgres::Client> {
     if !(130000..170000).contains(&server_version_num) || !settings.read_changed_blocks {
+        return None;
+    }
+    // The WAL map is the streaming agent's: without one it cannot be complete.
+    let key = tidemark_proto::repo::records::AGENT_LEASE_KEY;
+    if !tidemark_repo::lease::is_held(repo, key).await.unwrap_or(false) {
+        info!("reading every file over BASE_BACKUP (and storing only the changed blocks): no tidemark-agent run is streaming into the repository, so the WAL map of the changed blocks is not kept");
         return None;
     }
     match sql::session(settings, server_version_num / 10000).await {

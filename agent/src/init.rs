@@ -103,12 +103,22 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
             meta
         }
     };
+    let mut advice = crate::preflight::advice(&facts);
+    if (130000..170000).contains(&facts.server_version_num) && settings.read_changed_blocks {
+        // Without these grants incremental backups still work, reading every file.
+        if let Err(reason) = crate::backup::sql::session(settings, facts.server_version_num / 10000).await {
+            advice.push(format!(
+                "incremental backups will read every file from the server: {reason}; grant it (see the README) \
+                 so that they read only the changed blocks, or set read_changed_blocks = false"
+            ));
+        }
+    }
     Ok(InitReport {
         system_identifier: identity.system_identifier,
         timeline: identity.timeline.0,
         slot_created,
         repository_created: existing.is_none(),
         stream_start: meta.stream_start_lsn.to_string(),
-        advice: crate::preflight::advice(&facts),
+        advice,
     })
 }

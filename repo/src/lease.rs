@@ -68,6 +68,14 @@ pub fn held_by(existing: &LeaseRecord, what: &str) -> Fail {
     )
 }
 
+/// Whether a live process holds the lease at `key` (an agent streaming,
+/// for the agent lease): it exists, has not expired, and its holder is not
+/// a process of this host that is gone.
+pub async fn is_held(repo: &Repository, key: &str) -> Result<bool, RepoError> {
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    Ok(read(repo, key).await?.is_some_and(|existing| !can_take_over(&existing, now)))
+}
+
 impl Lease {
     /// Takes the lease, or says who holds it (`Err(Some(record))`).
     pub async fn try_acquire(

@@ -121,7 +121,9 @@ pub(crate) async fn backup(
     let mode = client.query_one("SHOW data_directory_mode", &[]).await?.get::<_, String>(0);
     let group = mode.trim_start_matches('0').starts_with("75");
     let version_dir = version_directory(client, major).await?;
-    let mut walk = Walk { client, receiver, map: map.as_ref(), group, read_bytes: 0, manifest: Vec::new() };
+    // The base's size is the estimate: most files are the same size.
+    let progress = tidemark_repo::progress::Progress::bytes("backup", base.bytes);
+    let mut walk = Walk { client, receiver, map: map.as_ref(), group, read_bytes: 0, manifest: Vec::new(), progress };
     for tablespace in &tablespaces {
         let oid = tablespace.oid.context("a tablespace without an OID")?;
         walk.receiver.archive = oid.to_string();
@@ -145,6 +147,8 @@ pub(crate) async fn backup(
     if let Some(map_file) = map_file.filter(|m| !m.is_empty()) {
         walk.small_file("tablespace_map", map_file.as_bytes(), now).await?;
     }
+    walk.progress.set(walk.receiver.bytes);
+    walk.progress.finish();
     let by_map = walk.map.is_some();
     let (read_bytes, files) = (walk.read_bytes, walk.manifest);
     let mut rows = tablespaces;
@@ -243,6 +247,8 @@ struct Walk<'a, 'r, 'b> {
     group: bool,
     read_bytes: u64,
     manifest: Vec<ManifestFile>,
+    /// A bar on a terminal, a log line every few seconds otherwise.
+    progress: tidemark_repo::progress::Progress,
 }
 
 /// One listed name of a directory.
@@ -455,6 +461,7 @@ impl Walk<'_, '_, '_> {
             }
             self.receiver.entry_data(&bytes).await?;
         }
+        self.progress.set(self.receiver.bytes);
         Ok(())
     }
 

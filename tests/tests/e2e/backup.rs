@@ -129,6 +129,8 @@ fn second_backup_stores_only_what_changed() {
     assert!(output.status.success(), "backup failed: {}", stderr(&output));
     // Not a terminal: progress goes to the log, at least the final line.
     assert!(stderr(&output).contains("backup: ") && stderr(&output).contains("(done in"), "{}", stderr(&output));
+    // No agent streams here, so there is no WAL map: every file is read over BASE_BACKUP.
+    assert!(stderr(&output).contains("no tidemark-agent run is streaming"), "{}", stderr(&output));
     let second: serde_json::Value = serde_json::from_slice(&output.stdout).expect("backup JSON");
     let first_stored = first["stored_bytes"].as_u64().expect("stored");
     let second_stored = second["stored_bytes"].as_u64().expect("stored");

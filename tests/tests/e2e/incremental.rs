@@ -229,14 +229,22 @@ fn postgresql_15_increments_read_only_the_blocks_the_wal_map_names_and_restore_e
     });
     cluster.pgbench_init(5);
     cluster.psql("CREATE TABLE ledger (id serial PRIMARY KEY, note text NOT NULL)");
+    cluster.psql("CREATE ROLE tidemark LOGIN REPLICATION");
+    let agent = AgentSetup::new(cluster.dir.path(), cluster.url("tidemark"));
+    // Without the grants, init says what incremental backups would cost.
+    let output = agent.run_command(&["init", "--json"]);
+    assert!(output.status.success(), "init: {}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("init JSON");
+    assert!(report["advice"].to_string().contains("may not execute pg_backup_start(text, boolean)"), "{report}");
     cluster.psql(
-        "CREATE ROLE tidemark LOGIN REPLICATION; \
-         GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean), pg_backup_stop(boolean), pg_switch_wal(), \
+        "GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean), pg_backup_stop(boolean), pg_switch_wal(), \
          pg_ls_dir(text, boolean, boolean), pg_stat_file(text, boolean), \
          pg_read_binary_file(text, bigint, bigint, boolean) TO tidemark",
     );
-    let agent = AgentSetup::new(cluster.dir.path(), cluster.url("tidemark"));
-    agent.init();
+    let output = agent.run_command(&["init", "--json"]);
+    assert!(output.status.success(), "init: {}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("init JSON");
+    assert_eq!(report["advice"], serde_json::json!([]), "{report}");
     let running = agent.spawn();
     cluster.psql("CREATE EXTENSION pageinspect");
     let (mut chain, mut targets) = increments_under_load(&cluster, &agent, 2, &["-R", "100"]);
