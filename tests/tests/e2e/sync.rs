@@ -38,7 +38,7 @@ fn commits_wait_for_the_agents_fsync() {
         assert!(row.ends_with("|t"), "a commit returned before the agent flushed it: {row}");
     }
     // The agent's own record agrees: its flushed position covers the last
-    // commit (the index's progress is written at most once a second).
+    // commit (the index's progress is written every 10 s at most).
     let last_before: tidemark_proto::Lsn = rows[99].split('|').next().expect("lsn").parse().expect("lsn");
     wait_until("status shows the last commit flushed", Duration::from_secs(60), || {
         let status = agent.status();
