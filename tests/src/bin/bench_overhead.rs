@@ -1,7 +1,8 @@
 //! What an archiver costs the database it sits beside, in one run: the same
 //! pgbench load (`-c 4 -j 2`) with no archiver, with pg_receivewal, with
 //! the agent, and with each as the synchronous standby; then a quiet
-//! database (one commit a second). For each: TPS against no archiver, the
+//! database (one commit a second), the agent's CPU beside pg_receivewal
+//! --synchronous's (which also fsyncs each commit). For each: TPS against no archiver, the
 //! archiver's CPU (user and system, from /proc), its peak and final RSS,
 //! the durable lag (server WAL end minus the archiver's reported flush,
 //! sampled from pg_stat_replication: median and max) and the catch-up time
@@ -244,24 +245,27 @@ fn wait_until_idle(pid: u32) {
     });
 }
 
-/// CPU seconds the agent uses per hour on a database with one commit a second.
-fn quiet_cpu_per_hour(cluster: &Cluster, agent: &AgentSetup, seconds: u64) -> f64 {
-    cluster.psql("ALTER SYSTEM SET synchronous_standby_names = ''");
+/// CPU seconds `archiver` uses per hour on a database with one commit a second.
+fn quiet_cpu_per_hour(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup, seconds: u64) -> f64 {
+    let synchronous =
+        matches!(archiver, Archiver::Receivewal { synchronous: true } | Archiver::Agent { synchronous: true });
+    let names = if synchronous { "'receivewal'" } else { "''" };
+    cluster.psql(&format!("ALTER SYSTEM SET synchronous_standby_names = {names}"));
     cluster.psql("SELECT pg_reload_conf()");
-    let running = agent.spawn();
+    let (pid, stop) = start(cluster, archiver, agent).expect("an archiver");
     // Past startup: the slot's backlog (the run before) archived, uploaded
-    // and summarized, which shows as the agent going idle.
-    wait_for_catch_up(cluster, &Archiver::Agent { synchronous: false });
-    wait_until_idle(running.pid());
-    let (user0, system0, _, _) = usage(running.pid());
+    // and summarized, which shows as the archiver going idle.
+    wait_for_catch_up(cluster, archiver);
+    wait_until_idle(pid);
+    let (user0, system0, _, _) = usage(pid);
     let began = Instant::now();
     while began.elapsed() < Duration::from_secs(seconds) {
         cluster.psql("INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 1, now())");
         std::thread::sleep(Duration::from_secs(1));
     }
-    let (user1, system1, _, _) = usage(running.pid());
+    let (user1, system1, _, _) = usage(pid);
     let elapsed = began.elapsed().as_secs_f64();
-    running.stop();
+    stop();
     (user1 + system1 - user0 - system0) * 3600.0 / elapsed
 }
 
@@ -329,6 +333,11 @@ fn main() {
         before = after;
     }
     let quiet_seconds: u64 = std::env::args().nth(3).and_then(|s| s.parse().ok()).unwrap_or(240);
-    let quiet = quiet_cpu_per_hour(&cluster, &agent, quiet_seconds);
-    println!("quiet database (one commit a second): tidemark-agent uses {quiet:.1} CPU s per hour");
+    let quiet = quiet_cpu_per_hour(&cluster, &Archiver::Agent { synchronous: false }, &agent, quiet_seconds);
+    let peer = quiet_cpu_per_hour(&cluster, &Archiver::Receivewal { synchronous: true }, &agent, quiet_seconds);
+    println!(
+        "quiet database (one commit a second): tidemark-agent uses {quiet:.1} CPU s per hour, \
+         pg_receivewal --synchronous {peer:.1} (ratio {:.1})",
+        quiet / peer.max(1e-9)
+    );
 }
