@@ -20,7 +20,7 @@ use tidemark_proto::base_backup::{self, BackupMessage, BackupResults, Row};
 use tidemark_proto::incremental_file::{self, combined_backup_label, IncrementalFile};
 use tidemark_proto::repo::backup::{
     chunk_key, manifest_key, pg_manifest_key, BackupFile, BackupManifest, ChunkRef, FileKind, CHUNK_SIZE,
-    FORMAT_VERSION, INCREMENTAL_FORMAT_VERSION,
+    FORMAT_VERSION, INCREMENTAL_FORMAT_VERSION, XOR_FORMAT_VERSION,
 };
 use tidemark_proto::repo::chain::{is_block_file, BLOCK_SIZE};
 use tidemark_proto::repo::frame::{self, Compression};
@@ -41,6 +41,21 @@ struct OpenFile {
     reading: Reading,
     /// Its chunks hold changed blocks: never the same place of the same file.
     by_block: bool,
+    /// Pages put in chunks so far (by block only).
+    pages_flushed: u64,
+    /// The stored ranges once the reading has finished (by block only).
+    final_ranges: Option<Vec<[u32; 2]>>,
+}
+
+/// A stored chunk's checksums, known only once its pages were XORed with
+/// the whole copy (on the upload task): file index, chunk index, CRC-32,
+/// CRC-32C and the pages' CRC-32C.
+type ChunkSums = (usize, usize, u32, u32, u32);
+
+/// What one upload task did.
+struct Uploaded {
+    stored_len: u64,
+    sums: Option<ChunkSums>,
 }
 
 /// A file, directory or link of the backup as it begins.
@@ -74,6 +89,11 @@ pub(crate) struct Receiver<'a> {
     id: String,
     /// The previous backup's files, for reusing unchanged chunks.
     pub(crate) previous: HashMap<(&'a str, &'a str), &'a BackupFile>,
+    /// For each file of the base, the copy of its chain that holds it
+    /// whole: changed pages are stored XORed with its pages.
+    wholes: Arc<HashMap<(String, String), BackupFile>>,
+    /// Checksums of XORed chunks, set into `files` at the end.
+    sums: Vec<ChunkSums>,
     /// The start of the backup this one is incremental on.
     base_start: Option<Lsn>,
     /// Relation blocks received, and those stored (incremental backups).
@@ -85,7 +105,7 @@ pub(crate) struct Receiver<'a> {
     open: Option<OpenFile>,
     files: Vec<BackupFile>,
     next_chunk: u64,
-    uploads: JoinSet<anyhow::Result<u64>>,
+    uploads: JoinSet<anyhow::Result<Uploaded>>,
     slots: Arc<Semaphore>,
     pub(crate) bytes: u64,
     /// Bytes put in the repository by finished chunk uploads.
@@ -125,6 +145,8 @@ impl Receiver<'_> {
     /// A file (or directory, or link) of the current archive begins.
     pub(crate) fn begin_entry(&mut self, entry: Entry, (path, reading): (String, Reading)) {
         self.bytes += entry.size;
+        let by_block = matches!(reading, Reading::Blocks(_) | Reading::Incremental(_) | Reading::Chosen { .. });
+        let pages_xor = by_block && self.wholes.contains_key(&(self.archive.clone(), path.clone()));
         self.open = Some(OpenFile {
             file: BackupFile {
                 archive: self.archive.clone(),
@@ -136,10 +158,13 @@ impl Receiver<'_> {
                 link_target: entry.link_target,
                 chunks: Vec::new(),
                 blocks: None,
+                pages_xor,
             },
             buffer: Vec::new(),
             chunk_index: 0,
-            by_block: matches!(reading, Reading::Blocks(_) | Reading::Incremental(_) | Reading::Chosen { .. }),
+            by_block,
+            pages_flushed: 0,
+            final_ranges: None,
             reading,
         });
     }
@@ -184,6 +209,7 @@ impl Receiver<'_> {
                 ranges = Some((stored, open.file.size / BLOCK_SIZE));
             }
         }
+        open.final_ranges = ranges.as_ref().map(|(stored, _)| stored.clone());
         if !open.buffer.is_empty() {
             self.flush_chunk().await?;
         }
@@ -236,6 +262,9 @@ impl Receiver<'_> {
     async fn flush_chunk(&mut self) -> anyhow::Result<()> {
         let open = self.open.as_mut().context("no open file")?;
         let raw = std::mem::take(&mut open.buffer);
+        if open.file.pages_xor {
+            return self.flush_xored(raw).await;
+        }
         let crc32 = crc32fast::hash(&raw);
         let crc32c = crc32c::crc32c(&raw);
         let index = open.chunk_index;
@@ -253,21 +282,104 @@ impl Receiver<'_> {
         }
         let key = chunk_key(&self.id, self.next_chunk);
         self.next_chunk += 1;
-        open.file.chunks.push(ChunkRef { key: key.clone(), raw_len: raw.len() as u64, crc32, crc32c });
-        let permit = self.slots.clone().acquire_owned().await.context("upload slots closed")?;
+        open.file.chunks.push(ChunkRef {
+            key: key.clone(),
+            raw_len: raw.len() as u64,
+            crc32,
+            crc32c,
+            pages_crc32c: None,
+        });
         let repo = self.repo.clone();
-        self.uploads.spawn(async move {
-            let _permit = permit;
+        self.upload(async move {
             let (object, info) =
                 tokio::task::spawn_blocking(move || frame::encode(&raw, Compression::Zstd { level: 1 }))
                     .await
                     .context("join compression task")??;
             repo.put(&key, object).await?;
-            Ok(info.stored_len)
+            Ok(Uploaded { stored_len: info.stored_len, sums: None })
+        })
+        .await
+    }
+
+    /// Stores a chunk of changed pages XORed with the same pages of the
+    /// chain's whole copy of the file: where a page changed a little, the
+    /// XOR is mostly zeros. Reading the whole copy's pages from the
+    /// repository runs on the upload task, so the checksums (of the XORed
+    /// bytes) are set at the end.
+    async fn flush_xored(&mut self, raw: Vec<u8>) -> anyhow::Result<()> {
+        let open = self.open.as_mut().context("no open file")?;
+        let pages = raw.len() as u64 / BLOCK_SIZE;
+        let ranges: &[[u32; 2]] = match (&open.reading, &open.final_ranges) {
+            (Reading::Blocks(filter), _) => filter.ranges(),
+            (Reading::Incremental(reader), _) => reader.ranges(),
+            (Reading::Chosen { ranges }, _) | (_, Some(ranges)) => ranges,
+            _ => anyhow::bail!("{}: changed pages without their ranges", open.file.path),
+        };
+        let blocks = tidemark_proto::repo::chain::blocks_at(ranges, open.pages_flushed, pages)
+            .filter(|_| raw.len() as u64 == pages * BLOCK_SIZE)
+            .with_context(|| format!("{}: changed pages that are not those of its ranges", open.file.path))?;
+        open.pages_flushed += pages;
+        let place = (self.files.len(), open.file.chunks.len());
+        let whole = (open.file.archive.clone(), open.file.path.clone());
+        let key = chunk_key(&self.id, self.next_chunk);
+        self.next_chunk += 1;
+        // The checksums are those of the XORed bytes, known on the task.
+        open.file.chunks.push(ChunkRef {
+            key: key.clone(),
+            raw_len: raw.len() as u64,
+            crc32: 0,
+            crc32c: 0,
+            pages_crc32c: Some(0),
+        });
+        let (repo, wholes) = (self.repo.clone(), self.wholes.clone());
+        self.upload(async move {
+            let whole = wholes.get(&whole).context("the whole copy of a file stored as XORed pages")?;
+            let base = tidemark_repo::pages::whole_pages(&repo, whole, &blocks).await?;
+            let (object, info, sums) = tokio::task::spawn_blocking(move || {
+                let mut raw = raw;
+                let pages_crc32c = crc32c::crc32c(&raw);
+                tidemark_proto::repo::chain::xor_pages(&mut raw, &base);
+                let sums = (place.0, place.1, crc32fast::hash(&raw), crc32c::crc32c(&raw), pages_crc32c);
+                frame::encode(&raw, Compression::Zstd { level: 1 }).map(|(object, info)| (object, info, sums))
+            })
+            .await
+            .context("join compression task")??;
+            repo.put(&key, object).await?;
+            Ok(Uploaded { stored_len: info.stored_len, sums: Some(sums) })
+        })
+        .await
+    }
+
+    /// Runs an upload on its own task once a slot is free.
+    async fn upload(
+        &mut self,
+        task: impl std::future::Future<Output = anyhow::Result<Uploaded>> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let permit = self.slots.clone().acquire_owned().await.context("upload slots closed")?;
+        self.uploads.spawn(async move {
+            let _permit = permit;
+            task.await
         });
         // Surface a failed upload early rather than at the end.
         while let Some(done) = self.uploads.try_join_next() {
-            self.stored_bytes += done.context("join upload task")??;
+            self.uploaded(done.context("join upload task")??);
+        }
+        Ok(())
+    }
+
+    fn uploaded(&mut self, done: Uploaded) {
+        self.stored_bytes += done.stored_len;
+        self.sums.extend(done.sums);
+    }
+
+    /// Waits for every upload, then sets the checksums of XORed chunks.
+    async fn all_uploaded(&mut self) -> anyhow::Result<()> {
+        while let Some(done) = self.uploads.join_next().await {
+            self.uploaded(done.context("join upload task")??);
+        }
+        for (file, chunk, crc32, crc32c, pages_crc32c) in std::mem::take(&mut self.sums) {
+            let chunk = self.files.get_mut(file).and_then(|f| f.chunks.get_mut(chunk)).context("a stored chunk")?;
+            (chunk.crc32, chunk.crc32c, chunk.pages_crc32c) = (crc32, crc32c, Some(pages_crc32c));
         }
         Ok(())
     }
@@ -414,10 +526,16 @@ pub async fn backup(settings: &Settings, label: Option<String>, full: bool) -> a
     };
     let previous: HashMap<_, _> =
         previous.iter().flat_map(|p| &p.files).map(|f| ((f.archive.as_str(), f.path.as_str()), f)).collect();
+    let wholes = Arc::new(match &base {
+        Some(base) => whole_copies(&repo, base).await?,
+        None => HashMap::new(),
+    });
     let new_receiver = |native: bool| Receiver {
         repo: repo.clone(),
         id: id.clone(),
         previous: previous.clone(),
+        wholes: wholes.clone(),
+        sums: Vec::new(),
         base_start: base.as_ref().map(|b| b.start_lsn),
         relation_blocks: (0, 0),
         native,
@@ -485,9 +603,7 @@ async fn finish(
     base: Option<&BackupManifest>,
     known: Finished,
 ) -> anyhow::Result<BackupManifest> {
-    while let Some(done) = receiver.uploads.join_next().await {
-        receiver.stored_bytes += done.context("join upload task")??;
-    }
+    receiver.all_uploaded().await?;
     let (start_lsn, timeline) = results.start.context("BASE_BACKUP sent no start position")?;
     let end_lsn = results.end.context("BASE_BACKUP sent no end position")?;
     anyhow::ensure!(!pg_manifest.is_empty(), "the server sent no backup_manifest");
@@ -504,7 +620,11 @@ async fn finish(
     let (object, info) = frame::encode(&pg_manifest, Compression::Zstd { level: 3 })?;
     repo.put(&pg_manifest_key(&id), object).await?;
     let manifest = BackupManifest {
-        format_version: if base.is_some() { INCREMENTAL_FORMAT_VERSION } else { FORMAT_VERSION },
+        format_version: match base {
+            None => FORMAT_VERSION,
+            Some(_) if receiver.files.iter().any(|f| f.pages_xor) => XOR_FORMAT_VERSION,
+            Some(_) => INCREMENTAL_FORMAT_VERSION,
+        },
         id: id.clone(),
         label: known.label,
         system_identifier: known.system_identifier,
@@ -531,6 +651,24 @@ async fn finish(
         format!("backup {id} ({}, {kind}), WAL {} to {}", manifest.label, manifest.start_lsn, manifest.end_lsn);
     tidemark_repo::events::record(repo, "backup", summary, serde_json::to_value(manifest.summary())?).await;
     Ok(manifest)
+}
+
+/// For each relation file of `base`, the copy in its chain that holds it
+/// whole (the full backup's, or the increment's that stored it new).
+async fn whole_copies(
+    repo: &Repository,
+    base: &BackupManifest,
+) -> anyhow::Result<HashMap<(String, String), BackupFile>> {
+    let chain = catalog::read_chain(repo, base).await?;
+    let links = tidemark_proto::repo::chain::Chain::new(&chain)
+        .map_err(|reason| Fail::new(reason, "take a full backup (--full)"))?;
+    let mut wholes = HashMap::new();
+    for file in base.files.iter().filter(|f| is_block_file(&f.archive, &f.path)) {
+        if let Some(whole) = links.layers(file).ok().and_then(|layers| layers.last().copied()) {
+            wholes.insert((file.archive.clone(), file.path.clone()), whole.clone());
+        }
+    }
+    Ok(wholes)
 }
 
 /// A new backup's id: its start second, then -2, -3, … for backups in the

@@ -69,6 +69,11 @@ impl BlockFilter {
         }
     }
 
+    /// The ranges of the pages stored so far.
+    pub fn ranges(&self) -> &[[u32; 2]] {
+        &self.ranges
+    }
+
     /// The stored ranges, and how many blocks the file had.
     pub fn finish(self) -> anyhow::Result<(Vec<[u32; 2]>, u64)> {
         anyhow::ensure!(self.carry.is_empty(), "a relation file ended inside a block");

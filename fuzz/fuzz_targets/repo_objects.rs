@@ -32,7 +32,7 @@ fn layers(mut bytes: &[u8]) -> Vec<BackupFile> {
         let chunks = (0..(shape >> 2) % 4)
             .filter_map(|_| {
                 let len = take()? * if shape & 0x80 != 0 { 8192 } else { 97 };
-                Some(ChunkRef { key: format!("c{}", out.len()), raw_len: len, crc32: 0, crc32c: 0 })
+                Some(ChunkRef { key: format!("c{}", out.len()), raw_len: len, crc32: 0, crc32c: 0, pages_crc32c: None })
             })
             .collect();
         let file = BackupFile {
@@ -44,6 +44,7 @@ fn layers(mut bytes: &[u8]) -> Vec<BackupFile> {
             mtime_unix: 0,
             link_target: None,
             chunks,
+            pages_xor: blocks.is_some() && shape & 0x20 != 0,
             blocks,
         };
         out.push(file);
@@ -77,8 +78,23 @@ fuzz_target!(|data: &[u8]| {
             let layers = layers(rest);
             let refs: Vec<&BackupFile> = layers.iter().collect();
             if let Ok(uses) = chain::plan_file(&refs) {
-                // Every extent lies inside its chunk.
+                // Every extent lies inside its chunk, and an XORed chunk
+                // names the block of each of its pages.
                 assert!(uses.iter().all(|u| u.extents.iter().all(|e| e.chunk_offset + e.len <= u.chunk.raw_len)));
+                for u in &uses {
+                    if let Some(blocks) = &u.xor_blocks {
+                        assert_eq!(blocks.len() as u64 * chain::BLOCK_SIZE, u.chunk.raw_len);
+                        assert!(blocks.windows(2).all(|w| w[0] < w[1]));
+                    }
+                }
+            }
+            for layer in &layers {
+                if let Some(ranges) = &layer.blocks {
+                    let first = u64::from(rest.first().copied().unwrap_or(0));
+                    if let Some(blocks) = chain::blocks_at(ranges, first, layer.size % 64) {
+                        assert_eq!(blocks.len() as u64, layer.size % 64);
+                    }
+                }
             }
             let _ = chain::page_changed(rest, tidemark_proto::Lsn(7));
             let _ = chain::is_block_file("base", &String::from_utf8_lossy(rest));

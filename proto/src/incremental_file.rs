@@ -220,6 +220,11 @@ impl IncrementalFile {
         Ok(())
     }
 
+    /// The ranges of the pages given out so far.
+    pub fn ranges(&self) -> &[[u32; 2]] {
+        &self.ranges
+    }
+
     /// The stored ranges and the reconstructed file's length in blocks,
     /// once every byte has been fed.
     pub fn finish(mut self, out: &mut Vec<u8>) -> Result<(Vec<[u32; 2]>, u64), IncrementalFileError> {

@@ -10,6 +10,7 @@
 //! Module map:
 //! - [`store`]: [`Repository`]: open, keys, list, get (frames and contents).
 //! - [`write`]: puts (sealed, multipart on remote stores, fsynced locally), deletes.
+//! - [`pages`]: backup chunks read back and checked; the whole copy's pages that undo an XOR.
 //! - [`catalog`]: backups, archived WAL ranges, timelines, the [`catalog::Window`].
 //! - [`remote`]: S3, GCS and Azure stores from their URLs and environment.
 //! - [`events`], [`drills`]: the operations log and restore drill records.
@@ -24,6 +25,7 @@ pub mod error;
 pub mod events;
 pub mod expire;
 pub mod lease;
+pub mod pages;
 pub mod progress;
 pub mod remote;
 pub mod retention;

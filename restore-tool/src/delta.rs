@@ -20,7 +20,7 @@
 //! - Everything the backup does not list is removed (old WAL in `pg_wal`,
 //!   files of dropped relations, `postmaster.pid` of a dead server).
 
-use crate::fetch::{crc32c_of, fetch_chunk, manifest_path, safe_join, sync_tree, write_pg_manifest};
+use crate::fetch::{crc32c_of, fetch_use, manifest_path, safe_join, sync_tree, write_pg_manifest};
 use crate::tablespaces::Placement;
 use anyhow::Context;
 use futures::StreamExt;
@@ -280,7 +280,7 @@ async fn sync_file(
                 }
             }
         }
-        let raw = Arc::new(fetch_chunk(repo, use_.chunk, &file.path).await?);
+        let raw = Arc::new(fetch_use(repo, chain, file, &use_).await?);
         for extent in use_.extents {
             let (out, raw) = (out.clone(), raw.clone());
             let (w, u) = tokio::task::spawn_blocking(move || write_differing(&out, &raw, &extent))

@@ -21,7 +21,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use tidemark_proto::repo::backup::{manifest_key, BackupFile, BackupManifest, ChunkRef, FileKind};
-use tidemark_proto::repo::chain::Chain;
+use tidemark_proto::repo::chain::{Chain, ChunkUse};
 use tidemark_repo::durable::{fsync_dir, parent_dir};
 use tidemark_repo::{RepoError, Repository};
 
@@ -409,14 +409,26 @@ pub(crate) fn manifest_path(file: &BackupFile) -> String {
 
 /// A chunk's raw bytes, checked against the manifest's length and CRC-32C.
 pub(crate) async fn fetch_chunk(repo: &Repository, chunk: &ChunkRef, path: &str) -> anyhow::Result<Vec<u8>> {
-    let raw = repo
-        .get(&chunk.key)
-        .await?
-        .ok_or_else(|| RepoError::Corrupt { key: chunk.key.clone(), reason: format!("missing (needed by {path})") })?;
-    if raw.len() as u64 != chunk.raw_len || crc32c::crc32c(&raw) != chunk.crc32c {
-        return Err(
-            RepoError::Corrupt { key: chunk.key.clone(), reason: "does not match the backup manifest".into() }.into()
-        );
+    Ok(tidemark_repo::pages::get_chunk(repo, chunk, path).await?)
+}
+
+/// A chunk a file put together from a chain needs: fetched, checked, and
+/// when its pages are XORed with the chain's whole copy of the file,
+/// undone (and checked again).
+pub(crate) async fn fetch_use(
+    repo: &Repository,
+    chain: &Chain<'_>,
+    file: &BackupFile,
+    use_: &ChunkUse<'_>,
+) -> anyhow::Result<Vec<u8>> {
+    let mut raw = fetch_chunk(repo, use_.chunk, &file.path).await?;
+    if let Some(blocks) = &use_.xor_blocks {
+        let layers = chain.layers(file).map_err(|reason| RepoError::Corrupt {
+            key: chain.newest().map(|b| manifest_key(&b.id)).unwrap_or_default(),
+            reason,
+        })?;
+        let whole = layers.last().context("a chain without a whole copy")?;
+        tidemark_repo::pages::unxor_chunk(repo, whole, use_.chunk, blocks, &mut raw).await?;
     }
     Ok(raw)
 }
@@ -433,7 +445,7 @@ async fn write_rebuilt(repo: &Repository, root: &Path, file: &BackupFile, chain:
     out.set_len(file.size).with_context(|| format!("size {}", path.display()))?;
     let out = std::sync::Arc::new(out);
     for use_ in uses {
-        let raw = fetch_chunk(repo, use_.chunk, &file.path).await?;
+        let raw = fetch_use(repo, chain, file, &use_).await?;
         let (out, extents) = (out.clone(), use_.extents);
         tokio::task::spawn_blocking(move || {
             for extent in extents {
@@ -507,6 +519,7 @@ mod database_tests {
             link_target: None,
             chunks: Vec::new(),
             blocks: None,
+            pages_xor: false,
         }
     }
 

@@ -238,18 +238,28 @@ async fn check_objects(
             bytes_left_out += file.size;
             continue;
         }
-        let chunks: Vec<_> = match file.blocks {
-            None => file.chunks.iter().collect(),
-            Some(_) => links
-                .plan(file)
-                .map_err(|reason| RepoError::Corrupt {
-                    key: tidemark_proto::repo::backup::manifest_key(&plan.backup.id),
-                    reason,
-                })?
-                .into_iter()
-                .map(|u| u.chunk)
-                .collect(),
+        let corrupt =
+            |reason| RepoError::Corrupt { key: tidemark_proto::repo::backup::manifest_key(&plan.backup.id), reason };
+        let (chunks, xor_bases): (Vec<_>, Vec<_>) = match file.blocks {
+            None => (file.chunks.iter().collect(), Vec::new()),
+            Some(_) => {
+                let uses = links.plan(file).map_err(corrupt)?;
+                // XORed pages are undone with the whole copy's: it must all be there.
+                let xor = uses.iter().any(|u| u.xor_blocks.is_some());
+                let whole = links.layers(file).map_err(corrupt)?.last().copied();
+                let bases = whole.filter(|_| xor).map(|w| w.chunks.iter().collect()).unwrap_or_default();
+                (uses.into_iter().map(|u| u.chunk).collect(), bases)
+            }
         };
+        for chunk in xor_bases {
+            if !present.contains(&chunk.key) {
+                return Err(RepoError::Corrupt {
+                    key: chunk.key.clone(),
+                    reason: format!("missing (needed by {})", file.path),
+                }
+                .into());
+            }
+        }
         for chunk in chunks {
             if !present.contains(&chunk.key) {
                 return Err(RepoError::Corrupt {

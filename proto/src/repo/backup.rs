@@ -17,6 +17,8 @@
 //! be incremental (a chain, put back together by [`crate::repo::chain`]).
 //! Incremental backups are format 2, which builds that know only format 1
 //! refuse instead of restoring them wrongly; full backups stay format 1.
+//! An incremental backup whose files store their blocks XORed with the
+//! chain's whole copy of the file (`pages_xor`) is format 3.
 //!
 //! **API boundary:** a stored format; changing it needs a new `FORMAT_VERSION`.
 
@@ -27,6 +29,8 @@ use serde::{Deserialize, Serialize};
 pub const FORMAT_VERSION: u32 = 1;
 /// The format of an incremental backup's manifest (one with `base`).
 pub const INCREMENTAL_FORMAT_VERSION: u32 = 2;
+/// The format of an incremental backup with files stored as XORed pages.
+pub const XOR_FORMAT_VERSION: u32 = 3;
 pub const CHUNK_SIZE: usize = 8 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +117,12 @@ pub struct BackupFile {
     /// from the base backup's same file. `None`: `chunks` hold the whole file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocks: Option<Vec<[u32; 2]>>,
+    /// The stored blocks are XORed with the same block of this file in the
+    /// chain's backup that holds it whole (zeros past that copy's end): a
+    /// page that changed a little becomes mostly zeros, which compress to
+    /// almost nothing. Each chunk's `pages_crc32c` checks the undone XOR.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pages_xor: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +131,10 @@ pub struct ChunkRef {
     pub raw_len: u64,
     pub crc32: u32,
     pub crc32c: u32,
+    /// In a file with `pages_xor`: the CRC-32C of the chunk's pages once
+    /// the XOR is undone (`crc32`/`crc32c` are the stored bytes').
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages_crc32c: Option<u32>,
 }
 
 pub fn backup_prefix(id: &str) -> String {
@@ -175,13 +189,13 @@ impl BackupManifest {
 
     pub fn from_json(bytes: &[u8]) -> Result<BackupManifest, String> {
         let manifest: BackupManifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        if manifest.format_version > INCREMENTAL_FORMAT_VERSION {
+        if manifest.format_version > XOR_FORMAT_VERSION {
             return Err(format!(
-                "backup format {} is newer than this build understands ({INCREMENTAL_FORMAT_VERSION}); upgrade Tidemark",
+                "backup format {} is newer than this build understands ({XOR_FORMAT_VERSION}); upgrade Tidemark",
                 manifest.format_version
             ));
         }
-        if manifest.base.is_some() != (manifest.format_version == INCREMENTAL_FORMAT_VERSION) {
+        if manifest.base.is_some() != (manifest.format_version >= INCREMENTAL_FORMAT_VERSION) {
             return Err(format!(
                 "backup format {} disagrees with its base {:?}",
                 manifest.format_version, manifest.base
@@ -189,6 +203,14 @@ impl BackupManifest {
         }
         if manifest.base.is_none() && manifest.files.iter().any(|f| f.blocks.is_some()) {
             return Err("a full backup lists a file stored block by block".into());
+        }
+        for file in manifest.files.iter().filter(|f| f.pages_xor) {
+            if manifest.format_version < XOR_FORMAT_VERSION || file.blocks.is_none() {
+                return Err(format!("{} has XORed pages but is not stored by block in a format 3 backup", file.path));
+            }
+            if file.chunks.iter().any(|c| c.pages_crc32c.is_none()) {
+                return Err(format!("{} has XORed pages without their checksum", file.path));
+            }
         }
         for file in &manifest.files {
             if file.path.starts_with('/') || file.path.split('/').any(|p| p == "..") {
@@ -229,8 +251,15 @@ mod tests {
                 mode: 0o600,
                 mtime_unix: 0,
                 link_target: None,
-                chunks: vec![ChunkRef { key: chunk_key("20261125T020000Z", 0), raw_len: 3, crc32: 1, crc32c: 2 }],
+                chunks: vec![ChunkRef {
+                    key: chunk_key("20261125T020000Z", 0),
+                    raw_len: 3,
+                    crc32: 1,
+                    crc32c: 2,
+                    pages_crc32c: None,
+                }],
                 blocks: None,
+                pages_xor: false,
             }],
             pg_manifest_key: pg_manifest_key("20261125T020000Z"),
             bytes: 3,
@@ -296,5 +325,28 @@ mod tests {
         let mut full = manifest();
         full.files[0].blocks = Some(vec![[0, 1]]);
         assert!(BackupManifest::from_json(&full.to_json().expect("json")).is_err(), "blocks without a base");
+    }
+
+    #[test]
+    fn xored_pages_need_format_3_blocks_and_their_checksums() {
+        let mut m = manifest();
+        m.base = Some("20261124T020000Z".into());
+        m.format_version = INCREMENTAL_FORMAT_VERSION;
+        m.files[0].blocks = Some(vec![[0, 1]]);
+        m.files[0].pages_xor = true;
+        m.files[0].chunks[0].pages_crc32c = Some(9);
+        assert!(BackupManifest::from_json(&m.to_json().expect("json")).is_err(), "XORed pages in format 2");
+        m.format_version = XOR_FORMAT_VERSION;
+        let back = BackupManifest::from_json(&m.to_json().expect("json")).expect("valid");
+        assert!(back.files[0].pages_xor);
+        assert_eq!(back.files[0].chunks[0].pages_crc32c, Some(9));
+        m.files[0].chunks[0].pages_crc32c = None;
+        assert!(BackupManifest::from_json(&m.to_json().expect("json")).is_err(), "without the pages' checksum");
+        m.files[0].chunks[0].pages_crc32c = Some(9);
+        m.files[0].blocks = None;
+        assert!(BackupManifest::from_json(&m.to_json().expect("json")).is_err(), "XORed but not by block");
+        // Files without XORed pages keep the JSON they had.
+        let plain = serde_json::to_string(&manifest()).expect("json");
+        assert!(!plain.contains("pages_xor") && !plain.contains("pages_crc32c"), "{plain}");
     }
 }

@@ -94,6 +94,54 @@ pub struct Extent {
 pub struct ChunkUse<'a> {
     pub chunk: &'a ChunkRef,
     pub extents: Vec<Extent>,
+    /// When the chunk's pages are XORed (`pages_xor`): the block of each of
+    /// its pages, whose copy in the chain's whole file undoes the XOR.
+    pub xor_blocks: Option<Vec<u64>>,
+}
+
+/// The blocks of the stored pages at positions `first..first + count` of a
+/// file stored as `ranges`; `None` when the ranges hold fewer pages.
+pub fn blocks_at(ranges: &[[u32; 2]], first: u64, count: u64) -> Option<Vec<u64>> {
+    let mut out = Vec::with_capacity(usize::try_from(count).ok()?);
+    let (end, mut position) = (first.checked_add(count)?, 0u64);
+    for &[start, len] in ranges {
+        let (start, len) = (u64::from(start), u64::from(len));
+        let (from, to) = (first.max(position), end.min(position + len));
+        if from < to {
+            out.extend((from - position + start)..(to - position + start));
+        }
+        position += len;
+        if position >= end {
+            break;
+        }
+    }
+    (out.len() as u64 == count).then_some(out)
+}
+
+/// The blocks of the pages in chunk `index` of a file stored by block.
+pub fn chunk_blocks(file: &BackupFile, index: usize) -> Result<Vec<u64>, String> {
+    let ranges = file.blocks.as_deref().ok_or_else(|| format!("{} is not stored by block", file.path))?;
+    let before: u64 = file.chunks.iter().take(index).map(|c| c.raw_len).sum();
+    let chunk = file.chunks.get(index).ok_or_else(|| format!("{} has no chunk {index}", file.path))?;
+    if !before.is_multiple_of(BLOCK_SIZE) || !chunk.raw_len.is_multiple_of(BLOCK_SIZE) {
+        return Err(format!("{}: a chunk of its blocks is not whole pages", file.path));
+    }
+    blocks_at(ranges, before / BLOCK_SIZE, chunk.raw_len / BLOCK_SIZE)
+        .ok_or_else(|| format!("{}: its chunks hold more pages than its ranges", file.path))
+}
+
+/// XORs `pages` with `base` in place (both whole pages, the same length):
+/// its own inverse, so it both stores and restores a `pages_xor` chunk.
+pub fn xor_pages(pages: &mut [u8], base: &[u8]) {
+    let (mut words, mut base_words) = (pages.chunks_exact_mut(8), base.chunks_exact(8));
+    for (word, other) in (&mut words).zip(&mut base_words) {
+        let value = u64::from_ne_bytes(word.try_into().unwrap_or([0; 8]))
+            ^ u64::from_ne_bytes(other.try_into().unwrap_or([0; 8]));
+        word.copy_from_slice(&value.to_ne_bytes());
+    }
+    for (byte, other) in words.into_remainder().iter_mut().zip(base_words.remainder()) {
+        *byte ^= other;
+    }
 }
 
 /// Where one layer's bytes are: the chunks' starts, to find a byte's chunk.
@@ -191,6 +239,7 @@ pub fn plan_file<'a>(layers: &[&'a BackupFile]) -> Result<Vec<ChunkUse<'a>>, Str
             .map(|(chunk, &start)| ChunkUse {
                 chunk,
                 extents: vec![Extent { file_offset: start, chunk_offset: 0, len: chunk.raw_len }],
+                xor_blocks: None,
             })
             .collect());
     }
@@ -235,13 +284,17 @@ pub fn plan_file<'a>(layers: &[&'a BackupFile]) -> Result<Vec<ChunkUse<'a>>, Str
         }
     }
     let mut out = Vec::with_capacity(uses.len());
-    for ((index, chunk), extents) in uses {
+    for ((index, chunk_index), extents) in uses {
         let layer = layers_.get(index).ok_or("no layer")?;
-        let chunk = layer.file.chunks.get(chunk).ok_or("no chunk")?;
+        let chunk = layer.file.chunks.get(chunk_index).ok_or("no chunk")?;
         if extents.iter().any(|e| e.chunk_offset + e.len > chunk.raw_len) {
             return Err(format!("{path}: a block reaches past the end of {}", chunk.key));
         }
-        out.push(ChunkUse { chunk, extents });
+        let xor_blocks = match layer.file.pages_xor {
+            true => Some(chunk_blocks(layer.file, chunk_index)?),
+            false => None,
+        };
+        out.push(ChunkUse { chunk, extents, xor_blocks });
     }
     Ok(out)
 }
@@ -364,7 +417,7 @@ mod tests {
     }
 
     fn chunk(key: &str, len: u64) -> ChunkRef {
-        ChunkRef { key: key.into(), raw_len: len, crc32: 0, crc32c: 0 }
+        ChunkRef { key: key.into(), raw_len: len, crc32: 0, crc32c: 0, pages_crc32c: None }
     }
 
     fn file(size_blocks: u64, chunks: Vec<ChunkRef>, blocks: Option<Vec<[u32; 2]>>) -> BackupFile {
@@ -378,6 +431,7 @@ mod tests {
             link_target: None,
             chunks,
             blocks,
+            pages_xor: false,
         }
     }
 
@@ -457,6 +511,46 @@ mod tests {
         assert_eq!(uses.len(), 2);
         assert_eq!(uses[1].extents, vec![Extent { file_offset: 2 * BLOCK_SIZE, chunk_offset: 0, len: BLOCK_SIZE }]);
     }
+
+    #[test]
+    fn stored_positions_map_to_their_blocks() {
+        let ranges = [[2, 3], [10, 2], [20, 1]];
+        assert_eq!(blocks_at(&ranges, 0, 6), Some(vec![2, 3, 4, 10, 11, 20]));
+        assert_eq!(blocks_at(&ranges, 2, 3), Some(vec![4, 10, 11]));
+        assert_eq!(blocks_at(&ranges, 5, 1), Some(vec![20]));
+        assert_eq!(blocks_at(&ranges, 4, 0), Some(vec![]));
+        assert_eq!(blocks_at(&ranges, 5, 2), None, "more pages than the ranges hold");
+        assert_eq!(blocks_at(&ranges, u64::MAX, 2), None);
+        let mut xored = file(30, vec![chunk("X0", 4 * BLOCK_SIZE), chunk("X1", 2 * BLOCK_SIZE)], Some(ranges.to_vec()));
+        assert_eq!(chunk_blocks(&xored, 1), Ok(vec![11, 20]));
+        assert!(chunk_blocks(&xored, 2).is_err());
+        xored.chunks[0].raw_len = 100;
+        assert!(chunk_blocks(&xored, 1).is_err(), "chunks of part pages");
+    }
+
+    #[test]
+    fn xor_is_its_own_inverse_and_zero_where_pages_agree() {
+        let base: Vec<u8> = (0..BLOCK_SIZE + 3).map(|i| (i * 7 % 251) as u8).collect();
+        let mut page = base.clone();
+        page[100] ^= 0x5a;
+        page[BLOCK_SIZE as usize + 1] ^= 1;
+        let original = page.clone();
+        xor_pages(&mut page, &base);
+        let nonzero: Vec<usize> = page.iter().enumerate().filter(|(_, b)| **b != 0).map(|(i, _)| i).collect();
+        assert_eq!(nonzero, vec![100, BLOCK_SIZE as usize + 1]);
+        xor_pages(&mut page, &base);
+        assert_eq!(page, original);
+    }
+
+    #[test]
+    fn chunks_of_xored_layers_name_the_blocks_of_all_their_pages() {
+        let full = file(4, vec![chunk("F", 4 * BLOCK_SIZE)], None);
+        let mut inc = file(4, vec![chunk("I0", BLOCK_SIZE), chunk("I1", 2 * BLOCK_SIZE)], Some(vec![[0, 1], [2, 2]]));
+        inc.pages_xor = true;
+        let uses = plan_file(&[&inc, &full]).expect("plan");
+        let xor: Vec<_> = uses.iter().map(|u| (u.chunk.key.as_str(), u.xor_blocks.clone())).collect();
+        assert_eq!(xor, vec![("I0", Some(vec![0])), ("I1", Some(vec![2, 3])), ("F", None)]);
+    }
 }
 
 #[cfg(test)]
@@ -497,8 +591,15 @@ mod chain_tests {
             mode: 0o600,
             mtime_unix: 0,
             link_target: None,
-            chunks: vec![ChunkRef { key: chunk.into(), raw_len: stored * BLOCK_SIZE, crc32: 0, crc32c: 0 }],
+            chunks: vec![ChunkRef {
+                key: chunk.into(),
+                raw_len: stored * BLOCK_SIZE,
+                crc32: 0,
+                crc32c: 0,
+                pages_crc32c: None,
+            }],
             blocks,
+            pages_xor: false,
         }
     }
 
