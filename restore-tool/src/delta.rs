@@ -20,7 +20,7 @@
 //! - Everything the backup does not list is removed (old WAL in `pg_wal`,
 //!   files of dropped relations, `postmaster.pid` of a dead server).
 
-use crate::fetch::{crc32c_of, fetch_use, manifest_path, safe_join, sync_tree, write_pg_manifest};
+use crate::fetch::{crc32c_of, fetch_use, manifest_path, safe_join, sync_tree, write_pg_manifest, CHUNKS_PER_FILE};
 use crate::tablespaces::Placement;
 use anyhow::Context;
 use futures::StreamExt;
@@ -268,29 +268,41 @@ async fn sync_file(
         key: chain.newest().map(|b| manifest_key(&b.id)).unwrap_or_default(),
         reason,
     })?;
-    for use_ in uses {
-        // A whole file's chunk is one extent: its CRC-32C says whether the
-        // local bytes are already right, without fetching it.
-        if let [extent] = use_.extents.as_slice() {
-            if file.blocks.is_none() && extent.len == use_.chunk.raw_len {
-                let local = read_range(&out, extent.file_offset, extent.len).await?;
-                if local.len() as u64 == extent.len && crc32c::crc32c(&local) == use_.chunk.crc32c {
-                    unchanged += extent.len;
-                    continue;
+    // A few chunks at a time: an XORed chunk also reads the whole copy's pages.
+    let mut updates = futures::stream::iter(uses.into_iter().map(|use_| {
+        let (out, path) = (out.clone(), path.clone());
+        async move {
+            // A whole file's chunk is one extent: its CRC-32C says whether the
+            // local bytes are already right, without fetching it.
+            if let [extent] = use_.extents.as_slice() {
+                if file.blocks.is_none() && extent.len == use_.chunk.raw_len {
+                    let local = read_range(&out, extent.file_offset, extent.len).await?;
+                    if local.len() as u64 == extent.len && crc32c::crc32c(&local) == use_.chunk.crc32c {
+                        return Ok((0, extent.len));
+                    }
                 }
             }
+            let raw = fetch_use(repo, chain, file, &use_).await?;
+            tokio::task::spawn_blocking(move || {
+                let (mut written, mut unchanged) = (0, 0);
+                for extent in &use_.extents {
+                    let (w, u) = write_differing(&out, &raw, extent)?;
+                    (written, unchanged) = (written + w, unchanged + u);
+                }
+                Ok::<_, std::io::Error>((written, unchanged))
+            })
+            .await
+            .context("join a file write")?
+            .with_context(|| format!("write {}", path.display()))
         }
-        let raw = Arc::new(fetch_use(repo, chain, file, &use_).await?);
-        for extent in use_.extents {
-            let (out, raw) = (out.clone(), raw.clone());
-            let (w, u) = tokio::task::spawn_blocking(move || write_differing(&out, &raw, &extent))
-                .await
-                .context("join a file write")?
-                .with_context(|| format!("write {}", path.display()))?;
-            written += w;
-            unchanged += u;
-        }
+    }))
+    .buffer_unordered(CHUNKS_PER_FILE);
+    while let Some(result) = updates.next().await {
+        let (w, u) = result?;
+        written += w;
+        unchanged += u;
     }
+    drop(updates);
     out.set_len(file.size).with_context(|| format!("size {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(file.mode & 0o700)).context("chmod")?;
     let crc = match file.blocks {

@@ -21,7 +21,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use tidemark_proto::repo::backup::{manifest_key, BackupFile, BackupManifest, ChunkRef, FileKind};
-use tidemark_proto::repo::chain::{Chain, ChunkUse};
+use tidemark_proto::repo::chain::{Chain, ChunkUse, Extent};
 use tidemark_repo::durable::{fsync_dir, parent_dir};
 use tidemark_repo::{RepoError, Repository};
 
@@ -444,26 +444,43 @@ async fn write_rebuilt(repo: &Repository, root: &Path, file: &BackupFile, chain:
     let (path, out) = create_file(root, file)?;
     out.set_len(file.size).with_context(|| format!("size {}", path.display()))?;
     let out = std::sync::Arc::new(out);
-    for use_ in uses {
-        let raw = fetch_use(repo, chain, file, &use_).await?;
-        let (out, extents) = (out.clone(), use_.extents);
-        tokio::task::spawn_blocking(move || {
-            for extent in extents {
-                let start = usize::try_from(extent.chunk_offset).unwrap_or(usize::MAX);
-                let len = usize::try_from(extent.len).unwrap_or(usize::MAX);
-                let bytes = raw.get(start..start.saturating_add(len)).ok_or(std::io::ErrorKind::UnexpectedEof)?;
-                for (i, block) in bytes.chunks(WRITE_SIZE).enumerate() {
-                    out.write_all_at(block, extent.file_offset + (i * WRITE_SIZE) as u64)?;
-                }
-            }
-            Ok::<_, std::io::Error>(())
-        })
-        .await
-        .context("join a file write")?
-        .with_context(|| format!("write {}", path.display()))?;
+    // Chunks are fetched a few at a time: a large file is one restore's
+    // longest task, and an XORed chunk also reads the whole copy's pages.
+    let mut writes = futures::stream::iter(uses.into_iter().map(|use_| {
+        let (out, path) = (out.clone(), path.clone());
+        async move {
+            let raw = fetch_use(repo, chain, file, &use_).await?;
+            write_extents(out, raw, use_.extents).await.with_context(|| format!("write {}", path.display()))
+        }
+    }))
+    .buffer_unordered(CHUNKS_PER_FILE);
+    while let Some(result) = writes.next().await {
+        result?;
     }
+    drop(writes);
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(file.mode & 0o700)).context("chmod")?;
     crc32c_of(out, &path).await
+}
+
+/// Chunks of one rebuilt file fetched at once.
+pub(crate) const CHUNKS_PER_FILE: usize = 3;
+
+/// Writes the extents of one chunk's bytes at their places in `out`.
+async fn write_extents(out: std::sync::Arc<std::fs::File>, raw: Vec<u8>, extents: Vec<Extent>) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(move || {
+        for extent in extents {
+            let start = usize::try_from(extent.chunk_offset).unwrap_or(usize::MAX);
+            let len = usize::try_from(extent.len).unwrap_or(usize::MAX);
+            let bytes = raw.get(start..start.saturating_add(len)).ok_or(std::io::ErrorKind::UnexpectedEof)?;
+            for (i, block) in bytes.chunks(WRITE_SIZE).enumerate() {
+                out.write_all_at(block, extent.file_offset + (i * WRITE_SIZE) as u64)?;
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await
+    .context("join a file write")??;
+    Ok(())
 }
 
 async fn write_file(repo: &Repository, root: &Path, file: &BackupFile) -> anyhow::Result<u64> {

@@ -92,9 +92,19 @@ fn increments_under_load(
         let increment = backup(agent, &[]);
         assert!(pgbench.wait().expect("wait pgbench").success());
         assert_eq!(increment["base"], chain[chain.len() - 1]["id"], "increment {k} is on the one before: {increment}");
-        // Under this much load most pages change: the ratios that matter are
-        // the small-change test's and the benchmark's.
-        assert!(stored(&increment) < stored(&full), "increment {k} stored {} of {}", stored(&increment), stored(&full));
+        // Under this much load most pages change, but each changed page is
+        // stored XORed with the full backup's copy: mostly zeros. The XOR
+        // grows along the chain as pages drift from the full backup's
+        // (here 1.2 %, 23 %, 28 %, 31 %, 34 %, 41 % of the full backup; the
+        // first increment is taken as pgbench begins).
+        eprintln!("increment {k} stored {} of the full backup's {}", stored(&increment), stored(&full));
+        let limit = if k <= 2 { 40 } else { 70 };
+        assert!(
+            stored(&increment) * 100 <= limit * stored(&full),
+            "increment {k} stored {} of {}",
+            stored(&increment),
+            stored(&full)
+        );
         let lsns = commit_rows(cluster, 10 * k - 9, 10 * k, 0.0);
         targets.push(lsns.last().expect("an LSN").clone());
         chain.push(increment);
