@@ -349,10 +349,11 @@ const WINDOW_PENDING: Duration = Duration::from_secs(15);
 /// within that).
 async fn refresh_facts(repo: Repository, index: Arc<Index>, reporting: Reporting) {
     let mut newest_drill = newest_drill_key(&repo).await;
+    let mut cache = crate::status::FactsCache::default();
     loop {
         let last_commit = index.last_commit().ok().flatten();
         let archived = Some(reporting.metrics.archived_lsn()).filter(|l| *l > Lsn::ZERO);
-        let view = crate::status::read_facts(&repo, archived, last_commit).await;
+        let view = crate::status::read_facts_with(&repo, archived, last_commit, &mut cache).await;
         // A backup whose WAL is not all archived yet starts the window soon: look again shortly.
         let wait = if view.last_backup.is_some() && view.window.is_none() { WINDOW_PENDING } else { FACTS_INTERVAL };
         match view.error {

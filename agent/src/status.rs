@@ -8,7 +8,7 @@ use crate::pg::session;
 use anyhow::Context;
 use serde::Serialize;
 use std::time::Duration;
-use tidemark_proto::repo::backup::BackupSummary;
+use tidemark_proto::repo::backup::{BackupManifest, BackupSummary};
 use tidemark_proto::repo::records::DrillRecord;
 use tidemark_proto::{Lsn, TimelineId};
 use tidemark_repo::catalog::{self, Window};
@@ -122,13 +122,46 @@ pub async fn repository_view(
 /// The last backup, the window and the last drill from an open repository;
 /// a failed read is reported in `error`.
 pub async fn read_facts(repo: &Repository, archived: Option<Lsn>, last_commit: Option<(i64, u64)>) -> RepositoryView {
+    read_facts_with(repo, archived, last_commit, &mut FactsCache::default()).await
+}
+
+/// What `run` keeps between readings of the repository's facts: the
+/// manifests read, which never change once written (one whose backup.json
+/// is gone is forgotten). With the backups found by directory, a quiet
+/// agent's CPU no longer grows with the repository (every chunk listed and
+/// the oldest manifest parsed every 5 minutes, before).
+#[derive(Default)]
+pub struct FactsCache {
+    manifests: std::collections::HashMap<String, std::sync::Arc<BackupManifest>>,
+}
+
+impl FactsCache {
+    async fn manifest(&mut self, repo: &Repository, id: &str) -> Result<std::sync::Arc<BackupManifest>, RepoError> {
+        if let Some(manifest) = self.manifests.get(id) {
+            return Ok(manifest.clone());
+        }
+        let manifest = std::sync::Arc::new(catalog::read_manifest(repo, id).await?);
+        self.manifests.insert(id.to_string(), manifest.clone());
+        Ok(manifest)
+    }
+}
+
+/// [`read_facts`] with what earlier readings learnt.
+pub async fn read_facts_with(
+    repo: &Repository,
+    archived: Option<Lsn>,
+    last_commit: Option<(i64, u64)>,
+    cache: &mut FactsCache,
+) -> RepositoryView {
     let found = async {
-        let ids = catalog::complete_backups(repo).await?;
+        let ids = catalog::complete_backups_by_dir(repo).await?;
+        // Forget what expire removed.
+        cache.manifests.retain(|id, _| ids.contains(id));
         let last_backup = match ids.last() {
-            Some(id) => Some(catalog::read_manifest(repo, id).await?.summary()),
+            Some(id) => Some(cache.manifest(repo, id).await?.summary()),
             None => None,
         };
-        let window = window(repo, &ids, archived, last_commit).await?;
+        let window = window(repo, &ids, archived, last_commit, cache).await?;
         let last_drill = tidemark_repo::drills::latest(repo).await?;
         Ok::<_, RepoError>(RepositoryView { last_backup, window, last_drill, error: None })
     };
@@ -147,10 +180,11 @@ async fn window(
     backup_ids: &[String],
     archived: Option<Lsn>,
     last_commit: Option<(i64, u64)>,
+    cache: &mut FactsCache,
 ) -> Result<Option<Window>, RepoError> {
     let Some(archived) = archived else { return Ok(None) };
     for id in backup_ids {
-        let manifest = catalog::read_manifest(repo, id).await?;
+        let manifest = cache.manifest(repo, id).await?;
         if manifest.end_lsn > archived {
             continue; // its WAL is not all archived yet
         }

@@ -17,6 +17,21 @@ pub async fn complete_backups(repo: &Repository) -> Result<Vec<String>, RepoErro
     Ok(complete_backup_ids(keys.iter().map(String::as_str)))
 }
 
+/// Complete backups, oldest first, found without listing their chunks (a
+/// long-running agent asks every few minutes, and a repository holds
+/// thousands of chunks): the backup directories, each checked for its
+/// manifest.
+pub async fn complete_backups_by_dir(repo: &Repository) -> Result<Vec<String>, RepoError> {
+    let mut ids = Vec::new();
+    for id in repo.list_dirs("backups").await? {
+        if repo.exists(&manifest_key(&id)).await? {
+            ids.push(id);
+        }
+    }
+    ids.sort();
+    Ok(ids)
+}
+
 /// A backup's manifest.
 pub async fn read_manifest(repo: &Repository, id: &str) -> Result<BackupManifest, RepoError> {
     let key = manifest_key(id);
@@ -365,5 +380,21 @@ mod tests {
         assert_eq!(kept.window(None).map(|w| w.earliest_lsn), Some(Lsn(0x32)));
         let empty = Catalog { restorable: vec![], waiting: vec![], ranges: vec![], timelines: vec![] };
         assert_eq!(empty.window(None), None);
+    }
+
+    #[tokio::test]
+    async fn backups_found_by_directory_are_those_with_a_manifest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = dir.path().to_str().expect("utf-8").to_string();
+        let repo = Repository::open(&url, &[], crate::Create::Yes).expect("open").with_keyring(None);
+        let framed = |raw: &[u8]| {
+            tidemark_proto::repo::frame::encode(raw, tidemark_proto::repo::frame::Compression::None).expect("frame").0
+        };
+        for key in ["backups/B/backup.json", "backups/B/chunks/0", "backups/A/backup.json", "backups/C/chunks/0"] {
+            repo.put(key, framed(b"x")).await.expect("put");
+        }
+        // C is interrupted (no manifest): not complete; the order is the ids'.
+        assert_eq!(complete_backups_by_dir(&repo).await.expect("listed"), vec!["A".to_string(), "B".to_string()]);
+        assert_eq!(complete_backups(&repo).await.expect("listed"), vec!["A".to_string(), "B".to_string()]);
     }
 }

@@ -225,6 +225,18 @@ impl Repository {
         Ok(objects.into_iter().map(|o| o.location.to_string()).collect())
     }
 
+    /// The names of the "directories" right under `prefix` (what comes
+    /// before the next `/`), without listing what they hold.
+    pub async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, RepoError> {
+        let path = ObjectPath::from(prefix);
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&path))
+            .await
+            .map_err(|e| RepoError::store(format!("list {path} in {}", self.display), e))?;
+        Ok(listing.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect())
+    }
+
     /// Every object under `prefix` with its size and modification time.
     pub async fn list_objects(&self, prefix: &str) -> Result<Vec<StoredObject>, RepoError> {
         use futures::TryStreamExt;
