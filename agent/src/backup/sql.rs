@@ -123,7 +123,17 @@ pub(crate) async fn backup(
     let version_dir = version_directory(client, major).await?;
     // The base's size is the estimate: most files are the same size.
     let progress = tidemark_repo::progress::Progress::bytes("backup", base.bytes);
-    let mut walk = Walk { client, receiver, map: map.as_ref(), group, read_bytes: 0, manifest: Vec::new(), progress };
+    let mut walk = Walk {
+        client,
+        receiver,
+        map: map.as_ref(),
+        group,
+        read_bytes: 0,
+        manifest: Vec::new(),
+        progress,
+        cross_checked: 0,
+        map_missed: 0,
+    };
     for tablespace in &tablespaces {
         let oid = tablespace.oid.context("a tablespace without an OID")?;
         walk.receiver.archive = oid.to_string();
@@ -132,6 +142,9 @@ pub(crate) async fn backup(
     }
     walk.receiver.archive = "base".to_string();
     walk.directory(".", "").await?;
+    if walk.cross_checked > 0 && walk.map_missed == 0 {
+        tracing::info!("the page LSNs of {} files read whole agree with the WAL map", walk.cross_checked);
+    }
     let stop_sql = if major >= 15 {
         "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)"
     } else {
@@ -249,6 +262,10 @@ struct Walk<'a, 'r, 'b> {
     manifest: Vec<ManifestFile>,
     /// A bar on a terminal, a log line every few seconds otherwise.
     progress: tidemark_repo::progress::Progress,
+    /// Files read whole checked against the WAL map, and the changed
+    /// blocks in them it did not name.
+    cross_checked: u64,
+    map_missed: u64,
 }
 
 /// One listed name of a directory.
@@ -359,6 +376,24 @@ impl Walk<'_, '_, '_> {
         self.receiver.begin_entry(entry, (path.to_string(), reading));
     }
 
+    /// A file read whole although the map named its blocks: every page
+    /// whose LSN says it changed should be one the map named. One that is
+    /// not was stored all the same (the page LSN decides); the warning says
+    /// the map missed it, which would make a read by the map miss a block.
+    fn cross_check(&mut self, path: &str, stored: &[[u32; 2]], map: &[[u32; 2]]) {
+        let (missed, first) = tidemark_proto::wal::blockmap::blocks_not_in(stored, map);
+        self.cross_checked += 1;
+        if missed > 0 {
+            self.map_missed += missed;
+            warn!(
+                path,
+                missed,
+                first_block = first,
+                "the WAL map missed changed blocks of this file (stored from their page LSNs); please report it"
+            );
+        }
+    }
+
     /// Reads one file: by the map, by page LSN, or whole.
     async fn file(&mut self, on_server: &str, path: &str, listed: &Listed) -> anyhow::Result<()> {
         let server_path = format!("{on_server}/{}", listed.name);
@@ -378,10 +413,11 @@ impl Walk<'_, '_, '_> {
             _ => Reads::Whole,
         };
         // Most blocks changed: one sequential read of the file is cheaper
-        // than many scattered ones (the page LSNs then pick the changed ones).
-        let reads = match reads {
-            Reads::Blocks(ranges) if chosen_blocks(&ranges) * BLOCK_SIZE * 2 > size => Reads::Whole,
-            other => other,
+        // than many scattered ones (the page LSNs then pick the changed ones,
+        // and are checked against the map).
+        let (reads, by_map) = match reads {
+            Reads::Blocks(ranges) if chosen_blocks(&ranges) * BLOCK_SIZE * 2 > size => (Reads::Whole, Some(ranges)),
+            other => (other, None),
         };
         match reads {
             Reads::Blocks(ranges) => {
@@ -411,6 +447,10 @@ impl Walk<'_, '_, '_> {
                     self.read(&server_path, &[piece], Some(&mut crc)).await?;
                 }
                 self.receiver.end_of_entry().await?;
+                let stored = self.receiver.files.last().and_then(|f| f.blocks.clone());
+                if let (Some(map), Some(stored)) = (by_map, stored) {
+                    self.cross_check(path, &stored, &map);
+                }
                 let crc32c = (!rebuilt).then_some(crc);
                 self.manifest.push(ManifestFile {
                     path: self.manifest_path(path),

@@ -222,6 +222,35 @@ impl ChangedSince {
     }
 }
 
+/// How many blocks of `ranges` (ascending `[first, count]`) are not in
+/// `of` (the same form), and the first of them: where a file read whole
+/// has pages whose LSNs say they changed but the WAL map did not name.
+pub fn blocks_not_in(ranges: &[[u32; 2]], of: &[[u32; 2]]) -> (u64, Option<u32>) {
+    let (mut missing, mut first, mut next) = (0u64, None, 0usize);
+    for &[start, count] in ranges {
+        let (mut at, end) = (u64::from(start), u64::from(start) + u64::from(count));
+        while at < end {
+            // Skip the ranges of `of` that end at or before `at`.
+            while of.get(next).is_some_and(|&[s, c]| u64::from(s) + u64::from(c) <= at) {
+                next += 1;
+            }
+            let covered = of.get(next).map(|&[s, c]| (u64::from(s), u64::from(s) + u64::from(c)));
+            let gap_end = match covered {
+                Some((s, e)) if s <= at => {
+                    at = e.min(end);
+                    continue;
+                }
+                Some((s, _)) => s.min(end),
+                None => end,
+            };
+            missing += gap_end - at;
+            first = first.or(u32::try_from(at).ok());
+            at = gap_end;
+        }
+    }
+    (missing, first)
+}
+
 /// `[first, count]` of a span within one file (both below 2^32: spans are clipped to the file).
 fn range(a: u64, b: u64) -> [u32; 2] {
     [u32::try_from(a).unwrap_or(u32::MAX), u32::try_from(b - a).unwrap_or(u32::MAX)]
@@ -230,6 +259,15 @@ fn range(a: u64, b: u64) -> [u32; 2] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocks_outside_the_map_are_counted() {
+        assert_eq!(blocks_not_in(&[[0, 10]], &[[0, 10]]), (0, None));
+        assert_eq!(blocks_not_in(&[[0, 10]], &[[2, 3], [7, 1]]), (6, Some(0)));
+        assert_eq!(blocks_not_in(&[[5, 2], [20, 4]], &[[0, 6], [21, 1], [30, 2]]), (4, Some(6)));
+        assert_eq!(blocks_not_in(&[], &[[1, 1]]), (0, None));
+        assert_eq!(blocks_not_in(&[[u32::MAX - 1, 1]], &[]), (1, Some(u32::MAX - 1)));
+    }
     use crate::wal::record::BlockRef;
     use crate::Lsn;
 

@@ -266,9 +266,14 @@ fn postgresql_15_increments_read_only_the_blocks_the_wal_map_names_and_restore_e
     // A quiet change (pgbench's invariant kept): what the increment reads
     // against what changed.
     cluster.psql("UPDATE pgbench_accounts SET filler = 'quiet' WHERE aid % 5000 = 0");
+    // Every block of the tellers changes: read whole, and its page LSNs
+    // checked against the map.
+    cluster.psql("UPDATE pgbench_tellers SET filler = 'all of them'");
     let before = chain.last().expect("a backup")["start_lsn"].as_str().expect("start").to_string();
     let (quiet, log) = backup_logged(&agent);
     assert!(log.contains("read only the blocks the WAL map shows changed"), "{log}");
+    assert!(log.contains("files read whole agree with the WAL map"), "{log}");
+    assert!(!log.contains("the WAL map missed"), "{log}");
     let changed = changed_bytes(&cluster, &before);
     eprintln!("read {} bytes for {changed} changed bytes (full backup: {full_read})", read_bytes(&quiet));
     assert!(read_bytes(&quiet) <= 2 * changed, "read {} for {changed} changed bytes", read_bytes(&quiet));
