@@ -126,11 +126,19 @@ impl Index {
 
     /// Opens without taking the lock, so `status` can read while `run` writes.
     /// The writer may rotate its log file between our listing and opening
-    /// it, so a failed open is retried a few times before it counts.
+    /// it, so a failed open is retried a few times before it counts; so is
+    /// an open that shows no metadata (which `init` writes first): a
+    /// reader that read the MANIFEST before a flush and the logs after it
+    /// sees neither the flushed table nor the log that held it.
     pub fn open_read_only(dir: &Path) -> anyhow::Result<Index> {
         let mut attempt = 0;
         loop {
             match DB::open_for_read_only(&small_footprint(), dir, false) {
+                Ok(db) if attempt < 20 && !matches!(db.get(b"meta"), Ok(Some(_))) => {
+                    attempt += 1;
+                    drop(db);
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
                 Ok(db) => return Ok(Index { db }),
                 Err(e) if attempt < 20 && e.kind() == rocksdb::ErrorKind::IOError => {
                     attempt += 1;

@@ -139,11 +139,17 @@ fuzz_target!(|data: &[u8]| {
                     for (first, blocks, base) in [(0, 131_072, 100), (131_072, 7, 9), (u32::MAX - 3, 3, 0)] {
                         if let blockmap::Reads::Blocks(ranges) = since.reads(rel, first, blocks, base) {
                             let mut next = 0u64;
-                            for [start, count] in ranges {
-                                assert!(u64::from(start) >= next && count > 0);
-                                next = u64::from(start) + u64::from(count);
+                            for [start, count] in &ranges {
+                                assert!(u64::from(*start) >= next && *count > 0);
+                                next = u64::from(*start) + u64::from(*count);
                             }
                             assert!(next <= u64::from(blocks));
+                            // The cross-check of a file read whole: nothing is
+                            // missing from the ranges themselves, and every
+                            // block is missing from none.
+                            assert_eq!(blockmap::blocks_not_in(&ranges, &ranges), (0, None));
+                            let total: u64 = ranges.iter().map(|[_, c]| u64::from(*c)).sum();
+                            assert_eq!(blockmap::blocks_not_in(&ranges, &[]).0, total);
                         }
                     }
                 }
