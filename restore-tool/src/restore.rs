@@ -251,7 +251,10 @@ async fn check_objects(
                 (uses.into_iter().map(|u| u.chunk).collect(), bases)
             }
         };
-        for chunk in xor_bases {
+        // (chunk, whether the plan fetches it): the whole copy's chunks are
+        // read for the XOR, and counted where the plan also fetches them.
+        let needed = chunks.into_iter().map(|c| (c, true)).chain(xor_bases.into_iter().map(|c| (c, false)));
+        for (chunk, fetched) in needed {
             if !present.contains(&chunk.key) {
                 return Err(RepoError::Corrupt {
                     key: chunk.key.clone(),
@@ -259,16 +262,9 @@ async fn check_objects(
                 }
                 .into());
             }
-        }
-        for chunk in chunks {
-            if !present.contains(&chunk.key) {
-                return Err(RepoError::Corrupt {
-                    key: chunk.key.clone(),
-                    reason: format!("missing (needed by {})", file.path),
-                }
-                .into());
+            if fetched {
+                bytes_to_fetch += chunk.raw_len;
             }
-            bytes_to_fetch += chunk.raw_len;
         }
     }
     if !present.contains(&plan.backup.pg_manifest_key) {
