@@ -277,7 +277,16 @@ pub fn main() -> ExitCode {
     }
     // Two workers whatever the host's core count: the agent's async work is
     // one replication stream and a few helpers; CPU work runs on blocking threads.
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    // Those are kept for two minutes when idle: the periodic work (a partial
+    // upload every 10 s, the lease every 20 s) would otherwise start a thread
+    // almost every time, and on a quiet database that was a large part of
+    // the agent's CPU.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_keep_alive(std::time::Duration::from_secs(120))
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tidemark-agent: error: cannot start the async runtime: {e}");

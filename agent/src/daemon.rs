@@ -221,7 +221,9 @@ fn receive_on_its_own_thread(
     std::thread::Builder::new()
         .name("tidemark-receive".into())
         .spawn(move || {
-            let result = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            // Only the drivers the loop uses: the process driver's reaping
+            // and the signal driver would otherwise run on every wake-up.
+            let result = match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
                 Ok(runtime) => runtime.block_on(stream_until_stopped(&ctx, &mut shutdown)),
                 Err(e) => Err(anyhow::Error::new(e).context("start the receive loop's runtime")),
             };

@@ -5,7 +5,7 @@
 use crate::config::Settings;
 use crate::index::{Index, Progress};
 use crate::pg::session::{self, Identity};
-use crate::pg::{Connection, CopyEvent};
+use crate::pg::{Connection, CopyEvent, Wake};
 use crate::spool::{SegmentWriter, Spool};
 use crate::uploader::UploadJob;
 use anyhow::Context;
@@ -18,7 +18,6 @@ use tidemark_proto::segment::SegmentId;
 use tidemark_proto::{Lsn, TimelineId};
 use tidemark_repo::Repository;
 use tokio::sync::{mpsc, watch};
-use tokio::time::MissedTickBehavior;
 use tracing::{info, warn};
 
 pub struct StreamContext {
@@ -267,6 +266,33 @@ async fn stream_timeline(
     result
 }
 
+/// When the receive loop's periodic work is next due. One timer serves all
+/// of it: on a quiet database every wake-up of this thread costs about as
+/// much in the runtime as in the kernel, so the loop polls one timer (reset
+/// only when the earliest deadline moves) instead of a timer per duty.
+struct Deadlines {
+    /// The next status update (keeps the connection alive) and spool-limit check.
+    status: Instant,
+    /// The next look at whether the partial segment grew and should be uploaded.
+    partial: Instant,
+    /// The partial segment and length last handed to the uploader.
+    last_partial: Option<(SegmentId, u64)>,
+}
+
+impl Deadlines {
+    /// The earliest deadline among those that apply in `state`.
+    fn next(&self, state: &Receiving) -> Instant {
+        let mut next = self.status.min(self.partial);
+        if let Some(since) = state.unflushed_since {
+            next = next.min(since + ASYNC_FLUSH_DELAY);
+        }
+        if state.progress_due {
+            next = next.min(state.last_progress_write + PROGRESS_INTERVAL);
+        }
+        next
+    }
+}
+
 /// The receive loop on one timeline, until shutdown, the timeline's end or an error.
 async fn receive(
     ctx: &StreamContext,
@@ -275,75 +301,207 @@ async fn receive(
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<Option<(TimelineId, Lsn)>> {
     send_status(conn, &state.writer).await?;
-    let mut status_tick = tokio::time::interval(ctx.settings.status_interval);
-    status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut partial_tick = tokio::time::interval(ctx.settings.partial_upload_interval);
-    partial_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let flush_timer = tokio::time::sleep(ASYNC_FLUSH_DELAY);
-    tokio::pin!(flush_timer);
-    let mut last_partial: Option<(SegmentId, u64)> = None;
+    let began = Instant::now();
+    let mut due = Deadlines {
+        status: began + ctx.settings.status_interval,
+        partial: began + ctx.settings.partial_upload_interval,
+        last_partial: None,
+    };
+    if conn.is_plain() {
+        receive_plain(ctx, conn, state, shutdown, &mut due).await
+    } else {
+        receive_async(ctx, conn, state, shutdown, &mut due).await
+    }
+}
+
+/// The loop on a plain socket (TCP without TLS, or Unix): the thread
+/// blocks in `poll(2)` on the socket and a stop pipe until the next
+/// deadline, and reads with `recv(2)`. This thread runs nothing else (see
+/// `daemon::receive_on_its_own_thread`), so blocking it is what it is for;
+/// it spares each commit the runtime's wake-up, timer and waker work.
+async fn receive_plain(
+    ctx: &StreamContext,
+    conn: &mut Connection,
+    state: &mut Receiving,
+    shutdown: &mut watch::Receiver<bool>,
+    due: &mut Deadlines,
+) -> anyhow::Result<Option<(TimelineId, Lsn)>> {
+    let stop = StopPipe::new(ctx, shutdown)?;
     loop {
-        tokio::select! {
-            event = conn.recv_copy(), if !state.paused => {
-                let was_flushed = state.unflushed_since.is_none();
-                let received_before = state.writer.position();
-                // A batch that comes alone (a quiet database) is fsynced at
-                // once: waiting would batch nothing and cost a wake-up.
-                let busy = state.last_batch.elapsed() < ASYNC_READ_PAUSE_WITHIN;
-                state.last_batch = Instant::now();
-                state.alone = !busy;
-                if receive_batch(ctx, conn, state, event?).await? {
+        if !state.paused {
+            if let Some(event) = conn.try_recv_copy()? {
+                if on_batch(ctx, conn, state, event).await? {
                     return end_of_timeline(ctx, conn, &mut state.writer).await.map(Some);
                 }
-                if let (true, Some(since)) = (was_flushed, state.unflushed_since) {
-                    flush_timer.as_mut().reset((since + ASYNC_FLUSH_DELAY).into());
-                }
-                let small = state.writer.position().0 - received_before.0 < ASYNC_READ_PAUSE_BELOW;
-                if small && busy && !*ctx.synchronous.borrow() {
-                    // No commit waits and the stream is not behind: let the
-                    // socket gather WAL for a moment, so one read takes many
-                    // messages instead of one a commit. (A backlog comes in
-                    // large batches and is read without pauses.)
-                    tokio::time::sleep(ASYNC_READ_PAUSE).await;
+                continue;
+            }
+        }
+        let now = Instant::now();
+        let next = due.next(state);
+        if next <= now {
+            periodic(ctx, conn, state, due).await?;
+            continue;
+        }
+        match conn.wait_plain(!state.paused, stop.fd(), next - now)? {
+            Wake::Readable => {
+                conn.read_plain()?;
+            }
+            Wake::Stop => {
+                on_stop(ctx, conn, state).await?;
+                return Ok(None);
+            }
+            Wake::TimedOut => {}
+        }
+    }
+}
+
+/// The loop on a TLS connection, whose bytes only the async stream can
+/// decrypt: one timer for all deadlines, reset only when the earliest moves.
+async fn receive_async(
+    ctx: &StreamContext,
+    conn: &mut Connection,
+    state: &mut Receiving,
+    shutdown: &mut watch::Receiver<bool>,
+    due: &mut Deadlines,
+) -> anyhow::Result<Option<(TimelineId, Lsn)>> {
+    let timer = tokio::time::sleep_until(due.next(state).into());
+    tokio::pin!(timer);
+    let stop = shutdown.changed();
+    tokio::pin!(stop);
+    loop {
+        let next = due.next(state);
+        if timer.deadline() != next.into() {
+            timer.as_mut().reset(next.into());
+        }
+        tokio::select! {
+            event = conn.recv_copy(), if !state.paused => {
+                if on_batch(ctx, conn, state, event?).await? {
+                    return end_of_timeline(ctx, conn, &mut state.writer).await.map(Some);
                 }
             }
-            () = &mut flush_timer, if state.unflushed_since.is_some() => {
-                flush_and_report(ctx, conn, state, false).await?;
-            }
-            () = tokio::time::sleep_until((state.last_progress_write + PROGRESS_INTERVAL).into()), if state.progress_due => {
-                record_progress(ctx, &state.writer, state.server_lsn)?;
-                state.last_progress_write = Instant::now();
-                state.progress_due = false;
-            }
-            _ = status_tick.tick() => {
-                if ctx.settings.spool_limit.is_some() {
-                    state.paused = spool_limit_state(ctx, state.paused)?;
-                }
-                flush_and_report(ctx, conn, state, true).await?;
-                if state.last_progress_write.elapsed() >= ctx.settings.status_interval {
-                    record_progress(ctx, &state.writer, state.server_lsn)?;
-                    state.last_progress_write = Instant::now();
-                }
-            }
-            _ = partial_tick.tick() => {
-                if let Some((segment, path, len)) = state.writer.partial() {
-                    if last_partial != Some((segment, len)) {
-                        ctx.uploads.send(UploadJob::Partial { segment, path, len, last: false }).context("the uploader stopped")?;
-                        last_partial = Some((segment, len));
-                    }
-                }
-            }
-            _ = shutdown.changed() => {
-                flush_and_report(ctx, conn, state, true).await?;
-                record_progress(ctx, &state.writer, state.server_lsn)?;
-                if let Some((segment, path, len)) = state.writer.partial() {
-                    let _ = ctx.uploads.send(UploadJob::Partial { segment, path, len, last: false });
-                }
-                conn.send_copy_done().await?;
+            () = &mut timer => periodic(ctx, conn, state, due).await?,
+            _ = &mut stop => {
+                on_stop(ctx, conn, state).await?;
                 return Ok(None);
             }
         }
     }
+}
+
+/// A pipe whose read end becomes readable when the agent shuts down: a
+/// task on the main runtime waits for the shutdown signal and writes to
+/// it, so the plain loop's `poll(2)` sees shutdown without waking to check.
+struct StopPipe {
+    read: std::os::unix::net::UnixStream,
+    signal: tokio::task::JoinHandle<()>,
+}
+
+impl StopPipe {
+    fn new(ctx: &StreamContext, shutdown: &watch::Receiver<bool>) -> anyhow::Result<StopPipe> {
+        let (read, write) = std::os::unix::net::UnixStream::pair().context("create the receive loop's stop pipe")?;
+        let mut shutdown = shutdown.clone();
+        let signal = ctx.runtime.spawn(async move {
+            if !*shutdown.borrow_and_update() {
+                // A closed channel (the daemon gone) stops the loop as well.
+                let _ = shutdown.changed().await;
+            }
+            let _ = std::io::Write::write(&mut &write, &[1]);
+        });
+        Ok(StopPipe { read, signal })
+    }
+
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.read)
+    }
+}
+
+impl Drop for StopPipe {
+    fn drop(&mut self) {
+        self.signal.abort();
+    }
+}
+
+/// A batch of messages, starting with `event`: written, fsynced and
+/// reported as `receive_batch` decides. Returns whether the server ended
+/// the timeline.
+async fn on_batch(
+    ctx: &StreamContext,
+    conn: &mut Connection,
+    state: &mut Receiving,
+    event: CopyEvent,
+) -> anyhow::Result<bool> {
+    let busy = state.last_batch.elapsed() < ASYNC_READ_PAUSE_WITHIN;
+    state.last_batch = Instant::now();
+    // A batch that comes alone (a quiet database) is fsynced at once:
+    // waiting would batch nothing and cost a wake-up.
+    state.alone = !busy;
+    let received_before = state.writer.position();
+    if receive_batch(ctx, conn, state, event).await? {
+        return Ok(true);
+    }
+    let small = state.writer.position().0 - received_before.0 < ASYNC_READ_PAUSE_BELOW;
+    if small && busy && !*ctx.synchronous.borrow() {
+        // No commit waits and the stream is not behind: let the socket
+        // gather WAL for a moment, so one read takes many messages instead
+        // of one a commit. (A backlog comes in large batches and is read
+        // without pauses.)
+        tokio::time::sleep(ASYNC_READ_PAUSE).await;
+    }
+    Ok(false)
+}
+
+/// Shutdown: everything received is fsynced and reported, the progress
+/// recorded, the partial segment handed to the uploader, the stream ended.
+async fn on_stop(ctx: &StreamContext, conn: &mut Connection, state: &mut Receiving) -> anyhow::Result<()> {
+    flush_and_report(ctx, conn, state, true).await?;
+    record_progress(ctx, &state.writer, state.server_lsn)?;
+    if let Some((segment, path, len)) = state.writer.partial() {
+        let _ = ctx.uploads.send(UploadJob::Partial { segment, path, len, last: false });
+    }
+    conn.send_copy_done().await?;
+    Ok(())
+}
+
+/// Whatever of the loop's periodic work is due now: the delayed fsync, the
+/// index's progress, the status update and the partial segment's upload.
+async fn periodic(
+    ctx: &StreamContext,
+    conn: &mut Connection,
+    state: &mut Receiving,
+    due: &mut Deadlines,
+) -> anyhow::Result<()> {
+    let now = Instant::now();
+    if state.unflushed_since.is_some_and(|since| since + ASYNC_FLUSH_DELAY <= now) {
+        flush_and_report(ctx, conn, state, false).await?;
+    }
+    if state.progress_due && state.last_progress_write + PROGRESS_INTERVAL <= now {
+        record_progress(ctx, &state.writer, state.server_lsn)?;
+        state.last_progress_write = now;
+        state.progress_due = false;
+    }
+    if due.status <= now {
+        due.status = now + ctx.settings.status_interval;
+        if ctx.settings.spool_limit.is_some() {
+            state.paused = spool_limit_state(ctx, state.paused)?;
+        }
+        flush_and_report(ctx, conn, state, true).await?;
+        if state.last_progress_write.elapsed() >= ctx.settings.status_interval {
+            record_progress(ctx, &state.writer, state.server_lsn)?;
+            state.last_progress_write = Instant::now();
+        }
+    }
+    if due.partial <= now {
+        due.partial = now + ctx.settings.partial_upload_interval;
+        if let Some((segment, path, len)) = state.writer.partial() {
+            if due.last_partial != Some((segment, len)) {
+                ctx.uploads
+                    .send(UploadJob::Partial { segment, path, len, last: false })
+                    .context("the uploader stopped")?;
+                due.last_partial = Some((segment, len));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes everything already received (the event and whatever is buffered

@@ -1,8 +1,8 @@
 //! Durable local writes, said once: what a caller reports as durable has
 //! been fsynced, and so has the directory entry that names it.
 //!
-//! Used by the local repository (object_store writes to a temporary name and
-//! renames, but never fsyncs), the agent's spool, and the restore tool's
+//! Used by the local repository (its puts, which object_store's local
+//! backend would write and rename without an fsync), the agent's spool, and the restore tool's
 //! `wal-get` (PostgreSQL must never see a half-written file under the name it
 //! asked for).
 
@@ -57,6 +57,59 @@ pub fn write_atomically(destination: &Path, content: &[u8], durability: Durabili
     Ok(())
 }
 
+/// Stores an object of a local repository durably in one pass: a staging
+/// file beside it named as object_store names its own (`name#N`, which
+/// listings skip and expiry finds if a crash leaves it), created with mode
+/// 0600, written and fsynced before it is renamed over the object, then the
+/// directory fsynced. A reader and a crash both see the old object or the
+/// whole new one. Missing directories are created (and made durable).
+pub fn put_object_file(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = parent_dir(path);
+    let mut suffix = [0u8; 4];
+    getrandom::getrandom(&mut suffix).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(format!("#{}", u32::from_le_bytes(suffix)));
+    let staging = std::path::PathBuf::from(staging);
+    let create = || std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&staging);
+    let mut file = match create() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            create_dirs_durably(dir)?;
+            create()?
+        }
+        other => other?,
+    };
+    let written = file.write_all(content).and_then(|()| file.sync_data());
+    drop(file);
+    if let Err(e) = written.and_then(|()| std::fs::rename(&staging, path)) {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
+    fsync_dir(dir)
+}
+
+/// Creates `dir` and its missing parents, fsyncing the directory that holds
+/// each one created so the new entries survive a crash.
+fn create_dirs_durably(dir: &Path) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.exists() {
+        missing.push(at);
+        match at.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(parent) => at = parent,
+            None => break,
+        }
+    }
+    for created in missing.into_iter().rev() {
+        match std::fs::create_dir(created) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            other => other?,
+        }
+        fsync_dir(parent_dir(created))?;
+    }
+    Ok(())
+}
+
 /// Removes a file (a missing one is fine) and makes the removal durable.
 pub fn remove_durably(path: &Path) -> std::io::Result<()> {
     match std::fs::remove_file(path) {
@@ -70,6 +123,23 @@ pub fn remove_durably(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn object_files_are_created_with_their_directories_replaced_whole_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wal/00000001/000000010000000000000003.partial");
+        put_object_file(&path, b"first").expect("create");
+        put_object_file(&path, b"second, longer").expect("replace");
+        assert_eq!(std::fs::read(&path).expect("read"), b"second, longer");
+        let mode = std::fs::metadata(&path).expect("metadata").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "objects are private to the agent's user");
+        let names: Vec<_> = std::fs::read_dir(path.parent().expect("parent"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "no staging file is left beside the object: {names:?}");
+    }
 
     #[test]
     fn atomic_writes_replace_whole_files_and_leave_no_temporary() {

@@ -1,9 +1,9 @@
 //! Writing the repository: the agent's side (the restore tool only reads).
 //!
-//! A put returns once the object is durable: object_store's local backend
-//! writes to a staging name and renames but does not fsync, so a put to a
-//! local repository fsyncs the file and its directory afterwards; a remote
-//! store's PUT (or CompleteMultipartUpload) is durable when it answers.
+//! A put returns once the object is durable: a local repository's object is
+//! written to a staging name, fsynced, renamed and its directory fsynced
+//! (`durable::put_object_file`); a remote store's PUT (or
+//! CompleteMultipartUpload) is durable when it answers.
 
 use crate::durable::fsync_file_and_dir;
 use crate::error::RepoError;
@@ -11,7 +11,6 @@ use crate::store::Repository;
 use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
 use object_store::PutPayload;
-use std::os::unix::fs::PermissionsExt;
 use tidemark_proto::repo::layout::{RepositoryMeta, META_KEY};
 use tidemark_proto::repo::seal;
 
@@ -47,25 +46,25 @@ impl Repository {
 
     /// Stores bytes exactly as given (already sealed, or plain metadata).
     async fn put_stored(&self, key: &str, bytes: Vec<u8>) -> Result<(), RepoError> {
+        if let Some(root) = &self.local_root {
+            // Locally the object is written, fsynced and only then renamed
+            // into place, in one blocking call: object_store's local put
+            // renames first and would need a second pass to fsync.
+            let file = root.join(key);
+            let stored = tokio::task::spawn_blocking(move || crate::durable::put_object_file(&file, &bytes))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            return stored.map_err(|source| RepoError::Local { context: format!("store object {key}"), source });
+        }
         let path = ObjectPath::from(key);
         let context = || format!("store object {key} in {}", self.display);
-        if self.local_root.is_none() && bytes.len() > MULTIPART_THRESHOLD {
+        if bytes.len() > MULTIPART_THRESHOLD {
             return self.put_multipart(&path, bytes).await.map_err(|e| RepoError::store(context(), e));
         }
         self.store
             .put(&path, PutPayload::from(Bytes::from(bytes)))
             .await
             .map_err(|e| RepoError::store(context(), e))?;
-        if let Some(root) = &self.local_root {
-            let file = root.join(key);
-            let synced = tokio::task::spawn_blocking(move || {
-                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
-                fsync_file_and_dir(&file)
-            })
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-            synced.map_err(|source| RepoError::Local { context: format!("fsync object {key}"), source })?;
-        }
         Ok(())
     }
 

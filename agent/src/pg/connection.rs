@@ -15,6 +15,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use sha2::Digest;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 use tidemark_proto::conninfo::{ConnParams, SslMode};
@@ -74,8 +75,31 @@ pub enum CopyEvent {
 
 pub struct Connection {
     stream: Box<dyn Stream>,
+    /// A duplicate of the socket's descriptor when no TLS sits on it: the
+    /// receive loop waits on and reads it with plain system calls (see
+    /// [`Connection::wait_plain`]).
+    plain: Option<OwnedFd>,
     read_buf: BytesMut,
     write_buf: BytesMut,
+}
+
+/// What [`Connection::wait_plain`] woke up for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The socket has bytes (or the server closed it: the read says which).
+    Readable,
+    /// The other descriptor became readable.
+    Stop,
+    TimedOut,
+}
+
+/// The opened byte stream to the server, before the startup exchange.
+pub(crate) struct Opened {
+    pub stream: Box<dyn Stream>,
+    /// The server's certificate under TLS (SCRAM channel binding hashes it).
+    pub certificate: Option<Vec<u8>>,
+    /// The socket's descriptor, duplicated, when no TLS sits on it.
+    pub plain: Option<OwnedFd>,
 }
 
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -83,9 +107,14 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 impl Connection {
     /// Connects and authenticates. `params.user` must be set by the caller.
     pub async fn connect(params: &ConnParams, kind: ConnectionKind) -> Result<Connection, PgError> {
-        let (stream, cert) = open_stream(params).await?;
-        let mut conn = Connection { stream, read_buf: BytesMut::with_capacity(256 * 1024), write_buf: BytesMut::new() };
-        conn.startup(params, kind, cert).await?;
+        let opened = open_stream(params).await?;
+        let mut conn = Connection {
+            stream: opened.stream,
+            plain: opened.plain,
+            read_buf: BytesMut::with_capacity(256 * 1024),
+            write_buf: BytesMut::new(),
+        };
+        conn.startup(params, kind, opened.certificate).await?;
         Ok(conn)
     }
 
@@ -310,6 +339,73 @@ impl Connection {
         }
     }
 
+    /// Whether the socket can be waited on and read with plain system calls
+    /// (no TLS on it): the receive loop then blocks its own thread in
+    /// `poll(2)` instead of going through the async runtime for every
+    /// message, which on a quiet database cost more CPU than the kernel's
+    /// own work per commit.
+    pub fn is_plain(&self) -> bool {
+        self.plain.is_some()
+    }
+
+    /// Blocks the calling thread until the socket has bytes (when `read`),
+    /// `stop` is readable, or `timeout` has passed. Only for a thread that
+    /// runs nothing else (the receive loop's own).
+    pub fn wait_plain(&self, read: bool, stop: BorrowedFd<'_>, timeout: Duration) -> Result<Wake, PgError> {
+        let socket = self.plain.as_ref().ok_or_else(|| PgError::Protocol("wait_plain on a TLS connection".into()))?;
+        let mut fds = [
+            libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: socket.as_raw_fd(), events: if read { libc::POLLIN } else { 0 }, revents: 0 },
+        ];
+        // Rounded up, so a deadline less than a millisecond away is not a busy loop.
+        let millis = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+        // SAFETY: `fds` is a valid array of two pollfd structs for the
+        // duration of the call, and both descriptors are open (owned by
+        // `self` and the caller's borrow).
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) };
+        if ready < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(Wake::TimedOut); // the caller looks at its deadlines again
+            }
+            return Err(PgError::Io(error));
+        }
+        if fds[0].revents != 0 {
+            return Ok(Wake::Stop);
+        }
+        if fds[1].revents != 0 {
+            return Ok(Wake::Readable);
+        }
+        Ok(Wake::TimedOut)
+    }
+
+    /// Reads what the plain socket holds without blocking; false if it held
+    /// nothing (a spurious wake-up). Parse it with `try_recv_copy`.
+    pub fn read_plain(&mut self) -> Result<bool, PgError> {
+        let socket = self.plain.as_ref().ok_or_else(|| PgError::Protocol("read_plain on a TLS connection".into()))?;
+        self.read_buf.reserve(256 * 1024);
+        let spare = self.read_buf.spare_capacity_mut();
+        // SAFETY: recv writes at most `spare.len()` bytes into the buffer's
+        // spare capacity, which is valid for writes of that length.
+        let n = unsafe { libc::recv(socket.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT) };
+        if n < 0 {
+            let error = std::io::Error::last_os_error();
+            return match error.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(false),
+                _ => Err(PgError::Io(error)),
+            };
+        }
+        if n == 0 {
+            return Err(PgError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the server closed the connection",
+            )));
+        }
+        // SAFETY: recv initialized the first `n` bytes of the spare capacity.
+        unsafe { self.read_buf.set_len(self.read_buf.len() + n as usize) };
+        Ok(true)
+    }
+
     pub async fn send_copy_data(&mut self, payload: &[u8]) -> Result<(), PgError> {
         frontend::CopyData::new(payload)?.write(&mut self.write_buf);
         self.flush().await
@@ -447,7 +543,7 @@ fn server_error(body: &postgres_protocol::message::backend::ErrorResponseBody) -
 /// The byte stream to the server: TCP (with TLS as sslmode asks; the
 /// server's certificate comes along for channel binding) or a Unix socket.
 /// Shared by our replication client and the ordinary sessions of `sql`.
-pub(crate) async fn open_stream(params: &ConnParams) -> Result<(Box<dyn Stream>, Option<Vec<u8>>), PgError> {
+pub(crate) async fn open_stream(params: &ConnParams) -> Result<Opened, PgError> {
     let timeout = params.connect_timeout_secs.map(Duration::from_secs).unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let host = params.host.clone().unwrap_or_else(|| "localhost".into());
     let address = if host.starts_with('/') {
@@ -457,30 +553,31 @@ pub(crate) async fn open_stream(params: &ConnParams) -> Result<(Box<dyn Stream>,
     };
     let connect_error = |source| PgError::Connect { address: address.clone(), source };
     let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
-    let (stream, cert): (Box<dyn Stream>, Option<Vec<u8>>) = if host.starts_with('/') {
+    if host.starts_with('/') {
         let unix = tokio::time::timeout(timeout, UnixStream::connect(&address))
             .await
             .map_err(|_| connect_error(timed_out()))?
             .map_err(connect_error)?;
-        (Box::new(unix), None)
+        let plain = Some(unix.as_fd().try_clone_to_owned()?);
+        Ok(Opened { stream: Box::new(unix), certificate: None, plain })
     } else {
         let tcp = tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), params.port)))
             .await
             .map_err(|_| connect_error(timed_out()))?
             .map_err(connect_error)?;
         tcp.set_nodelay(true)?;
-        negotiate_tls(tcp, &host, params).await?
-    };
-    Ok((stream, cert))
+        negotiate_tls(tcp, &host, params).await
+    }
 }
 
-async fn negotiate_tls(
-    mut tcp: TcpStream,
-    host: &str,
-    params: &ConnParams,
-) -> Result<(Box<dyn Stream>, Option<Vec<u8>>), PgError> {
+fn plain_tcp(tcp: TcpStream) -> Result<Opened, PgError> {
+    let plain = Some(tcp.as_fd().try_clone_to_owned()?);
+    Ok(Opened { stream: Box::new(tcp), certificate: None, plain })
+}
+
+async fn negotiate_tls(mut tcp: TcpStream, host: &str, params: &ConnParams) -> Result<Opened, PgError> {
     if params.sslmode == SslMode::Disable {
-        return Ok((Box::new(tcp), None));
+        return plain_tcp(tcp);
     }
     let mut request = BytesMut::new();
     frontend::ssl_request(&mut request);
@@ -489,7 +586,7 @@ async fn negotiate_tls(
     tcp.read_exact(&mut answer).await?;
     if answer[0] != b'S' {
         if params.sslmode == SslMode::Prefer {
-            return Ok((Box::new(tcp), None));
+            return plain_tcp(tcp);
         }
         return Err(PgError::Tls(format!(
             "the server does not support TLS but sslmode is {:?}; enable ssl on the server or lower sslmode",
@@ -512,7 +609,7 @@ async fn negotiate_tls(
         .await
         .map_err(|e| PgError::Tls(format!("handshake with {host} failed: {e}")))?;
     let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec());
-    Ok((Box::new(tls), cert))
+    Ok(Opened { stream: Box::new(tls), certificate: cert, plain: None })
 }
 
 fn default_root_cert() -> Option<PathBuf> {

@@ -8,5 +8,5 @@ pub mod session;
 pub mod sql;
 pub mod tls;
 
-pub use connection::{Connection, ConnectionKind, CopyEvent, QueryEvent, QueryResult};
+pub use connection::{Connection, ConnectionKind, CopyEvent, QueryEvent, QueryResult, Wake};
 pub use error::PgError;

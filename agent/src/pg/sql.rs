@@ -39,7 +39,7 @@ pub async fn connect(params: &ConnParams) -> Result<tokio_postgres::Client, PgEr
 
 async fn connect_one(params: &ConnParams) -> Result<tokio_postgres::Client, PgError> {
     let user = params.user.clone().ok_or_else(|| PgError::Auth("no user name given".into()))?;
-    let (stream, _certificate) = open_stream(params).await?;
+    let stream = open_stream(params).await?.stream;
     let mut config = tokio_postgres::Config::new();
     config
         .user(&user)

@@ -91,7 +91,19 @@ fn tls_require_verify_ca_and_verify_full() {
     let root = |ca: &tidemark_tests::tls::TestCa| ca.ca_cert.display().to_string();
 
     // require: encrypted (the server rejects anything else for this user).
-    init_ok(&AgentSetup::new(&base.join("require"), url("127.0.0.1", "sslmode=require")));
+    let require = AgentSetup::new(&base.join("require"), url("127.0.0.1", "sslmode=require"));
+    init_ok(&require);
+    // Streaming over TLS takes the receive loop's async path (every other
+    // test streams over a plain socket, which the loop polls itself): the
+    // WAL arrives byte for byte and the agent stops cleanly.
+    let start = cluster.current_lsn();
+    let running = require.spawn();
+    cluster.psql("CREATE TABLE over_tls AS SELECT generate_series(1, 10000) AS n");
+    let switched = cluster.switch_wal();
+    wait_archived(&require, switched);
+    assert!(assert_segments_identical(&cluster, &require, start, switched) >= 1);
+    let log = running.log_text();
+    assert!(running.stop(), "the agent streaming over TLS did not stop cleanly:\n{log}");
     let plain = AgentSetup::new(&base.join("plain"), url("127.0.0.1", "sslmode=disable"));
     let output = plain.run_command(&["init"]);
     assert!(!output.status.success() && stderr(&output).contains("pg_hba.conf"), "{}", stderr(&output));

@@ -21,6 +21,8 @@ fn as_root() -> bool {
 /// run as root), from a copy of the binary that user can execute.
 pub struct Restorer {
     exe: PathBuf,
+    /// A local repository the agent (as root) may still be writing to.
+    local_repo: Option<PathBuf>,
     repo_url: String,
     key_args: Vec<String>,
     env: Vec<(String, String)>,
@@ -39,7 +41,8 @@ impl Restorer {
                 chown(key, PG_USER_OS);
             }
         }
-        Restorer { exe, repo_url: agent.repo_url(), key_args: agent.key_args(), env: agent.env.clone() }
+        let local_repo = (as_root() && agent.url.is_none()).then(|| agent.repo.clone());
+        Restorer { exe, local_repo, repo_url: agent.repo_url(), key_args: agent.key_args(), env: agent.env.clone() }
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
@@ -61,6 +64,13 @@ impl Restorer {
     }
 
     fn run_once(&self, args: &[&str]) -> std::io::Result<Output> {
+        if let Some(repo) = &self.local_repo {
+            // What a running agent wrote since `new` is root's and private:
+            // hand it over too. Best effort: a staging file may vanish
+            // while chown walks, and what it missed the next call takes.
+            let _ =
+                Command::new("chown").arg("-R").arg(PG_USER_OS).arg(repo).stderr(std::process::Stdio::null()).status();
+        }
         let mut command = if as_root() {
             let mut c = Command::new("runuser");
             c.args(["-u", PG_USER_OS, "--"]).arg(&self.exe);
