@@ -133,3 +133,25 @@ fn tls_require_verify_ca_and_verify_full() {
         url("localhost", &format!("sslmode=verify-ca&sslrootcert={}", root(&ca))),
     ));
 }
+
+#[test]
+fn streams_over_a_unix_socket() {
+    // The receive loop polls a Unix socket as it does plain TCP: WAL arrives
+    // byte for byte and the agent stops cleanly.
+    let cluster =
+        Cluster::start(ClusterOptions { hba: vec!["local replication postgres trust".into()], ..Default::default() });
+    let agent = AgentSetup::new(
+        &cluster.dir.path().join("unix"),
+        format!("host={} port={} user=postgres dbname=postgres", cluster.dir.path().display(), cluster.port),
+    );
+    init_ok(&agent);
+    let start = cluster.current_lsn();
+    let running = agent.spawn();
+    cluster.psql("CREATE TABLE over_unix AS SELECT generate_series(1, 10000) AS n");
+    let switched = cluster.switch_wal();
+    wait_archived(&agent, switched);
+    assert!(assert_segments_identical(&cluster, &agent, start, switched) >= 1);
+    let log = running.log_text();
+    assert!(log.contains("streaming"), "{log}");
+    assert!(running.stop(), "the agent streaming over a Unix socket did not stop cleanly:\n{log}");
+}
