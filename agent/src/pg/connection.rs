@@ -396,10 +396,7 @@ impl Connection {
             };
         }
         if n == 0 {
-            return Err(PgError::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the server closed the connection",
-            )));
+            return Err(server_closed());
         }
         // SAFETY: recv initialized the first `n` bytes of the spare capacity.
         unsafe { self.read_buf.set_len(self.read_buf.len() + n as usize) };
@@ -481,10 +478,7 @@ impl Connection {
         self.read_buf.reserve(256 * 1024);
         let n = self.stream.read_buf(&mut self.read_buf).await?;
         if n == 0 {
-            return Err(PgError::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the server closed the connection",
-            )));
+            return Err(server_closed());
         }
         Ok(())
     }
@@ -536,6 +530,10 @@ fn server_error(body: &postgres_protocol::message::backend::ErrorResponseBody) -
         }
     }
     error
+}
+
+fn server_closed() -> PgError {
+    PgError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the server closed the connection"))
 }
 
 /// SSLRequest and handshake per sslmode. Returns the stream and, for TLS, the

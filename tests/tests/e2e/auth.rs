@@ -12,6 +12,20 @@ fn init_ok(agent: &AgentSetup) {
     assert!(status["server_lsn"].as_str().is_some(), "status could not reach the server: {status}");
 }
 
+/// Runs `agent`, writes a table `table` and switches WAL: the segments reach
+/// the repository byte for byte and the agent stops cleanly.
+fn streams_and_stops(cluster: &Cluster, agent: &AgentSetup, table: &str) {
+    let start = cluster.current_lsn();
+    let running = agent.spawn();
+    cluster.psql(&format!("CREATE TABLE {table} AS SELECT generate_series(1, 10000) AS n"));
+    let switched = cluster.switch_wal();
+    wait_archived(agent, switched);
+    assert!(assert_segments_identical(cluster, agent, start, switched) >= 1);
+    let log = running.log_text();
+    assert!(log.contains("streaming"), "{log}");
+    assert!(running.stop(), "the agent did not stop cleanly:\n{log}");
+}
+
 #[test]
 fn trust_md5_scram_and_password_sources() {
     let cluster = Cluster::start(ClusterOptions {
@@ -96,14 +110,7 @@ fn tls_require_verify_ca_and_verify_full() {
     // Streaming over TLS takes the receive loop's async path (every other
     // test streams over a plain socket, which the loop polls itself): the
     // WAL arrives byte for byte and the agent stops cleanly.
-    let start = cluster.current_lsn();
-    let running = require.spawn();
-    cluster.psql("CREATE TABLE over_tls AS SELECT generate_series(1, 10000) AS n");
-    let switched = cluster.switch_wal();
-    wait_archived(&require, switched);
-    assert!(assert_segments_identical(&cluster, &require, start, switched) >= 1);
-    let log = running.log_text();
-    assert!(running.stop(), "the agent streaming over TLS did not stop cleanly:\n{log}");
+    streams_and_stops(&cluster, &require, "over_tls");
     let plain = AgentSetup::new(&base.join("plain"), url("127.0.0.1", "sslmode=disable"));
     let output = plain.run_command(&["init"]);
     assert!(!output.status.success() && stderr(&output).contains("pg_hba.conf"), "{}", stderr(&output));
@@ -145,13 +152,5 @@ fn streams_over_a_unix_socket() {
         format!("host={} port={} user=postgres dbname=postgres", cluster.dir.path().display(), cluster.port),
     );
     init_ok(&agent);
-    let start = cluster.current_lsn();
-    let running = agent.spawn();
-    cluster.psql("CREATE TABLE over_unix AS SELECT generate_series(1, 10000) AS n");
-    let switched = cluster.switch_wal();
-    wait_archived(&agent, switched);
-    assert!(assert_segments_identical(&cluster, &agent, start, switched) >= 1);
-    let log = running.log_text();
-    assert!(log.contains("streaming"), "{log}");
-    assert!(running.stop(), "the agent streaming over a Unix socket did not stop cleanly:\n{log}");
+    streams_and_stops(&cluster, &agent, "over_unix");
 }
