@@ -14,9 +14,8 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tidemark_proto::repo::layout::{EncryptionMeta, KeyRecord, RepositoryMeta, META_KEY};
+use tidemark_proto::repo::layout::{EncryptionMeta, KeyRecord, ObjectKey, RepositoryMeta, META_KEY};
 use tidemark_proto::repo::seal::{self, KdfParams, Keyring};
-use tidemark_proto::segment::WalFileName;
 use tidemark_repo::store::read_key_files;
 use tidemark_repo::Fail;
 use tidemark_repo::Repository;
@@ -144,13 +143,14 @@ pub async fn reencrypt(settings: &Settings) -> anyhow::Result<Reencryption> {
     Ok(report)
 }
 
-/// A `.partial` object on the newest timeline: the one the agent may still be rewriting.
+/// A partial object (a prefix or a piece) on the newest timeline: one the
+/// agent may still be rewriting.
 fn is_live_partial(key: &str, newest_timeline: Option<&str>, segment_size: u64) -> bool {
-    let Some(rest) = key.strip_prefix("wal/") else { return false };
-    let Some((timeline, name)) = rest.split_once('/') else { return false };
-    let Some(segment) = name.strip_suffix(".partial") else { return false };
-    Some(timeline) == newest_timeline
-        && matches!(WalFileName::parse(segment, segment_size), Ok(WalFileName::Segment(_)))
+    let segment = match ObjectKey::parse(key, segment_size) {
+        Some(ObjectKey::PartialSegment(segment) | ObjectKey::PartialPiece { segment, .. }) => segment,
+        _ => return false,
+    };
+    newest_timeline == Some(format!("{:08X}", segment.timeline.0).as_str())
 }
 
 #[cfg(test)]
@@ -162,6 +162,7 @@ mod tests {
         let size = 16 << 20;
         let newest = Some("00000002");
         assert!(is_live_partial("wal/00000002/000000020000000000000005.partial", newest, size));
+        assert!(is_live_partial("wal/00000002/000000020000000000000005.partial.00002000", newest, size));
         assert!(!is_live_partial("wal/00000001/000000010000000000000005.partial", newest, size));
         assert!(!is_live_partial("wal/00000002/000000020000000000000005", newest, size));
         assert!(!is_live_partial("backups/x/files/0.partial", newest, size));

@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tidemark_proto::repo::frame::{FrameInfo, Pieces};
-use tidemark_proto::repo::layout::{partial_segment_key, segment_key};
+use tidemark_proto::repo::layout::{partial_piece_key, partial_segment_key, segment_key};
 use tidemark_proto::segment::SegmentId;
 use tidemark_proto::Lsn;
+use tidemark_repo::partial::{NextUpload, StoredChain};
 use tidemark_repo::Repository;
 use tokio::sync::mpsc;
 use tokio::sync::Mutex;
@@ -158,6 +159,7 @@ impl Uploader {
         // The segment is whole: its pieces become the object (no copy) and
         // are not kept (a retry after a failed put compresses it again).
         let building = self.building.lock().await.take().context("no compressed segment")?;
+        let pieces: Vec<u64> = building.chain.pieces.iter().map(|(offset, _)| *offset).collect();
         let (object, info) = building.pieces.into_object();
         let record = self.store(&segment_key(segment, self.segment_size), object, info, segment).await?;
         let stored_bytes = record.stored_bytes;
@@ -168,6 +170,7 @@ impl Uploader {
         if self.repo.may_delete() {
             self.repo.delete(&partial_segment_key(segment, self.segment_size)).await?;
         }
+        self.delete_pieces(segment, pieces.into_iter()).await;
         let (index, path) = (self.index.clone(), path.to_path_buf());
         off_runtime(move || {
             index.delete_partial(segment)?;
@@ -178,6 +181,10 @@ impl Uploader {
         Ok(())
     }
 
+    /// Stores what the spool file holds of a segment still being filled:
+    /// only the bytes since the last upload, as a piece of the chain
+    /// `tidemark_repo::partial` describes, or now and then everything again
+    /// as the prefix object (whose pieces then go).
     async fn upload_partial(&self, segment: SegmentId, path: &Path, len: u64, last: bool) -> anyhow::Result<()> {
         if self.index.segment(segment)?.is_some() {
             return Ok(()); // The complete segment is already stored.
@@ -190,22 +197,66 @@ impl Uploader {
             }
             Err(e) => return Err(e),
         };
-        let (object, info) = match self.building.lock().await.as_mut() {
-            Some(building) => building.pieces.object(),
-            None => anyhow::bail!("no compressed segment"),
-        };
-        let record = self.store(&partial_segment_key(segment, self.segment_size), object, info, segment).await?;
-        let (index, path) = (self.index.clone(), path.to_path_buf());
-        off_runtime(move || {
-            index.put_partial(segment, &record)?;
-            if last {
-                remove_durably(&path)?;
-            }
-            Ok(())
-        })
-        .await?;
-        debug!(segment = %segment.file_name(self.segment_size), bytes = len, "archived partial segment");
+        let mut guard = self.building.lock().await;
+        let building = guard.as_mut().context("no compressed segment")?;
+        // Nothing new since the last upload (a `last` one still folds pieces
+        // into one object), or nothing at all: nothing to store.
+        let stored_all = building.pieces.raw_len() == building.pieces.marked_raw_len()
+            && building.chain.prefix_stored > 0
+            && !(last && !building.chain.pieces.is_empty());
+        if building.pieces.raw_len() > 0 && !stored_all {
+            self.store_partial(building, last).await?;
+        }
+        drop(guard);
+        if last {
+            let path = path.to_path_buf();
+            off_runtime(move || remove_durably(&path)).await?;
+        }
         Ok(())
+    }
+
+    /// Stores the new bytes of `building` as a piece, or everything as the
+    /// prefix object (then deleting the pieces it folds in), and records
+    /// the whole prefix in the index.
+    async fn store_partial(&self, building: &mut Building, last: bool) -> anyhow::Result<()> {
+        let segment = building.segment;
+        let upload = building.chain.next_upload(building.pieces.marked_raw_len(), last);
+        let (key, (object, info)) = match upload {
+            NextUpload::Prefix => (partial_segment_key(segment, self.segment_size), building.pieces.object()),
+            NextUpload::Piece { offset } => {
+                (partial_piece_key(segment, self.segment_size, offset), building.pieces.since_mark())
+            }
+        };
+        self.repo.put(&key, object).await?;
+        let folded = match upload {
+            NextUpload::Prefix => std::mem::take(&mut building.chain.pieces),
+            NextUpload::Piece { .. } => Vec::new(),
+        };
+        building.chain.stored(upload, info.stored_len);
+        building.pieces.set_mark();
+        // The prefix object now holds what the folded pieces held, durably.
+        self.delete_pieces(segment, folded.iter().map(|(offset, _)| *offset)).await;
+        let stored_len = building.chain.prefix_stored + building.chain.pieces.iter().map(|(_, s)| s).sum::<u64>();
+        let record = self.record(segment, FrameInfo { stored_len, ..building.pieces.info() });
+        let index = self.index.clone();
+        off_runtime(move || index.put_partial(segment, &record)).await?;
+        let bytes = building.pieces.raw_len();
+        debug!(segment = %segment.file_name(self.segment_size), bytes, ?upload, "archived partial segment");
+        Ok(())
+    }
+
+    /// Deletes pieces of `segment` that nothing reads any more, when these
+    /// credentials may delete; `expire` removes what is left.
+    async fn delete_pieces(&self, segment: SegmentId, offsets: impl Iterator<Item = u64>) {
+        if !self.repo.may_delete() {
+            return;
+        }
+        for offset in offsets {
+            let key = partial_piece_key(segment, self.segment_size, offset);
+            if let Err(e) = self.repo.delete(&key).await {
+                warn!("could not delete {key}, which `expire` will remove: {e:#}");
+            }
+        }
     }
 
     /// The object for the first `len` bytes of `segment`'s spool file. Bytes
@@ -216,7 +267,7 @@ impl Uploader {
         let mut guard = self.building.lock().await;
         let mut building = match guard.take() {
             Some(b) if b.segment == segment && b.pieces.raw_len() <= len => b,
-            _ => Building { segment, pieces: Pieces::new() },
+            _ => Building { segment, pieces: Pieces::new(), chain: StoredChain::default() },
         };
         let compressor = self.compressor.clone();
         let summaries = self.summaries.clone();
@@ -242,15 +293,20 @@ impl Uploader {
         segment: SegmentId,
     ) -> anyhow::Result<SegmentRecord> {
         self.repo.put(key, object).await?;
+        Ok(self.record(segment, info))
+    }
+
+    /// The index's record of `segment` stored as `info` says.
+    fn record(&self, segment: SegmentId, info: FrameInfo) -> SegmentRecord {
         let start = segment.start_lsn(self.segment_size);
-        Ok(SegmentRecord {
+        SegmentRecord {
             start_lsn: start,
             end_lsn: Lsn(start.0 + info.raw_len),
             raw_bytes: info.raw_len,
             stored_bytes: info.stored_len,
             crc32: info.crc32,
             archived_at_unix: crate::clock::now_unix(),
-        })
+        }
     }
 }
 
@@ -258,6 +314,8 @@ impl Uploader {
 struct Building {
     segment: SegmentId,
     pieces: Pieces,
+    /// What of it the repository holds: the prefix object and pieces since.
+    chain: StoredChain,
 }
 
 /// How much of a spool file is read, compressed and handed on at a time:

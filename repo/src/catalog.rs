@@ -66,6 +66,10 @@ pub async fn read_chain(repo: &Repository, backup: &BackupManifest) -> Result<Ve
     Ok(chain)
 }
 
+/// The partial objects a listing shows, by segment: the offsets they start
+/// at (the prefix object at 0).
+pub type PartialObjects = std::collections::BTreeMap<SegmentId, std::collections::BTreeSet<u64>>;
+
 /// One archived WAL object: complete segments end at the segment end,
 /// partial objects where their durable prefix ends.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -223,6 +227,7 @@ impl Catalog {
         let meta = repo.meta().await?;
         let size = meta.wal_segment_size;
         let mut pieces = Vec::new();
+        let mut partials = PartialObjects::new();
         for key in repo.list("wal").await? {
             match ObjectKey::parse(&key, size) {
                 Some(ObjectKey::Segment(segment)) => pieces.push(WalPiece {
@@ -231,11 +236,19 @@ impl Catalog {
                     end: segment.end_lsn(size),
                 }),
                 Some(ObjectKey::PartialSegment(segment)) => {
-                    let start = segment.start_lsn(size);
-                    let end = Lsn(start.0 + repo.frame_info(&key).await?.raw_len);
-                    pieces.push(WalPiece { timeline: segment.timeline, start, end });
+                    partials.entry(segment).or_default().insert(0);
+                }
+                Some(ObjectKey::PartialPiece { segment, offset }) => {
+                    partials.entry(segment).or_default().insert(offset);
                 }
                 _ => {}
+            }
+        }
+        for (segment, offsets) in &partials {
+            let (end, _) = crate::partial::chain_end(repo, *segment, size, offsets).await?;
+            let start = segment.start_lsn(size);
+            if end > 0 {
+                pieces.push(WalPiece { timeline: segment.timeline, start, end: Lsn(start.0 + end) });
             }
         }
         let mut timelines =

@@ -11,7 +11,7 @@
 use crate::error::RepoError;
 use crate::lease::Lease;
 use crate::retention::{self, Deletion, Inventory, Plan, Policy, WalObject, What};
-use crate::store::Repository;
+use crate::store::{Repository, StoredObject};
 use anyhow::Context;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -56,15 +56,29 @@ pub async fn load_inventory(repo: &Repository) -> Result<Inventory, RepoError> {
         backups.push(crate::catalog::read_manifest(repo, &id).await?);
     }
     let mut wal = Vec::new();
+    let mut partials: BTreeMap<SegmentId, Vec<(u64, StoredObject)>> = BTreeMap::new();
     for object in repo.list_objects("wal").await? {
         match ObjectKey::parse(&object.key, size) {
-            Some(ObjectKey::Segment(segment)) => wal.push(WalObject { object, segment, partial_end: None }),
-            Some(ObjectKey::PartialSegment(segment)) => {
-                let raw_len = repo.frame_info(&object.key).await?.raw_len;
-                let end = tidemark_proto::Lsn(segment.start_lsn(size).0 + raw_len);
-                wal.push(WalObject { object, segment, partial_end: Some(end) });
+            Some(ObjectKey::Segment(segment)) => {
+                wal.push(WalObject { object, segment, partial_end: None, stale: false })
+            }
+            Some(ObjectKey::PartialSegment(segment)) => partials.entry(segment).or_default().push((0, object)),
+            Some(ObjectKey::PartialPiece { segment, offset }) => {
+                partials.entry(segment).or_default().push((offset, object))
             }
             _ => {}
+        }
+    }
+    // A segment's partial objects go together: those on its chain end
+    // where the chain ends (so retention keeps or deletes them as one); the
+    // others are read by nobody.
+    for (segment, objects) in partials {
+        let offsets = objects.iter().map(|(offset, _)| *offset).collect();
+        let (end, chain) = crate::partial::chain_end(repo, segment, size, &offsets).await?;
+        let end = tidemark_proto::Lsn(segment.start_lsn(size).0 + end);
+        for (offset, object) in objects {
+            let stale = !chain.contains(&offset);
+            wal.push(WalObject { object, segment, partial_end: Some(end), stale });
         }
     }
     let mut summaries = Vec::new();

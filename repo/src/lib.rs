@@ -11,6 +11,7 @@
 //! - [`store`]: [`Repository`]: open, keys, list, get (frames and contents).
 //! - [`write`]: puts (sealed, multipart on remote stores, fsynced locally), deletes.
 //! - [`pages`]: backup chunks read back and checked; the whole copy's pages that undo an XOR.
+//! - [`partial`]: a segment's durable prefix as a chain of objects: read, measured, and when the agent folds it.
 //! - [`catalog`]: backups, archived WAL ranges, timelines, the [`catalog::Window`].
 //! - [`remote`]: S3, GCS and Azure stores from their URLs and environment.
 //! - [`events`], [`drills`]: the operations log and restore drill records.
@@ -26,6 +27,7 @@ pub mod events;
 pub mod expire;
 pub mod lease;
 pub mod pages;
+pub mod partial;
 pub mod progress;
 pub mod remote;
 pub mod retention;

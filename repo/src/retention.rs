@@ -102,12 +102,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     n.checked_mul(unit_seconds).map(Duration::seconds).ok_or_else(|| format!("{text:?} is too long"))
 }
 
-/// A WAL object: a complete segment, or a partial one ending at `end`.
+/// A WAL object: a complete segment, or one of a segment's partial
+/// objects, whose chain ends at `partial_end` (see `crate::partial`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WalObject {
     pub object: StoredObject,
     pub segment: SegmentId,
     pub partial_end: Option<Lsn>,
+    /// A partial object off its segment's chain (already folded into a
+    /// newer prefix, or left by an agent that restarted): no reader uses it.
+    pub stale: bool,
 }
 
 /// What the repository holds, as the planner needs it.
@@ -305,6 +309,7 @@ fn month(t: OffsetDateTime) -> (i64, String) {
 
 fn wal_pieces(wal: &[WalObject], size: u64) -> Vec<WalPiece> {
     wal.iter()
+        .filter(|w| !w.stale)
         .map(|w| WalPiece {
             timeline: w.segment.timeline,
             start: w.segment.start_lsn(size),
@@ -551,7 +556,7 @@ fn wal_deletions(
     let mut kept = BTreeSet::new();
     for object in wal {
         let end = object.partial_end.unwrap_or_else(|| object.segment.end_lsn(size));
-        let superseded = object.partial_end.is_some() && complete.contains(&object.segment);
+        let superseded = object.partial_end.is_some() && (object.stale || complete.contains(&object.segment));
         let keep = !superseded && (end > floor || segments.contains(&object.segment));
         if keep {
             kept.insert(object.segment);

@@ -1,6 +1,6 @@
 //! A model-based property test of the retention planner against the restore
 //! planner: random histories (backups with chunk references, WAL on several
-//! timelines, superseded partials, marks with and without `--keep`,
+//! timelines, superseded partials and partial pieces, marks with and without `--keep`,
 //! interrupted uploads, incremental backups on the one before) × random
 //! policies × random "now". After the plan,
 //! every target the policy promises that was restorable before is still
@@ -13,7 +13,7 @@ use crate::target::Target;
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 use tidemark_proto::repo::backup::{chunk_key, manifest_key, pg_manifest_key, BackupManifest};
-use tidemark_proto::repo::layout::{partial_segment_key, segment_key, summary_key};
+use tidemark_proto::repo::layout::{partial_piece_key, partial_segment_key, segment_key, summary_key};
 use tidemark_proto::repo::records::MarkRecord;
 use tidemark_proto::segment::SegmentId;
 use tidemark_proto::{Lsn, TimelineId};
@@ -98,16 +98,46 @@ fn wal_of(
         let modified = at((n + 1) * SEG);
         let end = ((n + 1) * SEG).min(to);
         if end == (n + 1) * SEG {
-            out.push(WalObject { object: object(segment_key(segment, SEG), modified), segment, partial_end: None });
+            out.push(WalObject {
+                object: object(segment_key(segment, SEG), modified),
+                segment,
+                partial_end: None,
+                stale: false,
+            });
             summaries.push((segment, object(summary_key(segment, SEG), modified)));
             if rng.chance(10) {
                 // A superseded partial the agent could not delete.
                 let key = partial_segment_key(segment, SEG);
-                out.push(WalObject { object: object(key, modified), segment, partial_end: Some(Lsn(end - 1)) });
+                out.push(WalObject {
+                    object: object(key, modified),
+                    segment,
+                    partial_end: Some(Lsn(end - 1)),
+                    stale: false,
+                });
             }
         } else if end > n * SEG {
             let key = partial_segment_key(segment, SEG);
-            out.push(WalObject { object: object(key, modified), segment, partial_end: Some(Lsn(end)) });
+            out.push(WalObject { object: object(key, modified), segment, partial_end: Some(Lsn(end)), stale: false });
+            if rng.chance(30) {
+                // A piece continuing the prefix: its chain ends where the prefix's does.
+                let key = partial_piece_key(segment, SEG, 1);
+                out.push(WalObject {
+                    object: object(key, modified),
+                    segment,
+                    partial_end: Some(Lsn(end)),
+                    stale: false,
+                });
+            }
+            if rng.chance(30) {
+                // A piece already folded into the prefix that the agent could not delete.
+                let key = partial_piece_key(segment, SEG, 2);
+                out.push(WalObject {
+                    object: object(key, modified),
+                    segment,
+                    partial_end: Some(Lsn(end)),
+                    stale: true,
+                });
+            }
         }
     }
 }
@@ -432,6 +462,19 @@ fn check(seed: u64, policy_seed: u64) -> Result<(), String> {
         match plan(&after, target.clone(), backup.as_deref(), timeline.as_deref(), stop, model.now) {
             Ok(p) => plan_is_whole(&after, &p, &present).map_err(|e| format!("{target}: {e}"))?,
             Err(refusal) => return Err(format!("{target} (backup {backup:?}) was restorable, now: {refusal}")),
+        }
+    }
+    // A segment's pieces go with its prefix object; stale pieces always go.
+    for w in &model.inventory.wal {
+        let kept = present.contains(&w.object.key);
+        if w.stale && kept {
+            return Err(format!("stale piece {} was kept", w.object.key));
+        }
+        let prefix = partial_segment_key(w.segment, SEG);
+        // (A hole the generator made may have taken the prefix object.)
+        let chained = !w.stale && w.object.key.contains(".partial.") && everything.contains(&prefix);
+        if chained && kept != present.contains(&prefix) {
+            return Err(format!("piece {} and its prefix object were parted", w.object.key));
         }
     }
     // Summaries inside the audit window stay, whatever happened to their WAL.

@@ -48,7 +48,7 @@ enum Expect {
     Frame,
     /// A complete WAL segment: exactly the segment size.
     Segment(u64),
-    /// A partial segment: at most the segment size.
+    /// A partial segment's prefix or piece: at most this many bytes.
     Partial(u64),
     /// A backup chunk: this length and CRC-32C, as the manifest says.
     Chunk { raw_len: u64, crc32c: u32 },
@@ -220,6 +220,10 @@ fn wal_checks(
                 note(segment);
                 Expect::Partial(segment_size)
             }
+            // A piece holds the bytes from its offset to at most the segment's end.
+            Some(ObjectKey::PartialPiece { segment, offset }) if needed(segment) => {
+                Expect::Partial(segment_size - offset)
+            }
             _ => continue,
         };
         checks.push((key.clone(), expect));
@@ -271,7 +275,7 @@ async fn check_object(repo: &Repository, key: &str, expect: &Expect) -> Result<u
     match *expect {
         Expect::Frame => {}
         Expect::Segment(size) if len != size => return Err(corrupt(format!("{len} bytes, a segment has {size}"))),
-        Expect::Partial(size) if len > size => return Err(corrupt(format!("{len} bytes, more than a segment"))),
+        Expect::Partial(size) if len > size => return Err(corrupt(format!("{len} bytes, past the segment's end"))),
         Expect::Chunk { raw_len, crc32c } if len != raw_len || crc32c::crc32c(&raw) != crc32c => {
             return Err(corrupt("does not match the backup manifest".into()));
         }

@@ -9,7 +9,7 @@
 
 use anyhow::Context;
 use std::path::Path;
-use tidemark_proto::repo::layout::{history_key, partial_segment_key, segment_key};
+use tidemark_proto::repo::layout::{history_key, segment_key};
 use tidemark_proto::segment::{SegmentId, WalFileName};
 use tidemark_repo::durable::write_atomically;
 pub use tidemark_repo::durable::Durability;
@@ -75,7 +75,7 @@ pub async fn segment_bytes(
     if let Some(content) = repo.get(&segment_key(segment, size)).await? {
         return Ok(Some((content, false)));
     }
-    Ok(repo.get(&partial_segment_key(segment, size)).await?.map(|mut prefix| {
+    Ok(tidemark_repo::partial::read_prefix(repo, segment, size).await?.map(|mut prefix| {
         prefix.resize(size as usize, 0);
         (prefix, true)
     }))

@@ -92,6 +92,17 @@ pub struct Pieces {
     crc: crc32fast::Hasher,
     /// The object: a header (rewritten by `object`) and the frames so far.
     object: Vec<u8>,
+    /// Where the frames not yet stored start (see [`Pieces::since_mark`]).
+    mark: Mark,
+}
+
+/// A point in [`Pieces`]: the raw bytes before it, where its frames start
+/// in the object, and the checksum of the raw bytes after it.
+#[derive(Clone)]
+struct Mark {
+    raw_len: u64,
+    object_len: usize,
+    crc: crc32fast::Hasher,
 }
 
 impl Default for Pieces {
@@ -102,7 +113,8 @@ impl Default for Pieces {
 
 impl Pieces {
     pub fn new() -> Pieces {
-        Pieces { raw_len: 0, crc: crc32fast::Hasher::new(), object: vec![0; HEADER_LEN] }
+        let mark = Mark { raw_len: 0, object_len: HEADER_LEN, crc: crc32fast::Hasher::new() };
+        Pieces { raw_len: 0, crc: crc32fast::Hasher::new(), object: vec![0; HEADER_LEN], mark }
     }
 
     /// Raw bytes taken so far.
@@ -118,8 +130,37 @@ impl Pieces {
         let frame = compressor.compress(raw).map_err(|e| FrameError::Compress(e.to_string()))?;
         self.object.extend_from_slice(&frame);
         self.crc.update(raw);
+        self.mark.crc.update(raw);
         self.raw_len += raw.len() as u64;
         Ok(())
+    }
+
+    /// Raw bytes before the mark.
+    pub fn marked_raw_len(&self) -> u64 {
+        self.mark.raw_len
+    }
+
+    /// Moves the mark to the end: what is there now has been stored.
+    pub fn set_mark(&mut self) {
+        self.mark = Mark { raw_len: self.raw_len, object_len: self.object.len(), crc: crc32fast::Hasher::new() };
+    }
+
+    /// An object of its own holding the frames pushed since the mark (the
+    /// raw bytes from [`Pieces::marked_raw_len`] on), and its info.
+    pub fn since_mark(&self) -> (Vec<u8>, FrameInfo) {
+        let frames = self.object.get(self.mark.object_len..).unwrap_or_default();
+        let raw_len = self.raw_len - self.mark.raw_len;
+        let crc32 = self.mark.crc.clone().finalize();
+        let mut object = Vec::with_capacity(HEADER_LEN + frames.len());
+        write_header(&mut object, 1, raw_len, crc32, frames.len() as u64);
+        object.extend_from_slice(frames);
+        let info = FrameInfo { raw_len, crc32, stored_len: object.len() as u64 };
+        (object, info)
+    }
+
+    /// The info of the object holding every piece so far, without building it.
+    pub fn info(&self) -> FrameInfo {
+        FrameInfo { raw_len: self.raw_len, crc32: self.crc.clone().finalize(), stored_len: self.object.len() as u64 }
     }
 
     /// A copy of the object holding every piece so far, and its info.
@@ -260,6 +301,31 @@ mod tests {
         }
         let (whole, _) = pieces.into_object();
         assert_eq!(decode(&whole).expect("decode"), raw);
+    }
+
+    #[test]
+    fn frames_since_the_mark_are_an_object_of_their_own() {
+        let raw: Vec<u8> = (0..200_000u32).flat_map(|i| (i % 97).to_le_bytes()).collect();
+        let mut compressor = zstd::bulk::Compressor::new(1).expect("compressor");
+        let mut pieces = Pieces::new();
+        let mut stored = Vec::new();
+        let mut taken = 0;
+        for cut in [10_000usize, 10_001, 400_000, raw.len()] {
+            pieces.push(&raw[taken..cut], &mut compressor).expect("push");
+            assert_eq!(pieces.marked_raw_len(), taken as u64);
+            let (object, info) = pieces.since_mark();
+            assert_eq!(info.raw_len, (cut - taken) as u64);
+            assert_eq!(info.stored_len, object.len() as u64);
+            assert_eq!(info.crc32, crc32fast::hash(&raw[taken..cut]));
+            stored.extend(decode(&object).expect("decode"));
+            pieces.set_mark();
+            taken = cut;
+        }
+        assert_eq!(stored, raw);
+        assert_eq!(pieces.info(), pieces.object().1);
+        let (empty, info) = pieces.since_mark();
+        assert_eq!(info.raw_len, 0);
+        assert_eq!(decode(&empty).expect("decode"), Vec::<u8>::new());
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //!                                          being filled (or the last one of a timeline
 //!                                          that was left), framed; superseded by the
 //!                                          complete object when there is one
+//! wal/TTTTTTTT/<segment name>.partial.OOOOOOOO
+//!                                          the segment's bytes from offset OOOOOOOO
+//!                                          (hex) on, continuing the prefix: see
+//!                                          `repo::partial` in the repository crate
 //! timelines/TTTTTTTT.history               a timeline history file, framed
 //! ```
 //!
@@ -84,6 +88,12 @@ pub fn partial_segment_key(segment: SegmentId, segment_size: u64) -> String {
     format!("{}.partial", segment_key(segment, segment_size))
 }
 
+/// Key of a piece of a segment's durable prefix: the bytes from `offset`
+/// (never 0: the prefix object starts there) on.
+pub fn partial_piece_key(segment: SegmentId, segment_size: u64, offset: u64) -> String {
+    format!("{}.{offset:08X}", partial_segment_key(segment, segment_size))
+}
+
 pub fn history_key(timeline: TimelineId) -> String {
     format!("timelines/{}", history_file_name(timeline))
 }
@@ -105,6 +115,11 @@ pub enum ObjectKey {
     Segment(SegmentId),
     /// `wal/TTTTTTTT/<segment>.partial`
     PartialSegment(SegmentId),
+    /// `wal/TTTTTTTT/<segment>.partial.OOOOOOOO`: the bytes from `offset` on.
+    PartialPiece {
+        segment: SegmentId,
+        offset: u64,
+    },
     /// `timelines/TTTTTTTT.history`
     History(TimelineId),
     /// `summaries/TTTTTTTT/<segment>`
@@ -140,10 +155,16 @@ impl ObjectKey {
         match prefix {
             "wal" => {
                 let (dir, name) = rest.split_once('/')?;
-                match name.strip_suffix(".partial") {
-                    Some(base) => segment_in(dir, base).map(ObjectKey::PartialSegment),
-                    None => segment_in(dir, name).map(ObjectKey::Segment),
+                if let Some(base) = name.strip_suffix(".partial") {
+                    return segment_in(dir, base).map(ObjectKey::PartialSegment);
                 }
+                if let Some((base, offset)) = name.split_once(".partial.") {
+                    // Eight hex digits, inside the segment, never 0 (that is the prefix).
+                    let hex = offset.len() == 8 && offset.bytes().all(|b| b.is_ascii_hexdigit());
+                    let offset = u64::from_str_radix(offset, 16).ok().filter(|o| hex && *o > 0 && *o < segment_size)?;
+                    return segment_in(dir, base).map(|segment| ObjectKey::PartialPiece { segment, offset });
+                }
+                segment_in(dir, name).map(ObjectKey::Segment)
             }
             "summaries" => {
                 let (dir, name) = rest.split_once('/')?;
@@ -181,6 +202,7 @@ mod tests {
         let size = 16 << 20;
         assert_eq!(segment_key(segment, size), "wal/00000002/00000002000000000000000B");
         assert_eq!(partial_segment_key(segment, size), "wal/00000002/00000002000000000000000B.partial");
+        assert_eq!(partial_piece_key(segment, size, 0x2000), "wal/00000002/00000002000000000000000B.partial.00002000");
         assert_eq!(history_key(TimelineId(3)), "timelines/00000003.history");
     }
 
@@ -191,6 +213,11 @@ mod tests {
         let cases = [
             (segment_key(segment, size), Some(ObjectKey::Segment(segment))),
             (partial_segment_key(segment, size), Some(ObjectKey::PartialSegment(segment))),
+            (partial_piece_key(segment, size, 0x2000), Some(ObjectKey::PartialPiece { segment, offset: 0x2000 })),
+            ("wal/00000002/00000002000000000000000B.partial.00000000".into(), None),
+            ("wal/00000002/00000002000000000000000B.partial.01000000".into(), None),
+            ("wal/00000002/00000002000000000000000B.partial.2000".into(), None),
+            ("wal/00000002/00000002000000000000000B.partial.0000200G".into(), None),
             (summary_key(segment, size), Some(ObjectKey::Summary(segment))),
             (history_key(TimelineId(3)), Some(ObjectKey::History(TimelineId(3)))),
             ("repository.json".into(), Some(ObjectKey::Meta)),

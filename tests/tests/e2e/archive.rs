@@ -111,6 +111,43 @@ fn quiet_database_commit_reaches_repository_within_interval() {
     let upto = committed.segment_offset(SEGMENT_SIZE) as usize;
     assert!(ours[..upto] == servers[..upto], "partial segment differs from the server's bytes");
     assert!(ours.windows(marker.len()).any(|w| w == marker.as_bytes()), "the committed row is not in the archived WAL");
+
+    // Later uploads store only the bytes since the one before, as pieces
+    // continuing the prefix object; wal-get follows the chain.
+    let partials = |segment: &str| -> Vec<String> {
+        let names = std::fs::read_dir(agent.repo.join("wal/00000001")).expect("list the repository's WAL");
+        let mut names: Vec<String> =
+            names.map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
+        names.retain(|n| n.starts_with(&format!("{segment}.partial")));
+        names
+    };
+    let mut pieces_seen = false;
+    let mut last = committed;
+    for n in 0..4 {
+        cluster.psql(&format!("INSERT INTO quiet VALUES ('{marker}-{n}')"));
+        last = cluster.current_lsn();
+        wait_archived(&agent, last);
+        pieces_seen |= partials(&name).iter().any(|n| n.contains(".partial."));
+    }
+    assert_eq!(
+        last.segment_no(SEGMENT_SIZE),
+        committed.segment_no(SEGMENT_SIZE),
+        "the test's commits left the segment"
+    );
+    assert!(pieces_seen, "every upload rewrote the whole prefix: {:?}", partials(&name));
+    let output = agent.wal_get(&name, &destination);
+    assert!(output.status.success(), "wal-get failed: {}", stderr(&output));
+    let ours = std::fs::read(&destination).expect("read");
+    let servers = std::fs::read(cluster.wal_dir().join(&name)).expect("server segment");
+    let upto = last.segment_offset(SEGMENT_SIZE) as usize;
+    assert!(ours[..upto] == servers[..upto], "the prefix and its pieces differ from the server's bytes");
+
+    // Once the segment is complete, its object replaces the prefix and the pieces.
+    let end = cluster.switch_wal();
+    wait_archived(&agent, end);
+    wait_until("the segment's partial objects are deleted", Duration::from_secs(60), || {
+        partials(&name).is_empty().then_some(())
+    });
     assert!(running.stop(), "agent did not stop cleanly");
 }
 
