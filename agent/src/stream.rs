@@ -196,6 +196,13 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 /// WAL is fsynced at the latest this long after its first unflushed byte
 /// arrived, or once this many bytes wait: a few fsyncs a second under load
 /// instead of one per commit, with the durable lag still a fraction of a second.
+///
+/// A batch that comes alone (a quiet database: commits seconds apart) is
+/// fsynced with the next status update instead (every `status_interval`,
+/// 10 s): nobody waits for it, and the repository's copy does not depend on
+/// it (partial uploads read the spool's bytes whether fsynced or not). Its
+/// only effect is how far the slot trails, and an fsync per commit was most
+/// of a quiet agent's CPU (on a virtual disk each one is a trip to the host).
 pub const ASYNC_FLUSH_DELAY: Duration = Duration::from_millis(200);
 const ASYNC_FLUSH_BYTES: u64 = 1 << 20;
 /// When no commit waits, the pause between reads of the socket after a
@@ -226,6 +233,18 @@ struct Receiving {
     /// the slot) stops, and the server keeps the WAL until the repository
     /// catches up. Status updates go on, so the connection stays alive.
     paused: bool,
+}
+
+impl Receiving {
+    /// When what is written must be fsynced by (when no commit waits): soon
+    /// after a stream of batches, at the next status update after a batch
+    /// that came alone (`None`: the status deadline covers it).
+    fn flush_due(&self) -> Option<Instant> {
+        match self.unflushed_since {
+            Some(since) if !self.alone => Some(since + ASYNC_FLUSH_DELAY),
+            _ => None,
+        }
+    }
 }
 
 /// Returns `None` on shutdown, or the next timeline and its start when the server ended this one.
@@ -283,8 +302,8 @@ impl Deadlines {
     /// The earliest deadline among those that apply in `state`.
     fn next(&self, state: &Receiving) -> Instant {
         let mut next = self.status.min(self.partial);
-        if let Some(since) = state.unflushed_since {
-            next = next.min(since + ASYNC_FLUSH_DELAY);
+        if let Some(due) = state.flush_due() {
+            next = next.min(due);
         }
         if state.progress_due {
             next = next.min(state.last_progress_write + PROGRESS_INTERVAL);
@@ -432,8 +451,8 @@ async fn on_batch(
 ) -> anyhow::Result<bool> {
     let busy = state.last_batch.elapsed() < ASYNC_READ_PAUSE_WITHIN;
     state.last_batch = Instant::now();
-    // A batch that comes alone (a quiet database) is fsynced at once:
-    // waiting would batch nothing and cost a wake-up.
+    // A batch that comes alone (a quiet database) waits for the status
+    // update's fsync (see `ASYNC_FLUSH_DELAY`).
     state.alone = !busy;
     let received_before = state.writer.position();
     if receive_batch(ctx, conn, state, event).await? {
@@ -471,7 +490,7 @@ async fn periodic(
     due: &mut Deadlines,
 ) -> anyhow::Result<()> {
     let now = Instant::now();
-    if state.unflushed_since.is_some_and(|since| since + ASYNC_FLUSH_DELAY <= now) {
+    if state.flush_due().is_some_and(|due| due <= now) {
         flush_and_report(ctx, conn, state, false).await?;
     }
     if state.progress_due && state.last_progress_write + PROGRESS_INTERVAL <= now {
@@ -553,9 +572,8 @@ async fn receive_batch(
     // A synchronous commit may be waiting: fsync and reply now. Otherwise
     // only when enough has gathered (the timer takes the rest).
     let now = *ctx.synchronous.borrow()
-        || state.alone
         || written.0 - state.writer.flushed().0 >= ASYNC_FLUSH_BYTES
-        || state.unflushed_since.is_some_and(|since| since.elapsed() >= ASYNC_FLUSH_DELAY);
+        || state.flush_due().is_some_and(|due| due <= Instant::now());
     if now || ended {
         flush_and_report(ctx, conn, state, reply_now).await?;
     } else if reply_now || state.writer.flushed() > state.last_reported {
