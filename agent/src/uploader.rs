@@ -203,7 +203,7 @@ impl Uploader {
         // into one object), or nothing at all: nothing to store.
         let stored_all = building.pieces.raw_len() == building.pieces.marked_raw_len()
             && building.chain.prefix_stored > 0
-            && !(last && !building.chain.pieces.is_empty());
+            && (!last || building.chain.pieces.is_empty());
         if building.pieces.raw_len() > 0 && !stored_all {
             self.store_partial(building, last).await?;
         }

@@ -8,7 +8,11 @@
 //! sampled from pg_stat_replication: median and max) and the catch-up time
 //! after the load. Prints figures; asserts nothing.
 //!
-//!     cargo run -p tidemark-tests --bin bench-overhead -- [seconds per run, default 30] [scale, default 50] [quiet seconds, default 240]
+//!     cargo run -p tidemark-tests --bin bench-overhead -- [seconds per run, default 30] [scale, default 50] [quiet seconds, default 240] [rounds, default 1]
+//!
+//! With more than one round the loaded runs repeat (in the same order each
+//! round) and the median of each archiver's TPS ratios is printed at the
+//! end: on a shared machine one run's ratio moves by ±15 %.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -323,14 +327,28 @@ fn main() {
         "p50 ms",
         "p99 ms"
     );
+    let rounds: usize = std::env::args().nth(4).and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); archivers.len()];
     let mut before = measure(&cluster, &Archiver::None, &agent, seconds);
     print_row(&Archiver::None, &before, before.tps, seconds);
-    for archiver in &archivers {
-        let f = measure(&cluster, archiver, &agent, seconds);
-        let after = measure(&cluster, &Archiver::None, &agent, seconds);
-        print_row(archiver, &f, (before.tps + after.tps) / 2.0, seconds);
-        print_row(&Archiver::None, &after, after.tps, seconds);
-        before = after;
+    for _ in 0..rounds {
+        for (archiver, ratios) in archivers.iter().zip(&mut ratios) {
+            let f = measure(&cluster, archiver, &agent, seconds);
+            let after = measure(&cluster, &Archiver::None, &agent, seconds);
+            let base = (before.tps + after.tps) / 2.0;
+            print_row(archiver, &f, base, seconds);
+            print_row(&Archiver::None, &after, after.tps, seconds);
+            ratios.push(f.tps / base.max(1e-9));
+            before = after;
+        }
+    }
+    if rounds > 1 {
+        println!("median TPS ratio over {rounds} rounds:");
+        for (archiver, ratios) in archivers.iter().zip(&mut ratios) {
+            ratios.sort_by(f64::total_cmp);
+            let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+            println!("  {:<44} {:.2}  ({})", archiver.name(), ratios[ratios.len() / 2], each.join(", "));
+        }
     }
     let quiet_seconds: u64 = std::env::args().nth(3).and_then(|s| s.parse().ok()).unwrap_or(240);
     let quiet = quiet_cpu_per_hour(&cluster, &Archiver::Agent { synchronous: false }, &agent, quiet_seconds);
