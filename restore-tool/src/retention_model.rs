@@ -118,25 +118,14 @@ fn wal_of(
         } else if end > n * SEG {
             let key = partial_segment_key(segment, SEG);
             out.push(WalObject { object: object(key, modified), segment, partial_end: Some(Lsn(end)), stale: false });
-            if rng.chance(30) {
-                // A piece continuing the prefix: its chain ends where the prefix's does.
-                let key = partial_piece_key(segment, SEG, 1);
-                out.push(WalObject {
-                    object: object(key, modified),
-                    segment,
-                    partial_end: Some(Lsn(end)),
-                    stale: false,
-                });
-            }
-            if rng.chance(30) {
-                // A piece already folded into the prefix that the agent could not delete.
-                let key = partial_piece_key(segment, SEG, 2);
-                out.push(WalObject {
-                    object: object(key, modified),
-                    segment,
-                    partial_end: Some(Lsn(end)),
-                    stale: true,
-                });
+            // A piece continuing the prefix (its chain ends where the
+            // prefix's does), and one already folded into the prefix that
+            // the agent could not delete (stale).
+            for (offset, stale) in [(1, false), (2, true)] {
+                if rng.chance(30) {
+                    let object = object(partial_piece_key(segment, SEG, offset), modified);
+                    out.push(WalObject { object, segment, partial_end: Some(Lsn(end)), stale });
+                }
             }
         }
     }

@@ -103,13 +103,8 @@ fn quiet_database_commit_reaches_repository_within_interval() {
     let name = tidemark_proto::segment::SegmentId::containing(tidemark_proto::TimelineId(1), committed, SEGMENT_SIZE)
         .file_name(SEGMENT_SIZE);
     let destination = cluster.dir.path().join("partial-fetch");
-    let output = agent.wal_get(&name, &destination);
-    assert!(output.status.success(), "wal-get failed: {}", stderr(&output));
-    let ours = std::fs::read(&destination).expect("read");
-    assert_eq!(ours.len() as u64, SEGMENT_SIZE);
-    let servers = std::fs::read(cluster.wal_dir().join(&name)).expect("server segment");
-    let upto = committed.segment_offset(SEGMENT_SIZE) as usize;
-    assert!(ours[..upto] == servers[..upto], "partial segment differs from the server's bytes");
+    let server_segment = cluster.wal_dir().join(&name);
+    let ours = assert_wal_get_matches_up_to(&agent, &name, &destination, &server_segment, committed);
     assert!(ours.windows(marker.len()).any(|w| w == marker.as_bytes()), "the committed row is not in the archived WAL");
 
     // Later uploads store only the bytes since the one before, as pieces
@@ -135,12 +130,7 @@ fn quiet_database_commit_reaches_repository_within_interval() {
         "the test's commits left the segment"
     );
     assert!(pieces_seen, "every upload rewrote the whole prefix: {:?}", partials(&name));
-    let output = agent.wal_get(&name, &destination);
-    assert!(output.status.success(), "wal-get failed: {}", stderr(&output));
-    let ours = std::fs::read(&destination).expect("read");
-    let servers = std::fs::read(cluster.wal_dir().join(&name)).expect("server segment");
-    let upto = last.segment_offset(SEGMENT_SIZE) as usize;
-    assert!(ours[..upto] == servers[..upto], "the prefix and its pieces differ from the server's bytes");
+    assert_wal_get_matches_up_to(&agent, &name, &destination, &server_segment, last);
 
     // Once the segment is complete, its object replaces the prefix and the pieces.
     let end = cluster.switch_wal();

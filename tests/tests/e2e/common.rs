@@ -17,6 +17,27 @@ pub fn wait_archived(agent: &AgentSetup, lsn: Lsn) {
     });
 }
 
+/// Fetches segment `name` with `wal-get` into `destination` (served
+/// zero-padded when only its partial objects exist) and asserts it is a
+/// whole segment whose bytes before `end` are those of the server's file
+/// `server_segment`. Returns what was fetched.
+pub fn assert_wal_get_matches_up_to(
+    agent: &AgentSetup,
+    name: &str,
+    destination: &Path,
+    server_segment: &Path,
+    end: Lsn,
+) -> Vec<u8> {
+    let output = agent.wal_get(name, destination);
+    assert!(output.status.success(), "wal-get {name} failed: {}", stderr(&output));
+    let ours = std::fs::read(destination).expect("read what wal-get wrote");
+    assert_eq!(ours.len() as u64, SEGMENT_SIZE, "wal-get {name} did not give a whole segment");
+    let servers = std::fs::read(server_segment).expect("the server's segment");
+    let upto = end.segment_offset(SEGMENT_SIZE) as usize;
+    assert!(ours[..upto] == servers[..upto], "{name} differs from the server's bytes before {end}");
+    ours
+}
+
 /// Proves every segment from the one holding `from` up to (not including) the
 /// one holding `to` is in the repository and byte-identical, through
 /// `wal-get`, to the server's own file in pg_wal. Returns how many were checked.

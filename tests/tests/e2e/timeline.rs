@@ -55,12 +55,7 @@ fn promotion_moves_the_archive_to_the_next_timeline() {
     let name = old.file_name(SEGMENT_SIZE);
     let new_name = SegmentId { timeline: TimelineId(2), segment_no: old.segment_no }.file_name(SEGMENT_SIZE);
     let fetched = standby.dir.path().join("old-timeline-fetch");
-    let output = agent.wal_get(&name, &fetched);
-    assert!(output.status.success(), "wal-get {name} failed: {}", stderr(&output));
-    let ours = std::fs::read(&fetched).expect("read");
-    let servers = std::fs::read(standby.wal_dir().join(&new_name)).expect("server segment");
-    let upto = switch.segment_offset(SEGMENT_SIZE) as usize;
-    assert!(ours[..upto] == servers[..upto], "timeline 1's last segment differs from the server's");
+    assert_wal_get_matches_up_to(&agent, &name, &fetched, &standby.wal_dir().join(&new_name), switch);
     let listing: Vec<String> = walk(&agent.repo);
     assert!(
         partial.exists(),
