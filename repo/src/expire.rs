@@ -70,14 +70,16 @@ pub async fn load_inventory(repo: &Repository) -> Result<Inventory, RepoError> {
         }
     }
     // A segment's partial objects go together: those on its chain end
-    // where the chain ends (so retention keeps or deletes them as one); the
-    // others are read by nobody.
+    // where the chain ends (so retention keeps or deletes them as one). One
+    // behind the chain's end but off it is read by nobody (stale). One
+    // ahead of the end is kept: a listing that missed the piece before it
+    // (uploaded while the listing ran) would otherwise cost the next one.
     for (segment, objects) in partials {
         let offsets = objects.iter().map(|(offset, _)| *offset).collect();
-        let (end, chain) = crate::partial::chain_end(repo, segment, size, &offsets).await?;
-        let end = tidemark_proto::Lsn(segment.start_lsn(size).0 + end);
+        let (end_offset, chain) = crate::partial::chain_end(repo, segment, size, &offsets).await?;
+        let end = tidemark_proto::Lsn(segment.start_lsn(size).0 + end_offset);
         for (offset, object) in objects {
-            let stale = !chain.contains(&offset);
+            let stale = !chain.contains(&offset) && offset < end_offset;
             wal.push(WalObject { object, segment, partial_end: Some(end), stale });
         }
     }
