@@ -292,7 +292,11 @@ pub fn resolve(file: FileConfig, cli: CliConfig, env: &BTreeMap<String, String>)
             return Err(Fail::new(format!("invalid backup checkpoint {other:?}"), "use fast or spread"));
         }
     };
-    let lease = file.lease_secs.unwrap_or(60);
+    // Two minutes: a renewal (a read and a durable write) every 40 s costs
+    // a quiet agent half of what it did at 60 s, and a lease only
+    // has to run out when its holder's host died (a dead process on the
+    // same host is taken over at once).
+    let lease = file.lease_secs.unwrap_or(120);
     if lease < 3 {
         return Err(Fail::new("lease_secs must be at least 3", "the agent renews its lease every third of it"));
     }

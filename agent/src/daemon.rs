@@ -342,12 +342,14 @@ async fn skip_gap(ctx: &StreamContext) -> anyhow::Result<()> {
 /// another process does (a backup from cron) shows within this.
 const FACTS_INTERVAL: Duration = Duration::from_secs(300);
 const WINDOW_PENDING: Duration = Duration::from_secs(15);
+/// How often `drills/` is listed for a drill another process recorded.
+const DRILLS_LOOK: Duration = Duration::from_secs(60);
 
 /// Re-reads the last backup, the window and the last drill from the
 /// repository every 5 minutes (listing the backups and reading manifests
 /// through the repository the agent has open), at once after a backup,
 /// drill or expire of ours, and when the newest drill record's name changes
-/// (a listing of `drills/` every 15 s: a drill from a systemd timer shows
+/// (a listing of `drills/` every minute: a drill from a systemd timer shows
 /// within that).
 async fn refresh_facts(repo: Repository, index: Arc<Index>, reporting: Reporting) {
     let mut newest_drill = newest_drill_key(&repo).await;
@@ -372,7 +374,7 @@ async fn refresh_facts(repo: Repository, index: Arc<Index>, reporting: Reporting
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => break,
                 _ = reporting.refresh.notified() => break,
-                _ = tokio::time::sleep(WINDOW_PENDING) => {
+                _ = tokio::time::sleep(DRILLS_LOOK) => {
                     let newest = newest_drill_key(&repo).await;
                     if newest != newest_drill {
                         newest_drill = newest;

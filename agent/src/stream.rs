@@ -213,6 +213,15 @@ const ASYNC_FLUSH_BYTES: u64 = 1 << 20;
 const ASYNC_READ_PAUSE: Duration = Duration::from_millis(20);
 const ASYNC_READ_PAUSE_WITHIN: Duration = Duration::from_millis(100);
 const ASYNC_READ_PAUSE_BELOW: u64 = 256 * 1024;
+/// When no commit waits and a batch under this many bytes came alone (a
+/// quiet database), the plain loop waits until the socket holds this many
+/// bytes (`SO_RCVLOWAT`) or the next deadline comes, instead of waking for
+/// each commit. Nothing needs those bytes sooner: they are fsynced with the
+/// status update and stored with the partial upload, and the loop reads
+/// what the socket holds before either. A wake-up per commit was half of a
+/// quiet agent's CPU. Load starting fills the threshold within
+/// milliseconds, and a batch that large ends the quiet wait.
+const QUIET_BATCH_BELOW: u64 = 64 * 1024;
 
 /// The receive loop's state on one timeline.
 struct Receiving {
@@ -229,6 +238,9 @@ struct Receiving {
     last_batch: Instant,
     /// The batch being read came alone, not in a stream of batches.
     alone: bool,
+    /// The last batch was small and came alone with no commit waiting:
+    /// the plain loop waits for `QUIET_BATCH_BELOW` bytes or a deadline.
+    quiet: bool,
     /// At the spool limit nothing more is read: the flushed position (and so
     /// the slot) stops, and the server keeps the WAL until the repository
     /// catches up. Status updates go on, so the connection stays alive.
@@ -271,6 +283,7 @@ async fn stream_timeline(
         unflushed_since: None,
         last_batch: Instant::now(),
         alone: false,
+        quiet: false,
         paused: false,
     };
     let result = receive(ctx, conn, &mut state, shutdown).await;
@@ -346,11 +359,39 @@ async fn receive_plain(
     due: &mut Deadlines,
 ) -> anyhow::Result<Option<(TimelineId, Lsn)>> {
     let stop = StopPipe::new(ctx, shutdown)?;
+    let result = receive_plain_until_done(ctx, conn, state, &stop, due).await;
+    // The threshold is the socket's own: what reads it next (the end of a
+    // timeline, a reconnect) must see every byte.
+    let reset = conn.set_read_threshold(1);
+    let result = result?;
+    reset?;
+    match result {
+        PlainEnd::Stopped => {
+            on_stop(ctx, conn, state).await?;
+            Ok(None)
+        }
+        PlainEnd::TimelineEnded => end_of_timeline(ctx, conn, &mut state.writer).await.map(Some),
+    }
+}
+
+/// Why the plain loop ended.
+enum PlainEnd {
+    Stopped,
+    TimelineEnded,
+}
+
+async fn receive_plain_until_done(
+    ctx: &StreamContext,
+    conn: &mut Connection,
+    state: &mut Receiving,
+    stop: &StopPipe,
+    due: &mut Deadlines,
+) -> anyhow::Result<PlainEnd> {
     loop {
         if !state.paused {
             if let Some(event) = conn.try_recv_copy()? {
                 if on_batch(ctx, conn, state, event).await? {
-                    return end_of_timeline(ctx, conn, &mut state.writer).await.map(Some);
+                    return Ok(PlainEnd::TimelineEnded);
                 }
                 continue;
             }
@@ -358,17 +399,20 @@ async fn receive_plain(
         let now = Instant::now();
         let next = due.next(state);
         if next <= now {
+            // What the socket holds goes first (it may have been left
+            // unread): the fsync and the partial upload cover all of it.
+            if !state.paused && conn.read_plain()? {
+                continue;
+            }
             periodic(ctx, conn, state, due).await?;
             continue;
         }
+        conn.set_read_threshold(if state.quiet { QUIET_BATCH_BELOW as u32 } else { 1 })?;
         match conn.wait_plain(!state.paused, stop.fd(), next - now)? {
             Wake::Readable => {
                 conn.read_plain()?;
             }
-            Wake::Stop => {
-                on_stop(ctx, conn, state).await?;
-                return Ok(None);
-            }
+            Wake::Stop => return Ok(PlainEnd::Stopped),
             Wake::TimedOut => {}
         }
     }
@@ -458,13 +502,24 @@ async fn on_batch(
     if receive_batch(ctx, conn, state, event).await? {
         return Ok(true);
     }
-    let small = state.writer.position().0 - received_before.0 < ASYNC_READ_PAUSE_BELOW;
-    if small && busy && !*ctx.synchronous.borrow() {
+    let received = state.writer.position().0 - received_before.0;
+    let synchronous = *ctx.synchronous.borrow();
+    // A quiet database: the plain loop reads again when much has come or
+    // at the next deadline.
+    state.quiet = state.alone && received < QUIET_BATCH_BELOW && !synchronous;
+    let small = received < ASYNC_READ_PAUSE_BELOW;
+    if small && busy && !synchronous {
         // No commit waits and the stream is not behind: let the socket
         // gather WAL for a moment, so one read takes many messages instead
         // of one a commit. (A backlog comes in large batches and is read
-        // without pauses.)
-        tokio::time::sleep(ASYNC_READ_PAUSE).await;
+        // without pauses.) The plain loop's thread runs nothing else and
+        // sleeps outright: its runtime's timer would wake it each time the
+        // socket, registered with that runtime too, gets more bytes.
+        if conn.is_plain() {
+            std::thread::sleep(ASYNC_READ_PAUSE);
+        } else {
+            tokio::time::sleep(ASYNC_READ_PAUSE).await;
+        }
     }
     Ok(false)
 }

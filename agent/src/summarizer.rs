@@ -33,6 +33,9 @@ pub struct SegmentPiece {
     pub bytes: Arc<Vec<u8>>,
 }
 
+/// Pieces up to this many bytes are decoded on the async thread itself.
+const INLINE_BYTES: usize = 64 * 1024;
+
 /// Summaries being built, per segment number (a record belongs to the segment it starts in).
 type Building = BTreeMap<u64, (TimelineId, SummaryBuilder)>;
 
@@ -169,14 +172,19 @@ impl Summarizer {
         self.building.entry(segment.segment_no).or_insert_with(|| (segment.timeline, SummaryBuilder::default()));
         let building = std::mem::take(&mut self.building);
         let segment_size = self.segment_size;
-        // Decoding is CPU work: off the async threads, so the replication
-        // stream's keepalives are never held up behind it.
-        let (decoding, building) = tokio::task::spawn_blocking(move || {
-            crate::priority::background_priority();
+        // Decoding is CPU work: off the async threads, so other tasks are
+        // not held up behind it; but a quiet database's few kilobytes
+        // decode in microseconds, less than the hop to a blocking thread.
+        let (decoding, building) = if bytes.len() <= INLINE_BYTES {
             decode(decoding, building, segment, segment_size, &bytes)
-        })
-        .await
-        .context("join the WAL decoder")?;
+        } else {
+            tokio::task::spawn_blocking(move || {
+                crate::priority::background_priority();
+                decode(decoding, building, segment, segment_size, &bytes)
+            })
+            .await
+            .context("join the WAL decoder")?
+        };
         self.building = building;
         let done_before = match decoding.reader.end() {
             None => {

@@ -238,8 +238,10 @@ impl Uploader {
         self.delete_pieces(segment, folded.iter().map(|(offset, _)| *offset)).await;
         let stored_len = building.chain.prefix_stored + building.chain.pieces.iter().map(|(_, s)| s).sum::<u64>();
         let record = self.record(segment, FrameInfo { stored_len, ..building.pieces.info() });
-        let index = self.index.clone();
-        off_runtime(move || index.put_partial(segment, &record)).await?;
+        // Not fsynced (the repository's listing is the truth for partials):
+        // a write to RocksDB's memtable and log, too short to be worth a
+        // blocking thread.
+        self.index.put_partial(segment, &record)?;
         let bytes = building.pieces.raw_len();
         debug!(segment = %segment.file_name(self.segment_size), bytes, ?upload, "archived partial segment");
         Ok(())
@@ -269,6 +271,14 @@ impl Uploader {
             Some(b) if b.segment == segment && b.pieces.raw_len() <= len => b,
             _ => Building { segment, pieces: Pieces::new(), chain: StoredChain::default() },
         };
+        if len.saturating_sub(building.pieces.raw_len()) <= INLINE_BYTES {
+            // A quiet database's few kilobytes: compressed right here (tens
+            // of microseconds), since a hop to a blocking thread and back
+            // costs more than that in wake-ups.
+            let outcome = self.append_inline(&mut building, path, len).await;
+            *guard = Some(building);
+            return outcome;
+        }
         let compressor = self.compressor.clone();
         let summaries = self.summaries.clone();
         let path = path.to_path_buf();
@@ -283,6 +293,27 @@ impl Uploader {
         let (building, outcome) = result;
         *guard = Some(building);
         outcome
+    }
+
+    /// `append_pieces` for at most `INLINE_BYTES`, on the calling thread.
+    async fn append_inline(&self, building: &mut Building, path: &Path, len: u64) -> anyhow::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let offset = building.pieces.raw_len();
+        if offset >= len {
+            return Ok(());
+        }
+        let mut raw = vec![0u8; (len - offset) as usize];
+        let file = std::fs::File::open(path).map_err(anyhow::Error::new)?;
+        file.read_exact_at(&mut raw, offset).with_context(|| format!("read spool file {}", path.display()))?;
+        {
+            let mut compressor = self.compressor.lock().map_err(|_| anyhow::anyhow!("the compressor was poisoned"))?;
+            building.pieces.push(&raw, &mut compressor)?;
+        }
+        if let Some(summaries) = &self.summaries {
+            let piece = SegmentPiece { segment: building.segment, offset, bytes: Arc::new(raw) };
+            let _ = tokio::time::timeout(SUMMARIZER_WAIT, summaries.send(piece)).await;
+        }
+        Ok(())
     }
 
     async fn store(
@@ -321,6 +352,10 @@ struct Building {
 /// How much of a spool file is read, compressed and handed on at a time:
 /// bounds the agent's memory whatever the segment size.
 const PIECE: u64 = 2 << 20;
+
+/// New spool bytes up to this many are compressed on the async thread
+/// itself (`Uploader::append_inline`), more on a blocking thread.
+const INLINE_BYTES: u64 = 64 * 1024;
 
 /// How long a piece may wait for room in the summarizer's queue. A
 /// summarizer that is briefly busy (naming tables, storing a summary) is

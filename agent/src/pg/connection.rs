@@ -79,6 +79,8 @@ pub struct Connection {
     /// receive loop waits on and reads it with plain system calls (see
     /// [`Connection::wait_plain`]).
     plain: Option<OwnedFd>,
+    /// The socket's `SO_RCVLOWAT` as last set (1, the kernel's default, until then).
+    read_threshold: u32,
     read_buf: BytesMut,
     write_buf: BytesMut,
 }
@@ -111,6 +113,7 @@ impl Connection {
         let mut conn = Connection {
             stream: opened.stream,
             plain: opened.plain,
+            read_threshold: 1,
             read_buf: BytesMut::with_capacity(256 * 1024),
             write_buf: BytesMut::new(),
         };
@@ -353,30 +356,20 @@ impl Connection {
     /// runs nothing else (the receive loop's own).
     pub fn wait_plain(&self, read: bool, stop: BorrowedFd<'_>, timeout: Duration) -> Result<Wake, PgError> {
         let socket = self.plain.as_ref().ok_or_else(|| PgError::Protocol("wait_plain on a TLS connection".into()))?;
-        let mut fds = [
-            libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: socket.as_raw_fd(), events: if read { libc::POLLIN } else { 0 }, revents: 0 },
-        ];
-        // Rounded up, so a deadline less than a millisecond away is not a busy loop.
-        let millis = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
-        // SAFETY: `fds` is a valid array of two pollfd structs for the
-        // duration of the call, and both descriptors are open (owned by
-        // `self` and the caller's borrow).
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) };
-        if ready < 0 {
-            let error = std::io::Error::last_os_error();
-            if error.kind() == std::io::ErrorKind::Interrupted {
-                return Ok(Wake::TimedOut); // the caller looks at its deadlines again
-            }
-            return Err(PgError::Io(error));
+        wait_socket(socket.as_fd(), read, stop, timeout).map_err(PgError::Io)
+    }
+
+    /// How many bytes the socket must hold before `wait_plain` (and any
+    /// other wait on it) sees it readable (see [`set_receive_threshold`]).
+    pub fn set_read_threshold(&mut self, bytes: u32) -> Result<(), PgError> {
+        if self.read_threshold == bytes {
+            return Ok(());
         }
-        if fds[0].revents != 0 {
-            return Ok(Wake::Stop);
-        }
-        if fds[1].revents != 0 {
-            return Ok(Wake::Readable);
-        }
-        Ok(Wake::TimedOut)
+        let socket =
+            self.plain.as_ref().ok_or_else(|| PgError::Protocol("read threshold on a TLS connection".into()))?;
+        set_receive_threshold(socket.as_fd(), bytes).map_err(PgError::Io)?;
+        self.read_threshold = bytes;
+        Ok(())
     }
 
     /// Reads what the plain socket holds without blocking; false if it held
@@ -612,4 +605,111 @@ async fn negotiate_tls(mut tcp: TcpStream, host: &str, params: &ConnParams) -> R
 
 fn default_root_cert() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".postgresql/root.crt"))
+}
+
+/// Blocks until `socket` is readable (when `read`), `stop` is readable, or
+/// `timeout` has passed; an interrupted wait counts as timed out (the
+/// caller looks at its deadlines again).
+fn wait_socket(socket: BorrowedFd<'_>, read: bool, stop: BorrowedFd<'_>, timeout: Duration) -> std::io::Result<Wake> {
+    let mut fds = [
+        libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: socket.as_raw_fd(), events: if read { libc::POLLIN } else { 0 }, revents: 0 },
+    ];
+    // Rounded up, so a deadline less than a millisecond away is not a busy loop.
+    let millis = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+    // SAFETY: `fds` is a valid array of two pollfd structs for the duration
+    // of the call, and both descriptors are open (the callers' borrows).
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) };
+    if ready < 0 {
+        let error = std::io::Error::last_os_error();
+        return if error.kind() == std::io::ErrorKind::Interrupted { Ok(Wake::TimedOut) } else { Err(error) };
+    }
+    if fds[0].revents != 0 {
+        return Ok(Wake::Stop);
+    }
+    if fds[1].revents != 0 {
+        return Ok(Wake::Readable);
+    }
+    Ok(Wake::TimedOut)
+}
+
+/// `SO_RCVLOWAT`: how many bytes a socket must hold before a wait on it
+/// sees it readable. TCP honours it in poll(2) (and epoll); a Unix socket
+/// is readable at any byte whatever it says. A read without blocking
+/// returns what is there either way, and the end of the stream or an error
+/// wakes the wait at once.
+fn set_receive_threshold(socket: BorrowedFd<'_>, bytes: u32) -> std::io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the option value points to a c_int that lives for the call,
+    // and its length is passed; the descriptor is open (the caller's borrow).
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod socket_tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// Reads without blocking, trying again (up to 10 s) while nothing has arrived yet.
+    fn read_some(socket: &mut std::net::TcpStream, buffer: &mut [u8]) -> usize {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match socket.read(buffer) {
+                Ok(n) => return n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    /// What the quiet receive loop relies on, on a real loopback TCP pair:
+    /// below the threshold the wait times out, yet a read without blocking
+    /// gets the bytes; at the threshold, or when the peer closes, the wait
+    /// wakes; back at 1 every byte wakes it.
+    #[test]
+    fn a_receive_threshold_holds_waits_but_not_reads() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut sender = std::net::TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
+        let (mut receiver, _) = listener.accept().expect("accept");
+        let (stop, _stop_writer) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let wait = |receiver: &std::net::TcpStream, millis| {
+            wait_socket(receiver.as_fd(), true, stop.as_fd(), Duration::from_millis(millis)).expect("poll")
+        };
+        set_receive_threshold(receiver.as_fd(), 64 * 1024).expect("set threshold");
+        sender.write_all(&[7u8; 150]).expect("send a commit's worth");
+        assert_eq!(wait(&receiver, 300), Wake::TimedOut, "150 bytes are below the threshold");
+        receiver.set_nonblocking(true).expect("nonblocking");
+        let mut buffer = vec![0u8; 256 * 1024];
+        // The bytes may still be on their way on a loaded machine: retry the read.
+        let got = read_some(&mut receiver, &mut buffer);
+        assert_eq!(got, 150, "a read without blocking gets what is below the threshold");
+        sender.write_all(&vec![8u8; 64 * 1024]).expect("send load");
+        assert_eq!(wait(&receiver, 10_000), Wake::Readable, "64 kB reach the threshold");
+        let mut total = 0;
+        while total < 64 * 1024 {
+            total += read_some(&mut receiver, &mut buffer);
+        }
+        set_receive_threshold(receiver.as_fd(), 1).expect("reset threshold");
+        sender.write_all(&[9u8; 10]).expect("send");
+        assert_eq!(wait(&receiver, 10_000), Wake::Readable, "at 1, any byte wakes the wait");
+        assert_eq!(read_some(&mut receiver, &mut buffer), 10);
+        set_receive_threshold(receiver.as_fd(), 64 * 1024).expect("set threshold");
+        drop(sender);
+        assert_eq!(wait(&receiver, 10_000), Wake::Readable, "the peer's close wakes the wait");
+        assert_eq!(receiver.read(&mut buffer).expect("read"), 0, "end of stream");
+    }
 }

@@ -12,7 +12,9 @@
 //!
 //! With more than one round the loaded runs repeat (in the same order each
 //! round) and the median of each archiver's TPS ratios is printed at the
-//! end: on a shared machine one run's ratio moves by ±15 %.
+//! end: on a shared machine one run's ratio moves by ±15 %. With 0 seconds
+//! per run only the quiet database is measured, on a fresh cluster. The
+//! quiet figures come with each thread's share (`schedstat`), by name.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,6 +38,43 @@ fn usage(pid: u32) -> (f64, f64, u64, u64) {
             .unwrap_or(0)
     };
     (ticks(11), ticks(12), kib("VmRSS:"), kib("VmHWM:"))
+}
+
+/// CPU nanoseconds each thread of `pid` has run so far, by thread id, with
+/// its name (`/proc/PID/task/TID/schedstat`: nanoseconds, finer than the
+/// clock ticks of `stat`, which matters for threads that run a few
+/// milliseconds a minute).
+fn thread_times(pid: u32) -> std::collections::BTreeMap<u32, (String, u64)> {
+    let mut threads = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return threads };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else { continue };
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
+        let ran = std::fs::read_to_string(task.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        threads.insert(tid, (name, ran));
+    }
+    threads
+}
+
+/// CPU seconds per hour by thread name between two `thread_times`
+/// samples (threads of one name summed; a thread that ended in between is
+/// not counted), largest first.
+fn per_thread_hourly(
+    before: &std::collections::BTreeMap<u32, (String, u64)>,
+    after: &std::collections::BTreeMap<u32, (String, u64)>,
+    elapsed: f64,
+) -> Vec<(String, f64)> {
+    let mut by_name: std::collections::BTreeMap<String, f64> = std::collections::BTreeMap::new();
+    for (tid, (name, ran)) in after {
+        let earlier = before.get(tid).map_or(0, |(_, r)| *r);
+        *by_name.entry(name.clone()).or_default() += ran.saturating_sub(earlier) as f64 / 1e9 * 3600.0 / elapsed;
+    }
+    let mut rows: Vec<(String, f64)> = by_name.into_iter().collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    rows
 }
 
 /// One archiver under test.
@@ -75,6 +114,21 @@ struct Figures {
     catch_up: f64,
     latency_p50_us: u64,
     latency_p99_us: u64,
+}
+
+fn no_figures() -> Figures {
+    Figures {
+        tps: 0.0,
+        user: 0.0,
+        system: 0.0,
+        peak_rss_kib: 0,
+        final_rss_kib: 0,
+        lag_median: 0,
+        lag_max: 0,
+        catch_up: 0.0,
+        latency_p50_us: 0,
+        latency_p99_us: 0,
+    }
 }
 
 /// pgbench with a per-transaction log under `logs` (for latency percentiles).
@@ -262,14 +316,19 @@ fn quiet_cpu_per_hour(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup
     wait_for_catch_up(cluster, archiver);
     wait_until_idle(pid);
     let (user0, system0, _, _) = usage(pid);
+    let threads0 = thread_times(pid);
     let began = Instant::now();
     while began.elapsed() < Duration::from_secs(seconds) {
         cluster.psql("INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 1, now())");
         std::thread::sleep(Duration::from_secs(1));
     }
     let (user1, system1, _, _) = usage(pid);
+    let threads1 = thread_times(pid);
     let elapsed = began.elapsed().as_secs_f64();
     stop();
+    let rows = per_thread_hourly(&threads0, &threads1, elapsed);
+    let rows: Vec<String> = rows.iter().map(|(name, hourly)| format!("{name} {hourly:.2}")).collect();
+    println!("  {}, CPU s per hour by thread: {}", archiver.name(), rows.join(", "));
     (user1 + system1 - user0 - system0) * 3600.0 / elapsed
 }
 
@@ -329,9 +388,12 @@ fn main() {
     );
     let rounds: usize = std::env::args().nth(4).and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); archivers.len()];
-    let mut before = measure(&cluster, &Archiver::None, &agent, seconds);
-    print_row(&Archiver::None, &before, before.tps, seconds);
-    for _ in 0..rounds {
+    let mut before = if seconds > 0 { measure(&cluster, &Archiver::None, &agent, seconds) } else { no_figures() };
+    if seconds > 0 {
+        print_row(&Archiver::None, &before, before.tps, seconds);
+    }
+    // 0 seconds per run: no loaded runs, the quiet database alone (on a fresh cluster).
+    for _ in 0..if seconds > 0 { rounds } else { 0 } {
         for (archiver, ratios) in archivers.iter().zip(&mut ratios) {
             let f = measure(&cluster, archiver, &agent, seconds);
             let after = measure(&cluster, &Archiver::None, &agent, seconds);
@@ -342,7 +404,7 @@ fn main() {
             before = after;
         }
     }
-    if rounds > 1 {
+    if rounds > 1 && seconds > 0 {
         println!("median TPS ratio over {rounds} rounds:");
         for (archiver, ratios) in archivers.iter().zip(&mut ratios) {
             ratios.sort_by(f64::total_cmp);
