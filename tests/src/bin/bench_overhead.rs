@@ -14,7 +14,10 @@
 //! round) and the median of each archiver's TPS ratios is printed at the
 //! end: on a shared machine one run's ratio moves by ±15 %. With 0 seconds
 //! per run only the quiet database is measured, on a fresh cluster. The
-//! quiet figures come with each thread's share (`schedstat`), by name.
+//! quiet figures come with each thread's share (`schedstat`), by name, and
+//! the WAL the database wrote meanwhile; each starts once autovacuum is
+//! idle and after a CHECKPOINT (and a VACUUM of what the loaded runs left
+//! before both), so both archivers see the same quiet.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -40,39 +43,41 @@ fn usage(pid: u32) -> (f64, f64, u64, u64) {
     (ticks(11), ticks(12), kib("VmRSS:"), kib("VmHWM:"))
 }
 
-/// CPU nanoseconds each thread of `pid` has run so far, by thread id, with
-/// its name (`/proc/PID/task/TID/schedstat`: nanoseconds, finer than the
-/// clock ticks of `stat`, which matters for threads that run a few
-/// milliseconds a minute).
-fn thread_times(pid: u32) -> std::collections::BTreeMap<u32, (String, u64)> {
+/// CPU nanoseconds each thread of `pid` has run so far and how many times
+/// it was scheduled, by thread id, with its name
+/// (`/proc/PID/task/TID/schedstat`: nanoseconds, finer than the clock
+/// ticks of `stat`, which matters for threads that run a few milliseconds
+/// a minute; its third field counts the thread's turns on a CPU).
+fn thread_times(pid: u32) -> std::collections::BTreeMap<u32, (String, u64, u64)> {
     let mut threads = std::collections::BTreeMap::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return threads };
     for task in tasks.flatten() {
         let Some(tid) = task.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else { continue };
         let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
-        let ran = std::fs::read_to_string(task.path().join("schedstat"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap_or(0);
-        threads.insert(tid, (name, ran));
+        let schedstat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        let field = |i: usize| schedstat.split_whitespace().nth(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        threads.insert(tid, (name, field(0), field(2)));
     }
     threads
 }
 
-/// CPU seconds per hour by thread name between two `thread_times`
-/// samples (threads of one name summed; a thread that ended in between is
-/// not counted), largest first.
+/// CPU seconds and turns on a CPU per hour by thread name between two
+/// `thread_times` samples (threads of one name summed; a thread that ended
+/// in between is not counted), most CPU first.
 fn per_thread_hourly(
-    before: &std::collections::BTreeMap<u32, (String, u64)>,
-    after: &std::collections::BTreeMap<u32, (String, u64)>,
+    before: &std::collections::BTreeMap<u32, (String, u64, u64)>,
+    after: &std::collections::BTreeMap<u32, (String, u64, u64)>,
     elapsed: f64,
-) -> Vec<(String, f64)> {
-    let mut by_name: std::collections::BTreeMap<String, f64> = std::collections::BTreeMap::new();
-    for (tid, (name, ran)) in after {
-        let earlier = before.get(tid).map_or(0, |(_, r)| *r);
-        *by_name.entry(name.clone()).or_default() += ran.saturating_sub(earlier) as f64 / 1e9 * 3600.0 / elapsed;
+) -> Vec<(String, f64, f64)> {
+    let mut by_name: std::collections::BTreeMap<String, (f64, f64)> = std::collections::BTreeMap::new();
+    for (tid, (name, ran, turns)) in after {
+        let (ran_before, turns_before) = before.get(tid).map_or((0, 0), |(_, r, t)| (*r, *t));
+        let row = by_name.entry(name.clone()).or_default();
+        row.0 += ran.saturating_sub(ran_before) as f64 / 1e9 * 3600.0 / elapsed;
+        row.1 += turns.saturating_sub(turns_before) as f64 * 3600.0 / elapsed;
     }
-    let mut rows: Vec<(String, f64)> = by_name.into_iter().collect();
+    let mut rows: Vec<(String, f64, f64)> =
+        by_name.into_iter().map(|(name, (cpu, turns))| (name, cpu, turns)).collect();
     rows.sort_by(|a, b| b.1.total_cmp(&a.1));
     rows
 }
@@ -310,6 +315,14 @@ fn quiet_cpu_per_hour(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup
     let names = if synchronous { "'receivewal'" } else { "''" };
     cluster.psql(&format!("ALTER SYSTEM SET synchronous_standby_names = {names}"));
     cluster.psql("SELECT pg_reload_conf()");
+    // The database itself quiet first: after the loaded runs autovacuum
+    // (and the hint bits the next reads set) write WAL for minutes, which
+    // whichever archiver is measured first would otherwise be charged with.
+    wait_until("autovacuum goes idle", Duration::from_secs(900), || {
+        (cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'") == "0")
+            .then_some(())
+    });
+    cluster.psql("CHECKPOINT");
     let (pid, stop) = start(cluster, archiver, agent).expect("an archiver");
     // Past startup: the slot's backlog (the run before) archived, uploaded
     // and summarized, which shows as the archiver going idle.
@@ -317,6 +330,7 @@ fn quiet_cpu_per_hour(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup
     wait_until_idle(pid);
     let (user0, system0, _, _) = usage(pid);
     let threads0 = thread_times(pid);
+    let wal_start = cluster.current_lsn();
     let began = Instant::now();
     while began.elapsed() < Duration::from_secs(seconds) {
         cluster.psql("INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 1, now())");
@@ -324,11 +338,19 @@ fn quiet_cpu_per_hour(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup
     }
     let (user1, system1, _, _) = usage(pid);
     let threads1 = thread_times(pid);
+    let wal = cluster.current_lsn().0.saturating_sub(wal_start.0);
     let elapsed = began.elapsed().as_secs_f64();
     stop();
     let rows = per_thread_hourly(&threads0, &threads1, elapsed);
-    let rows: Vec<String> = rows.iter().map(|(name, hourly)| format!("{name} {hourly:.2}")).collect();
-    println!("  {}, CPU s per hour by thread: {}", archiver.name(), rows.join(", "));
+    let rows: Vec<String> =
+        rows.iter().map(|(name, cpu, turns)| format!("{name} {cpu:.2} ({turns:.0} turns)")).collect();
+    println!(
+        "  {}: {} kB of WAL in {:.0} s; per hour by thread, CPU s (turns on a CPU): {}",
+        archiver.name(),
+        wal / 1000,
+        elapsed,
+        rows.join(", ")
+    );
     (user1 + system1 - user0 - system0) * 3600.0 / elapsed
 }
 
@@ -413,6 +435,9 @@ fn main() {
         }
     }
     let quiet_seconds: u64 = std::env::args().nth(3).and_then(|s| s.parse().ok()).unwrap_or(240);
+    // What the loaded runs left for autovacuum is done now, not during
+    // whichever quiet measurement comes first.
+    cluster.psql("VACUUM (FREEZE, ANALYZE)");
     let quiet = quiet_cpu_per_hour(&cluster, &Archiver::Agent { synchronous: false }, &agent, quiet_seconds);
     let peer = quiet_cpu_per_hour(&cluster, &Archiver::Receivewal { synchronous: true }, &agent, quiet_seconds);
     println!(
