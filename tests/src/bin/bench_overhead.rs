@@ -17,7 +17,7 @@
 //! quiet figures come with each thread's share (`schedstat`), by name, and
 //! the WAL the database wrote meanwhile; each starts once autovacuum is
 //! idle and after a CHECKPOINT (and a VACUUM of what the loaded runs left
-//! before both), so both archivers see the same quiet.
+//! before both, autovacuum then off), so both archivers see the same quiet.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -315,9 +315,8 @@ fn quiet_cpu_per_hour(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup
     let names = if synchronous { "'receivewal'" } else { "''" };
     cluster.psql(&format!("ALTER SYSTEM SET synchronous_standby_names = {names}"));
     cluster.psql("SELECT pg_reload_conf()");
-    // The database itself quiet first: after the loaded runs autovacuum
-    // (and the hint bits the next reads set) write WAL for minutes, which
-    // whichever archiver is measured first would otherwise be charged with.
+    // The database itself quiet first: a VACUUM or ANALYZE started before
+    // autovacuum was turned off finishes.
     wait_until("autovacuum goes idle", Duration::from_secs(900), || {
         (cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'") == "0")
             .then_some(())
@@ -435,9 +434,13 @@ fn main() {
         }
     }
     let quiet_seconds: u64 = std::env::args().nth(3).and_then(|s| s.parse().ok()).unwrap_or(240);
-    // What the loaded runs left for autovacuum is done now, not during
-    // whichever quiet measurement comes first.
+    // What the loaded runs left for autovacuum is done now, and autovacuum
+    // is off while the quiet figures are taken: its VACUUMs and ANALYZEs
+    // (pg_waldump: Heap/LOCK and UPDATE of catalogs, PRUNE, VACUUM) landed in
+    // whichever window came first, ten times the WAL of the commits.
     cluster.psql("VACUUM (FREEZE, ANALYZE)");
+    cluster.psql("ALTER SYSTEM SET autovacuum = off");
+    cluster.psql("SELECT pg_reload_conf()");
     let quiet = quiet_cpu_per_hour(&cluster, &Archiver::Agent { synchronous: false }, &agent, quiet_seconds);
     let peer = quiet_cpu_per_hour(&cluster, &Archiver::Receivewal { synchronous: true }, &agent, quiet_seconds);
     println!(
