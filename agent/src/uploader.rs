@@ -271,7 +271,7 @@ impl Uploader {
             Some(b) if b.segment == segment && b.pieces.raw_len() <= len => b,
             _ => Building { segment, pieces: Pieces::new(), chain: StoredChain::default() },
         };
-        if len.saturating_sub(building.pieces.raw_len()) <= INLINE_BYTES {
+        if len.saturating_sub(building.pieces.raw_len()) <= INLINE_BYTES as u64 {
             // A quiet database's few kilobytes: compressed right here (tens
             // of microseconds), since a hop to a blocking thread and back
             // costs more than that in wake-ups.
@@ -297,18 +297,15 @@ impl Uploader {
 
     /// `append_pieces` for at most `INLINE_BYTES`, on the calling thread.
     async fn append_inline(&self, building: &mut Building, path: &Path, len: u64) -> anyhow::Result<()> {
-        use std::os::unix::fs::FileExt;
         let offset = building.pieces.raw_len();
         if offset >= len {
             return Ok(());
         }
-        let mut raw = vec![0u8; (len - offset) as usize];
         let file = std::fs::File::open(path).map_err(anyhow::Error::new)?;
-        file.read_exact_at(&mut raw, offset).with_context(|| format!("read spool file {}", path.display()))?;
-        {
+        let raw = {
             let mut compressor = self.compressor.lock().map_err(|_| anyhow::anyhow!("the compressor was poisoned"))?;
-            building.pieces.push(&raw, &mut compressor)?;
-        }
+            push_next_piece(building, &file, path, len, &mut compressor)?
+        };
         if let Some(summaries) = &self.summaries {
             let piece = SegmentPiece { segment: building.segment, offset, bytes: Arc::new(raw) };
             let _ = tokio::time::timeout(SUMMARIZER_WAIT, summaries.send(piece)).await;
@@ -354,8 +351,9 @@ struct Building {
 const PIECE: u64 = 2 << 20;
 
 /// New spool bytes up to this many are compressed on the async thread
-/// itself (`Uploader::append_inline`), more on a blocking thread.
-const INLINE_BYTES: u64 = 64 * 1024;
+/// itself (`Uploader::append_inline`), more on a blocking thread; the
+/// summarizer decodes pieces this small inline too.
+pub const INLINE_BYTES: usize = 64 * 1024;
 
 /// How long a piece may wait for room in the summarizer's queue. A
 /// summarizer that is briefly busy (naming tables, storing a summary) is
@@ -373,14 +371,11 @@ fn append_pieces(
     compressor: &std::sync::Mutex<zstd::bulk::Compressor<'static>>,
     summaries: Option<&mpsc::Sender<SegmentPiece>>,
 ) -> anyhow::Result<()> {
-    use std::os::unix::fs::FileExt;
     let file = std::fs::File::open(path).map_err(anyhow::Error::new)?;
     let mut compressor = compressor.lock().map_err(|_| anyhow::anyhow!("the compressor was poisoned"))?;
     while building.pieces.raw_len() < len {
         let offset = building.pieces.raw_len();
-        let mut raw = vec![0u8; (len - offset).min(PIECE) as usize];
-        file.read_exact_at(&mut raw, offset).with_context(|| format!("read spool file {}", path.display()))?;
-        building.pieces.push(&raw, &mut compressor)?;
+        let raw = push_next_piece(building, &file, path, len, &mut compressor)?;
         if let Some(summaries) = summaries {
             // A summarizer that misses the piece reads the segment back later.
             let piece = SegmentPiece { segment: building.segment, offset, bytes: Arc::new(raw) };
@@ -389,6 +384,24 @@ fn append_pieces(
         }
     }
     Ok(())
+}
+
+/// Reads the spool bytes after `building`'s pieces, up to `len` and at most
+/// [`PIECE`], and adds them as a compressed piece; returns the raw bytes
+/// (for the summarizer).
+fn push_next_piece(
+    building: &mut Building,
+    file: &std::fs::File,
+    path: &Path,
+    len: u64,
+    compressor: &mut zstd::bulk::Compressor<'static>,
+) -> anyhow::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let offset = building.pieces.raw_len();
+    let mut raw = vec![0u8; len.saturating_sub(offset).min(PIECE) as usize];
+    file.read_exact_at(&mut raw, offset).with_context(|| format!("read spool file {}", path.display()))?;
+    building.pieces.push(&raw, compressor)?;
+    Ok(raw)
 }
 
 fn remove_durably(path: &Path) -> anyhow::Result<()> {
