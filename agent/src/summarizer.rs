@@ -33,8 +33,10 @@ pub struct SegmentPiece {
     pub bytes: Arc<Vec<u8>>,
 }
 
-// Pieces up to `INLINE_BYTES` are decoded on the async thread itself.
-use crate::uploader::INLINE_BYTES;
+/// Pieces up to this many bytes are decoded on the async thread itself, and
+/// the uploader compresses new spool bytes up to this many there too
+/// (`Uploader::append_inline`); more go to a blocking thread.
+pub const INLINE_BYTES: usize = 64 * 1024;
 
 /// Summaries being built, per segment number (a record belongs to the segment it starts in).
 type Building = BTreeMap<u64, (TimelineId, SummaryBuilder)>;

@@ -4,7 +4,7 @@
 //! fills in LSN order and a partial object never overwrites a newer state.
 
 use crate::index::{Index, SegmentRecord};
-use crate::summarizer::SegmentPiece;
+use crate::summarizer::{SegmentPiece, INLINE_BYTES};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -349,11 +349,6 @@ struct Building {
 /// How much of a spool file is read, compressed and handed on at a time:
 /// bounds the agent's memory whatever the segment size.
 const PIECE: u64 = 2 << 20;
-
-/// New spool bytes up to this many are compressed on the async thread
-/// itself (`Uploader::append_inline`), more on a blocking thread; the
-/// summarizer decodes pieces this small inline too.
-pub const INLINE_BYTES: usize = 64 * 1024;
 
 /// How long a piece may wait for room in the summarizer's queue. A
 /// summarizer that is briefly busy (naming tables, storing a summary) is
