@@ -275,14 +275,19 @@ pub fn main() -> ExitCode {
     if matches!(args.command, Command::Run { .. }) {
         limit_allocator_footprint();
     }
-    // Two workers whatever the host's core count: the agent's async work is
-    // one replication stream and a few helpers; CPU work runs on blocking threads.
-    // Those are kept for two minutes when idle: the periodic work (a partial
-    // upload every 10 s, the lease every 20 s) would otherwise start a thread
-    // almost every time, and on a quiet database that was a large part of
-    // the agent's CPU.
+    // Few workers whatever the host's core count: CPU work runs on blocking
+    // threads. The daemon's async work is a few helpers around one
+    // replication stream (which has its own thread), and it gets one
+    // worker: with two, each task that became ready made one worker wake
+    // the other to look for work (an eventfd write and a futex wake), turns
+    // on a CPU that a quiet database paid for every 10 s. One-off commands
+    // (a backup's concurrent uploads) keep two.
+    // Blocking threads are kept for two minutes when idle: the daemon's
+    // periodic work (a partial upload every 10 s, the lease every 40 s)
+    // would otherwise start a thread almost every time.
+    let workers = if matches!(args.command, Command::Run { .. }) { 1 } else { 2 };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .thread_keep_alive(std::time::Duration::from_secs(120))
         .enable_all()
         .build()

@@ -83,11 +83,16 @@ async fn ask(
         *client = Some(crate::pg::sql::connect(&params).await?);
     }
     let Some(session) = client.as_ref() else { anyhow::bail!("no session") };
-    let row = session
-        .query_one("SELECT current_setting('synchronous_standby_names')", &[])
-        .await
-        .map_err(crate::pg::sql::from_postgres)?;
-    Ok(names_us(&row.try_get::<_, String>(0)?, application_name))
+    // The simple protocol: one round trip, no statement prepared and closed
+    // again every 10 s as `query_one` would.
+    let messages =
+        session.simple_query("SHOW synchronous_standby_names").await.map_err(crate::pg::sql::from_postgres)?;
+    let setting = messages.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
+        _ => None,
+    });
+    let setting = setting.ok_or_else(|| anyhow::anyhow!("SHOW synchronous_standby_names returned no value"))?;
+    Ok(names_us(setting, application_name))
 }
 
 #[cfg(test)]
