@@ -272,7 +272,8 @@ pub fn main() -> ExitCode {
 
     // Only the resident daemon: a one-off backup compresses 8 MiB chunks on
     // every core, and mapping each afresh cost it a third of its speed.
-    if matches!(args.command, Command::Run { .. }) {
+    let daemon = matches!(args.command, Command::Run { .. });
+    if daemon {
         limit_allocator_footprint();
     }
     // Few workers whatever the host's core count: CPU work runs on blocking
@@ -285,7 +286,7 @@ pub fn main() -> ExitCode {
     // Blocking threads are kept for two minutes when idle: the daemon's
     // periodic work (a partial upload every 10 s, the lease every 40 s)
     // would otherwise start a thread almost every time.
-    let workers = if matches!(args.command, Command::Run { .. }) { 1 } else { 2 };
+    let workers = if daemon { 1 } else { 2 };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .thread_keep_alive(std::time::Duration::from_secs(120))
