@@ -5,8 +5,11 @@
 //! --synchronous's (which also fsyncs each commit). For each: TPS against no archiver, the
 //! archiver's CPU (user and system, from /proc), its peak and final RSS,
 //! the durable lag (server WAL end minus the archiver's reported flush,
-//! sampled from pg_stat_replication: median and max) and the catch-up time
-//! after the load. Prints figures; asserts nothing.
+//! sampled from pg_stat_replication: median and max), the catch-up time
+//! after the load, the CPU of the server's walsender that feeds the archiver
+//! (the cost of streaming on the server's side, the same whichever client
+//! reads) and the share of the machine left idle. Prints figures; asserts
+//! nothing.
 //!
 //!     cargo run -p tidemark-tests --bin bench-overhead -- [seconds per run, default 30] [scale, default 50] [quiet seconds, default 240] [rounds, default 1]
 //!
@@ -122,6 +125,10 @@ struct Figures {
     catch_up: f64,
     latency_p50_us: u64,
     latency_p99_us: u64,
+    /// CPU seconds of the server's walsender for this archiver (user + system).
+    walsender: f64,
+    /// The share of the machine's CPU time left idle during the load.
+    idle: f64,
 }
 
 fn no_figures() -> Figures {
@@ -136,6 +143,8 @@ fn no_figures() -> Figures {
         catch_up: 0.0,
         latency_p50_us: 0,
         latency_p99_us: 0,
+        walsender: 0.0,
+        idle: 0.0,
     }
 }
 
@@ -174,6 +183,16 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
         return 0;
     }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The machine's CPU time so far, idle and in all (clock ticks, from the
+/// first line of /proc/stat: user nice system idle iowait irq softirq steal).
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> =
+        stat.lines().next().unwrap_or("").split_whitespace().skip(1).take(8).filter_map(|f| f.parse().ok()).collect();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (idle, fields.iter().sum())
 }
 
 fn tps_of(output: &str) -> f64 {
@@ -260,7 +279,14 @@ fn measure(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup, seconds: 
         wait_until_idle(*pid);
     }
     cluster.psql("CHECKPOINT");
+    // The server's side of streaming: the walsender wakes for each flush of
+    // the database's WAL, whichever archiver reads it.
+    let walsender: Option<u32> = started.as_ref().and_then(|_| {
+        cluster.psql(&format!("SELECT pid FROM pg_stat_replication WHERE application_name = '{app}'")).parse().ok()
+    });
+    let walsender_before = walsender.map(usage).unwrap_or_default();
     let before = started.as_ref().map(|(pid, _)| usage(*pid)).unwrap_or_default();
+    let machine_before = machine_ticks();
     let logs = cluster.dir.path().join("pgbench-logs");
     let mut load = pgbench(cluster, seconds, &logs);
     let mut lags = Vec::new();
@@ -274,6 +300,8 @@ fn measure(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup, seconds: 
         std::thread::sleep(Duration::from_millis(100));
     }
     let output = load.wait_with_output().expect("pgbench");
+    let machine_after = machine_ticks();
+    let walsender_after = walsender.map(usage).unwrap_or_default();
     let tps = tps_of(&String::from_utf8_lossy(&output.stdout));
     let latency = latencies(&logs);
     let ended = Instant::now();
@@ -297,6 +325,8 @@ fn measure(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup, seconds: 
         catch_up,
         latency_p50_us: percentile(&latency, 0.5),
         latency_p99_us: percentile(&latency, 0.99),
+        walsender: walsender_after.0 + walsender_after.1 - walsender_before.0 - walsender_before.1,
+        idle: (machine_after.0 - machine_before.0) as f64 / (machine_after.1 - machine_before.1).max(1) as f64,
     }
 }
 
@@ -370,7 +400,7 @@ fn quiet_cpu_per_hour(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup
 
 fn print_row(archiver: &Archiver, f: &Figures, base_tps: f64, seconds: u64) {
     println!(
-        "{:<44} {:>6.0} {:>7.2} {:>8.2} {:>8.2} {:>8.1}% {:>6} MiB {:>7} MiB {:>8} KB {:>8} KB {:>9.2} {:>9.2}  catch-up {:.1} s",
+        "{:<44} {:>6.0} {:>7.2} {:>8.2} {:>8.2} {:>8.1}% {:>6} MiB {:>7} MiB {:>8} KB {:>8} KB {:>9.2} {:>9.2} {:>10.1}% {:>6.1}%  catch-up {:.1} s",
         archiver.name(),
         f.tps,
         f.tps / base_tps.max(1e-9),
@@ -383,6 +413,8 @@ fn print_row(archiver: &Archiver, f: &Figures, base_tps: f64, seconds: u64) {
         f.lag_max / 1000,
         f.latency_p50_us as f64 / 1000.0,
         f.latency_p99_us as f64 / 1000.0,
+        f.walsender * 100.0 / seconds as f64,
+        f.idle * 100.0,
         f.catch_up
     );
 }
@@ -408,7 +440,7 @@ fn main() {
     ];
     println!("pgbench scale {scale}, -c 4 -j 2, {seconds} s per run, a CHECKPOINT before each");
     println!(
-        "{:<44} {:>6} {:>7} {:>8} {:>8} {:>9} {:>9} {:>11} {:>11} {:>9} {:>9} {:>9}",
+        "{:<44} {:>6} {:>7} {:>8} {:>8} {:>9} {:>9} {:>11} {:>11} {:>9} {:>9} {:>9} {:>11} {:>7}",
         "",
         "TPS",
         "ratio",
@@ -420,7 +452,9 @@ fn main() {
         "lag median",
         "lag max",
         "p50 ms",
-        "p99 ms"
+        "p99 ms",
+        "walsender",
+        "idle"
     );
     let rounds: usize = std::env::args().nth(4).and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); archivers.len()];
