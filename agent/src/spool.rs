@@ -4,6 +4,10 @@
 //!   size). Bytes count as flushed only after `SegmentWriter::flush` fsynced them.
 //! - `<segment>`: complete and fsynced, waiting for the uploader, which
 //!   deletes it once the repository holds it durably.
+//! - `spare`: an archived segment's file, kept by the uploader for the next
+//!   segment instead of being deleted (as PostgreSQL recycles its own WAL
+//!   files); opening the next segment renames it. Its old bytes are never
+//!   read: every reader of a `.partial` stops at the flushed position.
 //!
 //! After a crash, streaming resumes at the start of the newest `.partial`
 //! (rewriting identical bytes) or after the newest complete file: the server
@@ -84,6 +88,9 @@ pub struct CompletedSegment {
     pub path: PathBuf,
 }
 
+/// The file the next segment is opened from (see `recycle`).
+const SPARE: &str = "spare";
+
 struct OpenSegment {
     segment: SegmentId,
     file: File,
@@ -99,12 +106,15 @@ pub struct SegmentWriter {
     /// Everything before this is fsynced.
     flushed: Lsn,
     current: Option<OpenSegment>,
+    /// A rename in the spool directory (a completed segment's final name,
+    /// the spare taken as the new `.partial`) not yet made durable.
+    names_unsynced: bool,
 }
 
 impl SegmentWriter {
     /// Starts at `start`, which must be a segment boundary.
     pub fn new(spool: Spool, timeline: TimelineId, start: Lsn) -> SegmentWriter {
-        SegmentWriter { spool, timeline, position: start, flushed: start, current: None }
+        SegmentWriter { spool, timeline, position: start, flushed: start, current: None, names_unsynced: false }
     }
 
     pub fn position(&self) -> Lsn {
@@ -119,7 +129,8 @@ impl SegmentWriter {
         self.timeline
     }
 
-    /// Writes bytes that start at `start`; returns the segments this completed.
+    /// Writes bytes that start at `start`; returns the segments this
+    /// completed, each fsynced under its final name.
     pub fn write(&mut self, start: Lsn, mut data: &[u8]) -> anyhow::Result<Vec<CompletedSegment>> {
         anyhow::ensure!(
             start == self.position,
@@ -143,6 +154,15 @@ impl SegmentWriter {
                 completed.push(self.complete_current()?);
             }
         }
+        // One fsync of the directory for every rename above: a segment
+        // switch is one `rename` each way and this, where a commit may wait.
+        if self.names_unsynced {
+            sync_dir(&self.spool.dir)?;
+            self.names_unsynced = false;
+        }
+        if let Some(last) = completed.last() {
+            self.flushed = self.flushed.max(last.segment.end_lsn(size));
+        }
         Ok(completed)
     }
 
@@ -150,6 +170,7 @@ impl SegmentWriter {
         let segment = SegmentId::containing(self.timeline, self.position, self.spool.segment_size);
         if self.current.as_ref().map(|c| c.segment) != Some(segment) {
             let path = self.spool.partial_path(segment);
+            let took_spare = self.take_spare(&path)?;
             let file = OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -157,23 +178,57 @@ impl SegmentWriter {
                 .mode(0o600)
                 .open(&path)
                 .with_context(|| format!("open spool file {}", path.display()))?;
+            // Without a spare (the first segments, or the uploader behind)
+            // the file is filled with zeros here.
             preallocate(&file, self.spool.segment_size)
                 .with_context(|| format!("fill {} with zeros", path.display()))?;
-            sync_dir(&self.spool.dir)?;
+            if !took_spare {
+                sync_dir(&self.spool.dir)?;
+            }
             self.current = Some(OpenSegment { segment, file, dirty: false });
         }
         self.current.as_mut().context("no open spool segment")
     }
 
-    /// fsyncs the full segment, gives it its final name durably.
+    /// Renames the spare to `path` when there is one and `path` does not
+    /// exist yet (a `.partial` already there is being resumed and keeps its
+    /// bytes). The rename is made durable by `write` before anything is
+    /// reported flushed.
+    fn take_spare(&mut self, path: &Path) -> anyhow::Result<bool> {
+        if path.try_exists().with_context(|| format!("stat {}", path.display()))? {
+            return Ok(false);
+        }
+        let spare = self.spool.dir.join(SPARE);
+        // A spare of another size (a state directory that followed a
+        // cluster of another segment size) is not used.
+        match std::fs::metadata(&spare) {
+            Ok(meta) if meta.len() == self.spool.segment_size => {}
+            Ok(_) => {
+                std::fs::remove_file(&spare).with_context(|| format!("remove {}", spare.display()))?;
+                return Ok(false);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e).with_context(|| format!("stat {}", spare.display())),
+        }
+        match std::fs::rename(&spare, path) {
+            Ok(()) => {
+                self.names_unsynced = true;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("rename {} to {}", spare.display(), path.display())),
+        }
+    }
+
+    /// fsyncs the full segment and renames it to its final name; `write`
+    /// makes the rename durable.
     fn complete_current(&mut self) -> anyhow::Result<CompletedSegment> {
         let open = self.current.take().context("no open spool segment")?;
-        open.file.sync_all().context("fsync spool segment")?;
+        open.file.sync_data().context("fsync spool segment")?;
         let from = self.spool.partial_path(open.segment);
         let to = self.spool.complete_path(open.segment);
         std::fs::rename(&from, &to).with_context(|| format!("rename {} to {}", from.display(), to.display()))?;
-        sync_dir(&self.spool.dir)?;
-        self.flushed = self.position;
+        self.names_unsynced = true;
         Ok(CompletedSegment { segment: open.segment, path: to })
     }
 
@@ -218,6 +273,23 @@ fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
     file.sync_all()
 }
 
+/// Keeps `path`, an archived complete segment in the spool, as the file
+/// the next segment is opened from, instead of deleting it: the segment
+/// switch on the receive path, where a synchronous commit may wait, is then
+/// two renames and one fsync of the directory. Writing and fsyncing 16 MB
+/// of zeros there took 15–27 ms under the benchmark's load (an ordinary
+/// fsync ~0.4 ms), and doing it ahead on another thread only moved the
+/// stall: the commits' fsyncs queued behind its 16 MB (12–18 ms each). A
+/// recycled file's blocks are allocated and written, so an fsync after
+/// overwriting them flushes data only, as with zeros. Replaces an unused
+/// spare; the rename is made durable before returning (as a delete would be).
+pub fn recycle(path: &Path) -> anyhow::Result<()> {
+    let dir = path.parent().context("a spool file has a directory")?;
+    let spare = dir.join(SPARE);
+    std::fs::rename(path, &spare).with_context(|| format!("rename {} to {}", path.display(), spare.display()))?;
+    sync_dir(dir)
+}
+
 fn sync_dir(dir: &Path) -> anyhow::Result<()> {
     tidemark_repo::durable::fsync_dir(dir).with_context(|| format!("fsync directory {}", dir.display()))
 }
@@ -253,5 +325,72 @@ mod tests {
         assert_eq!(spool.resume_point().expect("resume"), Some((tli, Lsn(2 * SIZE))));
         let files = spool.scan().expect("scan");
         assert_eq!(files.iter().map(|f| f.complete).collect::<Vec<_>>(), vec![true, false]);
+    }
+
+    fn inode(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).expect("stat").ino()
+    }
+
+    #[test]
+    fn the_next_segment_is_opened_from_a_recycled_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(dir.path(), SIZE).expect("spool");
+        let tli = TimelineId(1);
+        let mut writer = SegmentWriter::new(spool.clone(), tli, Lsn(SIZE));
+        let completed = writer.write(Lsn(SIZE), &vec![1u8; SIZE as usize + 10]).expect("write");
+        assert_eq!(completed.len(), 1);
+        let recycled = inode(&completed[0].path);
+        // The uploader stored segment 1: it becomes the spare, not a segment.
+        recycle(&completed[0].path).expect("recycle");
+        let spare = spool.dir.join(SPARE);
+        assert_eq!(inode(&spare), recycled);
+        assert_eq!(spool.scan().expect("scan").len(), 1, "only segment 2 is a segment");
+        // Crossing into segment 3 takes the spare as its file.
+        let completed = writer.write(Lsn(2 * SIZE + 10), &vec![3u8; SIZE as usize]).expect("write");
+        assert_eq!(completed.len(), 1);
+        let partial = spool.partial_path(SegmentId { timeline: tli, segment_no: 3 });
+        assert_eq!(inode(&partial), recycled);
+        assert!(!spare.exists());
+        assert_eq!(writer.flushed(), Lsn(3 * SIZE), "the completed segment counts as flushed");
+        assert_eq!(writer.flush().expect("flush"), Lsn(3 * SIZE + 10));
+        // Its first bytes are the new segment's; the rest is the old one's,
+        // never read: the partial upload stops at the flushed offset.
+        let (segment, path, len) = writer.partial().expect("partial");
+        assert_eq!((segment.segment_no, len, path), (3, 10, partial.clone()));
+        let bytes = std::fs::read(&partial).expect("read");
+        assert!(bytes.len() as u64 == SIZE && bytes[..10].iter().all(|b| *b == 3));
+        let done = std::fs::read(spool.complete_path(SegmentId { timeline: tli, segment_no: 2 })).expect("segment 2");
+        assert!(done[..10].iter().all(|b| *b == 1) && done[10..].iter().all(|b| *b == 3));
+    }
+
+    #[test]
+    fn a_partial_being_resumed_keeps_its_bytes_and_a_wrong_sized_spare_is_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(dir.path(), SIZE).expect("spool");
+        let tli = TimelineId(1);
+        let partial = spool.partial_path(SegmentId { timeline: tli, segment_no: 1 });
+        let mut old = vec![0u8; SIZE as usize];
+        old[..50].fill(5);
+        std::fs::write(&partial, &old).expect("write partial");
+        let spare = spool.dir.join(SPARE);
+        std::fs::write(&spare, vec![9u8; SIZE as usize]).expect("write spare");
+        let (partial_inode, spare_inode) = (inode(&partial), inode(&spare));
+        // Resuming at the segment's start rewrites the same bytes into the same file.
+        let mut writer = SegmentWriter::new(spool.clone(), tli, Lsn(SIZE));
+        writer.write(Lsn(SIZE), &[5u8; 20]).expect("write");
+        assert_eq!(inode(&partial), partial_inode);
+        assert_eq!(std::fs::read(&partial).expect("read"), old);
+        assert_eq!(inode(&spare), spare_inode, "the unused spare stays");
+        // A spare of another size is removed, not used: the file is made anew.
+        std::fs::write(&spare, [0u8; 10]).expect("write spare");
+        let mut writer = SegmentWriter::new(spool.clone(), tli, Lsn(2 * SIZE));
+        writer.write(Lsn(2 * SIZE), &[6u8; 10]).expect("write");
+        let next = spool.partial_path(SegmentId { timeline: tli, segment_no: 2 });
+        let bytes = std::fs::read(&next).expect("read");
+        assert!(
+            bytes.len() as u64 == SIZE && bytes[..10].iter().all(|b| *b == 6) && bytes[10..].iter().all(|b| *b == 0)
+        );
+        assert!(!spare.exists());
     }
 }

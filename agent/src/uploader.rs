@@ -174,7 +174,9 @@ impl Uploader {
         let (index, path) = (self.index.clone(), path.to_path_buf());
         off_runtime(move || {
             index.delete_partial(segment)?;
-            remove_durably(&path)
+            // Kept as the spool's spare, not deleted: the receive loop opens
+            // the next segment from it (see `spool::recycle`).
+            crate::spool::recycle(&path)
         })
         .await?;
         info!(segment = %name, stored_bytes, "archived segment");

@@ -27,6 +27,20 @@ fn pgbench_load_is_archived_byte_identical() {
     wait_archived(&agent, end);
     let checked = assert_segments_identical(&cluster, &agent, start, end);
     assert!(checked >= 2, "expected the load to fill several segments, got {checked}");
+    // A stored segment's file is kept as the next one's (`spool::recycle`),
+    // not deleted: with everything archived, the spool holds that spare (a
+    // whole segment's file) and at most the next segment's `.partial`.
+    let spool = agent.state_dir.join("spool");
+    let names: Vec<String> = std::fs::read_dir(&spool)
+        .expect("list the spool")
+        .map(|e| e.expect("spool entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    let partials = names.iter().filter(|n| n.ends_with(".partial")).count();
+    assert!(
+        names.contains(&"spare".to_string()) && names.len() == 1 + partials && partials <= 1,
+        "the spool holds {names:?}"
+    );
+    assert_eq!(std::fs::metadata(spool.join("spare")).expect("stat").len(), 16 << 20);
     assert!(running.stop(), "agent did not stop cleanly");
 }
 
