@@ -15,7 +15,7 @@ use crate::relnames::RelationNames;
 use anyhow::Context;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use tidemark_proto::repo::frame::{self, Compression};
+use tidemark_proto::repo::frame;
 use tidemark_proto::repo::layout::{segment_key, summary_key};
 use tidemark_proto::segment::SegmentId;
 use tidemark_proto::wal::page::major_for_magic;
@@ -226,8 +226,8 @@ impl Summarizer {
             let summary = builder.finish(timeline.0, segment.start_lsn(self.segment_size), |rel| catalog.naming(rel));
             let (object, summary) = tokio::task::spawn_blocking(move || {
                 crate::priority::background_priority();
-                let json = summary.to_json()?;
-                anyhow::Ok((frame::encode(&json, Compression::Zstd { level: 3 })?.0, summary))
+                let (object, _) = frame::encode_zstd_from(3, |out| summary.write_json(out))?;
+                anyhow::Ok((object, summary))
             })
             .await
             .context("join the summary compression")??;

@@ -79,6 +79,57 @@ pub fn encode(raw: &[u8], compression: Compression) -> Result<(Vec<u8>, FrameInf
     Ok((out, info))
 }
 
+/// Frames the bytes `produce` writes, compressed with zstd at `level` as
+/// they come: the raw bytes are never held whole. A busy segment's summary
+/// is tens of MB of JSON; holding it, `encode`'s compression buffer (as
+/// large as the input) and the framed copy at once was the agent's peak
+/// memory. The object reads back with [`decode`] like any other.
+pub fn encode_zstd_from(
+    level: i32,
+    produce: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> Result<(Vec<u8>, FrameInfo), FrameError> {
+    let compress_error = |e: std::io::Error| FrameError::Compress(e.to_string());
+    // The header goes in front once the lengths and checksum are known.
+    let encoder = zstd::stream::write::Encoder::new(vec![0u8; HEADER_LEN], level).map_err(compress_error)?;
+    // Buffered ahead of the checksum and the compressor: serializers write
+    // a few bytes at a time.
+    let mut writer = std::io::BufWriter::with_capacity(
+        64 * 1024,
+        Counting { inner: encoder, crc: crc32fast::Hasher::new(), raw_len: 0 },
+    );
+    produce(&mut writer).map_err(compress_error)?;
+    let Counting { inner, crc, raw_len } = writer.into_inner().map_err(|e| compress_error(e.into_error()))?;
+    let mut object = inner.finish().map_err(compress_error)?;
+    let crc32 = crc.finalize();
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    write_header(&mut header, 1, raw_len, crc32, object.len().saturating_sub(HEADER_LEN) as u64);
+    for (slot, byte) in object.iter_mut().zip(header) {
+        *slot = byte;
+    }
+    let info = FrameInfo { raw_len, crc32, stored_len: object.len() as u64 };
+    Ok((object, info))
+}
+
+/// Passes writes on, counting and checksumming what was taken.
+struct Counting<W> {
+    inner: W,
+    crc: crc32fast::Hasher,
+    raw_len: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let taken = self.inner.write(buf)?;
+        self.crc.update(buf.get(..taken).unwrap_or(buf));
+        self.raw_len += taken as u64;
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// An object built up from consecutive pieces of its raw bytes, each piece
 /// compressed as a zstd frame of its own. Concatenated zstd frames
 /// decompress to the concatenation of their contents, so [`decode`] reads
@@ -282,6 +333,27 @@ mod tests {
             assert_eq!(info.stored_len, object.len() as u64);
             assert_eq!(decode(&object).expect("decode"), raw);
         }
+    }
+
+    #[test]
+    fn a_streamed_object_decodes_like_an_encoded_one() {
+        let raw: Vec<u8> = (0..300_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let (object, info) = encode_zstd_from(3, |w| {
+            // Written in uneven pieces, as a serializer would.
+            for chunk in raw.chunks(7) {
+                w.write_all(chunk)?;
+            }
+            Ok(())
+        })
+        .expect("encode");
+        let (_, expected) = encode(&raw, Compression::Zstd { level: 3 }).expect("encode");
+        assert_eq!((info.raw_len, info.crc32), (expected.raw_len, expected.crc32));
+        assert_eq!(info.stored_len, object.len() as u64);
+        assert_eq!(decode(&object).expect("decode"), raw);
+        let (empty, _) = encode_zstd_from(3, |_| Ok(())).expect("encode nothing");
+        assert_eq!(decode(&empty).expect("decode"), Vec::<u8>::new());
+        let failed = encode_zstd_from(3, |_| Err(std::io::Error::other("the producer failed")));
+        assert!(matches!(failed, Err(FrameError::Compress(e)) if e.contains("the producer failed")));
     }
 
     #[test]

@@ -97,6 +97,12 @@ impl SegmentSummary {
         serde_json::to_vec(self)
     }
 
+    /// The stored form, written to `out` as it is made (see
+    /// `frame::encode_zstd_from`: a busy segment's is tens of MB).
+    pub fn write_json(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        serde_json::to_writer(out, self).map_err(std::io::Error::other)
+    }
+
     pub fn from_json(bytes: &[u8]) -> Result<SegmentSummary, String> {
         let summary: SegmentSummary = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         if summary.version != SUMMARY_VERSION {
@@ -239,7 +245,9 @@ impl SummaryBuilder {
         start_lsn: Lsn,
         mut name: impl FnMut(RelFileLocator) -> Naming,
     ) -> SegmentSummary {
-        let mut changes = Vec::new();
+        // At most one change per entry: no doubling growth (a busy segment
+        // has hundreds of thousands).
+        let mut changes = Vec::with_capacity(self.changes.entries.len());
         for CountEntry { key: (xid, db, filenode, tablespace), counts: (ins, upd, del), .. } in self.changes.entries {
             let rel = RelFileLocator { tablespace, database: db, relfilenode: filenode };
             let table = match name(rel) {
