@@ -70,7 +70,9 @@ fn long_operations_show_progress_and_mark_waits_for_its_wal() {
         pane.contains("objects").then_some(pane)
     });
     tmux(&["kill-server"]);
-    assert!(pane.contains("verify [") && pane.contains('='), "a bar, not log lines: {pane}");
+    // The bar's fill: '=' for what is done and '>' at its head; a capture
+    // in the first few percent (19 of 823 objects, seen in CI) has only the head.
+    assert!(pane.contains("verify [") && (pane.contains('=') || pane.contains('>')), "a bar, not log lines: {pane}");
     assert!(!pane.contains("verify: "), "no log lines on a terminal: {pane}");
 
     // Restore: the fetch, then the WAL replay up to the target.
