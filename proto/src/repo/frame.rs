@@ -101,11 +101,7 @@ pub fn encode_zstd_from(
     let Counting { inner, crc, raw_len } = writer.into_inner().map_err(|e| compress_error(e.into_error()))?;
     let mut object = inner.finish().map_err(compress_error)?;
     let crc32 = crc.finalize();
-    let mut header = Vec::with_capacity(HEADER_LEN);
-    write_header(&mut header, 1, raw_len, crc32, object.len().saturating_sub(HEADER_LEN) as u64);
-    for (slot, byte) in object.iter_mut().zip(header) {
-        *slot = byte;
-    }
+    fill_zstd_header(&mut object, raw_len, crc32);
     let info = FrameInfo { raw_len, crc32, stored_len: object.len() as u64 };
     Ok((object, info))
 }
@@ -228,14 +224,20 @@ impl Pieces {
 
     fn write_header(&mut self) -> FrameInfo {
         let crc32 = self.crc.clone().finalize();
-        let payload_len = self.object.len().saturating_sub(HEADER_LEN) as u64;
-        let mut header = Vec::with_capacity(HEADER_LEN);
-        write_header(&mut header, 1, self.raw_len, crc32, payload_len);
         // The object always starts with HEADER_LEN bytes set aside for this.
-        for (slot, byte) in self.object.iter_mut().zip(header) {
-            *slot = byte;
-        }
+        fill_zstd_header(&mut self.object, self.raw_len, crc32);
         FrameInfo { raw_len: self.raw_len, crc32, stored_len: self.object.len() as u64 }
+    }
+}
+
+/// Writes the header of a zstd object over the `HEADER_LEN` bytes set
+/// aside at the start of `object` (the payload is the rest).
+fn fill_zstd_header(object: &mut [u8], raw_len: u64, crc32: u32) {
+    let payload_len = object.len().saturating_sub(HEADER_LEN) as u64;
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    write_header(&mut header, 1, raw_len, crc32, payload_len);
+    for (slot, byte) in object.iter_mut().zip(header) {
+        *slot = byte;
     }
 }
 

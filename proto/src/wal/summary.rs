@@ -91,12 +91,6 @@ pub struct SegmentSummary {
 }
 
 impl SegmentSummary {
-    /// The stored form. Serialization cannot fail for this type (no maps with
-    /// non-string keys), but an error is passed on rather than written as nothing.
-    pub fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
-        serde_json::to_vec(self)
-    }
-
     /// The stored form, written to `out` as it is made (see
     /// `frame::encode_zstd_from`: a busy segment's is tens of MB).
     pub fn write_json(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
@@ -623,7 +617,14 @@ mod tests {
             changes: vec![change(1, "public.a", 1, 0)],
             ..Default::default()
         };
-        assert_eq!(SegmentSummary::from_json(&summary.to_json().expect("json")), Ok(summary));
+        assert_eq!(
+            SegmentSummary::from_json(&{
+                let mut json = Vec::new();
+                summary.write_json(&mut json).expect("json");
+                json
+            }),
+            Ok(summary)
+        );
         assert!(SegmentSummary::from_json(br#"{"version": 99}"#).is_err());
         assert!(SegmentSummary::from_json(b"\xff").is_err());
     }
