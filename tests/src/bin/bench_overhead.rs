@@ -11,11 +11,14 @@
 //! reads) and the share of the machine left idle. Prints figures; asserts
 //! nothing.
 //!
-//!     cargo run -p tidemark-tests --bin bench-overhead -- [seconds per run, default 30] [scale, default 50] [quiet seconds, default 240] [rounds, default 1]
+//!     cargo run -p tidemark-tests --bin bench-overhead -- [seconds per run, default 30] [scale, default 50] [quiet seconds, default 240] [rounds, default 1] [all|async|sync, default all]
 //!
-//! With more than one round the loaded runs repeat (in the same order each
-//! round) and the median of each archiver's TPS ratios is printed at the
-//! end: on a shared machine one run's ratio moves by ±15 %. With 0 seconds
+//! With more than one round the loaded runs repeat (in reverse order every
+//! other round) and the median of each archiver's TPS ratios is printed at
+//! the end: on a shared machine one run's ratio moves by ±15 %. Then, round
+//! by round, the agent's TPS and p99 over pg_receivewal's in the same mode.
+//! The fifth argument runs one mode's pair alone (`async` or `sync`), for
+//! more rounds of that comparison in the same time. With 0 seconds
 //! per run only the quiet database is measured, on a fresh cluster. The
 //! quiet figures come with each thread's share (`schedstat`), by name, and
 //! the WAL the database wrote meanwhile; each starts once autovacuum is
@@ -49,12 +52,18 @@ fn usage(pid: u32) -> (f64, f64, u64, u64) {
     (ticks(11), ticks(12), kib("VmRSS:"), kib("VmHWM:"))
 }
 
-/// CPU nanoseconds each thread of `pid` has run so far and how many times
-/// it was scheduled, by thread id, with its name
-/// (`/proc/PID/task/TID/schedstat`: nanoseconds, finer than the clock
-/// ticks of `stat`, which matters for threads that run a few milliseconds
-/// a minute; its third field counts the thread's turns on a CPU).
-fn thread_times(pid: u32) -> std::collections::BTreeMap<u32, (String, u64, u64)> {
+/// One thread's share of the CPU so far, from `/proc/PID/task/TID/schedstat`:
+/// nanoseconds (finer than the clock ticks of `stat`, which matters for
+/// threads that run a few milliseconds a minute) and its turns on a CPU
+/// (the file's third field).
+struct ThreadSample {
+    name: String,
+    ran_ns: u64,
+    turns: u64,
+}
+
+/// Every thread of `pid` now, by thread id.
+fn thread_times(pid: u32) -> std::collections::BTreeMap<u32, ThreadSample> {
     let mut threads = std::collections::BTreeMap::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return threads };
     for task in tasks.flatten() {
@@ -62,30 +71,37 @@ fn thread_times(pid: u32) -> std::collections::BTreeMap<u32, (String, u64, u64)>
         let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
         let schedstat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
         let field = |i: usize| schedstat.split_whitespace().nth(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-        threads.insert(tid, (name, field(0), field(2)));
+        threads.insert(tid, ThreadSample { name, ran_ns: field(0), turns: field(2) });
     }
     threads
 }
 
-/// CPU seconds and turns on a CPU per hour by thread name between two
-/// `thread_times` samples (threads of one name summed; a thread that ended
-/// in between is not counted), most CPU first.
+/// One thread name's CPU seconds and turns on a CPU per hour.
+struct ThreadRate {
+    name: String,
+    cpu: f64,
+    turns: f64,
+}
+
+/// The hourly rate of each thread name between two `thread_times` samples
+/// (threads of one name summed; a thread that ended in between is not
+/// counted), most CPU first.
 fn per_thread_hourly(
-    before: &std::collections::BTreeMap<u32, (String, u64, u64)>,
-    after: &std::collections::BTreeMap<u32, (String, u64, u64)>,
+    before: &std::collections::BTreeMap<u32, ThreadSample>,
+    after: &std::collections::BTreeMap<u32, ThreadSample>,
     elapsed: f64,
-) -> Vec<(String, f64, f64)> {
-    let mut by_name: std::collections::BTreeMap<String, (f64, f64)> = std::collections::BTreeMap::new();
-    for (tid, (name, ran, turns)) in after {
-        let (ran_before, turns_before) = before.get(tid).map_or((0, 0), |(_, r, t)| (*r, *t));
-        let row = by_name.entry(name.clone()).or_default();
-        row.0 += ran.saturating_sub(ran_before) as f64 / 1e9 * 3600.0 / elapsed;
-        row.1 += turns.saturating_sub(turns_before) as f64 * 3600.0 / elapsed;
+) -> Vec<ThreadRate> {
+    let mut by_name: std::collections::BTreeMap<&str, ThreadRate> = std::collections::BTreeMap::new();
+    for (tid, now) in after {
+        let (ran_before, turns_before) = before.get(tid).map_or((0, 0), |then| (then.ran_ns, then.turns));
+        let rate =
+            by_name.entry(&now.name).or_insert_with(|| ThreadRate { name: now.name.clone(), cpu: 0.0, turns: 0.0 });
+        rate.cpu += now.ran_ns.saturating_sub(ran_before) as f64 / 1e9 * 3600.0 / elapsed;
+        rate.turns += now.turns.saturating_sub(turns_before) as f64 * 3600.0 / elapsed;
     }
-    let mut rows: Vec<(String, f64, f64)> =
-        by_name.into_iter().map(|(name, (cpu, turns))| (name, cpu, turns)).collect();
-    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
-    rows
+    let mut rates: Vec<ThreadRate> = by_name.into_values().collect();
+    rates.sort_by(|a, b| b.cpu.total_cmp(&a.cpu));
+    rates
 }
 
 /// One archiver under test.
@@ -281,9 +297,11 @@ fn measure(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup, seconds: 
     cluster.psql("CHECKPOINT");
     // The server's side of streaming: the walsender wakes for each flush of
     // the database's WAL, whichever archiver reads it.
-    let walsender: Option<u32> = started.as_ref().and_then(|_| {
+    let walsender: Option<u32> = if started.is_some() {
         cluster.psql(&format!("SELECT pid FROM pg_stat_replication WHERE application_name = '{app}'")).parse().ok()
-    });
+    } else {
+        None
+    };
     let walsender_before = walsender.map(usage).unwrap_or_default();
     let before = started.as_ref().map(|(pid, _)| usage(*pid)).unwrap_or_default();
     let machine_before = machine_ticks();
@@ -341,7 +359,7 @@ fn wait_until_idle(pid: u32) {
     wait_until("the archiver goes idle", Duration::from_secs(600), || {
         // Nanoseconds from each thread's schedstat: the clock ticks of
         // `usage` miss bursts shorter than a tick.
-        let cpu_ns = || thread_times(pid).values().map(|(_, ns, _)| ns).sum::<u64>();
+        let cpu_ns = || thread_times(pid).values().map(|t| t.ran_ns).sum::<u64>();
         let before = cpu_ns();
         std::thread::sleep(Duration::from_secs(12));
         (cpu_ns().saturating_sub(before) < 30_000_000).then_some(())
@@ -381,9 +399,8 @@ fn quiet_cpu_per_hour(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup
     let elapsed = began.elapsed().as_secs_f64();
     stop();
     let rows = per_thread_hourly(&threads0, &threads1, elapsed);
-    let rows_cpu: f64 = rows.iter().map(|(_, cpu, _)| cpu).sum();
-    let rows: Vec<String> =
-        rows.iter().map(|(name, cpu, turns)| format!("{name} {cpu:.2} ({turns:.0} turns)")).collect();
+    let rows_cpu: f64 = rows.iter().map(|r| r.cpu).sum();
+    let rows: Vec<String> = rows.iter().map(|r| format!("{} {:.2} ({:.0} turns)", r.name, r.cpu, r.turns)).collect();
     println!(
         "  {}: {} kB of WAL in {:.0} s; per hour by thread, CPU s (turns on a CPU): {}",
         archiver.name(),
@@ -396,6 +413,31 @@ fn quiet_cpu_per_hour(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup
     // process's clock ticks (threads that ended too, but coarse).
     let by_ticks = (user1 + system1 - user0 - system0) * 3600.0 / elapsed;
     rows_cpu.max(by_ticks)
+}
+
+/// One archiver's run in one round, kept for the comparisons at the end.
+struct RoundResult {
+    /// TPS against the mean of the runs without an archiver beside it.
+    ratio: f64,
+    tps: f64,
+    p99_us: u64,
+}
+
+/// The agent against pg_receivewal in the same mode, round by round: its
+/// absolute TPS and p99 commit latency over the peer's. The two ran minutes
+/// apart, not beside the same baseline runs, so this is a second view of
+/// the ratios above, not a replacement (`archivers` holds pg_receivewal and
+/// the agent in that order for each mode).
+fn print_pairs(archivers: &[Archiver], results: &[Vec<RoundResult>]) {
+    println!("tidemark-agent over pg_receivewal, round by round:");
+    for (pair, runs) in archivers.chunks(2).zip(results.chunks(2)) {
+        let ([peer_archiver, _], [peer, ours]) = (pair, runs) else { continue };
+        let mode = if matches!(peer_archiver, Archiver::Receivewal { synchronous: true }) { "sync" } else { "async" };
+        let tps: Vec<String> = ours.iter().zip(peer).map(|(a, b)| format!("{:.2}", a.tps / b.tps.max(1e-9))).collect();
+        let p99: Vec<String> =
+            ours.iter().zip(peer).map(|(a, b)| format!("{:.2}", a.p99_us as f64 / b.p99_us.max(1) as f64)).collect();
+        println!("  {mode:<5} TPS {}; p99 {}", tps.join(", "), p99.join(", "));
+    }
 }
 
 fn print_row(archiver: &Archiver, f: &Figures, base_tps: f64, seconds: u64) {
@@ -422,6 +464,11 @@ fn print_row(archiver: &Archiver, f: &Figures, base_tps: f64, seconds: u64) {
 fn main() {
     let seconds: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(30);
     let scale: u32 = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(50);
+    let which = std::env::args().nth(5).unwrap_or_else(|| "all".into());
+    if !matches!(which.as_str(), "all" | "async" | "sync") {
+        eprintln!("the fifth argument names the archivers to run: all, async or sync (not {which:?})");
+        std::process::exit(2);
+    }
     let cluster = Cluster::start(ClusterOptions::default());
     cluster.pgbench_init(scale);
     cluster.psql("SELECT pg_create_physical_replication_slot('receivewal', true)");
@@ -432,12 +479,17 @@ fn main() {
     // Runs without an archiver between the others: each archiver's TPS is
     // compared with the mean of the runs beside it, so drift over the run
     // (table growth, the machine's other load) does not favour the first.
-    let archivers = [
-        Archiver::Receivewal { synchronous: false },
-        Archiver::Agent { synchronous: false },
-        Archiver::Receivewal { synchronous: true },
-        Archiver::Agent { synchronous: true },
-    ];
+    // Which archivers: all four, or one mode's pair (more rounds of the
+    // contested comparison in the same time).
+    let archivers: Vec<Archiver> = [false, true]
+        .into_iter()
+        .filter(|&synchronous| match which.as_str() {
+            "async" => !synchronous,
+            "sync" => synchronous,
+            _ => true,
+        })
+        .flat_map(|synchronous| [Archiver::Receivewal { synchronous }, Archiver::Agent { synchronous }])
+        .collect();
     println!("pgbench scale {scale}, -c 4 -j 2, {seconds} s per run, a CHECKPOINT before each");
     println!(
         "{:<44} {:>6} {:>7} {:>8} {:>8} {:>9} {:>9} {:>11} {:>11} {:>9} {:>9} {:>9} {:>11} {:>7}",
@@ -457,30 +509,45 @@ fn main() {
         "idle"
     );
     let rounds: usize = std::env::args().nth(4).and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
-    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); archivers.len()];
+    let mut results: Vec<Vec<RoundResult>> = archivers.iter().map(|_| Vec::new()).collect();
     let mut before = if seconds > 0 { measure(&cluster, &Archiver::None, &agent, seconds) } else { no_figures() };
     if seconds > 0 {
         print_row(&Archiver::None, &before, before.tps, seconds);
     }
     // 0 seconds per run: no loaded runs, the quiet database alone (on a fresh cluster).
-    for _ in 0..if seconds > 0 { rounds } else { 0 } {
-        for (archiver, ratios) in archivers.iter().zip(&mut ratios) {
+    for round in 0..if seconds > 0 { rounds } else { 0 } {
+        // Every other round runs the archivers in reverse order. The
+        // database's speed drifts over a run (2055, 2291 and 2999 TPS in
+        // three successive runs without an archiver here), and in a fixed
+        // order the later archiver always met the later database: the
+        // agent's absolute TPS beat pg_receivewal's in every round of one
+        // run while its median ratio trailed. Reversed, a steady drift
+        // cancels over an even number of rounds.
+        let mut order: Vec<(&Archiver, &mut Vec<RoundResult>)> = archivers.iter().zip(&mut results).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for (archiver, results) in order {
             let f = measure(&cluster, archiver, &agent, seconds);
             let after = measure(&cluster, &Archiver::None, &agent, seconds);
             let base = (before.tps + after.tps) / 2.0;
             print_row(archiver, &f, base, seconds);
             print_row(&Archiver::None, &after, after.tps, seconds);
-            ratios.push(f.tps / base.max(1e-9));
+            results.push(RoundResult { ratio: f.tps / base.max(1e-9), tps: f.tps, p99_us: f.latency_p99_us });
             before = after;
         }
     }
     if rounds > 1 && seconds > 0 {
         println!("median TPS ratio over {rounds} rounds:");
-        for (archiver, ratios) in archivers.iter().zip(&mut ratios) {
+        for (archiver, results) in archivers.iter().zip(&results) {
+            let mut ratios: Vec<f64> = results.iter().map(|r| r.ratio).collect();
             ratios.sort_by(f64::total_cmp);
             let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
             println!("  {:<44} {:.2}  ({})", archiver.name(), ratios[ratios.len() / 2], each.join(", "));
         }
+    }
+    if seconds > 0 {
+        print_pairs(&archivers, &results);
     }
     let quiet_seconds: u64 = std::env::args().nth(3).and_then(|s| s.parse().ok()).unwrap_or(240);
     // What the loaded runs left for autovacuum is done now, and autovacuum
