@@ -415,6 +415,28 @@ fn quiet_cpu_per_hour(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup
     rows_cpu.max(by_ticks)
 }
 
+/// The median of sorted, non-empty `values`: with an even count (the
+/// reversed order needs one) the mean of the middle two.
+fn median(values: &[f64]) -> f64 {
+    let middle = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[middle - 1] + values[middle]) / 2.0
+    } else {
+        values[middle]
+    }
+}
+
+/// Each value, then their median when there are several.
+fn summary(values: &[f64]) -> String {
+    let each: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 | 1 => each.join(", "),
+        _ => format!("{} (median {:.2})", each.join(", "), median(&sorted)),
+    }
+}
+
 /// One archiver's run in one round, kept for the comparisons at the end.
 struct RoundResult {
     /// TPS against the mean of the runs without an archiver beside it.
@@ -433,10 +455,9 @@ fn print_pairs(archivers: &[Archiver], results: &[Vec<RoundResult>]) {
     for (pair, runs) in archivers.chunks(2).zip(results.chunks(2)) {
         let ([peer_archiver, _], [peer, ours]) = (pair, runs) else { continue };
         let mode = if matches!(peer_archiver, Archiver::Receivewal { synchronous: true }) { "sync" } else { "async" };
-        let tps: Vec<String> = ours.iter().zip(peer).map(|(a, b)| format!("{:.2}", a.tps / b.tps.max(1e-9))).collect();
-        let p99: Vec<String> =
-            ours.iter().zip(peer).map(|(a, b)| format!("{:.2}", a.p99_us as f64 / b.p99_us.max(1) as f64)).collect();
-        println!("  {mode:<5} TPS {}; p99 {}", tps.join(", "), p99.join(", "));
+        let tps: Vec<f64> = ours.iter().zip(peer).map(|(a, b)| a.tps / b.tps.max(1e-9)).collect();
+        let p99: Vec<f64> = ours.iter().zip(peer).map(|(a, b)| a.p99_us as f64 / b.p99_us.max(1) as f64).collect();
+        println!("  {mode:<5} TPS {}; p99 {}", summary(&tps), summary(&p99));
     }
 }
 
@@ -524,7 +545,7 @@ fn main() {
         // run while its median ratio trailed. Reversed, a steady drift
         // cancels over an even number of rounds.
         let mut order: Vec<(&Archiver, &mut Vec<RoundResult>)> = archivers.iter().zip(&mut results).collect();
-        if round % 2 == 1 {
+        if !round.is_multiple_of(2) {
             order.reverse();
         }
         for (archiver, results) in order {
@@ -543,7 +564,7 @@ fn main() {
             let mut ratios: Vec<f64> = results.iter().map(|r| r.ratio).collect();
             ratios.sort_by(f64::total_cmp);
             let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
-            println!("  {:<44} {:.2}  ({})", archiver.name(), ratios[ratios.len() / 2], each.join(", "));
+            println!("  {:<44} {:.2}  ({})", archiver.name(), median(&ratios), each.join(", "));
         }
     }
     if seconds > 0 {
