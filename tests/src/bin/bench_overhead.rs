@@ -122,6 +122,11 @@ impl Archiver {
         }
     }
 
+    /// Whether it runs as the synchronous standby.
+    fn synchronous(&self) -> bool {
+        matches!(self, Archiver::Receivewal { synchronous: true } | Archiver::Agent { synchronous: true })
+    }
+
     fn application_name(&self) -> &'static str {
         match self {
             Archiver::Receivewal { .. } => "receivewal",
@@ -274,8 +279,7 @@ fn wait_for_catch_up(cluster: &Cluster, archiver: &Archiver) {
 }
 
 fn measure(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup, seconds: u64) -> Figures {
-    let synchronous =
-        matches!(archiver, Archiver::Receivewal { synchronous: true } | Archiver::Agent { synchronous: true });
+    let synchronous = archiver.synchronous();
     let names = if synchronous { archiver.application_name() } else { "" };
     cluster.psql(&format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'"));
     cluster.psql("SELECT pg_reload_conf()");
@@ -368,8 +372,7 @@ fn wait_until_idle(pid: u32) {
 
 /// CPU seconds `archiver` uses per hour on a database with one commit a second.
 fn quiet_cpu_per_hour(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup, seconds: u64) -> f64 {
-    let synchronous =
-        matches!(archiver, Archiver::Receivewal { synchronous: true } | Archiver::Agent { synchronous: true });
+    let synchronous = archiver.synchronous();
     let names = if synchronous { "'receivewal'" } else { "''" };
     cluster.psql(&format!("ALTER SYSTEM SET synchronous_standby_names = {names}"));
     cluster.psql("SELECT pg_reload_conf()");
@@ -415,25 +418,25 @@ fn quiet_cpu_per_hour(cluster: &Cluster, archiver: &Archiver, agent: &AgentSetup
     rows_cpu.max(by_ticks)
 }
 
-/// The median of sorted, non-empty `values`: with an even count (the
-/// reversed order needs one) the mean of the middle two.
+/// The median of non-empty `values`: with an even count (the reversed
+/// order needs one) the mean of the middle two.
 fn median(values: &[f64]) -> f64 {
-    let middle = values.len() / 2;
-    if values.len().is_multiple_of(2) {
-        (values[middle - 1] + values[middle]) / 2.0
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    if sorted.len().is_multiple_of(2) {
+        (sorted[middle - 1] + sorted[middle]) / 2.0
     } else {
-        values[middle]
+        sorted[middle]
     }
 }
 
 /// Each value, then their median when there are several.
 fn summary(values: &[f64]) -> String {
     let each: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
+    match values.len() {
         0 | 1 => each.join(", "),
-        _ => format!("{} (median {:.2})", each.join(", "), median(&sorted)),
+        _ => format!("{} (median {:.2})", each.join(", "), median(values)),
     }
 }
 
@@ -454,7 +457,7 @@ fn print_pairs(archivers: &[Archiver], results: &[Vec<RoundResult>]) {
     println!("tidemark-agent over pg_receivewal, round by round:");
     for (pair, runs) in archivers.chunks(2).zip(results.chunks(2)) {
         let ([peer_archiver, _], [peer, ours]) = (pair, runs) else { continue };
-        let mode = if matches!(peer_archiver, Archiver::Receivewal { synchronous: true }) { "sync" } else { "async" };
+        let mode = if peer_archiver.synchronous() { "sync" } else { "async" };
         let tps: Vec<f64> = ours.iter().zip(peer).map(|(a, b)| a.tps / b.tps.max(1e-9)).collect();
         let p99: Vec<f64> = ours.iter().zip(peer).map(|(a, b)| a.p99_us as f64 / b.p99_us.max(1) as f64).collect();
         println!("  {mode:<5} TPS {}; p99 {}", summary(&tps), summary(&p99));
