@@ -12,10 +12,11 @@ pub(crate) mod sql;
 
 use crate::config::Settings;
 use crate::incremental::BlockFilter;
-use crate::pg::{session, Connection, QueryEvent};
+use crate::session;
 use anyhow::Context;
 use std::collections::HashMap;
 use std::sync::Arc;
+use tidemark_pg::{Connection, QueryEvent};
 use tidemark_proto::base_backup::{self, BackupMessage, BackupResults, Row};
 use tidemark_proto::incremental_file::{self, combined_backup_label, IncrementalFile};
 use tidemark_proto::repo::backup::{

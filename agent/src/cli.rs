@@ -2,11 +2,11 @@
 //! plus a hint. Exit codes: 0 success, 1 failure, 2 usage (clap's).
 
 use crate::config::{self, CliConfig, Settings};
-use crate::pg::PgError;
 use clap::{Parser, Subcommand};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tidemark_pg::PgError;
 
 #[derive(Parser, Debug)]
 #[command(name = "tidemark-agent", version, about = "Streams PostgreSQL WAL into a Tidemark repository")]
@@ -514,30 +514,8 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         },
     };
     let env: BTreeMap<String, String> = std::env::vars().collect();
-    let mut settings = config::resolve(file, cli, &env)?;
-    if settings.conn.password.is_none() {
-        settings.conn.password = pgpass_password(&settings, &env);
-    }
-    Ok(settings)
-}
-
-/// The password from PGPASSFILE or ~/.pgpass, ignored (with a warning) when
-/// others can read the file, as libpq does.
-fn pgpass_password(settings: &Settings, env: &BTreeMap<String, String>) -> Option<tidemark_proto::conninfo::Secret> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = env
-        .get("PGPASSFILE")
-        .map(PathBuf::from)
-        .or_else(|| env.get("HOME").map(|h| PathBuf::from(h).join(".pgpass")))?;
-    let metadata = std::fs::metadata(&path).ok()?;
-    if metadata.permissions().mode() & 0o077 != 0 {
-        tracing::warn!("password file {} has group or world access; ignoring it (chmod 0600 it)", path.display());
-        return None;
-    }
-    let content = std::fs::read_to_string(&path).ok()?;
-    let host = settings.conn.host.clone().unwrap_or_else(|| "localhost".into());
-    let user = settings.conn.user.clone().unwrap_or_default();
-    tidemark_proto::conninfo::pgpass_lookup(&content, &host, settings.conn.port, "replication", &user)
+    // The password file is read per server when connecting (tidemark_pg::settings).
+    Ok(config::resolve(file, cli, &env)?)
 }
 
 /// What to do about an error: the hint of the first cause we recognise.

@@ -256,8 +256,8 @@ pub fn load_file(path: Option<&Path>) -> Result<FileConfig, Fail> {
 /// environment (for `DATABASE_URL` and libpq's `PG*` variables).
 pub fn resolve(file: FileConfig, cli: CliConfig, env: &BTreeMap<String, String>) -> Result<Settings, Fail> {
     let pg_url = cli.pg_url.or(file.pg_url).or_else(|| env.get("DATABASE_URL").cloned());
-    let mut conn = ConnParams::resolve(pg_url.as_deref(), env)
-        .map_err(|e| Fail::new(e.to_string(), "see --pg-url; it takes a postgresql:// URL or libpq key=value pairs"))?;
+    let mut conn = tidemark_pg::settings::resolve_in(pg_url.as_deref(), env)
+        .map_err(|e| Fail::new(e.message, format!("{}; see --pg-url", e.hint)))?;
     if conn.user.is_none() {
         conn.user = env.get("USER").cloned().or_else(|| Some("postgres".into()));
     }

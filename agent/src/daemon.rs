@@ -5,7 +5,6 @@ use crate::backup::Reporting;
 use crate::config::Settings;
 use crate::index::Index;
 use crate::metrics::{Metrics, RepositoryFacts, Schedule};
-use crate::pg::PgError;
 use crate::relnames::RelationNames;
 use crate::spool::Spool;
 use crate::stream::{stream_once, StreamContext};
@@ -14,6 +13,7 @@ use crate::uploader::{UploadJob, Uploader};
 use anyhow::Context;
 use std::sync::Arc;
 use std::time::Duration;
+use tidemark_pg::PgError;
 use tidemark_proto::repo::records::AGENT_LEASE_KEY;
 use tidemark_proto::Lsn;
 use tidemark_repo::lease::Lease;
@@ -119,7 +119,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let (repo, repo_meta) = settings.open_repository().await?;
     let holder = format!("tidemark-agent run (state directory {})", settings.state_dir.display());
     let lease = Lease::acquire(&repo, AGENT_LEASE_KEY, &holder, settings.lease_length, "cannot stream").await?;
-    crate::pg::session::check_same_cluster(
+    crate::session::check_same_cluster(
         &format!("repository {}", repo.display),
         &repo_meta.system_identifier,
         &meta.system_identifier,
@@ -290,8 +290,8 @@ async fn stream_until_stopped(ctx: &StreamContext, shutdown: &mut watch::Receive
 async fn skip_gap(ctx: &StreamContext) -> anyhow::Result<()> {
     let size = ctx.spool.segment_size;
     let (old_timeline, old_start) = crate::stream::resume_point(ctx)?;
-    let mut conn = crate::pg::session::connect_replication(&ctx.settings.conn).await?;
-    let identity = crate::pg::session::identify(&mut conn).await?;
+    let mut conn = crate::session::connect_replication(&ctx.settings.conn).await?;
+    let identity = crate::session::identify(&mut conn).await?;
     conn.close().await;
     let start = identity.xlogpos.segment_start(size);
     if (identity.timeline, start) <= (old_timeline, old_start) {

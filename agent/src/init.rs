@@ -4,7 +4,7 @@
 
 use crate::config::Settings;
 use crate::index::{Index, IndexMeta};
-use crate::pg::session;
+use crate::session;
 use std::os::unix::fs::DirBuilderExt;
 use tidemark_proto::repo::layout::{RepositoryMeta, FORMAT_VERSION, FORMAT_VERSION_PLAIN};
 use tidemark_repo::Fail;

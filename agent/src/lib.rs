@@ -3,7 +3,7 @@
 //! Module map, in the order data flows:
 //! - [`cli`]: commands, config merging, error messages with hints, exit codes.
 //! - [`config`]: the TOML file, `TIDEMARK_*` variables and flags merged into [`config::Settings`].
-//! - [`pg`]: our replication-protocol client (startup, auth, TLS, CopyBoth).
+//! - [`session`]: IDENTIFY_SYSTEM, slots, SHOW over a replication connection (`tidemark_pg`).
 //! - [`preflight`]: pure checks of the server's settings, each with a hint.
 //! - [`stream`]: the receiver loop: XLogData into the spool, status updates, timeline ends.
 //! - [`spool`]: segment files in the state directory, fsynced before they count.
@@ -39,11 +39,11 @@ pub mod listen;
 pub mod lock;
 pub mod mark;
 pub mod metrics;
-pub mod pg;
 pub mod preflight;
 pub mod priority;
 pub mod relnames;
 pub mod service;
+pub mod session;
 pub mod spool;
 pub mod status;
 pub mod stream;

@@ -32,11 +32,11 @@ pub async fn mark(settings: &Settings, name: &str, keep: Option<&str>) -> anyhow
     let (repo, _) = Repository::open_initialized(&settings.repo_url, &settings.key_files, true).await?;
     // pg_create_restore_point over an ordinary session (replication sessions
     // run no SQL); the WAL file name carries the timeline it was written on.
-    let client = crate::pg::sql::connect(&settings.conn).await?;
+    let client = tidemark_pg::sql::connect(&settings.conn).await?;
     let row = client
         .query_one("SELECT p::text, substr(pg_walfile_name(p), 1, 8) FROM pg_create_restore_point($1) AS p", &[&name])
         .await
-        .map_err(crate::pg::sql::from_postgres)?;
+        .map_err(tidemark_pg::sql::from_postgres)?;
     let lsn: Lsn = row.try_get::<_, String>(0)?.parse().map_err(|e| anyhow::anyhow!("restore point LSN: {e}"))?;
     let timeline = u32::from_str_radix(&row.try_get::<_, String>(1)?, 16)?;
     let record = MarkRecord {

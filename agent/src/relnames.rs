@@ -11,9 +11,9 @@
 //! then carries its database and file number.
 
 use crate::index::{Index, RelName};
-use crate::pg::sql;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use tidemark_pg::sql;
 use tidemark_proto::conninfo::ConnParams;
 use tidemark_proto::wal::summary::{qualified_name, Naming};
 use tidemark_proto::wal::RelFileLocator;

@@ -4,7 +4,7 @@
 
 use crate::config::Settings;
 use crate::index::Index;
-use crate::pg::session;
+use crate::session;
 use anyhow::Context;
 use serde::Serialize;
 use std::time::Duration;

@@ -4,13 +4,13 @@
 
 use crate::config::Settings;
 use crate::index::{Index, Progress};
-use crate::pg::session::{self, Identity};
-use crate::pg::{Connection, CopyEvent, Wake};
+use crate::session::{self, Identity};
 use crate::spool::{SegmentWriter, Spool};
 use crate::uploader::UploadJob;
 use anyhow::Context;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tidemark_pg::{Connection, CopyEvent, Wake};
 use tidemark_proto::replication::{standby_status_update, ServerMessage};
 use tidemark_proto::repo::frame::{self, Compression};
 use tidemark_proto::repo::layout::history_key;
@@ -83,7 +83,7 @@ pub async fn stream_once(
         match conn.start_copy_both(&command).await {
             Ok(()) => {}
             // A promoted standby has no slot of ours yet (a failover): make it, then stream.
-            Err(crate::pg::PgError::Server(e)) if e.code == "42704" => {
+            Err(tidemark_pg::PgError::Server(e)) if e.code == "42704" => {
                 warn!(slot = %ctx.settings.slot, "the server has no replication slot of ours (a new primary after a failover?): creating it");
                 session::ensure_slot(&mut conn, &ctx.settings.slot).await?;
                 conn.start_copy_both(&command)

@@ -80,13 +80,13 @@ async fn ask(
     if client.as_ref().is_none_or(|c| c.is_closed()) {
         let mut params = params.clone();
         params.application_name = Some(format!("{application_name}_settings"));
-        *client = Some(crate::pg::sql::connect(&params).await?);
+        *client = Some(tidemark_pg::sql::connect(&params).await?);
     }
     let Some(session) = client.as_ref() else { anyhow::bail!("no session") };
     // The simple protocol: one round trip, no statement prepared and closed
     // again every 10 s as `query_one` would.
     let messages =
-        session.simple_query("SHOW synchronous_standby_names").await.map_err(crate::pg::sql::from_postgres)?;
+        session.simple_query("SHOW synchronous_standby_names").await.map_err(tidemark_pg::sql::from_postgres)?;
     let setting = messages.iter().find_map(|m| match m {
         tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
         _ => None,

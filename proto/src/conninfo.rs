@@ -1,9 +1,10 @@
 //! PostgreSQL connection settings resolved the way libpq resolves them.
 //!
 //! Precedence, later wins: built-in defaults, `PG*` environment variables,
-//! then the URL or `key=value` string. The password comes from the URL, else
-//! `PGPASSWORD`, else a matching `.pgpass` line. Reading the environment and the
-//! `.pgpass` file is the caller's job; everything here is pure.
+//! the service's section of `pg_service.conf` (named by `service=` or
+//! `PGSERVICE`), then the URL or `key=value` string. The password comes from
+//! there, else a matching `.pgpass` line. Reading the environment and the
+//! files is the caller's job (`tidemark_pg::settings`); everything here is pure.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -35,7 +36,8 @@ impl fmt::Display for Secret {
     }
 }
 
-/// libpq's sslmode values (allow is treated as prefer: we never downgrade on retry).
+/// libpq's sslmode values (allow is treated as prefer: TLS when the server
+/// offers it, rather than plaintext first).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SslMode {
     Disable,
@@ -68,7 +70,20 @@ pub struct ConnParams {
     pub password: Option<Secret>,
     pub dbname: Option<String>,
     pub sslmode: SslMode,
+    /// A file of root certificates, or `system` for the host's trusted roots
+    /// (which, as in libpq, implies and requires `verify-full`).
     pub sslrootcert: Option<String>,
+    /// A client certificate and its key (PEM), sent when the server asks.
+    pub sslcert: Option<String>,
+    pub sslkey: Option<String>,
+    pub channel_binding: ChannelBindingMode,
+    /// The address to connect to instead of resolving `host` (which still
+    /// names the server for certificate checks and `.pgpass`); one per host.
+    pub hostaddr: Option<String>,
+    /// The password file (`passfile=`, `PGPASSFILE`); the caller's default is `~/.pgpass`.
+    pub passfile: Option<String>,
+    /// Command-line options sent at startup (`options=-c search_path=...`).
+    pub options: Option<String>,
     pub application_name: Option<String>,
     pub connect_timeout_secs: Option<u64>,
     /// Every server to try, in order, with its port (libpq's `host=a,b
@@ -80,6 +95,19 @@ pub struct ConnParams {
     pub read_write: bool,
     /// The ports as given (one, or one per host), until paired.
     port_list: Vec<u16>,
+    /// Whether sslmode was given (anywhere) rather than defaulted.
+    sslmode_given: bool,
+    /// The `service=` named in the settings, if any.
+    service: Option<String>,
+}
+
+/// libpq's `channel_binding`: whether SCRAM must bind the session to the
+/// server's TLS certificate (so a man in the middle cannot relay it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelBindingMode {
+    Disable,
+    Prefer,
+    Require,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -90,6 +118,8 @@ pub enum ConnInfoError {
     BadValue(&'static str, String),
     #[error("unknown connection setting {0:?}")]
     UnknownKey(String),
+    #[error("connection setting {0} is not supported by Tidemark; leave it out")]
+    Unsupported(String),
 }
 
 impl Default for ConnParams {
@@ -102,47 +132,112 @@ impl Default for ConnParams {
             dbname: None,
             sslmode: SslMode::Prefer,
             sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
+            channel_binding: ChannelBindingMode::Prefer,
+            hostaddr: None,
+            passfile: None,
+            options: None,
             application_name: None,
             connect_timeout_secs: None,
             alternatives: Vec::new(),
             read_write: false,
             port_list: Vec::new(),
+            sslmode_given: false,
+            service: None,
         }
     }
 }
 
 impl ConnParams {
     /// Resolves settings from an optional URL or `key=value` string and the
-    /// environment (passed in as a map of `PG*` variables).
+    /// environment (passed in as a map of `PG*` variables), without a service file.
     pub fn resolve(url: Option<&str>, env: &BTreeMap<String, String>) -> Result<ConnParams, ConnInfoError> {
+        ConnParams::resolve_with_service(url, env, None)
+    }
+
+    /// The service the settings name (`service=` in them, else `PGSERVICE`),
+    /// whose section of `pg_service.conf` the caller then reads.
+    pub fn service_name(url: Option<&str>, env: &BTreeMap<String, String>) -> Result<Option<String>, ConnInfoError> {
+        let mut explicit = ConnParams::default();
+        explicit.apply_explicit(url)?;
+        Ok(explicit.service.or_else(|| env.get("PGSERVICE").filter(|v| !v.is_empty()).cloned()))
+    }
+
+    /// As [`ConnParams::resolve`], with the named service's `key=value` lines
+    /// between the environment and the explicit settings, as libpq orders them.
+    pub fn resolve_with_service(
+        url: Option<&str>,
+        env: &BTreeMap<String, String>,
+        service: Option<&[(String, String)]>,
+    ) -> Result<ConnParams, ConnInfoError> {
         let mut params = ConnParams::default();
         let env_keys = [
             ("PGHOST", "host"),
+            ("PGHOSTADDR", "hostaddr"),
             ("PGPORT", "port"),
             ("PGUSER", "user"),
             ("PGPASSWORD", "password"),
+            ("PGPASSFILE", "passfile"),
             ("PGDATABASE", "dbname"),
+            ("PGOPTIONS", "options"),
             ("PGSSLMODE", "sslmode"),
             ("PGSSLROOTCERT", "sslrootcert"),
+            ("PGSSLCERT", "sslcert"),
+            ("PGSSLKEY", "sslkey"),
+            ("PGCHANNELBINDING", "channel_binding"),
             ("PGAPPNAME", "application_name"),
             ("PGCONNECT_TIMEOUT", "connect_timeout"),
+            ("PGTARGETSESSIONATTRS", "target_session_attrs"),
+            ("PGGSSENCMODE", "gssencmode"),
         ];
         for (var, key) in env_keys {
             if let Some(value) = env.get(var).filter(|v| !v.is_empty()) {
                 params.set(key, value)?;
             }
         }
+        for (key, value) in service.unwrap_or_default() {
+            if key == "service" {
+                return Err(ConnInfoError::BadValue("service", "a service that names another service".into()));
+            }
+            params.set(key, value)?;
+        }
+        params.apply_explicit(url)?;
+        params.pair_hosts_and_ports()?;
+        params.check_root_cert_mode()?;
+        Ok(params)
+    }
+
+    fn apply_explicit(&mut self, url: Option<&str>) -> Result<(), ConnInfoError> {
         match url {
-            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => params.apply_url(url)?,
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => self.apply_url(url),
             Some(keywords) if !keywords.trim().is_empty() => {
                 for (key, value) in parse_keywords(keywords)? {
-                    params.set(&key, &value)?;
+                    self.set(&key, &value)?;
                 }
+                Ok(())
             }
-            _ => {}
+            _ => Ok(()),
         }
-        params.pair_hosts_and_ports()?;
-        Ok(params)
+    }
+
+    /// `sslrootcert=system` trusts every authority the host trusts, so only
+    /// a check of the host name makes it safe: libpq defaults sslmode to
+    /// verify-full with it and refuses anything weaker.
+    fn check_root_cert_mode(&mut self) -> Result<(), ConnInfoError> {
+        if self.sslrootcert.as_deref() != Some("system") {
+            return Ok(());
+        }
+        if !self.sslmode_given {
+            self.sslmode = SslMode::VerifyFull;
+        }
+        if self.sslmode != SslMode::VerifyFull {
+            return Err(ConnInfoError::BadValue(
+                "sslmode",
+                format!("{:?} with sslrootcert=system (use sslmode=verify-full)", self.sslmode),
+            ));
+        }
+        Ok(())
     }
 
     /// One `ConnParams` per server to try, in order.
@@ -150,10 +245,13 @@ impl ConnParams {
         if self.alternatives.is_empty() {
             return vec![self.clone()];
         }
+        let addresses: Vec<&str> = self.hostaddr.as_deref().map(|a| a.split(',').collect()).unwrap_or_default();
         self.alternatives
             .iter()
-            .map(|(host, port)| ConnParams {
+            .enumerate()
+            .map(|(i, (host, port))| ConnParams {
                 host: Some(host.clone()).filter(|h| !h.is_empty()),
+                hostaddr: addresses.get(i).map(|a| a.to_string()).filter(|a| !a.is_empty()),
                 port: *port,
                 alternatives: Vec::new(),
                 ..self.clone()
@@ -164,7 +262,20 @@ impl ConnParams {
     /// Pairs a list of hosts with its ports, as libpq does: one port for
     /// all, or one per host.
     fn pair_hosts_and_ports(&mut self) -> Result<(), ConnInfoError> {
-        let hosts: Vec<String> = self.host.as_deref().unwrap_or("").split(',').map(str::to_string).collect();
+        let mut hosts: Vec<String> = self.host.as_deref().unwrap_or("").split(',').map(str::to_string).collect();
+        if let Some(addresses) = &self.hostaddr {
+            let count = addresses.split(',').count();
+            // hostaddr alone: one (nameless) server per address.
+            if self.host.is_none() {
+                hosts = vec![String::new(); count];
+            }
+            if count != hosts.len() {
+                return Err(ConnInfoError::BadValue(
+                    "hostaddr",
+                    format!("{count} addresses for {} hosts (give one per host)", hosts.len()),
+                ));
+            }
+        }
         let ports = if self.port_list.is_empty() { vec![self.port] } else { self.port_list.clone() };
         if hosts.len() == 1 && ports.len() == 1 {
             return Ok(());
@@ -189,7 +300,8 @@ impl ConnParams {
 
     fn set(&mut self, key: &str, value: &str) -> Result<(), ConnInfoError> {
         match key {
-            "host" | "hostaddr" => self.host = Some(value.to_string()),
+            "host" => self.host = Some(value.to_string()),
+            "hostaddr" => self.hostaddr = Some(value.to_string()),
             "port" => {
                 let ports: Result<Vec<u16>, _> = value.split(',').map(|p| p.trim().parse::<u16>()).collect();
                 let ports = ports.map_err(|_| ConnInfoError::BadValue("port", value.to_string()))?;
@@ -206,15 +318,48 @@ impl ConnParams {
             "user" => self.user = Some(value.to_string()),
             "password" => self.password = Some(Secret::new(value)),
             "dbname" => self.dbname = Some(value.to_string()),
-            "sslmode" => self.sslmode = SslMode::parse(value)?,
+            "sslmode" => {
+                self.sslmode = SslMode::parse(value)?;
+                self.sslmode_given = true;
+            }
             "sslrootcert" => self.sslrootcert = Some(value.to_string()),
+            "sslcert" => self.sslcert = Some(value.to_string()),
+            "sslkey" => self.sslkey = Some(value.to_string()),
+            "channel_binding" => {
+                self.channel_binding = match value {
+                    "disable" => ChannelBindingMode::Disable,
+                    "prefer" => ChannelBindingMode::Prefer,
+                    "require" => ChannelBindingMode::Require,
+                    other => return Err(ConnInfoError::BadValue("channel_binding", other.to_string())),
+                }
+            }
+            "service" => self.service = Some(value.to_string()),
+            "passfile" => self.passfile = Some(value.to_string()),
+            "options" => self.options = Some(value.to_string()).filter(|o| !o.is_empty()),
+            // No GSSAPI here: "prefer" falls back as libpq's does without it.
+            "gssencmode" if value == "disable" || value == "prefer" => {}
+            "gssencmode" => return Err(ConnInfoError::BadValue("gssencmode", format!("{value} (no GSSAPI support)"))),
+            // Certificate revocation lists and encrypted keys are not read:
+            // refused rather than ignored, so nobody believes they are checked.
+            "sslcrl" | "sslcrldir" | "sslpassword" => return Err(ConnInfoError::Unsupported(key.to_string())),
             "application_name" => self.application_name = Some(value.to_string()),
             "connect_timeout" => {
                 self.connect_timeout_secs =
                     Some(value.parse().map_err(|_| ConnInfoError::BadValue("connect_timeout", value.to_string()))?)
             }
-            // Accepted and meaningless for a physical replication connection.
-            "replication" | "options" | "fallback_application_name" => {}
+            // Accepted and meaningless here: the replication kind is the
+            // caller's choice; the rest are TCP and TLS details rustls and
+            // the kernel decide.
+            "replication"
+            | "fallback_application_name"
+            | "keepalives"
+            | "keepalives_idle"
+            | "keepalives_interval"
+            | "keepalives_count"
+            | "tcp_user_timeout"
+            | "sslsni"
+            | "sslcompression"
+            | "client_encoding" => {}
             other => return Err(ConnInfoError::UnknownKey(other.to_string())),
         }
         Ok(())
@@ -371,6 +516,40 @@ fn parse_keywords(text: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
     }
 }
 
+/// The `key=value` lines of the section `[name]` of a `pg_service.conf`,
+/// or `None` when the file has no such section. `#` starts a comment line.
+pub fn service_section(content: &str, name: &str) -> Result<Option<Vec<(String, String)>>, ConnInfoError> {
+    let mut found: Option<Vec<(String, String)>> = None;
+    let mut inside = false;
+    for (number, line) in content.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(section) = line.strip_prefix('[') {
+            // The first section of that name counts, as in libpq.
+            if found.is_some() && inside {
+                break;
+            }
+            inside = section.strip_suffix(']').map(str::trim) == Some(name);
+            if inside {
+                found = Some(Vec::new());
+            }
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let (key, value) = line.split_once('=').ok_or_else(|| {
+            ConnInfoError::BadValue("service", format!("line {} of the service file has no \"=\"", number + 1))
+        })?;
+        if let Some(pairs) = found.as_mut() {
+            pairs.push((key.trim().to_string(), value.trim().to_string()));
+        }
+    }
+    Ok(found)
+}
+
 /// Finds the password for a connection in `.pgpass` content: the first line
 /// `host:port:database:user:password` whose fields match (`*` matches
 /// anything; `\` escapes `:` and `\`). Replication connections match the
@@ -495,5 +674,56 @@ mod tests {
             Some("fallback".into())
         );
         assert_eq!(pgpass_lookup("h:1:d:u", "h", 1, "d", "u"), None);
+    }
+
+    #[test]
+    fn service_sits_between_environment_and_explicit_settings() {
+        let file =
+            "# comment\n[other]\nhost=nowhere\n[prod]\nhost=db.internal\nport = 6432\nuser=svc\nsslmode=verify-full\n";
+        let section = service_section(file, "prod").expect("parses").expect("found");
+        assert_eq!(section.len(), 4);
+        assert_eq!(service_section(file, "missing").expect("parses"), None);
+        assert!(service_section("[prod]\nno equals sign\n", "prod").is_err());
+        let environment = env(&[("PGSERVICE", "prod"), ("PGHOST", "env-host"), ("PGUSER", "env-user")]);
+        assert_eq!(ConnParams::service_name(Some("dbname=app"), &environment), Ok(Some("prod".into())));
+        assert_eq!(ConnParams::service_name(Some("postgresql:///app?service=x"), &environment), Ok(Some("x".into())));
+        let params =
+            ConnParams::resolve_with_service(Some("user=alice dbname=app"), &environment, Some(&section)).expect("ok");
+        // The service beats the environment; explicit settings beat the service.
+        assert_eq!((params.host.as_deref(), params.port), (Some("db.internal"), 6432));
+        assert_eq!(params.user.as_deref(), Some("alice"));
+        assert_eq!(params.sslmode, SslMode::VerifyFull);
+        let looping = vec![("service".to_string(), "prod".to_string())];
+        assert!(ConnParams::resolve_with_service(None, &env(&[]), Some(&looping)).is_err());
+    }
+
+    #[test]
+    fn system_roots_need_verify_full() {
+        let implied = ConnParams::resolve(Some("host=h sslrootcert=system"), &env(&[])).expect("ok");
+        assert_eq!(implied.sslmode, SslMode::VerifyFull);
+        assert!(ConnParams::resolve(Some("host=h sslrootcert=system sslmode=require"), &env(&[])).is_err());
+        assert!(ConnParams::resolve(Some("host=h sslrootcert=system"), &env(&[("PGSSLMODE", "prefer")])).is_err());
+        let file = ConnParams::resolve(Some("host=h sslrootcert=/ca.crt"), &env(&[])).expect("ok");
+        assert_eq!(file.sslmode, SslMode::Prefer);
+    }
+
+    #[test]
+    fn hostaddr_pairs_with_hosts_and_tls_settings_parse() {
+        let params = ConnParams::resolve(
+            Some("host=a.example,b.example hostaddr=10.0.0.1,10.0.0.2 channel_binding=require sslcert=/c sslkey=/k"),
+            &env(&[]),
+        )
+        .expect("ok");
+        let candidates = params.candidates();
+        assert_eq!(candidates[1].host.as_deref(), Some("b.example"));
+        assert_eq!(candidates[1].hostaddr.as_deref(), Some("10.0.0.2"));
+        assert_eq!(params.channel_binding, ChannelBindingMode::Require);
+        assert_eq!((params.sslcert.as_deref(), params.sslkey.as_deref()), (Some("/c"), Some("/k")));
+        let bare = ConnParams::resolve(Some("hostaddr=127.0.0.1"), &env(&[])).expect("ok");
+        assert_eq!((bare.host.as_deref(), bare.hostaddr.as_deref()), (None, Some("127.0.0.1")));
+        assert!(ConnParams::resolve(Some("host=a,b hostaddr=1.2.3.4"), &env(&[])).is_err());
+        assert_eq!(ConnParams::resolve(Some("sslcrl=/x"), &env(&[])), Err(ConnInfoError::Unsupported("sslcrl".into())));
+        assert!(ConnParams::resolve(Some("gssencmode=require"), &env(&[])).is_err());
+        assert!(ConnParams::resolve(Some("channel_binding=maybe"), &env(&[])).is_err());
     }
 }

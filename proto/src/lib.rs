@@ -5,7 +5,8 @@
 //! - [`lsn`]: `Lsn`, its `X/Y` text form and segment arithmetic.
 //! - [`timeline`]: `TimelineId` and timeline history files.
 //! - [`segment`]: WAL segment and history file names.
-//! - [`conninfo`]: libpq-style connection settings (URL, `PG*` variables, `.pgpass`).
+//! - [`certificate`]: the hash SCRAM channel binding applies to a server certificate.
+//! - [`conninfo`]: libpq-style connection settings (URL, `PG*` variables, service file, `.pgpass`).
 //! - [`incremental_file`]: PostgreSQL 17+'s `INCREMENTAL.*` files, read into block ranges.
 //! - [`replication`]: messages of the physical replication stream.
 //! - [`repo`]: the repository layout and the envelope every stored object is framed in.
@@ -18,6 +19,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic))]
 
 pub mod base_backup;
+pub mod certificate;
 pub mod conninfo;
 pub mod incremental_file;
 pub mod lsn;

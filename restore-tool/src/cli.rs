@@ -171,7 +171,8 @@ struct ExtractArgs {
     /// The file's format: csv (one table, with a header), sql (INSERTs) or copy (psql's COPY ... FROM stdin).
     #[arg(long, value_parser = ["csv", "sql", "copy"], default_value = "csv")]
     format: String,
-    /// Insert the rows into this live database (postgresql://...): only rows whose key is absent.
+    /// Insert the rows into this live database (a libpq connection string: URL or key=value,
+    /// PG* variables, a service, ~/.pgpass): only rows whose key is absent.
     #[arg(long)]
     into: Option<String>,
     /// The database holding the tables (default: --into's, else postgres).
@@ -204,7 +205,8 @@ struct RepairArgs {
     /// Change the live database, in one transaction.
     #[arg(long)]
     apply: bool,
-    /// The live database: postgresql://USER:PASSWORD@HOST:PORT/DATABASE.
+    /// The live database: a libpq connection string (postgresql://USER@HOST:PORT/DATABASE, or
+    /// key=value; the password from PGPASSWORD, ~/.pgpass or a service, not the URL).
     #[arg(long)]
     into: String,
     /// Rows changed again since the transaction: keep them (theirs, quietly) or overwrite them (ours).

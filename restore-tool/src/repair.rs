@@ -241,20 +241,34 @@ pub struct Applied {
     pub deleted: usize,
 }
 
-/// A session on the live database, in the canonical output style.
-pub async fn connect_live(url: &str) -> anyhow::Result<Client> {
-    let config: tokio_postgres::Config = url.parse().map_err(|e| {
-        Fail::new(format!("--into is not a connection URL: {e}"), "give postgresql://USER@HOST:PORT/DATABASE")
+/// A session on the live database, in the canonical output style. The
+/// connection string is libpq's (URL or key=value, `PG*` variables, a
+/// service, `~/.pgpass`, sslmode up to verify-full, channel binding).
+pub async fn connect_live(conninfo: &str) -> anyhow::Result<Client> {
+    let params = tidemark_pg::settings::resolve(Some(conninfo))
+        .map_err(|e| Fail::new(format!("--into: {}", e.message), e.hint))?;
+    let client = tidemark_pg::sql::connect(&params).await.map_err(|e| {
+        Fail::new(format!("cannot connect to the --into database ({}): {e}", params.redacted()), live_hint(&e))
     })?;
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(|e| {
-        Fail::new(
-            format!("cannot connect to the --into database: {e}"),
-            "check the URL, the password (PGPASSWORD is not read here: put it in the URL) and pg_hba.conf",
-        )
-    })?;
-    tokio::spawn(connection);
     crate::rows::canonical_session(&client).await?;
     Ok(client)
+}
+
+/// What to do when the live database cannot be reached.
+fn live_hint(error: &tidemark_pg::PgError) -> String {
+    use tidemark_pg::PgError;
+    match error {
+        PgError::Connect { .. } => "is the server running and listening there? check --into, PGHOST and PGPORT".into(),
+        PgError::Tls(_) => {
+            "check sslmode, sslrootcert (a file, or system), sslcert and sslkey; verify-full needs the server's name in its certificate".into()
+        }
+        PgError::Auth(_) => {
+            "give the password through PGPASSWORD, ~/.pgpass or a service (PGSERVICE), not in the URL where ps shows it".into()
+        }
+        PgError::Server(e) if e.code == "28P01" => "check the password (PGPASSWORD, ~/.pgpass or the service)".into(),
+        PgError::Server(e) if e.code == "28000" => "the server's pg_hba.conf refuses this connection: check the user, address and sslmode".into(),
+        _ => "check the connection string given with --into".into(),
+    }
 }
 
 /// Plans the repair (and applies it with `apply`).

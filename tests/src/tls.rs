@@ -17,6 +17,14 @@ fn openssl(dir: &Path, args: &[&str]) {
 /// A CA and a server certificate valid for `san` (e.g. "IP:127.0.0.1"),
 /// readable by the server's OS user.
 pub fn make_ca(dir: &Path, name: &str, san: &str, owner: Option<&str>) -> TestCa {
+    make_ca_signed(dir, name, san, owner, "sha256")
+}
+
+/// As [`make_ca`], with the server certificate signed with `digest`
+/// (`sha256`, `sha384`, `sha512`): channel binding hashes the certificate
+/// with its signature's hash.
+pub fn make_ca_signed(dir: &Path, name: &str, san: &str, owner: Option<&str>, digest: &str) -> TestCa {
+    let digest = format!("-{digest}");
     std::fs::create_dir_all(dir).expect("mkdir");
     let ca_key = format!("{name}-ca.key");
     let ca_cert = format!("{name}-ca.crt");
@@ -71,7 +79,7 @@ pub fn make_ca(dir: &Path, name: &str, san: &str, owner: Option<&str>) -> TestCa
             "-CAcreateserial",
             "-days",
             "2",
-            "-sha256",
+            &digest,
             "-extfile",
             "ext.cnf",
             "-out",

@@ -69,7 +69,7 @@ fn functions(major: u32) -> [&'static str; 6] {
 /// An SQL session that may take the backup, or why not (logged by the caller).
 pub(crate) async fn session(settings: &crate::config::Settings, major: u32) -> Result<Client, String> {
     let client =
-        crate::pg::sql::connect(&settings.conn).await.map_err(|e| format!("cannot open an SQL session: {e}"))?;
+        tidemark_pg::sql::connect(&settings.conn).await.map_err(|e| format!("cannot open an SQL session: {e}"))?;
     let names: Vec<String> = functions(major).iter().map(|f| f.to_string()).collect();
     let missing: Vec<String> = client
         .query("SELECT f FROM unnest($1::text[]) AS f WHERE NOT has_function_privilege(f, 'EXECUTE')", &[&names])

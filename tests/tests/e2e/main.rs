@@ -12,6 +12,7 @@ mod backup;
 mod bad_input;
 mod chaos;
 mod common;
+mod connections;
 mod deploy;
 mod drill;
 mod encryption;

@@ -46,12 +46,17 @@ impl Restorer {
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
+        self.run_env(args, &[])
+    }
+
+    /// As [`Restorer::run`], with more environment variables (`PGPASSWORD`, `PGSERVICEFILE`, ...).
+    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         // The copy of the binary was open for writing in this process; a child
         // that another test thread forked meanwhile holds that descriptor until
         // it execs, and an exec of the copy in that window fails with ETXTBSY.
         // The window is short: try again a few times.
         for _ in 0..50 {
-            match self.run_once(args) {
+            match self.run_once(args, env) {
                 Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {}
                 Err(e) => panic!("run tidemark-restore: {e}"),
                 // runuser reports it in its own words and exit status.
@@ -60,10 +65,10 @@ impl Restorer {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        self.run_once(args).expect("run tidemark-restore")
+        self.run_once(args, env).expect("run tidemark-restore")
     }
 
-    fn run_once(&self, args: &[&str]) -> std::io::Result<Output> {
+    fn run_once(&self, args: &[&str], env: &[(&str, &str)]) -> std::io::Result<Output> {
         if let Some(repo) = &self.local_repo {
             // What a running agent wrote since `new` is root's and private:
             // hand it over too. Best effort: a staging file may vanish
@@ -83,7 +88,8 @@ impl Restorer {
             .arg(&self.repo_url)
             .args(&self.key_args)
             .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(env.iter().copied())
             .env_remove("TIDEMARK_KEY_FILE")
             .output()
     }

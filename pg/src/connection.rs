@@ -6,19 +6,17 @@
 //! and messages are parsed out of that buffer, so a `recv_copy` dropped inside
 //! `tokio::select!` loses nothing.
 
-use super::error::{PgError, ServerError};
-use super::tls::{client_config, Verify};
+use crate::error::{PgError, ServerError};
+use crate::settings;
 use bytes::{Buf, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
-use sha2::Digest;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::path::PathBuf;
 use std::time::Duration;
-use tidemark_proto::conninfo::{ConnParams, SslMode};
+use tidemark_proto::conninfo::{ChannelBindingMode, ConnParams, SslMode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
@@ -129,23 +127,29 @@ impl Connection {
     ) -> Result<(), PgError> {
         let user = params.user.clone().ok_or_else(|| PgError::Auth("no user name given".into()))?;
         let mut startup: Vec<(&str, &str)> = vec![("user", &user)];
-        let dbname = params.dbname.clone().unwrap_or_else(|| "postgres".into());
+        let dbname = settings::database(params).to_string();
         match kind {
             ConnectionKind::Replication => startup.push(("replication", "true")),
             ConnectionKind::Sql => startup.push(("database", &dbname)),
         }
         let app = params.application_name.clone().unwrap_or_else(|| "tidemark".into());
         startup.push(("application_name", &app));
+        if let Some(options) = &params.options {
+            startup.push(("options", options));
+        }
         frontend::startup_message(startup.iter().copied(), &mut self.write_buf)?;
         self.flush().await?;
 
+        let secret = settings::password_for(params, kind);
         let password = || {
-            params.password.clone().ok_or_else(|| {
+            secret.clone().ok_or_else(|| {
                 PgError::Auth(
-                    "the server asked for a password and none was given (URL, PGPASSWORD or ~/.pgpass)".into(),
+                    "the server asked for a password and none was given (URL, PGPASSWORD, a service or ~/.pgpass)"
+                        .into(),
                 )
             })
         };
+        let mut bound = false;
         loop {
             match self.read_message().await? {
                 Message::AuthenticationOk => break,
@@ -161,13 +165,16 @@ impl Connection {
                 Message::AuthenticationSasl(body) => {
                     let mechanisms: Vec<String> =
                         body.mechanisms().map(|m| Ok(m.to_string())).collect().map_err(PgError::Io)?;
-                    self.scram(&mechanisms, password()?.expose(), cert.as_deref()).await?;
+                    bound = self.scram(&mechanisms, password()?.expose(), cert.as_deref(), params).await?;
                 }
                 Message::ErrorResponse(body) => return Err(PgError::Server(server_error(&body))),
                 _ => {
                     return Err(PgError::Auth("the server asked for an authentication method we do not support".into()))
                 }
             }
+        }
+        if params.channel_binding == ChannelBindingMode::Require && !bound {
+            return Err(channel_binding_missing());
         }
         // ParameterStatus and BackendKeyData until ReadyForQuery.
         loop {
@@ -179,17 +186,29 @@ impl Connection {
         }
     }
 
-    async fn scram(&mut self, mechanisms: &[String], password: &str, cert: Option<&[u8]>) -> Result<(), PgError> {
+    /// SCRAM-SHA-256, bound to the TLS session (`-PLUS`) when the server
+    /// offers it and channel_binding allows; returns whether it was bound.
+    async fn scram(
+        &mut self,
+        mechanisms: &[String],
+        password: &str,
+        cert: Option<&[u8]>,
+        params: &ConnParams,
+    ) -> Result<bool, PgError> {
         let has = |name: &str| mechanisms.iter().any(|m| m == name);
+        let allowed = params.channel_binding != ChannelBindingMode::Disable;
         // Channel binding over TLS when offered; "y" (we could, the server
-        // didn't offer) when on TLS without it; "n" without TLS.
+        // didn't offer) when on TLS without it; "n" without TLS or when disabled.
         let (mechanism, binding) = match cert {
-            Some(cert) if has("SCRAM-SHA-256-PLUS") => {
-                ("SCRAM-SHA-256-PLUS", ChannelBinding::tls_server_end_point(sha2::Sha256::digest(cert).to_vec()))
+            Some(cert) if allowed && has("SCRAM-SHA-256-PLUS") => {
+                ("SCRAM-SHA-256-PLUS", ChannelBinding::tls_server_end_point(end_point(cert)?))
             }
-            Some(_) => ("SCRAM-SHA-256", ChannelBinding::unrequested()),
-            None => ("SCRAM-SHA-256", ChannelBinding::unsupported()),
+            Some(_) if allowed => ("SCRAM-SHA-256", ChannelBinding::unrequested()),
+            _ => ("SCRAM-SHA-256", ChannelBinding::unsupported()),
         };
+        if params.channel_binding == ChannelBindingMode::Require && mechanism != "SCRAM-SHA-256-PLUS" {
+            return Err(channel_binding_missing());
+        }
         if !has("SCRAM-SHA-256") && mechanism == "SCRAM-SHA-256" {
             return Err(PgError::Auth(format!("server offers only SASL mechanisms {mechanisms:?}")));
         }
@@ -207,7 +226,8 @@ impl Connection {
         self.flush().await?;
         match self.read_message().await? {
             Message::AuthenticationSaslFinal(body) => {
-                scram.finish(body.data()).map_err(|e| PgError::Auth(format!("server signature rejected: {e}")))
+                scram.finish(body.data()).map_err(|e| PgError::Auth(format!("server signature rejected: {e}")))?;
+                Ok(mechanism == "SCRAM-SHA-256-PLUS")
             }
             Message::ErrorResponse(body) => Err(PgError::Server(server_error(&body))),
             _ => Err(PgError::Protocol("expected SASL final".into())),
@@ -529,36 +549,55 @@ fn server_closed() -> PgError {
     PgError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the server closed the connection"))
 }
 
-/// SSLRequest and handshake per sslmode. Returns the stream and, for TLS, the
-/// server certificate (SCRAM channel binding hashes it).
 /// The byte stream to the server: TCP (with TLS as sslmode asks; the
-/// server's certificate comes along for channel binding) or a Unix socket.
+/// server's certificate comes along for channel binding) or a Unix socket
+/// (a host that is a directory, or no host at all: libpq's default socket).
 /// Shared by our replication client and the ordinary sessions of `sql`.
 pub(crate) async fn open_stream(params: &ConnParams) -> Result<Opened, PgError> {
+    match open_socket(params).await? {
+        Socket::Unix(unix) => {
+            let plain = Some(unix.as_fd().try_clone_to_owned()?);
+            Ok(Opened { stream: Box::new(unix), certificate: None, plain })
+        }
+        Socket::Tcp(tcp, name) => negotiate_tls(tcp, &name, params).await,
+    }
+}
+
+/// A connected socket before any protocol byte: a Unix socket, or TCP with
+/// the server's name (what certificates are checked against).
+pub(crate) enum Socket {
+    Unix(UnixStream),
+    Tcp(TcpStream, String),
+}
+
+/// Connects to `params`' server: `hostaddr` if given (the name stays
+/// `host`), else `host`, else the default socket directory.
+pub(crate) async fn open_socket(params: &ConnParams) -> Result<Socket, PgError> {
     let timeout = params.connect_timeout_secs.map(Duration::from_secs).unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-    let host = params.host.clone().unwrap_or_else(|| "localhost".into());
-    let address = if host.starts_with('/') {
-        format!("{host}/.s.PGSQL.{}", params.port)
-    } else {
-        format!("{host}:{}", params.port)
-    };
-    let connect_error = |source| PgError::Connect { address: address.clone(), source };
     let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
-    if host.starts_with('/') {
+    let host = match (&params.host, &params.hostaddr) {
+        (Some(host), _) => host.clone(),
+        (None, Some(address)) => address.clone(),
+        (None, None) => settings::default_socket_dir().to_string_lossy().into_owned(),
+    };
+    if host.starts_with('/') && params.hostaddr.is_none() {
+        let address = format!("{host}/.s.PGSQL.{}", params.port);
+        let connect_error = |source| PgError::Connect { address: address.clone(), source };
         let unix = tokio::time::timeout(timeout, UnixStream::connect(&address))
             .await
             .map_err(|_| connect_error(timed_out()))?
             .map_err(connect_error)?;
-        let plain = Some(unix.as_fd().try_clone_to_owned()?);
-        Ok(Opened { stream: Box::new(unix), certificate: None, plain })
-    } else {
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), params.port)))
-            .await
-            .map_err(|_| connect_error(timed_out()))?
-            .map_err(connect_error)?;
-        tcp.set_nodelay(true)?;
-        negotiate_tls(tcp, &host, params).await
+        return Ok(Socket::Unix(unix));
     }
+    let target = params.hostaddr.clone().unwrap_or_else(|| host.clone());
+    let address = format!("{target}:{}", params.port);
+    let connect_error = |source| PgError::Connect { address: address.clone(), source };
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect((target.as_str(), params.port)))
+        .await
+        .map_err(|_| connect_error(timed_out()))?
+        .map_err(connect_error)?;
+    tcp.set_nodelay(true)?;
+    Ok(Socket::Tcp(tcp, host))
 }
 
 fn plain_tcp(tcp: TcpStream) -> Result<Opened, PgError> {
@@ -566,6 +605,7 @@ fn plain_tcp(tcp: TcpStream) -> Result<Opened, PgError> {
     Ok(Opened { stream: Box::new(tcp), certificate: None, plain })
 }
 
+/// SSLRequest, then the handshake per sslmode, or plaintext where sslmode allows it.
 async fn negotiate_tls(mut tcp: TcpStream, host: &str, params: &ConnParams) -> Result<Opened, PgError> {
     if params.sslmode == SslMode::Disable {
         return plain_tcp(tcp);
@@ -584,27 +624,21 @@ async fn negotiate_tls(mut tcp: TcpStream, host: &str, params: &ConnParams) -> R
             params.sslmode
         )));
     }
-    let root_cert = params.sslrootcert.as_ref().map(PathBuf::from).or_else(default_root_cert);
-    let verify = match params.sslmode {
-        SslMode::VerifyFull => Verify::ChainAndHost,
-        SslMode::VerifyCa => Verify::Chain,
-        // libpq: with a root certificate file present, require behaves like verify-ca.
-        SslMode::Require if root_cert.as_ref().is_some_and(|p| p.exists()) => Verify::Chain,
-        _ => Verify::Nothing,
-    };
-    let config = client_config(verify, root_cert.as_deref()).map_err(PgError::Tls)?;
-    let server_name = rustls::pki_types::ServerName::try_from(host.to_string())
-        .map_err(|e| PgError::Tls(format!("invalid host name {host:?}: {e}")))?;
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(server_name, tcp)
-        .await
-        .map_err(|e| PgError::Tls(format!("handshake with {host} failed: {e}")))?;
+    let tls = crate::tls::handshake(tcp, host, params).await?;
     let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec());
     Ok(Opened { stream: Box::new(tls), certificate: cert, plain: None })
 }
 
-fn default_root_cert() -> Option<PathBuf> {
-    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".postgresql/root.crt"))
+/// The `tls-server-end-point` channel-binding data of a server certificate.
+pub(crate) fn end_point(cert: &[u8]) -> Result<Vec<u8>, PgError> {
+    let hash = tidemark_proto::certificate::binding_hash(cert).map_err(|e| PgError::Tls(e.to_string()))?;
+    Ok(hash.digest(cert))
+}
+
+fn channel_binding_missing() -> PgError {
+    PgError::Auth(
+        "channel_binding=require, but the server did not authenticate with SCRAM-SHA-256-PLUS over TLS".into(),
+    )
 }
 
 /// Blocks until `socket` is readable (when `read`), `stop` is readable, or

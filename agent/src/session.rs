@@ -1,8 +1,8 @@
 //! The replication commands the agent runs before streaming, and the
 //! explanation of a refused connection.
 
-use super::{Connection, ConnectionKind, PgError};
 use crate::preflight::ServerFacts;
+use tidemark_pg::{Connection, ConnectionKind, PgError};
 use tidemark_proto::conninfo::ConnParams;
 use tidemark_proto::replication::parse_size_with_unit;
 use tidemark_proto::{Lsn, TimelineId};
@@ -52,7 +52,7 @@ async fn connect_one(params: &ConnParams) -> anyhow::Result<Connection> {
     match Connection::connect(params, ConnectionKind::Replication).await {
         Ok(conn) => Ok(conn),
         Err(PgError::Server(e)) if e.code == "53300" && e.message.contains("max_wal_senders") => {
-            let wal_level = match super::sql::connect(params).await {
+            let wal_level = match tidemark_pg::sql::connect(params).await {
                 Ok(client) => match client.query_one("SHOW wal_level", &[]).await {
                     Ok(row) => row.try_get::<_, String>(0).ok(),
                     Err(_) => None,
