@@ -146,6 +146,17 @@ fn oid_text(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a server sends as its certificate, the answer is a hash or an error.
+        #[test]
+        fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200), prefix in 0usize..3) {
+            let mut shaped = [vec![0x30, 0x81, 0xc8], vec![0x30, 0x0a, 0x30, 0x00, 0x30], vec![]][prefix].clone();
+            shaped.extend(bytes);
+            let _ = binding_hash(&shaped);
+        }
+    }
 
     /// A certificate's outer shape with the given algorithm identifier contents.
     fn certificate(algorithm: &[u8]) -> Vec<u8> {
