@@ -197,6 +197,10 @@ struct DrillArgs {
     /// PostgreSQL's bin directory (default /usr/lib/postgresql/<version>/bin).
     #[arg(long)]
     pg_bin: Option<PathBuf>,
+    /// Keep the check command's output in the drill record (by default the
+    /// record says only how it exited: the output may hold data or secrets).
+    #[arg(long)]
+    record_check_output: bool,
 }
 
 impl DrillArgs {
@@ -220,6 +224,7 @@ impl DrillArgs {
             scratch_dir: self.scratch_dir.or(base.scratch_dir.clone()),
             pg_bin: self.pg_bin.or(base.pg_bin.clone()),
             timeout: base.timeout,
+            record_check_output: self.record_check_output || base.record_check_output,
         })
     }
 }

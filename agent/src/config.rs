@@ -61,6 +61,10 @@ pub struct DrillConfig {
     pub pg_bin: Option<PathBuf>,
     /// Longest a drill may take before it is stopped and recorded as failed (default 6h).
     pub timeout: Option<String>,
+    /// Keep the check command's output (its last lines) in the drill record
+    /// (default false: the record, kept in the repository for good, says
+    /// only how it exited, since the output may hold data or secrets).
+    pub record_check_output: Option<bool>,
 }
 
 /// `[drill]` checked and resolved; flags of `drill` override it field by field.
@@ -74,6 +78,7 @@ pub struct DrillSettings {
     pub scratch_dir: Option<PathBuf>,
     pub pg_bin: Option<PathBuf>,
     pub timeout: Duration,
+    pub record_check_output: bool,
 }
 
 impl DrillConfig {
@@ -107,6 +112,7 @@ impl DrillConfig {
             scratch_dir: self.scratch_dir.clone(),
             pg_bin: self.pg_bin.clone(),
             timeout: duration("timeout", &self.timeout)?.unwrap_or(Duration::from_secs(6 * 3600)),
+            record_check_output: self.record_check_output.unwrap_or(false),
         })
     }
 }
@@ -244,7 +250,7 @@ pub fn load_file(path: Option<&Path>) -> Result<FileConfig, Fail> {
         Ok(text) => toml::from_str(&text).map_err(|e| {
             Fail::new(
                 format!("config file {} is invalid: {}", path.display(), e.message()),
-                "fix the file; known keys are repo, pg_url, state_dir, slot, application_name, partial_upload_interval_secs, status_interval_secs, backup_interval_secs, backup_checkpoint, max_incremental_chain, read_changed_blocks, key_files, spool_limit_mb, no_delete, lease_secs, listen, a [retention] table (recovery_window, keep_daily, keep_weekly, keep_monthly, min_backups, audit_window, orphan_grace) and a [drill] table (interval, target, check_sql, check_database, check_cmd, scratch_dir, pg_bin, timeout)",
+                "fix the file; known keys are repo, pg_url, state_dir, slot, application_name, partial_upload_interval_secs, status_interval_secs, backup_interval_secs, backup_checkpoint, max_incremental_chain, read_changed_blocks, key_files, spool_limit_mb, no_delete, lease_secs, listen, a [retention] table (recovery_window, keep_daily, keep_weekly, keep_monthly, min_backups, audit_window, orphan_grace) and a [drill] table (interval, target, check_sql, check_database, check_cmd, scratch_dir, pg_bin, timeout, record_check_output)",
             )
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(FileConfig::default()),
@@ -396,6 +402,9 @@ mod tests {
         assert_eq!(settings.drill.interval, Some(Duration::from_secs(30 * 86_400)));
         assert!(settings.drill.random_target);
         assert_eq!(settings.drill.check_database, "postgres");
+        assert!(!settings.drill.record_check_output, "a check command's output stays out of the record unless asked");
+        let keep: FileConfig = toml::from_str("[drill]\nrecord_check_output = true").expect("toml");
+        assert!(resolve(keep, CliConfig::default(), &BTreeMap::new()).expect("resolve").drill.record_check_output);
         let cli = CliConfig { listen: Some("localhost".into()), ..Default::default() };
         assert!(resolve(FileConfig::default(), cli, &BTreeMap::new()).unwrap_err().message.contains("listen"));
         let bad: FileConfig = toml::from_str("[drill]\ninterval = '5m'").expect("toml");

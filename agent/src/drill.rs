@@ -274,7 +274,11 @@ impl Run<'_> {
         let started = Instant::now();
         info!(target = %record.target, "drill: restoring into {}", pgdata.display());
         let mut args: Vec<String> = vec!["restore".into(), "--pgdata".into(), pgdata.display().to_string()];
-        args.extend(["--start".into(), "--port".into(), port.to_string(), "--json".into()]);
+        // Isolated (a generated inert configuration: no TCP, no subscription
+        // workers, no synchronous standby, no archiving), its tablespaces
+        // inside the scratch directory: a drill reaches nothing of production.
+        args.extend(["--start".into(), "--isolate".into(), "--port".into(), port.to_string(), "--json".into()]);
+        args.extend(self.tablespaces_under()?);
         args.extend(["--wait-timeout".into(), self.drill.timeout.as_secs().to_string()]);
         args.extend(target);
         if let Some(bin) = &self.drill.pg_bin {
@@ -303,7 +307,8 @@ impl Run<'_> {
             record.checks.push(sql_check(restored, &self.drill.check_database, query).await);
         }
         if let Some(command) = &self.drill.check_cmd {
-            record.checks.push(command_check(restored, &self.drill.check_database, command).await);
+            let keep_output = self.drill.record_check_output;
+            record.checks.push(command_check(restored, &self.drill.check_database, command, keep_output).await);
         }
         Ok(first_failure(record))
     }
@@ -328,6 +333,13 @@ impl Run<'_> {
             anyhow::bail!("restore failed: {line}");
         }
         Ok(output.stdout)
+    }
+
+    /// Every tablespace into the scratch directory, never where the source
+    /// had it (on the source's own host that is the live one).
+    fn tablespaces_under(&self) -> anyhow::Result<[String; 2]> {
+        let scratch = self.scratch.canonicalize().with_context(|| format!("resolve {}", self.scratch.display()))?;
+        Ok(["--tablespaces-under".into(), scratch.display().to_string()])
     }
 
     /// `--latest`, or `--time T` for a random time inside the window.
@@ -363,6 +375,7 @@ impl Run<'_> {
     async fn check_space(&self, pgdata: &Path, target: &[String]) -> anyhow::Result<()> {
         let mut args: Vec<String> = vec!["restore".into(), "--dry-run".into(), "--json".into()];
         args.extend(["--pgdata".into(), pgdata.display().to_string()]);
+        args.extend(self.tablespaces_under()?);
         args.extend(target.iter().cloned());
         let plan: serde_json::Value =
             serde_json::from_slice(&self.restore_tool(&args).await?).context("tidemark-restore's dry-run report")?;
@@ -518,7 +531,9 @@ async fn sql_check(server: &Restored, database: &str, query: &str) -> DrillCheck
 }
 
 /// The operator's command, with the restored server in its environment.
-async fn command_check(server: &Restored, database: &str, command: &str) -> DrillCheck {
+/// The record (kept in the repository for good) says how it exited; its
+/// output, which may hold rows or secrets, only with `keep_output`.
+async fn command_check(server: &Restored, database: &str, command: &str, keep_output: bool) -> DrillCheck {
     let output = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(command)
@@ -540,7 +555,14 @@ async fn command_check(server: &Restored, database: &str, command: &str) -> Dril
                 Some(code) => format!("exit {code}"),
                 None => "killed by a signal".into(),
             };
-            (output.status.success(), format!("{status}: {}", last_lines(&text, 5)))
+            let detail = match (keep_output, output.status.success()) {
+                (true, _) => format!("{status}: {}", last_lines(&text, 5)),
+                (false, true) => status,
+                (false, false) => format!(
+                    "{status}; its output is not recorded (--record-check-output or [drill] record_check_output = true keeps it)"
+                ),
+            };
+            (output.status.success(), detail)
         }
         Err(e) => (false, format!("could not run sh: {e}")),
     };

@@ -302,8 +302,20 @@ struct RestoreArgs {
     #[arg(long = "tablespace-map", value_name = "FROM=TO", value_parser = crate::tablespaces::parse_mapping)]
     tablespace_map: Vec<(String, PathBuf)>,
     /// Start PostgreSQL on the result and wait until the target is reached.
+    /// It keeps the cluster's own settings (saying first what in them
+    /// reaches outside it), listening on 127.0.0.1:--port.
     #[arg(long)]
     start: bool,
+    /// With --start: start it inert instead, on a generated configuration
+    /// (the source's kept as *.production): its Unix socket in the data
+    /// directory only, no subscriptions, no synchronous standby, no
+    /// archiving, its own pg_hba.conf. For a copy beside production.
+    #[arg(long)]
+    isolate: bool,
+    /// Every tablespace not in --tablespace-map goes to DIR/tablespace-<OID>
+    /// instead of its original location.
+    #[arg(long, value_name = "DIR")]
+    tablespaces_under: Option<PathBuf>,
     /// Port for --start (default 5432).
     #[arg(long, default_value_t = 5432)]
     port: u16,
@@ -349,8 +361,9 @@ impl RestoreArgs {
             prefetch: !self.no_prefetch,
             cache_dir: self.cache_dir,
             tablespace_map: self.tablespace_map,
-            tablespaces_under: None,
+            tablespaces_under: self.tablespaces_under,
             only_databases: None,
+            isolate: self.isolate,
         })
     }
 }
@@ -777,6 +790,15 @@ fn print_restore(report: &crate::restore::RestoreReport) {
     }
     if let Some(lsn) = &report.reached_lsn {
         println!("  recovery reached {} (last transaction {})", lsn, report.reached_time.as_deref().unwrap_or("none"));
+        if report.isolated {
+            println!(
+                "  isolated: its Unix socket in {} only; the source's settings are in *.production",
+                report.pgdata
+            );
+        }
+        for name in &report.subscriptions_disabled {
+            println!("  subscription {name} disabled in the copy (its publisher was not contacted)");
+        }
     } else if !report.dry_run {
         println!(
             "  start it with: pg_ctl -D {} start   (recovery.signal and the recovery settings are in place)",

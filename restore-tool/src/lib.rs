@@ -12,6 +12,8 @@
 //! - [`prefetch`]: WAL staged ahead of replay during `restore --start`.
 //! - [`restore`]: checks, fetch, recovery settings, start and wait.
 //! - [`pg_bin`]: which PostgreSQL installation runs a restored cluster (checked before writing).
+//! - [`server_config`]: the source's configuration files as the backup holds them; what in them reaches outside.
+//! - [`isolate`]: the inert configuration an isolated copy starts from (drills, scratch restores, `--isolate`).
 //! - [`scratch`]: a private throwaway restore for `extract` and `repair`.
 //! - [`rows`]: rows as text: columns, keys, reads by ctid or key, the statements that write them back.
 //! - [`extract`]: tables (and their dependents) as of a target, to a file or into a live database.
@@ -27,6 +29,7 @@ pub mod cli;
 pub mod delta;
 pub mod extract;
 pub mod fetch;
+pub mod isolate;
 pub mod pg_bin;
 pub mod pg_manifest;
 pub mod planner;
@@ -37,6 +40,7 @@ pub mod restore;
 mod retention_model;
 pub mod rows;
 pub mod scratch;
+pub mod server_config;
 pub mod tablespaces;
 pub mod target;
 pub mod timeline_html;

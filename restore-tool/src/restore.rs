@@ -44,6 +44,9 @@ pub struct RestoreOptions {
     /// Only these user databases' files are fetched (the others are left
     /// as sparse files of zeros): scratch restores that read one database.
     pub only_databases: Option<Vec<u32>>,
+    /// With --start: run the copy on the inert configuration of
+    /// `isolate.rs` instead of the source's own settings.
+    pub isolate: bool,
 }
 
 /// Where recovery will stop for a time, xid or restore-point target,
@@ -127,6 +130,14 @@ pub struct RestoreReport {
     pub seconds: Timings,
     /// With --start: the PostgreSQL bin directory that runs the result.
     pub pg_bin: Option<String>,
+    /// Started with the inert configuration (`--isolate`).
+    pub isolated: bool,
+    /// Without --isolate: what in the cluster's own settings (and
+    /// catalog) reaches outside it, as printed before it started.
+    pub reaches_outside: Vec<String>,
+    /// With --isolate, once promoted: the subscriptions disabled in the
+    /// copy's catalog (`database.name`).
+    pub subscriptions_disabled: Vec<String>,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -167,6 +178,12 @@ fn check_target_directory(options: &RestoreOptions) -> anyhow::Result<()> {
         return Err(refuse(
             "--pause needs a target: with --latest recovery ends at the end of the archive and the server promotes",
             "give a target (--time, --lsn, --xid, --before-xid, --name, --immediate), or leave out --pause",
+        ));
+    }
+    if options.isolate && !options.start {
+        return Err(refuse(
+            "--isolate is how --start runs the restored server; without --start nothing is started",
+            "add --start to start it isolated, or leave out --isolate",
         ));
     }
     if options.start && unsafe { libc::geteuid() } == 0 {
@@ -307,6 +324,8 @@ struct Checked {
     bytes_left_out: u64,
     /// With --start: the PostgreSQL bin directory of the backup's version.
     pg_bin: Option<PathBuf>,
+    /// With --start: the source's configuration files, as the backup holds them.
+    config: Option<crate::server_config::BackupConfig>,
     planning_seconds: f64,
 }
 
@@ -344,6 +363,11 @@ async fn check_everything(repo: &Repository, options: &RestoreOptions) -> anyhow
         true => Some(crate::pg_bin::find(options.pg_bin.as_deref(), plan.backup.server_version_num / 10000)?),
         false => None,
     };
+    // 6. What it starts with, and where it will listen.
+    let config = match options.start {
+        true => Some(check_start(repo, &plan, options).await?),
+        false => None,
+    };
     let planning_seconds = planning.elapsed().as_secs_f64();
     Ok(Checked {
         plan,
@@ -353,8 +377,55 @@ async fn check_everything(repo: &Repository, options: &RestoreOptions) -> anyhow
         bytes_to_fetch,
         bytes_left_out,
         pg_bin,
+        config,
         planning_seconds,
     })
+}
+
+/// For --start: the backup's own configuration files (read from the
+/// repository), a configuration to start with, and a socket path and
+/// port the server can take.
+async fn check_start(
+    repo: &Repository,
+    plan: &Plan,
+    options: &RestoreOptions,
+) -> anyhow::Result<crate::server_config::BackupConfig> {
+    let config = crate::server_config::read(repo, &plan.backup).await?;
+    if !options.isolate && !config.has_postgresql_conf {
+        return Err(refuse(
+            format!(
+                "backup {} has no postgresql.conf: the cluster's configuration lived outside its data directory \
+                 (as in Debian's /etc/postgresql), so --start has no settings of its own to start it with",
+                plan.backup.id
+            ),
+            "add --isolate to start it on a generated inert configuration, or restore without --start and \
+             start it with its configuration (e.g. postgres -c config_file=/etc/postgresql/.../postgresql.conf)",
+        ));
+    }
+    if options.port == 0 {
+        return Err(refuse("--port 0 is not a port PostgreSQL can listen on", "give --port a free port number"));
+    }
+    // The server's socket is in the data directory, and Unix limits its path to 107 bytes.
+    let directory = std::path::absolute(&options.pgdata).unwrap_or_else(|_| options.pgdata.clone());
+    let socket = directory.join(format!(".s.PGSQL.{}", options.port));
+    let length = socket.as_os_str().len();
+    if length > 107 {
+        return Err(refuse(
+            format!("the server's socket {} would be {length} bytes long; Unix allows 107", socket.display()),
+            "restore into a --pgdata with a shorter path",
+        ));
+    }
+    // Without --isolate it listens on 127.0.0.1:--port, checked free now
+    // rather than after the fetch; isolated, it listens on no TCP port.
+    if !options.isolate {
+        if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", options.port)) {
+            return Err(refuse(
+                format!("port {} on 127.0.0.1, where --start would listen, is not free: {e}", options.port),
+                "choose a free port with --port, or stop what listens there",
+            ));
+        }
+    }
+    Ok(config)
 }
 
 /// The backup into --pgdata: fetched into a new directory, or with --delta
@@ -374,39 +445,17 @@ async fn write_backup(
 }
 
 pub async fn restore(repo: &Repository, repo_url: &str, options: RestoreOptions) -> anyhow::Result<RestoreReport> {
-    let Checked {
-        plan,
-        chain,
-        delta_onto_existing,
-        placements,
-        bytes_to_fetch,
-        bytes_left_out,
-        pg_bin,
-        planning_seconds,
-    } = check_everything(repo, &options).await?;
-    let meta = repo.meta().await?;
-    let segment_size = meta.wal_segment_size;
-    let segments_to_replay =
-        plan.wal_available_to.segment_no(segment_size).saturating_sub(plan.wal_start.segment_no(segment_size)) + 1;
-    let mut report = RestoreReport {
-        backup_id: plan.backup.id.clone(),
-        target: plan.target.to_string(),
-        pgdata: options.pgdata.display().to_string(),
-        dry_run: options.dry_run,
-        timeline: plan.backup.timeline,
-        target_timeline: plan.target_timeline,
-        wal_start_lsn: plan.wal_start,
-        wal_needed_to_lsn: plan.wal_needed_to,
-        wal_available_to_lsn: plan.wal_available_to,
-        bytes_to_fetch,
-        bytes_left_out,
-        segments_to_replay,
-        tablespaces: placements.clone(),
-        reached_lsn: None,
-        reached_time: None,
-        seconds: Timings { plan: planning_seconds, ..Default::default() },
-        pg_bin: pg_bin.as_ref().map(|p| p.display().to_string()),
-    };
+    let checked = check_everything(repo, &options).await?;
+    let segment_size = repo.meta().await?.wal_segment_size;
+    let mut report = new_report(&options, &checked, segment_size);
+    let Checked { plan, chain, delta_onto_existing, placements, pg_bin, config, .. } = checked;
+    if !options.isolate {
+        if let Some(config) = &config {
+            // Said before anything is fetched or started.
+            report.reaches_outside = crate::server_config::reaches_outside(&config.settings);
+            announce(&report.reaches_outside);
+        }
+    }
     if options.dry_run {
         return Ok(report);
     }
@@ -426,8 +475,15 @@ pub async fn restore(repo: &Repository, repo_url: &str, options: RestoreOptions)
     tokio::pin!(stage);
     let mut staged = staging.is_none();
     let fetching = std::time::Instant::now();
+    let bin = pg_bin.clone().unwrap_or_default();
     let fetched = {
-        let fetch = write_backup(repo, &options, &chain, &placements, delta_onto_existing);
+        let fetch = async {
+            write_backup(repo, &options, &chain, &placements, delta_onto_existing).await?;
+            if let (true, Some(config)) = (options.isolate, &config) {
+                put_inert_configuration(&options, &bin, &config.settings).await?;
+            }
+            write_recovery_settings(&options, &plan, repo_url, &repo.key_files, staging.as_deref())
+        };
         tokio::pin!(fetch);
         loop {
             tokio::select! {
@@ -446,15 +502,10 @@ pub async fn restore(repo: &Repository, repo_url: &str, options: RestoreOptions)
         return Err(e);
     }
     report.seconds.fetch = fetching.elapsed().as_secs_f64();
-    if let Err(e) = write_recovery_settings(&options, &plan, repo_url, &repo.key_files, staging.as_deref()) {
-        remove_staging();
-        return Err(e);
-    }
     if !options.start {
         return Ok(report);
     }
     let recovering = std::time::Instant::now();
-    let bin = pg_bin.clone().unwrap_or_default();
     let waiting = start_and_wait(&options, &plan, &bin);
     tokio::pin!(waiting);
     let result = loop {
@@ -464,11 +515,70 @@ pub async fn restore(repo: &Repository, repo_url: &str, options: RestoreOptions)
         }
     };
     remove_staging();
-    let (lsn, time) = result?;
+    let started = result?;
     report.seconds.recovery = Some(recovering.elapsed().as_secs_f64());
-    report.reached_lsn = lsn;
-    report.reached_time = time;
+    report.reached_lsn = started.replay_lsn;
+    report.reached_time = started.replay_time;
+    report.reaches_outside.extend(started.subscriptions);
+    report.subscriptions_disabled = started.subscriptions_disabled;
     Ok(report)
+}
+
+/// The report of what the checks found (the rest is filled in as it happens).
+fn new_report(options: &RestoreOptions, checked: &Checked, segment_size: u64) -> RestoreReport {
+    let plan = &checked.plan;
+    let segments_to_replay =
+        plan.wal_available_to.segment_no(segment_size).saturating_sub(plan.wal_start.segment_no(segment_size)) + 1;
+    RestoreReport {
+        backup_id: plan.backup.id.clone(),
+        target: plan.target.to_string(),
+        pgdata: options.pgdata.display().to_string(),
+        dry_run: options.dry_run,
+        timeline: plan.backup.timeline,
+        target_timeline: plan.target_timeline,
+        wal_start_lsn: plan.wal_start,
+        wal_needed_to_lsn: plan.wal_needed_to,
+        wal_available_to_lsn: plan.wal_available_to,
+        bytes_to_fetch: checked.bytes_to_fetch,
+        bytes_left_out: checked.bytes_left_out,
+        segments_to_replay,
+        tablespaces: checked.placements.clone(),
+        reached_lsn: None,
+        reached_time: None,
+        seconds: Timings { plan: checked.planning_seconds, ..Default::default() },
+        pg_bin: checked.pg_bin.as_ref().map(|p| p.display().to_string()),
+        isolated: options.start && options.isolate,
+        reaches_outside: Vec::new(),
+        subscriptions_disabled: Vec::new(),
+    }
+}
+
+/// Prints, before the copy starts with its own settings, what in them
+/// reaches outside it.
+fn announce(found: &[String]) {
+    if found.is_empty() {
+        return;
+    }
+    eprintln!(
+        "tidemark-restore: warning: the restored cluster starts with its own settings, and these reach outside it:"
+    );
+    for line in found {
+        eprintln!("  - {line}");
+    }
+    eprintln!("  (--isolate starts it inert instead: Unix socket only, no subscriptions, no synchronous standby, no archiving)");
+}
+
+/// The inert configuration of `isolate.rs` in the restored directory, with
+/// what the data needs from its pg_control and the source's files.
+async fn put_inert_configuration(
+    options: &RestoreOptions,
+    bin: &Path,
+    settings: &crate::server_config::Settings,
+) -> anyhow::Result<()> {
+    let pgdata = options.pgdata.canonicalize()?;
+    let control = crate::isolate::controldata(bin, &pgdata).await;
+    let needed = crate::isolate::Needed::new(settings, control.as_deref());
+    crate::isolate::apply(&pgdata, &crate::isolate::postgresql_conf(&needed, &pgdata, options.port))
 }
 
 /// A new, empty directory beside `pgdata` for WAL staged ahead of replay
@@ -563,25 +673,26 @@ fn write_recovery_settings(
     Ok(())
 }
 
-/// Starts the restored server on 127.0.0.1:port and waits until recovery
-/// promoted (or paused, with --pause). Returns the replayed LSN and the
-/// commit time of the last replayed transaction.
-async fn start_and_wait(
-    options: &RestoreOptions,
-    plan: &Plan,
-    bin: &Path,
-) -> anyhow::Result<(Option<String>, Option<String>)> {
-    let pgdata = options.pgdata.canonicalize()?;
-    let log = pgdata.join("tidemark-restore.log");
-    let server_options =
-        format!("-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}'", options.port, pgdata.display());
+/// What `--start` saw of the restored server.
+struct Started {
+    /// The replayed LSN and the commit time of the last replayed transaction.
+    replay_lsn: Option<String>,
+    replay_time: Option<String>,
+    /// Without --isolate: the subscriptions in its catalog, described.
+    subscriptions: Vec<String>,
+    /// With --isolate, once promoted: the subscriptions disabled.
+    subscriptions_disabled: Vec<String>,
+}
+
+/// Runs `pg_ctl start` on `pgdata` with `server_options`, its log in `log`.
+async fn pg_ctl_start(bin: &Path, pgdata: &Path, log: &Path, server_options: &str) -> anyhow::Result<()> {
     let status = tokio::process::Command::new(bin.join("pg_ctl"))
         .arg("-D")
-        .arg(&pgdata)
+        .arg(pgdata)
         .arg("-l")
-        .arg(&log)
+        .arg(log)
         .arg("-o")
-        .arg(&server_options)
+        .arg(server_options)
         .arg("-W")
         .arg("start")
         .stdin(std::process::Stdio::null())
@@ -591,8 +702,24 @@ async fn start_and_wait(
         .await
         .with_context(|| format!("run {}", bin.join("pg_ctl").display()))?;
     anyhow::ensure!(status.success(), "pg_ctl could not start the restored server; see {}", log.display());
+    Ok(())
+}
+
+/// Starts the restored server and waits until recovery promoted (or
+/// paused, with --pause). It listens on 127.0.0.1:port, or with --isolate
+/// on its Unix socket only; its socket is in the data directory.
+async fn start_and_wait(options: &RestoreOptions, plan: &Plan, bin: &Path) -> anyhow::Result<Started> {
+    let pgdata = options.pgdata.canonicalize()?;
+    let log = pgdata.join("tidemark-restore.log");
+    let listen = if options.isolate { "''" } else { "127.0.0.1" };
+    let server_options =
+        format!("-p {} -c listen_addresses={listen} -c unix_socket_directories='{}'", options.port, pgdata.display());
+    pg_ctl_start(bin, &pgdata, &log, &server_options).await?;
     let started = std::time::Instant::now();
     let mut seen_pid = false;
+    let mut outcome =
+        Started { replay_lsn: None, replay_time: None, subscriptions: Vec::new(), subscriptions_disabled: Vec::new() };
+    let mut subscriptions_named = options.isolate;
     // Replay measured by position: from the backup's start to where recovery stops.
     let replay_to = match plan.target {
         Target::Latest => plan.wal_available_to,
@@ -639,6 +766,12 @@ async fn start_and_wait(
             }
         };
         if let Some(probe) = probed {
+            // Subscriptions live in the catalog: named as soon as the server
+            // answers, during recovery (their workers start only after it).
+            if !subscriptions_named {
+                outcome.subscriptions = name_subscriptions(&pgdata, options.port).await;
+                subscriptions_named = true;
+            }
             let replayed = probe.replay_lsn.as_deref().and_then(|l| l.parse::<Lsn>().ok());
             if let Some(lsn) = replayed {
                 progress.set(lsn.0.saturating_sub(plan.wal_start.0).min(replay_total));
@@ -647,11 +780,49 @@ async fn start_and_wait(
             if done {
                 progress.set(replay_total);
                 progress.finish();
-                return Ok((probe.replay_lsn, probe.replay_time));
+                // Only a promoted copy can write its catalog; a paused one
+                // (scratch restores) has the workers setting as its defence,
+                // and one restored for some databases only cannot reach the others'.
+                if options.isolate && !probe.in_recovery && options.only_databases.is_none() {
+                    outcome.subscriptions_disabled = disable_subscriptions(&pgdata, options.port).await;
+                }
+                (outcome.replay_lsn, outcome.replay_time) = (probe.replay_lsn, probe.replay_time);
+                return Ok(outcome);
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The subscriptions of a promoted isolated copy disabled, or a warning:
+/// with no logical replication workers they cannot start either way.
+async fn disable_subscriptions(pgdata: &Path, port: u16) -> Vec<String> {
+    match crate::isolate::disable_subscriptions(pgdata, port).await {
+        Ok(disabled) => disabled,
+        Err(e) => {
+            eprintln!(
+                "tidemark-restore: warning: the isolated copy's subscriptions could not be disabled ({e:#}); \
+                 max_logical_replication_workers = 0 keeps them from starting"
+            );
+            Vec::new()
+        }
+    }
+}
+
+/// Prints the subscriptions of a copy started with its own settings and
+/// returns them described (nothing when the catalog cannot be read).
+async fn name_subscriptions(pgdata: &Path, port: u16) -> Vec<String> {
+    let described: Vec<String> = crate::server_config::subscriptions(pgdata, port)
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter(|s| s.enabled)
+        .map(|s| s.describe())
+        .collect();
+    for line in &described {
+        eprintln!("tidemark-restore: warning: {line}");
+    }
+    described
 }
 
 /// What the restored server says of its recovery.

@@ -1,8 +1,9 @@
 //! A private, throwaway copy of the cluster as of a target, for `extract`
 //! and `repair`: restored from the repository (with `restore --start
 //! --pause`, so nothing but reads happen to it) into a new directory under
-//! `--scratch-dir`, its tablespaces moved inside it too, reachable only over
-//! its own socket in that directory; stopped and removed when dropped.
+//! `--scratch-dir`, its tablespaces moved inside it too, started isolated
+//! (`isolate.rs`: reachable only over its own socket in that directory, no
+//! subscriptions, no synchronous standby); stopped and removed when dropped.
 //! `advance_to_xid` moves its recovery forward to just after a transaction,
 //! so `repair` reads both sides of one transaction from one restore.
 
@@ -85,6 +86,8 @@ impl Scratch {
             // Inside the scratch directory, never where the live server's are.
             tablespaces_under: Some(dir.clone()),
             only_databases: only_database.map(|oid| vec![oid]),
+            // The inert configuration: it must reach nothing the source reaches.
+            isolate: true,
         };
         let report = restore(repo, repo_url, restore_options).await?;
         (scratch.fetched_bytes, scratch.left_out_bytes) = (report.bytes_to_fetch, report.bytes_left_out);

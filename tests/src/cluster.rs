@@ -73,6 +73,10 @@ pub struct ClusterOptions {
     /// Directory of initdb, pg_ctl and postgres (default: [`pg_bin`]); the
     /// client tools (psql, pgbench, pg_basebackup) always come from [`pg_bin`].
     pub server_bin: Option<PathBuf>,
+    /// Debian's layout: postgresql.conf, pg_hba.conf and pg_ident.conf in
+    /// `<dir>/etc`, outside the data directory (as pg_createcluster puts
+    /// them in /etc/postgresql), the server started with `config_file`.
+    pub config_outside: bool,
 }
 
 impl Default for ClusterOptions {
@@ -87,6 +91,7 @@ impl Default for ClusterOptions {
             conf: Vec::new(),
             ssl: None,
             server_bin: None,
+            config_outside: false,
         }
     }
 }
@@ -129,6 +134,11 @@ pub struct Cluster {
     os_user: Option<&'static str>,
     /// Where initdb, pg_ctl and postgres come from.
     server_bin: PathBuf,
+    /// The configuration file outside the data directory (Debian's layout).
+    config_file: Option<PathBuf>,
+    /// psql connects over the Unix socket in this directory instead of TCP
+    /// (an isolated copy listens on no TCP port).
+    socket_dir: Option<PathBuf>,
 }
 
 /// A free port on 127.0.0.1 (bound, then released; the caller retries on a clash).
@@ -144,8 +154,11 @@ impl Cluster {
         let data = dir.path().join("data");
         let log = dir.path().join("postgresql.log");
         let server_bin = options.server_bin.clone().unwrap_or_else(pg_bin);
-        let mut cluster = Cluster { data, port: 0, log, os_user, dir, server_bin };
+        let mut cluster = Cluster { data, port: 0, log, os_user, dir, server_bin, config_file: None, socket_dir: None };
         cluster.initdb(&options);
+        if options.config_outside {
+            cluster.move_config_outside();
+        }
         // Retry with another port if someone took ours between probe and bind.
         for attempt in 0..5 {
             cluster.port = free_port();
@@ -174,7 +187,8 @@ impl Cluster {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod test dir");
         let data = dir.path().join("data");
         let log = dir.path().join("postgresql.log");
-        let mut standby = Cluster { data, port: 0, log, os_user, dir, server_bin: primary.server_bin.clone() };
+        let server_bin = primary.server_bin.clone();
+        let mut standby = Cluster { data, port: 0, log, os_user, dir, server_bin, config_file: None, socket_dir: None };
         if let Some(user) = os_user {
             chown(standby.dir.path(), user);
         }
@@ -218,7 +232,8 @@ impl Cluster {
         let os_user = ensure_os_user();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod dir");
         let log = dir.path().join("postgresql.log");
-        let cluster = Cluster { data, port: free_port(), log, os_user, dir, server_bin };
+        let port = free_port();
+        let cluster = Cluster { data, port, log, os_user, dir, server_bin, config_file: None, socket_dir: None };
         let mut conf = vec![format!("unix_socket_directories = '{}'", cluster.dir.path().display())];
         conf.extend(extra_conf.iter().cloned());
         let mut file =
@@ -242,7 +257,40 @@ impl Cluster {
     /// and stops it in Drop.
     pub fn adopt_running(dir: tempfile::TempDir, data: PathBuf, port: u16) -> Cluster {
         let log = data.join("tidemark-restore.log");
-        Cluster { data, port, log, os_user: ensure_os_user(), dir, server_bin: pg_bin() }
+        let os_user = ensure_os_user();
+        Cluster { data, port, log, os_user, dir, server_bin: pg_bin(), config_file: None, socket_dir: None }
+    }
+
+    /// As [`Cluster::adopt_running`], for a copy started with `--isolate`:
+    /// reached over its Unix socket in the data directory, as it listens
+    /// on no TCP port.
+    pub fn adopt_isolated(dir: tempfile::TempDir, data: PathBuf, port: u16) -> Cluster {
+        let mut cluster = Cluster::adopt_running(dir, data.clone(), port);
+        cluster.socket_dir = Some(data);
+        cluster
+    }
+
+    /// Debian's layout: the configuration files moved to `<dir>/etc`, which
+    /// names the data directory, and the server started with `config_file`.
+    fn move_config_outside(&mut self) {
+        let etc = self.dir.path().join("etc");
+        fs::create_dir(&etc).expect("mkdir etc");
+        for name in ["postgresql.conf", "pg_hba.conf", "pg_ident.conf"] {
+            fs::rename(self.data.join(name), etc.join(name)).expect("move a configuration file");
+        }
+        let mut file = fs::OpenOptions::new().append(true).open(etc.join("postgresql.conf")).expect("open conf");
+        writeln!(
+            file,
+            "data_directory = '{}'\nhba_file = '{}'\nident_file = '{}'",
+            self.data.display(),
+            etc.join("pg_hba.conf").display(),
+            etc.join("pg_ident.conf").display()
+        )
+        .expect("write conf");
+        if let Some(user) = self.os_user {
+            chown(&etc, user);
+        }
+        self.config_file = Some(etc.join("postgresql.conf"));
     }
 
     /// Promotes a standby and waits until it accepts writes.
@@ -333,13 +381,12 @@ impl Cluster {
     }
 
     fn pg_ctl(&self, args: &[&str]) -> Output {
-        self.as_pg_user(&self.server_bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(&self.data)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run pg_ctl")
+        let mut command = self.as_pg_user(&self.server_bin.join("pg_ctl"));
+        command.arg("-D").arg(&self.data);
+        if let (Some(file), Some(&"start")) = (&self.config_file, args.first()) {
+            command.arg("-o").arg(format!("-c config_file='{}'", file.display()));
+        }
+        command.args(args).stdin(Stdio::null()).output().expect("run pg_ctl")
     }
 
     /// A connection URL for `user` (no password).
@@ -358,20 +405,9 @@ impl Cluster {
     fn psql_command(&self) -> Command {
         let mut command = Command::new(pg_bin().join("psql"));
         command
-            .args([
-                "-X",
-                "-A",
-                "-t",
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-            ])
+            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-d", "postgres"])
+            .arg("-h")
+            .arg(self.socket_dir.as_deref().unwrap_or(Path::new("127.0.0.1")))
             .arg("-p")
             .arg(self.port.to_string());
         command

@@ -117,7 +117,8 @@ pub struct DrillCheck {
     /// The query or command line.
     pub check: String,
     pub passed: bool,
-    /// What it returned or printed (last lines), or its error.
+    /// What it returned, or how the command exited (with its last lines of
+    /// output only when the drill was asked to record them), or its error.
     pub detail: String,
 }
 

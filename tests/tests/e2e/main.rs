@@ -18,6 +18,7 @@ mod drill;
 mod encryption;
 mod failover;
 mod incremental;
+mod isolation;
 mod metrics;
 mod object_store;
 mod progress;
