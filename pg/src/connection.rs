@@ -23,12 +23,7 @@ use tokio::net::{TcpStream, UnixStream};
 pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
-/// Physical replication (a walsender) or an ordinary session on a database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnectionKind {
-    Replication,
-    Sql,
-}
+pub use crate::settings::ConnectionKind;
 
 /// Rows of a simple query, each value as text (NULL is `None`).
 #[derive(Debug, Default)]

@@ -3,7 +3,6 @@
 //! the default user and the default Unix socket. The parsing is pure and
 //! lives in `tidemark_proto::conninfo`; this module is its I/O edge.
 
-use crate::connection::ConnectionKind;
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -12,6 +11,13 @@ use tidemark_proto::conninfo::{pgpass_lookup, service_section, ConnInfoError, Co
 /// Where `pg_service.conf` lives when `PGSYSCONFDIR` is not set: Debian's
 /// libpq is built with this directory.
 const DEFAULT_SYSCONFDIR: &str = "/etc/postgresql-common";
+
+/// Physical replication (a walsender) or an ordinary session on a database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionKind {
+    Replication,
+    Sql,
+}
 
 /// Why settings could not be completed; `hint` says what to do.
 #[derive(Debug, thiserror::Error)]
