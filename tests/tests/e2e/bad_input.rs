@@ -177,7 +177,11 @@ fn init_that_cannot_write_leaves_no_slot() {
     let mut agent = AgentSetup::new(&base.join("c"), cluster.url("postgres"));
     agent.url = Some(moto.url("prod"));
     agent.env.extend(moto.env("readonly"));
-    assert_fails(&agent.run_command(&["init"]), "repository.json", "credentials");
+    // (The store's own answer, quoted in the message, spans lines: its XML body.)
+    let output = agent.run_command(&["init"]);
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(text.contains("repository.json") && text.contains("\nhint: these credentials may not"), "{text}");
     assert_eq!(slots(), "0", "the slot init created was dropped again");
     assert!(!agent.state_dir.exists());
     // With credentials that may write, the same init succeeds.
