@@ -93,6 +93,8 @@ async fn check(settings: &Settings, identity: &Identity) -> anyhow::Result<Check
         )?;
     }
     check_state_writable(&settings.state_dir, &index_dir)?;
+    // The key files before a missing repository directory is created for them.
+    tidemark_repo::store::read_key_files(&settings.key_files)?;
     let repo = match Repository::open(&settings.repo_url, &settings.key_files, Create::No) {
         Err(RepoError::NoRepository(_)) => Repository::open(&settings.repo_url, &settings.key_files, Create::Yes)?,
         other => other?,
