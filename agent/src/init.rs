@@ -1,12 +1,18 @@
 //! `tidemark-agent init`: check the server, create the slot, create or adopt
 //! the repository, and record where streaming starts.
-//! Everything is checked before anything is written.
+//! Everything is checked before anything is written, the state directory
+//! and a local repository shown writable too; a slot this run created is
+//! dropped again when a later step fails (a slot nobody streams from holds
+//! the server's WAL until its disk fills).
 
 use crate::config::Settings;
 use crate::index::{Index, IndexMeta};
-use crate::session;
+use crate::preflight::ServerFacts;
+use crate::session::{self, Identity};
 use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 use tidemark_proto::repo::layout::{RepositoryMeta, FORMAT_VERSION, FORMAT_VERSION_PLAIN};
+use tidemark_proto::repo::seal::{EncryptionMeta, Keyring};
 use tidemark_repo::Fail;
 use tidemark_repo::{Create, RepoError, Repository};
 
@@ -20,6 +26,17 @@ pub struct InitReport {
     pub advice: Vec<String>,
 }
 
+/// What the checks found, for the writes that follow them.
+struct Checked {
+    repo: Repository,
+    /// `repository.json` of an existing repository.
+    existing: Option<RepositoryMeta>,
+    /// A new encrypted repository's settings and keys.
+    encryption: Option<(EncryptionMeta, std::sync::Arc<Keyring>)>,
+    index_dir: PathBuf,
+    prior_state: Option<IndexMeta>,
+}
+
 pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
     // 1. The server: reachable, allowed to replicate, configured for it.
     let mut conn = session::connect_replication(&settings.conn).await?;
@@ -27,10 +44,58 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
     let facts = session::server_facts(&mut conn).await?;
     crate::preflight::check(&facts)?;
 
-    // 2. The repository and state directory: empty or this cluster's.
-    // A missing local directory is created; anything else that is not a
-    // repository directory is an error.
-    let mut repo = match Repository::open(&settings.repo_url, &settings.key_files, Create::No) {
+    // 2. The state directory and the repository: empty or this cluster's, writable.
+    let checked = check(settings, &identity).await?;
+    let repository_created = checked.existing.is_none();
+
+    // 3. Write: slot, repository metadata, state. A slot this run created
+    // is dropped again if the rest cannot be written.
+    let slot_created = session::ensure_slot(&mut conn, &settings.slot).await?;
+    conn.close().await;
+    let meta = match write(settings, checked, &identity, &facts).await {
+        Ok(meta) => meta,
+        Err(error) if slot_created => return Err(drop_new_slot(settings, error).await),
+        Err(error) => return Err(error),
+    };
+    let mut advice = crate::preflight::advice(&facts);
+    if (130000..170000).contains(&facts.server_version_num) && settings.read_changed_blocks {
+        // Without these grants incremental backups still work, reading every file.
+        if let Err(reason) = crate::backup::sql::session(settings, facts.server_version_num / 10000).await {
+            advice.push(format!(
+                "incremental backups will read every file from the server: {reason}; grant it (see the README) \
+                 so that they read only the changed blocks, or set read_changed_blocks = false"
+            ));
+        }
+    }
+    Ok(InitReport {
+        system_identifier: identity.system_identifier,
+        timeline: identity.timeline.0,
+        slot_created,
+        repository_created,
+        stream_start: meta.stream_start_lsn.to_string(),
+        advice,
+    })
+}
+
+/// Everything `init` checks before it writes: the state directory (this
+/// cluster's or new, and writable), then the repository (the same; a
+/// missing local directory is created, anything else that is not a
+/// repository directory is an error), its keys, and that a local one can
+/// be written.
+async fn check(settings: &Settings, identity: &Identity) -> anyhow::Result<Checked> {
+    let index_dir = settings.state_dir.join("index");
+    let prior_state = if index_dir.is_dir() { Index::open(&index_dir)?.meta()? } else { None };
+    if let Some(state) = &prior_state {
+        session::check_same_cluster(
+            &format!("state directory {}", settings.state_dir.display()),
+            &state.system_identifier,
+            &identity.system_identifier,
+        )?;
+    }
+    check_state_writable(&settings.state_dir, &index_dir)?;
+    // The key files before a missing repository directory is created for them.
+    tidemark_repo::store::read_key_files(&settings.key_files)?;
+    let repo = match Repository::open(&settings.repo_url, &settings.key_files, Create::No) {
         Err(RepoError::NoRepository(_)) => Repository::open(&settings.repo_url, &settings.key_files, Create::Yes)?,
         other => other?,
     };
@@ -53,19 +118,45 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
         None if settings.key_files.is_empty() => None,
         None => Some(crate::keys::new_encryption(&settings.key_files)?),
     };
-    let index_dir = settings.state_dir.join("index");
-    let prior_state = if index_dir.is_dir() { Index::open(&index_dir)?.meta()? } else { None };
-    if let Some(state) = &prior_state {
-        session::check_same_cluster(
-            &format!("state directory {}", settings.state_dir.display()),
-            &state.system_identifier,
-            &identity.system_identifier,
-        )?;
-    }
+    repo.check_local_writable().await?;
+    Ok(Checked { repo, existing, encryption, index_dir, prior_state })
+}
 
-    // 3. Write: slot, repository metadata, state.
-    let slot_created = session::ensure_slot(&mut conn, &settings.slot).await?;
-    conn.close().await;
+/// Whether the index can be made (or kept) under `state_dir`: the nearest
+/// directory on the way to it that exists takes a probe file, created
+/// exclusively and removed at once. Catches a directory of another user, a
+/// read-only mount, or a file in the way, before the slot exists.
+fn check_state_writable(state_dir: &Path, index_dir: &Path) -> Result<(), Fail> {
+    let fail = |why: String| {
+        Fail::new(
+            format!("cannot write state directory {}: {why}", state_dir.display()),
+            "point --state-dir at a directory this user can write (it is created if missing)",
+        )
+    };
+    let mut nearest = index_dir;
+    while std::fs::symlink_metadata(nearest).is_err() {
+        nearest = match nearest.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+    }
+    if !nearest.is_dir() {
+        return Err(fail(format!("{} is not a directory", nearest.display())));
+    }
+    let probe = nearest.join(format!(".tidemark-probe.{}", std::process::id()));
+    tidemark_repo::durable::create_exclusive(&probe).map_err(|e| fail(e.to_string()))?;
+    std::fs::remove_file(&probe).map_err(|e| fail(format!("remove {}: {e}", probe.display())))
+}
+
+/// Writes a new repository's metadata and the state directory's index;
+/// returns the state's metadata (where streaming starts).
+async fn write(
+    settings: &Settings,
+    checked: Checked,
+    identity: &Identity,
+    facts: &ServerFacts,
+) -> anyhow::Result<IndexMeta> {
+    let Checked { mut repo, existing, encryption, index_dir, prior_state } = checked;
     if existing.is_none() {
         let (format_version, encryption, keyring) = match encryption {
             Some((meta, keyring)) => (FORMAT_VERSION, Some(meta), Some(keyring)),
@@ -89,36 +180,37 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
         )
     })?;
     let index = Index::open(&index_dir)?;
-    let start = identity.xlogpos.segment_start(facts.wal_segment_size);
-    let meta = match prior_state {
-        Some(state) => state,
-        None => {
-            let meta = IndexMeta {
-                system_identifier: identity.system_identifier.clone(),
-                wal_segment_size: facts.wal_segment_size,
-                stream_start_timeline: identity.timeline,
-                stream_start_lsn: start,
-            };
-            index.put_meta(&meta)?;
-            meta
-        }
-    };
-    let mut advice = crate::preflight::advice(&facts);
-    if (130000..170000).contains(&facts.server_version_num) && settings.read_changed_blocks {
-        // Without these grants incremental backups still work, reading every file.
-        if let Err(reason) = crate::backup::sql::session(settings, facts.server_version_num / 10000).await {
-            advice.push(format!(
-                "incremental backups will read every file from the server: {reason}; grant it (see the README) \
-                 so that they read only the changed blocks, or set read_changed_blocks = false"
-            ));
-        }
+    if let Some(state) = prior_state {
+        return Ok(state);
     }
-    Ok(InitReport {
-        system_identifier: identity.system_identifier,
-        timeline: identity.timeline.0,
-        slot_created,
-        repository_created: existing.is_none(),
-        stream_start: meta.stream_start_lsn.to_string(),
-        advice,
-    })
+    let meta = IndexMeta {
+        system_identifier: identity.system_identifier.clone(),
+        wal_segment_size: facts.wal_segment_size,
+        stream_start_timeline: identity.timeline,
+        stream_start_lsn: identity.xlogpos.segment_start(facts.wal_segment_size),
+    };
+    index.put_meta(&meta)?;
+    Ok(meta)
+}
+
+/// Drops the slot this run created after `error` stopped the run, and
+/// returns the error to report: `error` itself, or, when the slot could
+/// not be dropped either, one that says so and how to drop it.
+async fn drop_new_slot(settings: &Settings, error: anyhow::Error) -> anyhow::Error {
+    let slot = &settings.slot;
+    let dropped = async {
+        let mut conn = session::connect_replication(&settings.conn).await?;
+        conn.simple_query(&format!("DROP_REPLICATION_SLOT \"{slot}\"")).await?;
+        conn.close().await;
+        anyhow::Ok(())
+    }
+    .await;
+    match dropped {
+        Ok(()) => error,
+        Err(drop_error) => Fail::new(
+            format!("{error:#}; and the replication slot {slot} this run created could not be dropped: {drop_error:#}"),
+            format!("drop it (SELECT pg_drop_replication_slot('{slot}')): it holds the server's WAL"),
+        )
+        .into(),
+    }
 }

@@ -11,13 +11,29 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tidemark_repo::Fail;
-use tokio::net::TcpListener;
-use tracing::{debug, info};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+/// How long a client may take to send a request's headers (also the wait
+/// for the next request on a kept-alive connection): a client that opens a
+/// connection and sends nothing is dropped after this.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections served at once; more are closed as soon as they are
+/// accepted. Scrapers and health checks need a handful; the cap bounds the
+/// descriptors and memory a flood of connections can take from the agent.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// The pause after a failed accept (out of descriptors, say): retrying at
+/// once would spin on the same error.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(500);
 
 /// Binds first (so a taken port fails `run` at startup with a clear line),
 /// then serves until the returned task is aborted.
@@ -30,23 +46,48 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<to
     })?;
     let bound = listener.local_addr().context("listening address")?;
     info!(address = %bound, "serving /metrics and /healthz");
-    Ok(tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request| {
-                    let metrics = metrics.clone();
-                    async move { Ok::<_, Infallible>(answer(&request, &metrics)) }
-                });
-                if let Err(e) =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
-                {
-                    debug!("metrics connection ended: {e}");
-                }
-            });
-        }
-    }))
+    Ok(tokio::spawn(accept_loop(listener, metrics)))
+}
+
+/// Accepts connections until aborted, each served on its own task while a
+/// permit lasts.
+async fn accept_loop(listener: TcpListener, metrics: Arc<Metrics>) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!("cannot accept a /metrics connection: {e}");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            debug!("{MAX_CONNECTIONS} /metrics connections open: one more closed at once");
+            drop(stream);
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, metrics).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_connection(stream: TcpStream, metrics: Arc<Metrics>) {
+    let service = hyper::service::service_fn(move |request| {
+        let metrics = metrics.clone();
+        async move { Ok::<_, Infallible>(answer(&request, &metrics)) }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(e) = served {
+        debug!("metrics connection ended: {e}");
+    }
 }
 
 fn answer(request: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {

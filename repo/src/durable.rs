@@ -35,6 +35,23 @@ pub fn fsync_file_and_dir(file: &Path) -> std::io::Result<()> {
     fsync_dir(parent_dir(file))
 }
 
+/// Creates a new file at `path` for writing, owner-only, with O_EXCL: never
+/// through a symlink someone left at that name, never into a file that is
+/// already there. Temporary names here carry our pid, so a file found there
+/// was left by a killed run whose pid came round again: it is removed (the
+/// entry itself, not what a symlink points to) and creation tried once more.
+pub fn create_exclusive(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let create = || std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
+    match create() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(path)?;
+            create()
+        }
+        other => other,
+    }
+}
+
 /// Writes `content` to `destination` through a temporary name beside it:
 /// write, (fsync), rename, (fsync the directory). A reader sees the old file
 /// or the whole new one, never a part.
@@ -43,14 +60,17 @@ pub fn write_atomically(destination: &Path, content: &[u8], durability: Durabili
     let file_name = destination
         .file_name()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "the destination has no file name"))?;
-    let temp = dir.join(format!(".{}.tidemark-tmp", file_name.to_string_lossy()));
-    let mut file = File::create(&temp)?;
-    file.write_all(content)?;
-    if durability == Durability::Fsync {
-        file.sync_all()?;
-    }
+    let temp = dir.join(format!(".{}.tidemark-tmp.{}", file_name.to_string_lossy(), std::process::id()));
+    let mut file = create_exclusive(&temp)?;
+    let written = file.write_all(content).and_then(|()| match durability {
+        Durability::Fsync => file.sync_all(),
+        Durability::PageCache => Ok(()),
+    });
     drop(file);
-    std::fs::rename(&temp, destination)?;
+    if let Err(e) = written.and_then(|()| std::fs::rename(&temp, destination)) {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e);
+    }
     if durability == Durability::Fsync {
         fsync_dir(dir)?;
     }
@@ -155,5 +175,22 @@ mod tests {
         remove_durably(&path).expect("removing a missing file is fine");
         assert!(!path.exists());
         assert!(write_atomically(Path::new("/"), b"x", Durability::Fsync).is_err(), "no file name");
+    }
+
+    #[test]
+    fn temporary_files_never_write_through_a_symlink() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").expect("write");
+        let destination = dir.path().join("RECOVERYXLOG");
+        let planted = dir.path().join(format!(".RECOVERYXLOG.tidemark-tmp.{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).expect("symlink");
+        write_atomically(&destination, b"segment", Durability::PageCache).expect("write");
+        assert_eq!(std::fs::read(&victim).expect("read"), b"precious", "the symlink's target is untouched");
+        assert_eq!(std::fs::read(&destination).expect("read"), b"segment");
+        assert!(!planted.exists() && std::fs::symlink_metadata(&planted).is_err(), "the planted link is gone");
+        let file = create_exclusive(&dir.path().join("new")).expect("create");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(file.metadata().expect("metadata").permissions().mode() & 0o777, 0o600);
     }
 }

@@ -51,6 +51,9 @@ pub enum RepoError {
     /// Key files: unreadable, malformed, wrong, missing, or given for a plain repository.
     #[error("{0}")]
     Keys(String),
+    /// A key file group or others may access: refused before it is used.
+    #[error("{0}")]
+    KeyFileExposed(String),
     /// A delete asked of a handle that must not delete (no_delete).
     #[error("refusing to delete {0}: this process runs with no_delete")]
     NoDelete(String),
@@ -88,6 +91,9 @@ impl RepoError {
             }
             RepoError::Keys(_) => {
                 "pass the repository's key files with --key-file (repeat it for keys of objects written before a rotation)"
+            }
+            RepoError::KeyFileExposed(_) => {
+                "make it private to the user that runs Tidemark (chmod 600 FILE), and treat a key others could read as exposed"
             }
             RepoError::NoDelete(_) => "deleting is left to `tidemark-agent expire`, run with credentials that may delete",
             RepoError::Store {

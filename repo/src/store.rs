@@ -55,17 +55,27 @@ pub enum Create {
     No,
 }
 
-/// Reads key files (`--key-file`), refusing unreadable or malformed ones.
+/// Reads key files (`--key-file`), refusing unreadable or malformed ones,
+/// and ones group or others may access (as libpq refuses such a
+/// `~/.pgpass`): a key others can read is no longer a secret, and a
+/// warning in a log nobody reads would not say so in time.
 pub fn read_key_files(paths: &[PathBuf]) -> Result<Vec<(String, KeyMaterial)>, RepoError> {
+    use std::io::Read;
     let mut out = Vec::with_capacity(paths.len());
     for path in paths {
         let name = path.display().to_string();
-        let contents = std::fs::read(path).map_err(|e| RepoError::Keys(format!("cannot read key file {name}: {e}")))?;
-        if let Ok(metadata) = std::fs::metadata(path) {
-            if metadata.permissions().mode() & 0o077 != 0 {
-                tracing::warn!("key file {name} can be read by others; chmod 0600 it");
-            }
+        let unreadable = |e: std::io::Error| RepoError::Keys(format!("cannot read key file {name}: {e}"));
+        let mut file = std::fs::File::open(path).map_err(unreadable)?;
+        // The mode of the file opened, so it cannot change between the check and the read.
+        let mode = file.metadata().map_err(unreadable)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(RepoError::KeyFileExposed(format!(
+                "key file {name} may be accessed by group or others (mode {:04o})",
+                mode & 0o7777
+            )));
         }
+        let mut contents = Vec::new();
+        file.read_to_end(&mut contents).map_err(unreadable)?;
         let material = KeyMaterial::parse(&contents).map_err(|e| {
             RepoError::Keys(format!("key file {name}: {e} (create a key with `tidemark-agent keygen PATH`)"))
         })?;

@@ -177,6 +177,24 @@ impl Repository {
         Ok(())
     }
 
+    /// For a local repository, whether this user can write its directory:
+    /// a probe file is created there exclusively and removed at once, so
+    /// `init` finds out before it creates anything. A remote store is not
+    /// probed: a probe object would need a delete, which the roles without
+    /// one cannot make (`init` then undoes what it did when the write fails).
+    pub async fn check_local_writable(&self) -> Result<(), RepoError> {
+        let Some(root) = self.local_root.clone() else { return Ok(()) };
+        let probe = root.join(format!(".tidemark-probe.{}", std::process::id()));
+        let display = self.display.clone();
+        let probed = tokio::task::spawn_blocking(move || {
+            crate::durable::create_exclusive(&probe)?;
+            std::fs::remove_file(&probe)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        probed.map_err(|source| RepoError::Local { context: format!("cannot write repository {display}"), source })
+    }
+
     pub async fn write_meta(&self, meta: &RepositoryMeta) -> Result<(), RepoError> {
         let json = meta.to_json().map_err(|e| RepoError::corrupt(META_KEY, format!("cannot be written: {e}")))?;
         self.put_stored(META_KEY, json).await

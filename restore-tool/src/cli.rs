@@ -16,7 +16,8 @@ use tidemark_repo::{redact_url, Create, Fail, Repository};
 #[derive(Parser, Debug)]
 #[command(name = "tidemark-restore", version, about = "Restores PostgreSQL from a Tidemark repository")]
 struct Args {
-    /// TOML config file (default ./tidemark.toml if it exists); only `repo` is read from it.
+    /// TOML config file (default ./tidemark.toml if it exists); only `repo`
+    /// and `key_files` are read from it.
     #[arg(long, global = true, env = "TIDEMARK_CONFIG")]
     config: Option<PathBuf>,
     /// Repository URL: file:///path (default ./tidemark-repo) or s3://bucket/prefix.
@@ -432,29 +433,43 @@ fn hint_for(error: &anyhow::Error) -> String {
     "see the message; `tidemark-restore --help` lists the options".into()
 }
 
-fn repo_url(args: &Args) -> Result<String, Fail> {
-    if let Some(repo) = &args.repo {
-        return Ok(repo.clone());
+/// The repository URL and its key files: flags and variables first, else
+/// `repo` and `key_files` from the config file (the agent's `tidemark.toml`,
+/// so one file serves both programs), else `./tidemark-repo`, no keys.
+fn repository_settings(args: &Args) -> Result<(String, Vec<PathBuf>), Fail> {
+    if let (Some(repo), false) = (&args.repo, args.key_files.is_empty()) {
+        return Ok((repo.clone(), args.key_files.clone()));
     }
     let (path, explicit) = match &args.config {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from("tidemark.toml"), false),
     };
-    let fail = |message: String| Fail::new(message, "fix --config or pass --repo");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let table: toml::Table =
-                text.parse().map_err(|e| fail(format!("config file {} is invalid: {e}", path.display())))?;
-            Ok(table.get("repo").and_then(|v| v.as_str()).unwrap_or("./tidemark-repo").to_string())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok("./tidemark-repo".into()),
-        Err(e) => Err(fail(format!("cannot read config file {}: {e}", path.display()))),
+    let fail = |message: String| Fail::new(message, "fix --config or pass --repo and --key-file");
+    let table: toml::Table = match std::fs::read_to_string(&path) {
+        Ok(text) => text.parse().map_err(|e| fail(format!("config file {} is invalid: {e}", path.display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => toml::Table::new(),
+        Err(e) => return Err(fail(format!("cannot read config file {}: {e}", path.display()))),
+    };
+    let repo = match &args.repo {
+        Some(repo) => repo.clone(),
+        None => table.get("repo").and_then(|v| v.as_str()).unwrap_or("./tidemark-repo").to_string(),
+    };
+    if !args.key_files.is_empty() {
+        return Ok((repo, args.key_files.clone()));
     }
+    let key_files = match table.get("key_files") {
+        None => Vec::new(),
+        Some(value) => value
+            .as_array()
+            .and_then(|paths| paths.iter().map(|p| p.as_str().map(PathBuf::from)).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| fail(format!("key_files in config file {} is not a list of paths", path.display())))?,
+    };
+    Ok((repo, key_files))
 }
 
 async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
-    let url = repo_url(&args)?;
-    let open = || Repository::open(&url, &args.key_files, Create::No);
+    let (url, key_files) = repository_settings(&args)?;
+    let open = || Repository::open(&url, &key_files, Create::No);
     match args.command {
         // On SIGINT/SIGTERM the work is dropped, and with it the scratch
         // restore (its server stopped, its directory removed).

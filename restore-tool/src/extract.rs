@@ -203,10 +203,16 @@ async fn write_file(
         std::process::id()
     ));
     let mut file = std::io::BufWriter::new(
-        std::fs::File::create(&temporary).with_context(|| format!("create {}", temporary.display()))?,
+        tidemark_repo::durable::create_exclusive(&temporary)
+            .with_context(|| format!("create {}", temporary.display()))?,
     );
     let written = async {
         let mut extracted = Extracted::default();
+        if format != Format::Csv {
+            // The file is UTF-8 (the scratch session's encoding): psql must
+            // read it as such, whatever PGCLIENTENCODING says.
+            writeln!(file, "SET client_encoding = 'UTF8';")?;
+        }
         if format == Format::Sql {
             writeln!(file, "BEGIN;")?;
         }

@@ -589,8 +589,12 @@ fn wal_staging_dir(pgdata: &Path) -> anyhow::Result<PathBuf> {
     Ok(dir.canonicalize()?)
 }
 
+/// A value for postgresql.auto.conf. PostgreSQL's configuration parser
+/// reads backslash escapes inside quotes (`\'`, `\\`, `\n`), so a
+/// backslash is doubled as well as a quote: a restore point name or path
+/// ending in `\` would otherwise escape the closing quote.
 fn quote(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 /// An absolute repository URL: the server runs restore_command in the data directory.
@@ -880,7 +884,15 @@ pub(crate) async fn probe_recovery(pgdata: &Path, port: u16) -> Result<Option<Re
 
 #[cfg(test)]
 mod tests {
-    use super::command_word;
+    use super::{command_word, quote};
+
+    #[test]
+    fn settings_escape_backslashes_and_quotes() {
+        assert_eq!(quote("plain"), "'plain'");
+        assert_eq!(quote(r"it's a \"), r"'it''s a \\'");
+        // A restore_command word holding a quote carries a backslash too.
+        assert_eq!(quote(&command_word("/srv/it's")), r"'''/srv/it''\\''''s'''");
+    }
 
     #[test]
     fn restore_command_words_survive_quotes_and_percent_signs() {

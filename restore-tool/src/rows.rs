@@ -53,7 +53,26 @@ pub fn quote_ident(name: &str) -> String {
 pub fn literal(value: &Option<String>, column: &Column) -> String {
     match value {
         None => "NULL".to_string(),
-        Some(text) => format!("'{}'::{}", text.replace('\'', "''"), column.type_sql),
+        Some(text) => format!("{}::{}", string_literal(text), column.type_sql),
+    }
+}
+
+/// A string constant that means `text` on any server, whatever its
+/// `standard_conforming_strings`: with it off, a backslash in `'...'`
+/// escapes what follows (a value ending in `\` would swallow the closing
+/// quote and turn the next value into SQL). Text holding a backslash is
+/// therefore written as an escape string, `E'...'`, where backslashes are
+/// always escapes and are doubled; other text as `'...'`, which reads the
+/// same under both settings. Quotes are doubled in both. (This holds in
+/// client encodings where `\` and `'` are never part of a multibyte
+/// character, such as UTF-8, which tokio-postgres sessions use and
+/// extract's SQL files set.)
+pub fn string_literal(text: &str) -> String {
+    let quoted = text.replace('\'', "''");
+    if text.contains('\\') {
+        format!("E'{}'", quoted.replace('\\', "\\\\"))
+    } else {
+        format!("'{quoted}'")
     }
 }
 
@@ -302,5 +321,16 @@ mod tests {
         assert!(t.key_condition(&row).starts_with("\"id\" IS NOT DISTINCT FROM 'a'::text AND \"status\" IS NULL"));
         assert!(t.delete_sql(&row).starts_with("DELETE FROM public.\"AttendanceRecord\" WHERE ctid = (SELECT ctid"));
         assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+    }
+
+    #[test]
+    fn backslashes_make_escape_strings_that_read_the_same_on_any_server() {
+        assert_eq!(string_literal("plain"), "'plain'");
+        assert_eq!(string_literal("it's"), "'it''s'");
+        assert_eq!(string_literal("ends in \\"), "E'ends in \\\\'");
+        assert_eq!(string_literal("\\'; DROP TABLE t; --"), "E'\\\\''; DROP TABLE t; --'");
+        let t = table(KeyKind::Primary);
+        let row: Values = vec![Some("k\\".into()), Some("late".into()), None, None];
+        assert_eq!(t.delete_sql(&row), "DELETE FROM public.\"AttendanceRecord\" WHERE \"id\" = E'k\\\\'::text;");
     }
 }

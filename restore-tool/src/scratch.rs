@@ -97,7 +97,7 @@ impl Scratch {
         Ok(scratch)
     }
 
-    /// A session on `database` with the canonical output style.
+    /// A read-only session on `database` with the canonical output style.
     pub async fn connect(&self, database: &str) -> anyhow::Result<Client> {
         let (client, connection) = tokio_postgres::Config::new()
             .host_path(&self.pgdata)
@@ -109,6 +109,13 @@ impl Scratch {
             .with_context(|| format!("connect to database {database:?} of the scratch restore"))?;
         tokio::spawn(connection);
         crate::rows::canonical_session(&client).await?;
+        // Only reads happen here, and `--where` runs the user's SQL: a copy
+        // that promoted (--latest) would otherwise accept writes and
+        // functions with side effects.
+        client
+            .batch_execute("SET default_transaction_read_only = on")
+            .await
+            .context("make the scratch session read-only")?;
         Ok(client)
     }
 

@@ -8,10 +8,11 @@ use anyhow::Context;
 use rocksdb::{WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use tidemark_proto::wal::summary::{Assembler, SegmentSummary};
 use tidemark_proto::TimelineId;
+use tidemark_repo::Fail;
 
 /// The cache's layout; a cache of another version is rebuilt.
 pub(super) const CACHE_VERSION: u32 = 2;
@@ -31,8 +32,8 @@ pub(super) struct CacheState {
 }
 
 fn writable(dir: &Path) -> bool {
-    let probe = dir.join(".tidemark-probe");
-    let ok = std::fs::write(&probe, b"").is_ok();
+    let probe = dir.join(format!(".tidemark-probe.{}", std::process::id()));
+    let ok = tidemark_repo::durable::create_exclusive(&probe).is_ok();
     let _ = std::fs::remove_file(probe);
     ok
 }
@@ -66,6 +67,17 @@ pub(super) fn cache_dir(given: Option<&Path>, system_identifier: &str) -> anyhow
         .mode(0o700)
         .create(&tmp)
         .with_context(|| format!("create audit cache {}", tmp.display()))?;
+    // The name is predictable: a directory (or link) someone else put
+    // there first would let them feed this cache.
+    let ours = std::fs::symlink_metadata(&tmp)
+        .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.permissions().mode() & 0o077 == 0);
+    if !ours {
+        return Err(Fail::new(
+            format!("{} is not a private directory of this user", tmp.display()),
+            "pass --cache-dir (or TIDEMARK_CACHE_DIR) naming a directory of your own",
+        )
+        .into());
+    }
     Ok(tmp)
 }
 

@@ -143,3 +143,49 @@ fn read_only_spool_directory() {
     assert_fails(&agent.run_command(&["run"]), "Read-only file system", "writable");
     assert!(empty_or_absent(&agent.repo.join("wal")));
 }
+
+/// `init` that cannot write its state directory or its repository leaves no
+/// replication slot behind (one nobody streams from would hold the
+/// server's WAL until its disk fills) and writes nothing: a local directory
+/// is found unwritable before the slot is made; an S3 repository whose
+/// credentials may only read fails after it, and the slot is dropped again.
+#[test]
+fn init_that_cannot_write_leaves_no_slot() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    let slots = || cluster.psql("SELECT count(*) FROM pg_replication_slots");
+    let base = cluster.dir.path();
+
+    let state = base.join("ro-state");
+    let state_mount = Mount::tmpfs(&state, "4m");
+    state_mount.remount_read_only();
+    let mut agent = AgentSetup::new(&base.join("a"), cluster.url("postgres"));
+    agent.state_dir = state.join("agent");
+    assert_fails(&agent.run_command(&["init"]), "cannot write state directory", "--state-dir");
+    assert_eq!(slots(), "0");
+    assert!(!agent.repo.exists() && !agent.state_dir.exists());
+
+    let repo = base.join("ro-repo");
+    let repo_mount = Mount::tmpfs(&repo, "4m");
+    repo_mount.remount_read_only();
+    let mut agent = AgentSetup::new(&base.join("b"), cluster.url("postgres"));
+    agent.repo = repo.clone();
+    assert_fails(&agent.run_command(&["init"]), "cannot write repository", "permissions of the repository");
+    assert_eq!(slots(), "0");
+    assert!(!agent.state_dir.exists());
+
+    let moto = tidemark_tests::moto::MotoServer::start();
+    let mut agent = AgentSetup::new(&base.join("c"), cluster.url("postgres"));
+    agent.url = Some(moto.url("prod"));
+    agent.env.extend(moto.env("readonly"));
+    // (The store's own answer, quoted in the message, spans lines: its XML body.)
+    let output = agent.run_command(&["init"]);
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(text.contains("repository.json") && text.contains("\nhint: these credentials may not"), "{text}");
+    assert_eq!(slots(), "0", "the slot init created was dropped again");
+    assert!(!agent.state_dir.exists());
+    // With credentials that may write, the same init succeeds.
+    agent.env.extend(moto.env("dba"));
+    agent.init();
+    assert_eq!(slots(), "1");
+}

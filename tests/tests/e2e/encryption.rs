@@ -263,6 +263,20 @@ fn a_passphrase_repository_refuses_a_wrong_passphrase() {
     std::fs::write(&wrong, "correct horse battery stapler\n").expect("write");
     let mut agent = setup(&cluster, "phrase");
     agent.key_files = vec![right.clone()];
+    // A key file others may read is refused with one line, before anything is written.
+    std::fs::set_permissions(&right, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let output = agent.run_command(&["init"]);
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "one error line and one hint:\n{text}");
+    assert!(lines[0].starts_with("tidemark-agent: error: key file ") && lines[0].contains("(mode 0644)"), "{text}");
+    assert!(lines[1].starts_with("hint: ") && lines[1].contains("chmod 600"), "{text}");
+    assert!(!agent.repo.exists() && !agent.state_dir.exists(), "nothing written");
+    assert_eq!(cluster.psql("SELECT count(*) FROM pg_replication_slots"), "0");
+    for key in [&right, &wrong] {
+        std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
     agent.init();
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(agent.repo.join("repository.json")).expect("meta")).expect("json");
@@ -281,6 +295,20 @@ fn a_passphrase_repository_refuses_a_wrong_passphrase() {
     let (restored, _) = restorer.restore_and_start(&["--latest"]);
     assert_eq!(rows(&restored), rows(&cluster));
     drop(restored);
+    // tidemark-restore takes key_files from tidemark.toml, as the agent does,
+    // and refuses an exposed one in the same words.
+    let config = keys.path().join("tidemark.toml");
+    std::fs::write(&config, format!("key_files = [{:?}]\n", right.display().to_string())).expect("config");
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut configured = agent.clone();
+    configured.key_files.clear();
+    configured.env.push(("TIDEMARK_CONFIG".into(), config.display().to_string()));
+    let configured = Restorer::new(&configured, keys.path());
+    let output = configured.run(&["list", "--json"]);
+    assert!(output.status.success(), "list with key_files from tidemark.toml: {}", stderr(&output));
+    std::fs::set_permissions(&right, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    configured.refused(&["list"], "(mode 0640)");
+    std::fs::set_permissions(&right, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let mut mistyped = agent.clone();
     mistyped.key_files = vec![wrong];
     let output = Restorer::new(&mistyped, keys.path()).run(&["list"]);

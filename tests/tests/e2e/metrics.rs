@@ -263,3 +263,102 @@ fn systemd_hears_ready_watchdog_and_stopping() {
     }
     assert!(stopping, "STOPPING=1 at shutdown; heard {heard:?}");
 }
+
+/// Whether the peer closed `stream` (end of file or a reset) within its
+/// read timeout; any bytes it sent first (an error response) are read past.
+fn closed_by_peer(stream: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let mut buffer = [0u8; 1024];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+/// Clients that hold connections cannot take `/metrics` away: one that
+/// opens a connection and sends nothing is dropped after the header
+/// timeout, one past the connection cap is closed at once, and /metrics
+/// answers beside them and after them; a failing accept does not spin.
+#[test]
+fn idle_and_surplus_connections_are_dropped_while_metrics_answers() {
+    use std::net::TcpStream;
+    use std::time::Instant;
+    // The agent's HEADER_READ_TIMEOUT and MAX_CONNECTIONS (agent/src/listen.rs).
+    const TIMEOUT: Duration = Duration::from_secs(10);
+    const CAP: usize = 32;
+    let cluster = Cluster::start(ClusterOptions::default());
+    let mut agent = AgentSetup::new(cluster.dir.path(), cluster.url("postgres"));
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
+    agent.env.push(("TIDEMARK_LISTEN".into(), addr.to_string()));
+    agent.init();
+    let mut running = agent.spawn();
+    wait_health(addr, 200, "\"healthy\":true");
+
+    // One short of the cap, idle: /metrics answers beside them.
+    let opened = Instant::now();
+    let mut idle: Vec<TcpStream> = (0..CAP - 1).map(|_| TcpStream::connect(addr).expect("connect")).collect();
+    metrics(addr);
+    // That request's connection gives its permit back just after closing.
+    std::thread::sleep(Duration::from_millis(300));
+    // The cap reached: a connection past it is closed at once (the listener
+    // accepts in order, so the idle ones hold every permit by then).
+    idle.push(TcpStream::connect(addr).expect("connect"));
+    let mut surplus = TcpStream::connect(addr).expect("connect");
+    surplus.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let asked = Instant::now();
+    assert!(closed_by_peer(&mut surplus), "a connection past the cap was kept");
+    assert!(asked.elapsed() < Duration::from_secs(3), "closed after {:?}", asked.elapsed());
+
+    // The idle ones are dropped once the header timeout has passed, not before.
+    for stream in &mut idle {
+        stream.set_read_timeout(Some(TIMEOUT + Duration::from_secs(20))).expect("timeout");
+        assert!(closed_by_peer(stream), "an idle connection was kept past the header timeout");
+    }
+    let dropped_after = opened.elapsed();
+    assert!(dropped_after >= TIMEOUT - Duration::from_secs(1), "dropped after only {dropped_after:?}");
+    assert!(dropped_after < TIMEOUT + Duration::from_secs(15), "dropped after {dropped_after:?}");
+    // /metrics answers again, and the agent streamed on throughout.
+    assert_eq!(value(addr, "tidemark_server_connected"), 1.0);
+    assert!(running.is_running(), "{}", running.log_text());
+
+    // Out of descriptors (a soft limit below every free one), the accept
+    // that fails is retried after a pause, not in a loop burning a core.
+    let pid = running.pid();
+    let limit = |soft: &str| {
+        let status = Command::new("prlimit")
+            .arg(format!("--pid={pid}"))
+            .arg(format!("--nofile={soft}:"))
+            .status()
+            .expect("run prlimit");
+        assert!(status.success(), "prlimit");
+    };
+    let soft_before = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .expect("limits")
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
+        .expect("the soft limit of open files");
+    limit("3");
+    let _waiting = TcpStream::connect(addr).expect("connect (the kernel queues it)");
+    let cpu_before = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_seconds(pid) - cpu_before;
+    limit(&soft_before);
+    assert!(used < 1.0, "the agent used {used:.2} s of CPU in 3 s while it could not accept");
+    assert!(running.log_text().contains("cannot accept a /metrics connection"), "{}", running.log_text());
+    metrics(addr);
+    assert!(running.stop(), "the agent stops cleanly");
+}
+
+/// CPU time (user and system) process `pid` has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')').expect("comm").1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}

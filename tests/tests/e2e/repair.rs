@@ -366,3 +366,101 @@ fn repair_undoes_one_transaction_and_leaves_later_work() {
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(cluster.psql("SELECT b FROM nokey"), "x");
 }
+
+/// Values PostgreSQL's escape syntax would misread: a backslash at the end
+/// of a value, a key ending in one, a quote after one, and a value that,
+/// were the backslash before it taken as an escape, would end the INSERT
+/// and drop `canary`.
+const QUIRKS: &str = r#"
+CREATE TABLE canary (x int);
+CREATE SEQUENCE quirk_seq;
+CREATE TABLE quirk (id text PRIMARY KEY, a text, b text);
+INSERT INTO quirk VALUES
+    ($$q1$$, $$\$$, $$, NULL);DROP TABLE canary;--$$),
+    ($$q2\$$, $$it's\$$, $$\'$$),
+    ($$q3$$, $$\\ two$$, NULL);
+"#;
+
+#[test]
+fn backslashes_round_trip_on_a_server_without_standard_conforming_strings() {
+    let conf = vec!["standard_conforming_strings = off".to_string()];
+    let cluster = Cluster::start(ClusterOptions { conf, ..Default::default() });
+    cluster.psql_file(QUIRKS);
+    let agent = AgentSetup::init_as_pg_user(&cluster.dir.path().join("agent"), cluster.url("postgres"));
+    let _running = agent.spawn();
+    let output = agent.run_command(&["backup"]);
+    assert!(output.status.success(), "backup: {}", stderr(&output));
+    let before = rows(&cluster, "quirk");
+    assert_eq!(before.len(), 3, "{before:?}");
+    assert!(before["q1"].contains(r#""\\""#), "{before:?}");
+    let (restorer, dir, cache) = restorer(&agent, &cluster);
+    let into = cluster.url("postgres");
+
+    // repair --apply writes the old values (and finds the rows by keys) with backslashes.
+    let bad = transaction(&cluster, "UPDATE quirk SET a = 'changed', b = 'changed';");
+    archive_all(&cluster, &agent);
+    let output = restorer.run(&["repair", "--xid", &bad, "--apply", "--into", &into, "--cache-dir", &cache]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("0 rows inserted back, 3 updated back, 0 deleted"));
+    assert_eq!(rows(&cluster, "quirk"), before, "repair put the values back unchanged");
+
+    // extract --into inserts them (a restore point named with a backslash and quotes marks this state).
+    let point = r"before 'quirks' \";
+    cluster.psql(&format!("SELECT pg_create_restore_point($${point}$$)"));
+    let deleted = transaction(&cluster, "DELETE FROM quirk;");
+    archive_all(&cluster, &agent);
+    let output = restorer.run(&[
+        "extract",
+        "--table",
+        "quirk",
+        "--before-xid",
+        &deleted,
+        "--into",
+        &into,
+        "--cache-dir",
+        &cache,
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(rows(&cluster, "quirk"), before, "extract --into inserted the values unchanged");
+
+    // --format sql, restored to the restore point (its name goes into
+    // postgresql.auto.conf), and the file run by psql on this server.
+    let sql = dir.path().join("quirk.sql");
+    let output = restorer.run(&[
+        "extract",
+        "--table",
+        "quirk",
+        "--name",
+        point,
+        "--to",
+        sql.to_str().expect("utf-8"),
+        "--format",
+        "sql",
+        "--cache-dir",
+        &cache,
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    cluster.psql("DELETE FROM quirk");
+    cluster.psql_file(&std::fs::read_to_string(&sql).expect("the SQL file"));
+    assert_eq!(rows(&cluster, "quirk"), before, "the SQL file inserted the values unchanged");
+    assert_eq!(cluster.psql("SELECT count(*) FROM canary"), "0", "the canary table is still there");
+
+    // --where runs read-only, even on a scratch copy that promoted (--latest);
+    // the rows just loaded are archived, so the condition is evaluated.
+    archive_all(&cluster, &agent);
+    let output = restorer.run(&[
+        "extract",
+        "--table",
+        "quirk",
+        "--latest",
+        "--where",
+        "nextval('quirk_seq') > 0",
+        "--to",
+        dir.path().join("seq.csv").to_str().expect("utf-8"),
+        "--cache-dir",
+        &cache,
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("read-only transaction"), "{}", stderr(&output));
+    assert!(!dir.path().join("seq.csv").exists(), "nothing written");
+}
