@@ -6,7 +6,9 @@ use crate::config::Settings;
 use crate::index::{Index, IndexMeta};
 use crate::pg::session;
 use std::os::unix::fs::DirBuilderExt;
+use std::sync::Arc;
 use tidemark_proto::repo::layout::{RepositoryMeta, FORMAT_VERSION, FORMAT_VERSION_PLAIN};
+use tidemark_proto::repo::seal::Keyring;
 use tidemark_repo::Fail;
 use tidemark_repo::{Create, RepoError, Repository};
 
@@ -20,6 +22,13 @@ pub struct InitReport {
     pub advice: Vec<String>,
 }
 
+/// A new encrypted repository's id: 16 random bytes, hex.
+fn random_repository_id() -> anyhow::Result<String> {
+    let mut id = [0u8; 16];
+    getrandom::getrandom(&mut id).map_err(|e| anyhow::anyhow!("draw a random repository id: {e}"))?;
+    Ok(tidemark_proto::repo::seal::hex_encode(&id))
+}
+
 pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
     // 1. The server: reachable, allowed to replicate, configured for it.
     let mut conn = session::connect_replication(&settings.conn).await?;
@@ -30,10 +39,11 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
     // 2. The repository and state directory: empty or this cluster's.
     // A missing local directory is created; anything else that is not a
     // repository directory is an error.
-    let mut repo = match Repository::open(&settings.repo_url, &settings.key_files, Create::No) {
+    let repo = match Repository::open(&settings.repo_url, &settings.key_files, Create::No) {
         Err(RepoError::NoRepository(_)) => Repository::open(&settings.repo_url, &settings.key_files, Create::Yes)?,
         other => other?,
-    };
+    }
+    .remembering(settings.repo_memory_file());
     let existing = repo.read_meta().await?;
     if let Some(meta) = &existing {
         session::check_same_cluster(
@@ -66,21 +76,32 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
     // 3. Write: slot, repository metadata, state.
     let slot_created = session::ensure_slot(&mut conn, &settings.slot).await?;
     conn.close().await;
-    if existing.is_none() {
-        let (format_version, encryption, keyring) = match encryption {
-            Some((meta, keyring)) => (FORMAT_VERSION, Some(meta), Some(keyring)),
-            None => (FORMAT_VERSION_PLAIN, None, None),
-        };
-        repo = repo.with_keyring(keyring);
-        repo.write_meta(&RepositoryMeta {
-            format_version,
-            system_identifier: identity.system_identifier.clone(),
-            wal_segment_size: facts.wal_segment_size,
-            server_version_num: facts.server_version_num,
-            created_at: crate::clock::now_rfc3339(),
-            encryption,
-        })
-        .await?;
+    let repository_created = existing.is_none();
+    match existing {
+        // An encrypted repository of the older form gets its id and tags.
+        Some(meta) => {
+            repo.upgrade_if_older(meta).await?;
+        }
+        None => {
+            let (format_version, encryption, keyring, repository_id) = match encryption {
+                Some((meta, keyring)) => (FORMAT_VERSION, Some(meta), Some(keyring), Some(random_repository_id()?)),
+                None => (FORMAT_VERSION_PLAIN, None, None, None),
+            };
+            let mut meta = RepositoryMeta {
+                format_version,
+                system_identifier: identity.system_identifier.clone(),
+                wal_segment_size: facts.wal_segment_size,
+                server_version_num: facts.server_version_num,
+                created_at: crate::clock::now_rfc3339(),
+                encryption,
+                repository_id,
+                tags: Vec::new(),
+            };
+            // Objects are bound to the id from the first one on.
+            let keyring = keyring.map(|k| Arc::new(Keyring { binding: meta.binding(), ..k.as_ref().clone() }));
+            let repo = repo.with_keyring(keyring);
+            repo.write_signed_meta(&mut meta, &[]).await?;
+        }
     }
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&index_dir).map_err(|e| {
         Fail::new(
@@ -117,7 +138,7 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
         system_identifier: identity.system_identifier,
         timeline: identity.timeline.0,
         slot_created,
-        repository_created: existing.is_none(),
+        repository_created,
         stream_start: meta.stream_start_lsn.to_string(),
         advice,
     })

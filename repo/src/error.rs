@@ -51,6 +51,9 @@ pub enum RepoError {
     /// Key files: unreadable, malformed, wrong, missing, or given for a plain repository.
     #[error("{0}")]
     Keys(String),
+    /// `repository.json` altered, rolled back, or signed by no key given.
+    #[error("repository {0}")]
+    Metadata(String),
     /// A delete asked of a handle that must not delete (no_delete).
     #[error("refusing to delete {0}: this process runs with no_delete")]
     NoDelete(String),
@@ -88,6 +91,9 @@ impl RepoError {
             }
             RepoError::Keys(_) => {
                 "pass the repository's key files with --key-file (repeat it for keys of objects written before a rotation)"
+            }
+            RepoError::Metadata(_) => {
+                "put back the repository's own newest repository.json (from a copy); pass the current key's file too if it was not given"
             }
             RepoError::NoDelete(_) => "deleting is left to `tidemark-agent expire`, run with credentials that may delete",
             RepoError::Store {

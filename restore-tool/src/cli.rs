@@ -439,7 +439,9 @@ fn repo_url(args: &Args) -> Result<String, Fail> {
 
 async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
     let url = repo_url(&args)?;
-    let open = || Repository::open(&url, &args.key_files, Create::No);
+    // Remembering the repository's keys refuses a repository.json put back
+    // from an older copy (see tidemark_repo::trust).
+    let open = || Repository::open(&url, &args.key_files, Create::No).map(Repository::remembering_for_user);
     match args.command {
         // On SIGINT/SIGTERM the work is dropped, and with it the scratch
         // restore (its server stopped, its directory removed).

@@ -17,6 +17,7 @@ mod drill;
 mod encryption;
 mod failover;
 mod incremental;
+mod metadata;
 mod metrics;
 mod object_store;
 mod progress;
