@@ -5,8 +5,10 @@
 use crate::config::Settings;
 use crate::index::{Index, IndexMeta};
 use crate::pg::session;
+use crate::preflight::ServerFacts;
 use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
+use tidemark_proto::repo::layout::EncryptionMeta;
 use tidemark_proto::repo::layout::{RepositoryMeta, FORMAT_VERSION, FORMAT_VERSION_PLAIN};
 use tidemark_proto::repo::seal::Keyring;
 use tidemark_repo::Fail;
@@ -20,6 +22,34 @@ pub struct InitReport {
     pub stream_start: String,
     /// What would make Tidemark cheaper on this server (`preflight::advice`).
     pub advice: Vec<String>,
+}
+
+/// Writes a new repository's `repository.json` (signed, when encrypted).
+async fn create_repository(
+    repo: Repository,
+    encryption: Option<(EncryptionMeta, Arc<Keyring>)>,
+    system_identifier: &str,
+    facts: &ServerFacts,
+) -> anyhow::Result<()> {
+    let (format_version, encryption, keyring, repository_id) = match encryption {
+        Some((meta, keyring)) => (FORMAT_VERSION, Some(meta), Some(keyring), Some(random_repository_id()?)),
+        None => (FORMAT_VERSION_PLAIN, None, None, None),
+    };
+    let mut meta = RepositoryMeta {
+        format_version,
+        system_identifier: system_identifier.to_string(),
+        wal_segment_size: facts.wal_segment_size,
+        server_version_num: facts.server_version_num,
+        created_at: crate::clock::now_rfc3339(),
+        encryption,
+        repository_id,
+        tags: Vec::new(),
+    };
+    // Objects are bound to the id from the first one on.
+    let keyring = keyring.map(|k| Arc::new(Keyring { binding: meta.binding(), ..k.as_ref().clone() }));
+    let repo = repo.with_keyring(keyring);
+    repo.write_signed_meta(&mut meta, &[]).await?;
+    Ok(())
 }
 
 /// A new encrypted repository's id: 16 random bytes, hex.
@@ -82,26 +112,7 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
         Some(meta) => {
             repo.upgrade_if_older(meta).await?;
         }
-        None => {
-            let (format_version, encryption, keyring, repository_id) = match encryption {
-                Some((meta, keyring)) => (FORMAT_VERSION, Some(meta), Some(keyring), Some(random_repository_id()?)),
-                None => (FORMAT_VERSION_PLAIN, None, None, None),
-            };
-            let mut meta = RepositoryMeta {
-                format_version,
-                system_identifier: identity.system_identifier.clone(),
-                wal_segment_size: facts.wal_segment_size,
-                server_version_num: facts.server_version_num,
-                created_at: crate::clock::now_rfc3339(),
-                encryption,
-                repository_id,
-                tags: Vec::new(),
-            };
-            // Objects are bound to the id from the first one on.
-            let keyring = keyring.map(|k| Arc::new(Keyring { binding: meta.binding(), ..k.as_ref().clone() }));
-            let repo = repo.with_keyring(keyring);
-            repo.write_signed_meta(&mut meta, &[]).await?;
-        }
+        None => create_repository(repo, encryption, &identity.system_identifier, &facts).await?,
     }
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&index_dir).map_err(|e| {
         Fail::new(

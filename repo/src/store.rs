@@ -567,8 +567,11 @@ mod tests {
         std::fs::write(root.join(old_key), sealed).expect("object");
         let url = root.to_str().expect("utf-8").to_string();
         let memory = dir.path().join("state/known-repository.json");
-        let open =
-            || Repository::open(&url, &[key_file.clone()], Create::No).expect("open").remembering(memory.clone());
+        let open = || {
+            Repository::open(&url, std::slice::from_ref(&key_file), Create::No)
+                .expect("open")
+                .remembering(memory.clone())
+        };
 
         // A reader: read as it is, nothing rewritten.
         let (reader, meta) = open().initialized(false).await.expect("the older form opens");

@@ -377,14 +377,14 @@ mod tests {
         let legacy = encrypted(&[old.clone(), new.clone()]);
         let read = RepositoryMeta::from_json(&legacy.to_json().expect("json")).expect("legacy form");
         assert!(read.is_unauthenticated() && read.binding().is_none());
-        assert_eq!(read.authenticate(&[new.clone()]), Ok(()), "nothing to check in the older form");
+        assert_eq!(read.authenticate(std::slice::from_ref(&new)), Ok(()), "nothing to check in the older form");
 
         let mut upgraded = read;
         upgraded.upgrade("ab".repeat(16));
-        upgraded.sign(&[new.clone()]).expect("sign");
+        upgraded.sign(std::slice::from_ref(&new)).expect("sign");
         let read = RepositoryMeta::from_json(&upgraded.to_json().expect("json")).expect("format 3");
         assert_eq!(read.format_version, FORMAT_VERSION);
-        assert_eq!(read.authenticate(&[new.clone()]), Ok(()));
+        assert_eq!(read.authenticate(std::slice::from_ref(&new)), Ok(()));
         assert!(read.binding().is_some_and(|b| b.accept_unbound), "older objects stay readable");
 
         // Edits: rolled back to the older key, a higher KDF cost, the tags
