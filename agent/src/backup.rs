@@ -467,7 +467,7 @@ async fn expire_after_backup(settings: &Settings, metrics: &crate::metrics::Metr
 }
 
 async fn next_backup_delay(settings: &Settings, interval: std::time::Duration) -> anyhow::Result<std::time::Duration> {
-    let (repo, _) = Repository::open_initialized(&settings.repo_url, &settings.key_files, false).await?;
+    let (repo, _) = settings.open_initialized(false).await?;
     let Some(newest) = catalog::complete_backups(&repo).await?.pop() else { return Ok(std::time::Duration::ZERO) };
     let manifest = catalog::read_manifest(&repo, &newest).await?;
     let ended = time::OffsetDateTime::parse(&manifest.end_time, &time::format_description::well_known::Rfc3339)

@@ -230,8 +230,30 @@ impl Settings {
         &self,
     ) -> Result<(tidemark_repo::Repository, tidemark_proto::repo::layout::RepositoryMeta), tidemark_repo::RepoError>
     {
-        let (repo, meta) = tidemark_repo::Repository::open_initialized(&self.repo_url, &self.key_files, true).await?;
+        let (repo, meta) = self.open_initialized(true).await?;
         Ok((if self.no_delete { repo.forbid_deletes() } else { repo }, meta))
+    }
+
+    /// The repository, opened (without creating it), remembering its keys
+    /// in the state directory ([`tidemark_repo::trust`]).
+    pub fn open_repo(&self) -> Result<tidemark_repo::Repository, tidemark_repo::RepoError> {
+        let repo = tidemark_repo::Repository::open(&self.repo_url, &self.key_files, tidemark_repo::Create::No)?;
+        Ok(repo.remembering(self.repo_memory_file()))
+    }
+
+    /// [`tidemark_repo::Repository::open_initialized`], remembering the
+    /// repository's keys in the state directory.
+    pub async fn open_initialized(
+        &self,
+        writes: bool,
+    ) -> Result<(tidemark_repo::Repository, tidemark_proto::repo::layout::RepositoryMeta), tidemark_repo::RepoError>
+    {
+        self.open_repo()?.initialized(writes).await
+    }
+
+    /// Where the agent remembers the repository's keys and current key.
+    pub fn repo_memory_file(&self) -> PathBuf {
+        self.state_dir.join("known-repository.json")
     }
 }
 

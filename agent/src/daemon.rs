@@ -428,7 +428,7 @@ async fn drill_schedule(
 
 /// How long until the next drill is due; `None` while nothing is restorable.
 async fn next_drill_delay(settings: &Settings, interval: Duration) -> anyhow::Result<Option<Duration>> {
-    let (repo, _) = Repository::open_initialized(&settings.repo_url, &settings.key_files, false).await?;
+    let (repo, _) = settings.open_initialized(false).await?;
     let Some(last) = tidemark_repo::drills::latest(&repo).await? else {
         let restorable = !tidemark_repo::catalog::Catalog::load(&repo).await?.restorable.is_empty();
         return Ok(restorable.then_some(Duration::ZERO));

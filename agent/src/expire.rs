@@ -6,14 +6,13 @@
 use crate::config::{RetentionConfig, Settings};
 use std::fmt::Write as _;
 use tidemark_repo::expire::{counts, expire, Options, Report};
-use tidemark_repo::Repository;
 
 pub async fn run(settings: &Settings, retention: RetentionConfig, dry_run: bool, json: bool) -> anyhow::Result<()> {
     let (policy, orphan_grace) = retention.resolve()?;
     for warning in warnings(settings, &policy) {
         eprintln!("warning: {warning}");
     }
-    let (repo, _) = Repository::open_initialized(&settings.repo_url, &settings.key_files, !dry_run).await?;
+    let (repo, _) = settings.open_initialized(!dry_run).await?;
     let report = expire(&repo, &Options { policy, orphan_grace, dry_run }).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

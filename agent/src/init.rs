@@ -7,10 +7,11 @@
 
 use crate::config::Settings;
 use crate::index::{Index, IndexMeta};
-use crate::preflight::ServerFacts;
 use crate::session::{self, Identity};
+use crate::preflight::ServerFacts;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tidemark_proto::repo::layout::{RepositoryMeta, FORMAT_VERSION, FORMAT_VERSION_PLAIN};
 use tidemark_proto::repo::seal::{EncryptionMeta, Keyring};
 use tidemark_repo::Fail;
@@ -98,7 +99,8 @@ async fn check(settings: &Settings, identity: &Identity) -> anyhow::Result<Check
     let repo = match Repository::open(&settings.repo_url, &settings.key_files, Create::No) {
         Err(RepoError::NoRepository(_)) => Repository::open(&settings.repo_url, &settings.key_files, Create::Yes)?,
         other => other?,
-    };
+    }
+    .remembering(settings.repo_memory_file());
     let existing = repo.read_meta().await?;
     if let Some(meta) = &existing {
         session::check_same_cluster(
@@ -120,6 +122,41 @@ async fn check(settings: &Settings, identity: &Identity) -> anyhow::Result<Check
     };
     repo.check_local_writable().await?;
     Ok(Checked { repo, existing, encryption, index_dir, prior_state })
+}
+
+/// Writes a new repository's `repository.json` (signed, when encrypted).
+async fn create_repository(
+    repo: Repository,
+    encryption: Option<(EncryptionMeta, Arc<Keyring>)>,
+    system_identifier: &str,
+    facts: &ServerFacts,
+) -> anyhow::Result<()> {
+    let (format_version, encryption, keyring, repository_id) = match encryption {
+        Some((meta, keyring)) => (FORMAT_VERSION, Some(meta), Some(keyring), Some(random_repository_id()?)),
+        None => (FORMAT_VERSION_PLAIN, None, None, None),
+    };
+    let mut meta = RepositoryMeta {
+        format_version,
+        system_identifier: system_identifier.to_string(),
+        wal_segment_size: facts.wal_segment_size,
+        server_version_num: facts.server_version_num,
+        created_at: crate::clock::now_rfc3339(),
+        encryption,
+        repository_id,
+        tags: Vec::new(),
+    };
+    // Objects are bound to the id from the first one on.
+    let keyring = keyring.map(|k| Arc::new(Keyring { binding: meta.binding(), ..k.as_ref().clone() }));
+    let repo = repo.with_keyring(keyring);
+    repo.write_signed_meta(&mut meta, &[]).await?;
+    Ok(())
+}
+
+/// A new encrypted repository's id: 16 random bytes, hex.
+fn random_repository_id() -> anyhow::Result<String> {
+    let mut id = [0u8; 16];
+    getrandom::getrandom(&mut id).map_err(|e| anyhow::anyhow!("draw a random repository id: {e}"))?;
+    Ok(tidemark_proto::repo::seal::hex_encode(&id))
 }
 
 /// Whether the index can be made (or kept) under `state_dir`: the nearest
@@ -156,22 +193,13 @@ async fn write(
     identity: &Identity,
     facts: &ServerFacts,
 ) -> anyhow::Result<IndexMeta> {
-    let Checked { mut repo, existing, encryption, index_dir, prior_state } = checked;
-    if existing.is_none() {
-        let (format_version, encryption, keyring) = match encryption {
-            Some((meta, keyring)) => (FORMAT_VERSION, Some(meta), Some(keyring)),
-            None => (FORMAT_VERSION_PLAIN, None, None),
-        };
-        repo = repo.with_keyring(keyring);
-        repo.write_meta(&RepositoryMeta {
-            format_version,
-            system_identifier: identity.system_identifier.clone(),
-            wal_segment_size: facts.wal_segment_size,
-            server_version_num: facts.server_version_num,
-            created_at: crate::clock::now_rfc3339(),
-            encryption,
-        })
-        .await?;
+    let Checked { repo, existing, encryption, index_dir, prior_state } = checked;
+    match existing {
+        // An encrypted repository of the older form gets its id and tags.
+        Some(meta) => {
+            repo.upgrade_if_older(meta).await?;
+        }
+        None => create_repository(repo, encryption, &identity.system_identifier, facts).await?,
     }
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&index_dir).map_err(|e| {
         Fail::new(

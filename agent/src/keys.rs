@@ -14,11 +14,10 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tidemark_proto::repo::layout::{EncryptionMeta, KeyRecord, ObjectKey, RepositoryMeta, META_KEY};
+use tidemark_proto::repo::layout::{EncryptionMeta, KeyRecord, ObjectKey, META_KEY};
 use tidemark_proto::repo::seal::{self, KdfParams, Keyring};
 use tidemark_repo::store::read_key_files;
 use tidemark_repo::Fail;
-use tidemark_repo::Repository;
 
 /// Writes a new random key (64 hex digits) to `path`, owner-only, never over an existing file.
 pub fn keygen(path: &Path) -> anyhow::Result<String> {
@@ -47,9 +46,14 @@ pub fn new_encryption(key_files: &[PathBuf]) -> anyhow::Result<(EncryptionMeta, 
         }
     }
     let current = keys.first().cloned().context("no key given")?;
-    let meta =
-        EncryptionMeta { cipher: seal::CIPHER_NAME.into(), kdf, keys: records, current_key: current.id.to_string() };
-    Ok((meta, Arc::new(Keyring { keys, current: Some(current) })))
+    let meta = EncryptionMeta {
+        cipher: seal::CIPHER_NAME.into(),
+        kdf,
+        keys: records,
+        current_key: current.id.to_string(),
+        unbound_objects: false,
+    };
+    Ok((meta, Arc::new(Keyring { keys, current: Some(current), binding: None })))
 }
 
 pub struct Rotation {
@@ -59,7 +63,7 @@ pub struct Rotation {
 
 /// Adds the key in `new_key_file` to the repository and makes it current.
 pub async fn rotate_key(settings: &Settings, new_key_file: &Path) -> anyhow::Result<Rotation> {
-    let (repo, mut meta) = Repository::open_initialized(&settings.repo_url, &settings.key_files, true).await?;
+    let (repo, mut meta) = settings.open_initialized(true).await?;
     let Some(encryption) = meta.encryption.as_mut() else {
         return Err(Fail::new(
             format!("repository {} is not encrypted", repo.display),
@@ -82,9 +86,9 @@ pub async fn rotate_key(settings: &Settings, new_key_file: &Path) -> anyhow::Res
         encryption.keys.push(KeyRecord { id: new_id.clone(), added_at: crate::clock::now_rfc3339() });
     }
     encryption.current_key = new_id.clone();
-    // Checked by the reader's own rules before it replaces the old metadata.
-    RepositoryMeta::from_json(&meta.to_json()?).map_err(|e| anyhow::anyhow!("new repository.json: {e}"))?;
-    repo.write_meta(&meta).await?;
+    // Signed with the old keys and the new one, checked by the readers'
+    // own rules before it replaces the old metadata.
+    repo.write_signed_meta(&mut meta, &[new_key]).await?;
     // Sealed with the key this handle was opened with (the old one, still
     // readable; `reencrypt` moves it under the new one like everything else).
     let summary = format!("encryption key rotated: new objects are sealed with {new_id} (was {old_id})");
@@ -103,14 +107,18 @@ pub struct Reencryption {
     pub current_key: String,
     pub resealed: usize,
     pub already_current: usize,
+    /// Whether objects sealed before the repository had an id are still
+    /// accepted (some were left to the agent); a later run clears it.
+    pub older_form_accepted: bool,
     /// Partial segments of the newest timeline: the running agent replaces
     /// them itself (under the current key), so rewriting them here could race it.
     pub left_to_the_agent: Vec<String>,
 }
 
-/// Re-seals every object not under the current key.
+/// Re-seals every object not under the current key, or not bound to the
+/// repository; then, if none of the older form is left, stops accepting it.
 pub async fn reencrypt(settings: &Settings) -> anyhow::Result<Reencryption> {
-    let (repo, meta) = Repository::open_initialized(&settings.repo_url, &settings.key_files, true).await?;
+    let (repo, mut meta) = settings.open_initialized(true).await?;
     let Some(encryption) = &meta.encryption else {
         return Err(Fail::new(format!("repository {} is not encrypted", repo.display), "nothing to re-encrypt").into());
     };
@@ -122,13 +130,16 @@ pub async fn reencrypt(settings: &Settings) -> anyhow::Result<Reencryption> {
         keys.iter().filter_map(|k| k.strip_prefix("wal/")).filter_map(|k| k.get(..8)).max().map(str::to_string);
     let mut report = Reencryption { current_key: current.to_string(), ..Default::default() };
     let progress = tidemark_repo::progress::Progress::objects("reencrypt", keys.len() as u64);
+    let mut unbound_left = false;
     for key in keys {
         progress.add(1);
-        if repo.sealed_key_id(&key).await? == Some(current) {
+        let header = repo.sealed_key_id(&key).await?;
+        if header == Some((current, true)) {
             report.already_current += 1;
             continue;
         }
         if is_live_partial(&key, newest_timeline.as_deref(), meta.wal_segment_size) {
+            unbound_left |= header.is_some_and(|(_, bound)| !bound);
             report.left_to_the_agent.push(key);
             continue;
         }
@@ -138,6 +149,13 @@ pub async fn reencrypt(settings: &Settings) -> anyhow::Result<Reencryption> {
         }
     }
     progress.finish();
+    if let Some(encryption) = meta.encryption.as_mut().filter(|e| e.unbound_objects && !unbound_left) {
+        // Every object is bound now: one of the older form can only be a
+        // copy from elsewhere, so it is refused from here on.
+        encryption.unbound_objects = false;
+        repo.write_signed_meta(&mut meta, &[]).await?;
+    }
+    report.older_form_accepted = meta.encryption.as_ref().is_some_and(|e| e.unbound_objects);
     let summary = format!("re-encrypted {} objects with key {current}", report.resealed);
     tidemark_repo::events::record(&repo, "reencrypt", summary, serde_json::to_value(&report)?).await;
     Ok(report)

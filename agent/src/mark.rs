@@ -7,7 +7,7 @@ use tidemark_proto::repo::frame::{self, Compression};
 use tidemark_proto::repo::records::{mark_key, MarkRecord, KEEP_FOREVER};
 use tidemark_proto::{Lsn, TimelineId};
 use tidemark_repo::retention::parse_duration;
-use tidemark_repo::{Fail, Repository};
+use tidemark_repo::Fail;
 use time::format_description::well_known::Rfc3339;
 
 /// Until when `--keep` protects the mark, checked before the restore point is made.
@@ -29,7 +29,7 @@ pub async fn mark(settings: &Settings, name: &str, keep: Option<&str>) -> anyhow
     }
     let now = time::OffsetDateTime::now_utc();
     let keep_until = keep_until(keep, now)?;
-    let (repo, _) = Repository::open_initialized(&settings.repo_url, &settings.key_files, true).await?;
+    let (repo, _) = settings.open_initialized(true).await?;
     // pg_create_restore_point over an ordinary session (replication sessions
     // run no SQL); the WAL file name carries the timeline it was written on.
     let client = tidemark_pg::sql::connect(&settings.conn).await?;
@@ -69,7 +69,7 @@ pub fn restore_command(settings: &Settings, name: &str) -> String {
 /// timeline), polling; the running agent uploads it within its partial
 /// upload interval.
 pub async fn wait_archived(settings: &Settings, mark: &MarkRecord, timeout: std::time::Duration) -> anyhow::Result<()> {
-    let (repo, _) = Repository::open_initialized(&settings.repo_url, &settings.key_files, false).await?;
+    let (repo, _) = settings.open_initialized(false).await?;
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let catalog = tidemark_repo::catalog::Catalog::load(&repo).await?;

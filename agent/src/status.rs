@@ -12,7 +12,7 @@ use tidemark_proto::repo::backup::{BackupManifest, BackupSummary};
 use tidemark_proto::repo::records::DrillRecord;
 use tidemark_proto::{Lsn, TimelineId};
 use tidemark_repo::catalog::{self, Window};
-use tidemark_repo::{Create, Fail, RepoError, Repository};
+use tidemark_repo::{Fail, RepoError, Repository};
 
 /// The report. **Stable JSON** (`status --json`): field names and order.
 #[derive(Debug, Serialize)]
@@ -106,8 +106,10 @@ pub async fn repository_view(
     archived: Option<Lsn>,
     last_commit: Option<(i64, u64)>,
 ) -> anyhow::Result<RepositoryView> {
-    let repo = Repository::open(&settings.repo_url, &settings.key_files, Create::No)?;
+    let repo = settings.open_repo()?;
     let reachable = match tokio::time::timeout(Duration::from_secs(10), repo.read_meta()).await {
+        // An altered or older repository.json fails status, as a wrong key does.
+        Ok(Err(e @ RepoError::Metadata(_))) => return Err(e.into()),
         Ok(read) => read.map_err(|e| format!("{:#}", anyhow::Error::new(e))),
         Err(_) => Err(format!("no answer from {} within 10 s", repo.display)),
     };

@@ -1,6 +1,7 @@
 //! The readers of repository objects must never panic, whatever the bytes:
-//! the sealed envelope (with the key that sealed it and with another), the
-//! frame, and the JSON documents (repository.json, backup manifests,
+//! the sealed envelope (with the key that sealed it and with another, bound
+//! to a repository or not), the frame, and the JSON documents
+//! (repository.json and its tags, backup manifests,
 //! summaries), and the planner that puts a file back together from a chain
 //! of incremental backups, over layers built from the bytes; and the reader
 //! of the INCREMENTAL.* files PostgreSQL 17+ sends, and the WAL block map
@@ -55,19 +56,27 @@ fn layers(mut bytes: &[u8]) -> Vec<BackupFile> {
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else { return };
     let keys = [Key::from_bytes([7; 32]), Key::from_bytes([9; 32])];
+    let binding = seal::Binding {
+        repository_id: "0123456789abcdef0123456789abcdef".into(),
+        system_identifier: "7711696038950075490".into(),
+        accept_unbound: mode & 0x80 != 0,
+    };
     match mode % 6 {
         0 => {
-            let _ = seal::open(&keys, "wal/00000001/000000010000000000000001", rest);
+            let _ = seal::open(&keys, None, "wal/00000001/000000010000000000000001", rest);
+            let _ = seal::open(&keys, Some(&binding), "wal/00000001/000000010000000000000001", rest);
             let _ = seal::sealed_key_id(rest);
+            let _ = seal::is_bound(rest);
         }
         1 => {
-            // A well-sealed frame of the input, then one byte flipped: must
-            // fail to open, never panic.
+            // A well-sealed frame of the input (bound to a repository or
+            // not), then one byte flipped: must fail to open, never panic.
             let Some((&flip, body)) = rest.split_first() else { return };
-            if let Ok(mut object) = seal::seal(&keys[0], "k", body, [3; seal::NONCE_LEN]) {
+            let bound = (flip & 1 == 0).then_some(&binding);
+            if let Ok(mut object) = seal::seal(&keys[0], bound, "k", body, [3; seal::NONCE_LEN]) {
                 let at = flip as usize % object.len();
                 object[at] ^= 0x20;
-                assert!(seal::open(&keys, "k", &object).is_err());
+                assert!(seal::open(&keys, bound, "k", &object).is_err());
             }
         }
         2 => {
@@ -126,7 +135,13 @@ fuzz_target!(|data: &[u8]| {
             let _ = incremental_file::combined_backup_label(rest);
         }
         _ => {
-            let _ = layout::RepositoryMeta::from_json(rest);
+            // repository.json: parsed, and its tags checked (never a panic,
+            // and never accepted unless signed by one of the keys).
+            if let Ok(meta) = layout::RepositoryMeta::from_json(rest) {
+                let _ = meta.authenticate(&keys);
+                let _ = meta.signed_bytes();
+                let _ = meta.binding();
+            }
             let _ = backup::BackupManifest::from_json(rest);
             // A summary's block map, as an incremental backup reads it: the
             // ranges asked of the server stay inside the file, in order.

@@ -54,6 +54,9 @@ pub enum RepoError {
     /// A key file group or others may access: refused before it is used.
     #[error("{0}")]
     KeyFileExposed(String),
+    /// `repository.json` altered, rolled back, or signed by no key given.
+    #[error("repository {0}")]
+    Metadata(String),
     /// A delete asked of a handle that must not delete (no_delete).
     #[error("refusing to delete {0}: this process runs with no_delete")]
     NoDelete(String),
@@ -94,6 +97,9 @@ impl RepoError {
             }
             RepoError::KeyFileExposed(_) => {
                 "make it private to the user that runs Tidemark (chmod 600 FILE), and treat a key others could read as exposed"
+            }
+            RepoError::Metadata(_) => {
+                "put back the repository's own newest repository.json (from a copy); pass the current key's file too if it was not given"
             }
             RepoError::NoDelete(_) => "deleting is left to `tidemark-agent expire`, run with credentials that may delete",
             RepoError::Store {

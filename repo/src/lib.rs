@@ -16,6 +16,7 @@
 //! - [`remote`]: S3, GCS and Azure stores from their URLs and environment.
 //! - [`events`], [`drills`]: the operations log and restore drill records.
 //! - [`progress`]: progress of long operations: a bar on a terminal, log lines otherwise.
+//! - [`trust`]: what this machine remembers of a repository's keys, so an older `repository.json` is refused.
 //! - [`durable`]: fsync, atomic replace, durable removal of local files.
 //! - [`error`]: [`RepoError`] and [`Fail`], each with a hint.
 
@@ -32,6 +33,7 @@ pub mod progress;
 pub mod remote;
 pub mod retention;
 pub mod store;
+pub mod trust;
 pub mod write;
 
 pub use error::{hint_of, Fail, RepoError};

@@ -14,11 +14,17 @@
 //! deletes them afterwards, so a reader may meet a piece that is gone.
 //! [`read_prefix`] then reads again; [`chain_end`] reports the shorter
 //! chain it found (a view a few seconds old, never a wrong one).
+//!
+//! An older prefix (or piece) put back in place of a newer one is
+//! authentic (same key, same bytes as once uploaded), so it is noticed by
+//! what it contradicts: a piece that starts past where the chain from it
+//! ends holds bytes from a newer chain. [`read_prefix`] refuses that.
 
 use crate::error::RepoError;
 use crate::store::Repository;
+use object_store::path::Path as ObjectPath;
 use std::collections::BTreeSet;
-use tidemark_proto::repo::layout::{partial_piece_key, partial_segment_key};
+use tidemark_proto::repo::layout::{partial_piece_key, partial_segment_key, ObjectKey};
 use tidemark_proto::segment::SegmentId;
 
 /// How many times a read that met a prefix replaced under it starts again.
@@ -27,10 +33,14 @@ const READ_ATTEMPTS: usize = 3;
 /// The durable prefix of `segment` (not padded): the prefix object and the
 /// pieces that continue it, fetched one after the other (no listing, so
 /// `wal-get` stays one request per object). `None` without a prefix object.
+///
+/// A piece listed past the chain's end (after reading again, in case the
+/// agent was uploading it) means an older object was put back over a newer
+/// one: refused as corrupt, never served as a shorter prefix.
 pub async fn read_prefix(repo: &Repository, segment: SegmentId, size: u64) -> Result<Option<Vec<u8>>, RepoError> {
     let prefix_key = partial_segment_key(segment, size);
     let mut assembled = None;
-    for _ in 0..READ_ATTEMPTS {
+    for attempt in 1..=READ_ATTEMPTS {
         let Some(mut bytes) = repo.get(&prefix_key).await? else { return Ok(assembled) };
         while (bytes.len() as u64) < size {
             let key = partial_piece_key(segment, size, bytes.len() as u64);
@@ -45,13 +55,64 @@ pub async fn read_prefix(repo: &Repository, segment: SegmentId, size: u64) -> Re
         }
         // The chain ended where a piece was missing. If the agent folded
         // the pieces into a longer prefix meanwhile, read that.
-        let folded = raw_len(repo, &prefix_key).await?.is_some_and(|now| now > bytes.len() as u64);
+        let end = bytes.len() as u64;
+        let folded = raw_len(repo, &prefix_key).await?.is_some_and(|now| now > end);
         assembled = Some(bytes);
-        if !folded {
-            break;
+        if folded {
+            continue;
+        }
+        // A piece at or past the end: just uploaded (read again), or left
+        // by a newer chain that an older object was put back over.
+        match first_piece_from(repo, segment, size, end).await? {
+            None => break,
+            Some(offset) if attempt == READ_ATTEMPTS && offset > end => {
+                return Err(RepoError::corrupt(
+                    &prefix_key,
+                    format!(
+                        "its chain ends at offset {end:#X}, but a piece of a newer chain starts at {offset:#X}: an older \
+                         partial object was put back in place of a newer one; put the newer one back, or run `verify`"
+                    ),
+                ));
+            }
+            Some(_) if attempt == READ_ATTEMPTS => break,
+            Some(_) => {}
         }
     }
     Ok(assembled)
+}
+
+/// The lowest start offset of a listed piece of `segment` at or past
+/// `end`. Listed from the prefix object's key on, so only the segment's own
+/// objects are read from a long timeline directory.
+async fn first_piece_from(
+    repo: &Repository,
+    segment: SegmentId,
+    size: u64,
+    end: u64,
+) -> Result<Option<u64>, RepoError> {
+    use futures::StreamExt;
+    let prefix_key = partial_segment_key(segment, size);
+    let dir = ObjectPath::from(prefix_key.rsplit_once('/').map_or("", |(dir, _)| dir));
+    let mut listing = repo.store.list_with_offset(Some(&dir), &ObjectPath::from(prefix_key.as_str()));
+    let mut first = None;
+    while let Some(object) = listing.next().await {
+        let object = object.map_err(|e| RepoError::store(format!("list the pieces of {prefix_key}"), e))?;
+        let key = object.location.to_string();
+        if !key.starts_with(&prefix_key) {
+            // Keys are listed in order on object stores; a local listing
+            // is not ordered, so it is read to its end.
+            if repo.local_root.is_none() {
+                break;
+            }
+            continue;
+        }
+        if let Some(ObjectKey::PartialPiece { offset, .. }) = ObjectKey::parse(&key, size) {
+            if offset >= end && first.is_none_or(|f| offset < f) {
+                first = Some(offset);
+            }
+        }
+    }
+    Ok(first)
 }
 
 /// Where `segment`'s durable prefix ends, from a listing: `offsets` are the
@@ -183,6 +244,14 @@ mod tests {
         let (end, chain) = chain_end(&repo, segment, SIZE, &listed).await.expect("chain");
         assert_eq!((end, chain), (20_000, vec![0]));
         repo.put(&partial_piece_key(segment, SIZE, 20_000), framed(&wal[20_000..])).await.expect("put");
+        assert_eq!(read_prefix(&repo, segment, SIZE).await.expect("read").as_deref(), Some(&wal[..]));
+
+        // The first prefix put back over the folded one: its chain ends at
+        // 10 000, while a piece of the newer chain starts at 20 000.
+        repo.put(&partial_segment_key(segment, SIZE), framed(&wal[..10_000])).await.expect("put");
+        let error = read_prefix(&repo, segment, SIZE).await.expect_err("an older prefix is refused");
+        assert!(error.to_string().contains("an older partial object was put back"), "{error}");
+        repo.put(&partial_segment_key(segment, SIZE), framed(&wal[..20_000])).await.expect("put");
         assert_eq!(read_prefix(&repo, segment, SIZE).await.expect("read").as_deref(), Some(&wal[..]));
 
         // A piece running past the segment's end is refused, never served.

@@ -8,6 +8,10 @@
 //! derived and checked against `repository.json` on the first object read,
 //! so `wal-get` serving a staged segment never pays for a passphrase's key
 //! derivation. Writing is in [`crate::write`].
+//!
+//! Unlocking also authenticates `repository.json` (its tags, with the keys
+//! given) and compares it with what this machine remembers of it
+//! ([`crate::trust`]) before any key is derived.
 
 use crate::error::RepoError;
 use bytes::Bytes;
@@ -18,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tidemark_proto::repo::frame::{self, FrameInfo};
 use tidemark_proto::repo::layout::{RepositoryMeta, META_KEY};
-use tidemark_proto::repo::seal::{self, KeyMaterial, Keyring};
+use tidemark_proto::repo::seal::{self, Key, KeyMaterial, Keyring};
 use tokio::sync::OnceCell;
 
 #[derive(Clone)]
@@ -38,6 +42,9 @@ pub struct Repository {
     /// False when the credentials must not delete (the agent's no-delete
     /// mode): every delete is then refused here, before the store is asked.
     pub(crate) deletes_allowed: bool,
+    /// Where this machine remembers the repository's keys (see
+    /// [`crate::trust`]); `None`: nothing remembered.
+    memory: Option<PathBuf>,
 }
 
 /// An object as listed.
@@ -85,7 +92,8 @@ pub fn read_key_files(paths: &[PathBuf]) -> Result<Vec<(String, KeyMaterial)>, R
 }
 
 /// The keys for `meta`'s repository from the given key material: none for a
-/// plain repository, every given one checked for an encrypted one.
+/// plain repository, every given one checked for an encrypted one, and
+/// `repository.json` authenticated with them.
 pub fn unlock(
     meta: &RepositoryMeta,
     display: &str,
@@ -99,9 +107,13 @@ pub fn unlock(
         (Some(_), true) => Err(RepoError::Keys(format!(
             "repository {display} is encrypted: pass its key with --key-file PATH (or TIDEMARK_KEY_FILE)"
         ))),
-        (Some(encryption), false) => Keyring::unlock(encryption, material)
-            .map(|keyring| Some(Arc::new(keyring)))
-            .map_err(|e| RepoError::Keys(format!("wrong key for repository {display}: {e}"))),
+        (Some(encryption), false) => {
+            let mut keyring = Keyring::unlock(encryption, material)
+                .map_err(|e| RepoError::Keys(format!("wrong key for repository {display}: {e}")))?;
+            meta.authenticate(&keyring.keys).map_err(|e| RepoError::Metadata(format!("{display}: {e}")))?;
+            keyring.binding = meta.binding();
+            Ok(Some(Arc::new(keyring)))
+        }
     }
 }
 
@@ -166,7 +178,28 @@ impl Repository {
             key_material: Arc::new(read_key_files(key_files)?),
             keyring: Arc::new(OnceCell::new()),
             deletes_allowed: true,
+            memory: None,
         })
+    }
+
+    /// Remembers this repository's keys in `path` (the agent's state
+    /// directory) and refuses a `repository.json` that goes backwards.
+    pub fn remembering(mut self, path: PathBuf) -> Repository {
+        self.memory = Some(path);
+        self
+    }
+
+    /// Remembers this repository's keys in the user's state directory (the
+    /// restore tool, which has no other), one file per location.
+    pub fn remembering_for_user(self) -> Repository {
+        let location = match &self.local_root {
+            Some(root) => format!("file://{}", root.display()),
+            None => self.display.clone(),
+        };
+        match crate::trust::user_memory_file(&location) {
+            Some(path) => self.remembering(path),
+            None => self,
+        }
     }
 
     /// Opens an initialized repository and checks its keys now: refuses a
@@ -177,19 +210,57 @@ impl Repository {
         key_files: &[PathBuf],
         writes: bool,
     ) -> Result<(Repository, RepositoryMeta), RepoError> {
-        let repo = Repository::open(url, key_files, Create::No)?;
-        let meta = repo.meta().await?;
-        repo.unlock_with(&meta)?;
-        let keyring = repo.keyring().await?;
+        Repository::open(url, key_files, Create::No)?.initialized(writes).await
+    }
+
+    /// Reads `repository.json` and checks the keys now, as
+    /// [`Repository::open_initialized`] does, on a handle already open. A
+    /// writer (`writes`) brings an encrypted repository of the older
+    /// unauthenticated form to the current one first.
+    pub async fn initialized(self, writes: bool) -> Result<(Repository, RepositoryMeta), RepoError> {
+        let meta = self.meta().await?;
+        self.unlock_with(&meta)?;
+        let keyring = self.keyring().await?;
         if let (true, Some(keyring), Some(encryption)) = (writes, keyring, &meta.encryption) {
             if keyring.current.is_none() {
                 return Err(RepoError::Keys(format!(
                     "new objects in {} are sealed with key {}, which was not given: pass the current key's file with --key-file (old keys too, to read old objects)",
-                    repo.display, encryption.current_key
+                    self.display, encryption.current_key
                 )));
             }
         }
+        if writes {
+            return self.upgrade_if_older(meta).await;
+        }
+        Ok((self, meta))
+    }
+
+    /// An encrypted repository of the older unauthenticated form, opened by
+    /// a writer with its keys: given an id and signed, so from now on its
+    /// metadata is authenticated and its new objects bound to it (older
+    /// objects stay readable until `reencrypt`). Anything else is returned as is.
+    pub async fn upgrade_if_older(self, mut meta: RepositoryMeta) -> Result<(Repository, RepositoryMeta), RepoError> {
+        // Only with the current key: readers holding it require its tag.
+        let older = meta.is_unauthenticated();
+        let Some(keyring) = self.keyring().await?.cloned().filter(|k| older && k.current.is_some()) else {
+            return Ok((self, meta));
+        };
+        let mut id = [0u8; 16];
+        getrandom::getrandom(&mut id).map_err(|e| RepoError::Local {
+            context: "draw a random repository id".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        meta.upgrade(seal::hex_encode(&id));
+        self.write_signed_meta(&mut meta, &[]).await?;
+        tracing::info!("repository.json of {} now authenticated (format {})", self.display, meta.format_version);
+        let keyring = Keyring { binding: meta.binding(), ..keyring.as_ref().clone() };
+        let repo = self.with_keyring(Some(Arc::new(keyring)));
         Ok((repo, meta))
+    }
+
+    /// The keys this handle holds (none for a plain repository).
+    pub(crate) async fn held_keys(&self) -> Result<Vec<Key>, RepoError> {
+        Ok(self.keyring().await?.map(|k| k.keys.clone()).unwrap_or_default())
     }
 
     /// Uses these keys from now on (a new encrypted repository, a rotation).
@@ -200,20 +271,42 @@ impl Repository {
 
     /// The keys, checked against `repository.json` (once).
     pub(crate) async fn keyring(&self) -> Result<Option<&Arc<Keyring>>, RepoError> {
-        let keyring = self
-            .keyring
-            .get_or_try_init(|| async { unlock(&self.meta().await?, &self.display, &self.key_material) })
-            .await?;
+        let keyring = self.keyring.get_or_try_init(|| async { self.unlock_remembering(&self.meta().await?) }).await?;
         Ok(keyring.as_ref())
     }
 
     /// Checks the given keys against `meta` (just read by the caller) and
     /// keeps them, so the first object read does not read `repository.json` again.
     pub fn unlock_with(&self, meta: &RepositoryMeta) -> Result<(), RepoError> {
-        let keyring = unlock(meta, &self.display, &self.key_material)?;
+        if self.keyring.initialized() {
+            return Ok(());
+        }
+        let keyring = self.unlock_remembering(meta)?;
         // Already set by an earlier read: the same metadata gave the same keys.
         let _ = self.keyring.set(keyring);
         Ok(())
+    }
+
+    /// [`unlock`], between what this machine remembers of the repository
+    /// (compared before any key is derived, so a changed KDF never runs)
+    /// and remembering what it authenticated.
+    fn unlock_remembering(&self, meta: &RepositoryMeta) -> Result<Option<Arc<Keyring>>, RepoError> {
+        let Some(path) = &self.memory else { return unlock(meta, &self.display, &self.key_material) };
+        let update = crate::trust::compare(crate::trust::load(path).as_ref(), meta)
+            .map_err(|reason| self.went_backwards(path, &reason))?;
+        let keyring = unlock(meta, &self.display, &self.key_material)?;
+        if let Some(update) = update {
+            crate::trust::save(path, &update);
+        }
+        Ok(keyring)
+    }
+
+    /// Remembers `meta`, just written by this handle, so the newest there
+    /// is (a new repository, an upgrade, a rotation).
+    pub(crate) fn remember(&self, meta: &RepositoryMeta) {
+        if let (Some(path), Some(remembered)) = (&self.memory, crate::trust::Remembered::of(meta)) {
+            crate::trust::save(path, &remembered);
+        }
     }
 
     /// Checks the given keys against the repository now (they are otherwise
@@ -361,23 +454,51 @@ impl Repository {
         frame::parse_header(&header).map_err(|e| RepoError::corrupt(key, e.to_string()))
     }
 
-    /// The key id in a stored object's header, reading only the header;
-    /// `None` for an object that is not sealed.
-    pub async fn sealed_key_id(&self, key: &str) -> Result<Option<seal::KeyId>, RepoError> {
+    /// The key id in a stored object's header and whether the object is
+    /// bound to its repository, reading only the header; `None` for an
+    /// object that is not sealed.
+    pub async fn sealed_key_id(&self, key: &str) -> Result<Option<(seal::KeyId, bool)>, RepoError> {
         let header = self
             .store
             .get_range(&ObjectPath::from(key), 0..16)
             .await
             .map_err(|e| RepoError::store(format!("read the header of {key}"), e))?;
-        Ok(seal::sealed_key_id(&header).ok())
+        Ok(seal::sealed_key_id(&header).ok().zip(seal::is_bound(&header)))
     }
 
     /// `repository.json`, or `None` when the repository is not initialized.
     pub async fn read_meta(&self) -> Result<Option<RepositoryMeta>, RepoError> {
         let Some(bytes) = self.get_stored(META_KEY).await? else { return Ok(None) };
-        let meta = RepositoryMeta::from_json(&bytes)
-            .map_err(|reason| RepoError::corrupt(META_KEY, format!("{reason} (is --repo a Tidemark repository?)")))?;
+        let meta = RepositoryMeta::from_json(&bytes).map_err(|reason| {
+            RepoError::Metadata(format!(
+                "{}: {META_KEY} is refused: {reason} (is --repo a Tidemark repository?)",
+                self.display
+            ))
+        })?;
+        self.check_remembered(&meta)?;
         Ok(Some(meta))
+    }
+
+    /// Refuses `meta` if it goes backwards from what this machine
+    /// remembers; if it moved forwards (first contact, a rotation), checks
+    /// the keys and its tags now so the memory moves with it, whatever the
+    /// command goes on to read.
+    fn check_remembered(&self, meta: &RepositoryMeta) -> Result<(), RepoError> {
+        let Some(path) = &self.memory else { return Ok(()) };
+        let update = crate::trust::compare(crate::trust::load(path).as_ref(), meta)
+            .map_err(|reason| self.went_backwards(path, &reason))?;
+        if update.is_some() && !self.key_material.is_empty() {
+            self.unlock_with(meta)?;
+        }
+        Ok(())
+    }
+
+    fn went_backwards(&self, path: &Path, reason: &str) -> RepoError {
+        RepoError::Metadata(format!(
+            "{}: repository.json {reason} ({} remembers that; remove it only if the change is intended)",
+            self.display,
+            path.display()
+        ))
     }
 
     /// `repository.json` of an initialized repository.
@@ -397,7 +518,7 @@ fn unseal(keyring: Option<&Keyring>, key: &str, stored: Bytes) -> Result<Bytes, 
         (None, false) => Ok(stored),
         (None, true) => Err(RepoError::corrupt(key, "it is encrypted, but repository.json says the repository is not")),
         (Some(_), false) => Err(RepoError::corrupt(key, "it is not encrypted, but the repository is: refusing it")),
-        (Some(keyring), true) => match seal::open(&keyring.keys, key, &stored) {
+        (Some(keyring), true) => match seal::open(&keyring.keys, keyring.binding.as_ref(), key, &stored) {
             Ok(frame) => Ok(Bytes::from(frame)),
             Err(e @ seal::SealError::MissingKey(_)) => Err(RepoError::Keys(format!("object {key} is {e}"))),
             Err(e) => Err(RepoError::corrupt(key, e.to_string())),
@@ -414,6 +535,87 @@ mod tests {
         assert_eq!(redact_url("s3://key:secret@bucket/prefix"), "s3://bucket/prefix");
         assert_eq!(redact_url("file:///tmp/repo"), "file:///tmp/repo");
         assert_eq!(redact_url("./relative"), "./relative");
+    }
+
+    /// An encrypted repository of the older form (format 2, no id or tags,
+    /// objects bound to their key only) opens as it is; a writer upgrades
+    /// it; its older objects stay readable until the repository stops
+    /// accepting them; and once remembered as authenticated, the older
+    /// form put back is refused.
+    #[tokio::test]
+    async fn an_older_encrypted_repository_opens_upgrades_and_cannot_go_back() {
+        use tidemark_proto::repo::frame::{encode, Compression};
+        use tidemark_proto::repo::layout::{EncryptionMeta, KeyRecord, FORMAT_VERSION, FORMAT_VERSION_UNAUTHENTICATED};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("repo");
+        std::fs::create_dir_all(root.join("wal/00000001")).expect("mkdir");
+        let key_file = dir.path().join("k");
+        std::fs::write(&key_file, "11".repeat(32)).expect("key");
+        let key = Key::from_bytes([0x11; 32]);
+        let encryption = EncryptionMeta {
+            cipher: seal::CIPHER_NAME.into(),
+            kdf: seal::KdfParams::new([1; 16]),
+            keys: vec![KeyRecord { id: key.id.to_string(), added_at: "t".into() }],
+            current_key: key.id.to_string(),
+            unbound_objects: false,
+        };
+        let legacy = RepositoryMeta {
+            format_version: FORMAT_VERSION_UNAUTHENTICATED,
+            system_identifier: "7".into(),
+            wal_segment_size: 16 << 20,
+            server_version_num: 150000,
+            created_at: "t".into(),
+            encryption: Some(encryption),
+            repository_id: None,
+            tags: Vec::new(),
+        };
+        let legacy_json = legacy.to_json().expect("json");
+        std::fs::write(root.join(META_KEY), &legacy_json).expect("meta");
+        let old_key = "wal/00000001/old";
+        let (frame, _) = encode(b"sealed by an older build", Compression::None).expect("frame");
+        let sealed = seal::seal(&key, None, old_key, &frame, [3; seal::NONCE_LEN]).expect("seal");
+        std::fs::write(root.join(old_key), sealed).expect("object");
+        let url = root.to_str().expect("utf-8").to_string();
+        let memory = dir.path().join("state/known-repository.json");
+        let open = || {
+            Repository::open(&url, std::slice::from_ref(&key_file), Create::No)
+                .expect("open")
+                .remembering(memory.clone())
+        };
+
+        // A reader: read as it is, nothing rewritten.
+        let (reader, meta) = open().initialized(false).await.expect("the older form opens");
+        assert_eq!(meta, legacy);
+        assert_eq!(reader.get(old_key).await.expect("get").as_deref(), Some(&b"sealed by an older build"[..]));
+        assert_eq!(std::fs::read(root.join(META_KEY)).expect("meta"), legacy_json);
+
+        // A writer: format 3, an id, tags; older objects still read, new ones bound.
+        let (writer, meta) = open().initialized(true).await.expect("upgraded");
+        assert_eq!(meta.format_version, FORMAT_VERSION);
+        assert!(meta.repository_id.is_some() && !meta.tags.is_empty());
+        assert_eq!(RepositoryMeta::from_json(&std::fs::read(root.join(META_KEY)).expect("meta")), Ok(meta.clone()));
+        assert!(writer.get(old_key).await.expect("get").is_some(), "older objects stay readable");
+        writer.put("wal/00000001/new", frame.clone()).await.expect("put");
+        assert_eq!(seal::is_bound(&std::fs::read(root.join("wal/00000001/new")).expect("read")), Some(true));
+        let (reader, _) = open().initialized(false).await.expect("reopens");
+        assert!(reader.get("wal/00000001/new").await.expect("get").is_some());
+
+        // The older form put back is refused now that this machine saw it authenticated...
+        std::fs::write(root.join(META_KEY), &legacy_json).expect("roll back");
+        let error = open().initialized(false).await.err().expect("refused");
+        assert!(matches!(error, RepoError::Metadata(_)), "{error}");
+        assert!(error.to_string().contains("older unauthenticated form"), "{error}");
+
+        // ...and once every object is bound (what `reencrypt` ends with),
+        // one of the older form is refused: a copy from elsewhere.
+        let mut bound_only = meta.clone();
+        if let Some(e) = bound_only.encryption.as_mut() {
+            e.unbound_objects = false;
+        }
+        writer.write_signed_meta(&mut bound_only, &[]).await.expect("write");
+        let (reader, _) = open().initialized(false).await.expect("opens");
+        let error = reader.get(old_key).await.expect_err("an unbound object is refused");
+        assert!(error.to_string().contains("no longer accepts"), "{error}");
     }
 
     #[test]

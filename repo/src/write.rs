@@ -41,7 +41,8 @@ impl Repository {
             context: "draw a random nonce".into(),
             source: std::io::Error::other(e.to_string()),
         })?;
-        seal::seal(current, key, &frame, nonce).map_err(|e| RepoError::Keys(format!("seal {key}: {e}")))
+        seal::seal(current, keyring.binding.as_ref(), key, &frame, nonce)
+            .map_err(|e| RepoError::Keys(format!("seal {key}: {e}")))
     }
 
     /// Stores bytes exactly as given (already sealed, or plain metadata).
@@ -198,6 +199,22 @@ impl Repository {
     pub async fn write_meta(&self, meta: &RepositoryMeta) -> Result<(), RepoError> {
         let json = meta.to_json().map_err(|e| RepoError::corrupt(META_KEY, format!("cannot be written: {e}")))?;
         self.put_stored(META_KEY, json).await
+    }
+
+    /// Signs `meta` with every key this handle holds and `more` (a key
+    /// being added), checks it by the readers' own rules, writes it and
+    /// remembers it. A plain repository's is written as it is.
+    pub async fn write_signed_meta(&self, meta: &mut RepositoryMeta, more: &[seal::Key]) -> Result<(), RepoError> {
+        if meta.encryption.is_some() && !meta.is_unauthenticated() {
+            let mut keys = self.held_keys().await?;
+            keys.extend(more.iter().filter(|k| !keys.iter().any(|held| held.id == k.id)).cloned().collect::<Vec<_>>());
+            meta.sign(&keys).map_err(|e| RepoError::corrupt(META_KEY, format!("cannot be signed: {e}")))?;
+        }
+        let json = meta.to_json().map_err(|e| RepoError::corrupt(META_KEY, format!("cannot be written: {e}")))?;
+        RepositoryMeta::from_json(&json).map_err(|e| RepoError::corrupt(META_KEY, format!("would be refused: {e}")))?;
+        self.put_stored(META_KEY, json).await?;
+        self.remember(meta);
+        Ok(())
     }
 
     /// Re-seals one object under the current key; false if the object is

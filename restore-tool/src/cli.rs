@@ -469,7 +469,9 @@ fn repository_settings(args: &Args) -> Result<(String, Vec<PathBuf>), Fail> {
 
 async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
     let (url, key_files) = repository_settings(&args)?;
-    let open = || Repository::open(&url, &key_files, Create::No);
+    // Remembering the repository's keys refuses a repository.json put back
+    // from an older copy (see tidemark_repo::trust).
+    let open = || Repository::open(&url, &key_files, Create::No).map(Repository::remembering_for_user);
     match args.command {
         // On SIGINT/SIGTERM the work is dropped, and with it the scratch
         // restore (its server stopped, its directory removed).

@@ -17,16 +17,22 @@
 //! **API boundary:** these keys are a stored format; changing one needs a new
 //! `RepositoryMeta::format_version`.
 
-pub use crate::repo::seal::{EncryptionMeta, KeyRecord};
+use crate::repo::seal::{self, Binding, Key, SealError};
+pub use crate::repo::seal::{EncryptionMeta, KeyRecord, MetaTag};
 use crate::segment::{history_file_name, SegmentId, WalFileName};
 use crate::TimelineId;
 use serde::{Deserialize, Serialize};
 
 pub const META_KEY: &str = "repository.json";
-/// The newest format this build reads and writes. Version 2 adds encryption;
-/// an unencrypted repository is still written as version 1, so older builds
+/// The newest format this build reads and writes. Version 2 added
+/// encryption; version 3 authenticates an encrypted repository's
+/// `repository.json` (`tags`) and binds its objects to its id. An
+/// unencrypted repository is still written as version 1, so older builds
 /// keep reading it, while an encrypted one is refused by them with "upgrade".
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
+/// An encrypted repository before version 3: read as it is, upgraded by the
+/// next command that writes to it with the key.
+pub const FORMAT_VERSION_UNAUTHENTICATED: u32 = 2;
 pub const FORMAT_VERSION_PLAIN: u32 = 1;
 
 /// Written once when the repository is created; read by every command that opens it.
@@ -42,6 +48,15 @@ pub struct RepositoryMeta {
     /// Present when every object but this one is sealed (see `seal`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<EncryptionMeta>,
+    /// An encrypted repository's random id (32 hex digits, format 3), which
+    /// its sealed objects are bound to: objects copied from another
+    /// repository sealed with the same key do not open here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository_id: Option<String>,
+    /// This document's tags, one per key that signed it (format 3): over
+    /// everything above, as [`RepositoryMeta::signed_bytes`] writes it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<MetaTag>,
 }
 
 impl RepositoryMeta {
@@ -66,11 +81,88 @@ impl RepositoryMeta {
             if !encryption.keys.iter().any(|k| k.id == encryption.current_key) {
                 return Err(format!("current key {} is not among the repository's keys", encryption.current_key));
             }
+            encryption.kdf.check_costs().map_err(|e| e.to_string())?;
         }
+        meta.check_authentication_form()?;
         if !crate::segment::is_valid_segment_size(meta.wal_segment_size) {
             return Err(format!("invalid wal_segment_size {}", meta.wal_segment_size));
         }
         Ok(meta)
+    }
+
+    /// An encrypted repository of format 3 has an id and tags; one of an
+    /// older format has neither (the form before they existed); a plain
+    /// one is never of format 3 (which someone removing the encryption
+    /// settings would leave behind).
+    fn check_authentication_form(&self) -> Result<(), String> {
+        let altered = |what: &str| format!("{what}: it was altered (put back the repository's own repository.json)");
+        match (&self.encryption, self.format_version >= FORMAT_VERSION) {
+            (None, true) => Err(altered("format 3 is an encrypted repository's, but there are no encryption settings")),
+            (Some(_), true) => {
+                let id_ok = self
+                    .repository_id
+                    .as_deref()
+                    .is_some_and(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()));
+                if !id_ok {
+                    return Err(altered("repository_id is missing or not 32 hex digits"));
+                }
+                if self.tags.is_empty() {
+                    return Err(altered("its authentication tags are missing"));
+                }
+                Ok(())
+            }
+            (Some(_), false) if !self.tags.is_empty() || self.repository_id.is_some() => {
+                Err(altered(&format!("format {} has no id or tags, yet they are there", self.format_version)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// An encrypted repository's metadata in the form before format 3:
+    /// neither authenticated nor bound.
+    pub fn is_unauthenticated(&self) -> bool {
+        self.encryption.is_some() && self.format_version < FORMAT_VERSION
+    }
+
+    /// What this repository's sealed objects are bound to; `None` without an id.
+    pub fn binding(&self) -> Option<Binding> {
+        Some(Binding {
+            repository_id: self.repository_id.clone()?,
+            system_identifier: self.system_identifier.clone(),
+            accept_unbound: self.encryption.as_ref().is_none_or(|e| e.unbound_objects),
+        })
+    }
+
+    /// The bytes the tags cover: this document without its tags, compact.
+    pub fn signed_bytes(&self) -> Result<Vec<u8>, String> {
+        let mut unsigned = self.clone();
+        unsigned.tags.clear();
+        serde_json::to_vec(&unsigned).map_err(|e| e.to_string())
+    }
+
+    /// Signs this document with each of `keys` (replacing any tags).
+    pub fn sign(&mut self, keys: &[Key]) -> Result<(), String> {
+        self.tags = seal::tag_meta(keys, &self.signed_bytes()?);
+        Ok(())
+    }
+
+    /// Checks the tags of a format 3 document with the keys given (see
+    /// [`seal::check_meta_tags`]); an older or plain one has none to check.
+    pub fn authenticate(&self, keys: &[Key]) -> Result<(), SealError> {
+        let Some(encryption) = self.encryption.as_ref().filter(|_| !self.is_unauthenticated()) else { return Ok(()) };
+        let message = self.signed_bytes().map_err(SealError::MetaTag)?;
+        seal::check_meta_tags(keys, &encryption.current_key, &message, &self.tags)
+    }
+
+    /// Brings an encrypted repository of an older format to format 3: an id
+    /// (`repository_id`, random), its older objects still accepted until
+    /// `reencrypt` re-seals them. The caller signs it.
+    pub fn upgrade(&mut self, repository_id: String) {
+        if let Some(encryption) = self.encryption.as_mut().filter(|_| self.format_version < FORMAT_VERSION) {
+            encryption.unbound_objects = true;
+            self.format_version = FORMAT_VERSION;
+            self.repository_id = Some(repository_id);
+        }
     }
 }
 
@@ -244,12 +336,74 @@ mod tests {
             server_version_num: 150018,
             created_at: "2026-11-25T01:00:00Z".into(),
             encryption: None,
+            repository_id: None,
+            tags: Vec::new(),
         };
         assert_eq!(RepositoryMeta::from_json(&meta.to_json().expect("json")), Ok(meta.clone()));
         let newer = RepositoryMeta { format_version: 99, ..meta.clone() };
         assert!(RepositoryMeta::from_json(&newer.to_json().expect("json")).unwrap_err().contains("upgrade"));
-        let odd = RepositoryMeta { wal_segment_size: 3, ..meta };
+        let odd = RepositoryMeta { wal_segment_size: 3, ..meta.clone() };
         assert!(RepositoryMeta::from_json(&odd.to_json().expect("json")).is_err());
         assert!(RepositoryMeta::from_json(b"{").is_err());
+        // Format 3 without encryption settings: someone removed them.
+        let stripped = RepositoryMeta { format_version: FORMAT_VERSION, ..meta };
+        assert!(RepositoryMeta::from_json(&stripped.to_json().expect("json")).unwrap_err().contains("altered"));
+    }
+
+    fn encrypted(keys: &[Key]) -> RepositoryMeta {
+        let records =
+            keys.iter().map(|k| KeyRecord { id: k.id.to_string(), added_at: "2026-11-25T01:00:00Z".into() }).collect();
+        RepositoryMeta {
+            format_version: FORMAT_VERSION_UNAUTHENTICATED,
+            system_identifier: "7711696038950075490".into(),
+            wal_segment_size: 16 << 20,
+            server_version_num: 150018,
+            created_at: "2026-11-25T01:00:00Z".into(),
+            encryption: Some(EncryptionMeta {
+                cipher: seal::CIPHER_NAME.into(),
+                kdf: seal::KdfParams::new([1; 16]),
+                keys: records,
+                current_key: keys.last().map(|k| k.id.to_string()).unwrap_or_default(),
+                unbound_objects: false,
+            }),
+            repository_id: None,
+            tags: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_older_encrypted_form_reads_and_upgrades_and_the_new_one_is_authenticated() {
+        let (old, new) = (Key::from_bytes([1; 32]), Key::from_bytes([2; 32]));
+        let legacy = encrypted(&[old.clone(), new.clone()]);
+        let read = RepositoryMeta::from_json(&legacy.to_json().expect("json")).expect("legacy form");
+        assert!(read.is_unauthenticated() && read.binding().is_none());
+        assert_eq!(read.authenticate(std::slice::from_ref(&new)), Ok(()), "nothing to check in the older form");
+
+        let mut upgraded = read;
+        upgraded.upgrade("ab".repeat(16));
+        upgraded.sign(std::slice::from_ref(&new)).expect("sign");
+        let read = RepositoryMeta::from_json(&upgraded.to_json().expect("json")).expect("format 3");
+        assert_eq!(read.format_version, FORMAT_VERSION);
+        assert_eq!(read.authenticate(std::slice::from_ref(&new)), Ok(()));
+        assert!(read.binding().is_some_and(|b| b.accept_unbound), "older objects stay readable");
+
+        // Edits: rolled back to the older key, a higher KDF cost, the tags
+        // or the id removed, the format lowered.
+        let mut rolled_back = read.clone();
+        if let Some(e) = rolled_back.encryption.as_mut() {
+            e.current_key = old.id.to_string();
+        }
+        assert!(rolled_back.authenticate(&[old.clone(), new.clone()]).is_err());
+        let mut costly = read.clone();
+        if let Some(e) = costly.encryption.as_mut() {
+            e.kdf.memory_kib = u32::MAX;
+        }
+        assert!(RepositoryMeta::from_json(&costly.to_json().expect("json")).unwrap_err().contains("Argon2id memory"));
+        let untagged = RepositoryMeta { tags: Vec::new(), ..read.clone() };
+        assert!(RepositoryMeta::from_json(&untagged.to_json().expect("json")).unwrap_err().contains("tags"));
+        let no_id = RepositoryMeta { repository_id: None, ..read.clone() };
+        assert!(RepositoryMeta::from_json(&no_id.to_json().expect("json")).is_err());
+        let lowered = RepositoryMeta { format_version: FORMAT_VERSION_UNAUTHENTICATED, ..read };
+        assert!(RepositoryMeta::from_json(&lowered.to_json().expect("json")).unwrap_err().contains("altered"));
     }
 }

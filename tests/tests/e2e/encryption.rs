@@ -77,7 +77,7 @@ fn encrypted_repository_hides_authenticates_rotates_and_verifies() {
     plain.init();
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(secret.repo.join("repository.json")).expect("meta")).expect("json");
-    assert_eq!(meta["format_version"], 2, "{meta}");
+    assert_eq!(meta["format_version"], 3, "{meta}");
     assert_eq!(meta["encryption"]["current_key"].as_str(), Some(id_a.as_str()), "{meta}");
     let running_secret = secret.spawn();
     let running_plain = plain.spawn();

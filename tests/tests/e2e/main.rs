@@ -19,6 +19,7 @@ mod encryption;
 mod failover;
 mod incremental;
 mod isolation;
+mod metadata;
 mod metrics;
 mod object_store;
 mod progress;
