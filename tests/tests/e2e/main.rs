@@ -16,6 +16,8 @@ mod deploy;
 mod drill;
 mod encryption;
 mod failover;
+mod force_replace;
+mod hostile_repository;
 mod incremental;
 mod metrics;
 mod object_store;
