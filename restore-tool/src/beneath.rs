@@ -36,14 +36,15 @@ pub const WRITTEN_BY_TIDEMARK: [&str; 6] = [
 ];
 
 /// The parts of a manifest path, refused unless it is relative and plain
-/// (no `.`, `..` or empty part, no NUL).
+/// (no `..` or empty part, no NUL). `.` parts are dropped: PostgreSQL sends
+/// `./pg_wal/archive_status`.
 pub fn components(relative: &str) -> Result<Vec<&str>, String> {
     if relative.is_empty() || relative.starts_with('/') || relative.contains('\0') {
         return Err(format!("{relative:?} is not a relative path"));
     }
-    let parts: Vec<&str> = relative.split('/').collect();
-    if parts.iter().any(|p| p.is_empty() || *p == "." || *p == "..") {
-        return Err(format!("{relative:?} has an empty, `.` or `..` part"));
+    let parts: Vec<&str> = relative.split('/').filter(|p| *p != ".").collect();
+    if parts.is_empty() || parts.iter().any(|p| p.is_empty() || *p == "..") {
+        return Err(format!("{relative:?} has an empty or `..` part"));
     }
     Ok(parts)
 }
@@ -60,11 +61,14 @@ pub fn check_manifest(manifest: &BackupManifest) -> Result<(), Fail> {
     let mut links = std::collections::HashSet::new();
     let mut seen = std::collections::HashSet::new();
     for file in manifest.files.iter().filter(|f| f.kind == FileKind::Symlink) {
-        links.insert((file.archive.as_str(), file.path.as_str()));
+        if let Ok(parts) = components(&file.path) {
+            links.insert((file.archive.as_str(), parts.join("/")));
+        }
     }
     for file in &manifest.files {
         let entry = format!("{}:{}", file.archive, file.path);
         let parts = components(&file.path).map_err(|e| refuse(format!("entry {entry}: {e}")))?;
+        let path = parts.join("/");
         if file.archive != "base" {
             if !manifest.tablespaces.iter().any(|t| t.oid.to_string() == file.archive) {
                 return Err(refuse(format!("entry {entry} belongs to no tablespace of the backup")));
@@ -73,18 +77,17 @@ pub fn check_manifest(manifest: &BackupManifest) -> Result<(), Fail> {
                 return Err(refuse(format!("entry {entry} is outside the tablespace's PG_ version directory")));
             }
         }
-        if !seen.insert((file.archive.as_str(), file.path.as_str())) {
+        if !seen.insert((file.archive.as_str(), path.clone())) {
             return Err(refuse(format!("entry {entry} is listed twice")));
         }
-        let mut prefix = file.path.as_str();
+        let mut prefix = path.as_str();
         while let Some((parent, _)) = prefix.rsplit_once('/') {
-            if links.contains(&(file.archive.as_str(), parent)) {
+            if links.contains(&(file.archive.as_str(), parent.to_string())) {
                 return Err(refuse(format!("entry {entry} passes through the link {parent}")));
             }
             prefix = parent;
         }
-        if file.kind == FileKind::Symlink && file.archive == "base" && WRITTEN_BY_TIDEMARK.contains(&file.path.as_str())
-        {
+        if file.kind == FileKind::Symlink && file.archive == "base" && WRITTEN_BY_TIDEMARK.contains(&path.as_str()) {
             return Err(refuse(format!("entry {entry} is a link where the restore writes its own file")));
         }
     }
@@ -289,7 +292,8 @@ mod tests {
     #[test]
     fn only_plain_relative_paths_have_components() {
         assert_eq!(components("base/5/1259").unwrap(), vec!["base", "5", "1259"]);
-        for bad in ["", "/etc/passwd", "../x", "a/../b", "a//b", "./a", "a/.", "a/", "a\0b"] {
+        assert_eq!(components("./pg_wal/archive_status").unwrap(), vec!["pg_wal", "archive_status"]);
+        for bad in ["", ".", "/etc/passwd", "../x", "a/../b", "a//b", "a/", "a\0b"] {
             assert!(components(bad).is_err(), "{bad:?}");
         }
     }
@@ -338,6 +342,10 @@ mod tests {
             (
                 vec![entry("base", "x", FileKind::Symlink), entry("base", "x/.ssh/authorized_keys", FileKind::File)],
                 "base:x/.ssh/authorized_keys passes through the link x",
+            ),
+            (
+                vec![entry("base", "./x", FileKind::Symlink), entry("base", "x/./y", FileKind::File)],
+                "base:x/./y passes through the link x",
             ),
             (vec![entry("base", "../etc/cron.d/x", FileKind::File)], "base:../etc/cron.d/x"),
             (vec![entry("base", "/etc/passwd", FileKind::File)], "base:/etc/passwd"),
