@@ -7,8 +7,8 @@
 
 use crate::config::Settings;
 use crate::index::{Index, IndexMeta};
-use crate::session::{self, Identity};
 use crate::preflight::ServerFacts;
+use crate::session::{self, Identity};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -289,9 +289,15 @@ struct RestoreArgs {
     /// Check and print the plan; write nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Replace the contents of a non-empty --pgdata (never next to a running server).
+    /// Replace a PostgreSQL data directory of the backup's cluster at
+    /// --pgdata (never next to a running server; the old data stays until
+    /// the restore is complete).
     #[arg(long, conflicts_with = "delta")]
     force: bool,
+    /// Restore even though running as root (refused otherwise: root would
+    /// write the repository's files with root's rights).
+    #[arg(long)]
+    allow_root: bool,
     /// Update an existing data directory of the same cluster in place,
     /// writing only what differs from the backup and removing what it
     /// does not list (never next to a running server).
@@ -353,6 +359,7 @@ impl RestoreArgs {
             timeline: self.timeline,
             dry_run: self.dry_run,
             force: self.force,
+            allow_root: self.allow_root,
             delta: self.delta,
             start: self.start,
             port: self.port,
@@ -523,12 +530,13 @@ async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
                 _ => backup,
             };
             let manifest = read_manifest(&repo, &id).await?;
-            let placements =
-                crate::tablespaces::place(&manifest.tablespaces, &tablespace_map, &pgdata).map_err(|e| {
+            let keep = crate::places::home_directories();
+            let placements = crate::tablespaces::place(&manifest.tablespaces, &tablespace_map, &pgdata, &keep)
+                .map_err(|e| {
                     Fail::new(e, "see `--tablespace-map FROM=TO` in `tidemark-restore fetch-backup --help`")
                 })?;
             let chain = tidemark_repo::catalog::read_chain(&repo, &manifest).await?;
-            let bytes = crate::fetch::fetch_backup(&repo, &chain, &pgdata, &placements, true, None).await?;
+            let bytes = crate::fetch::fetch_backup(&repo, &chain, &pgdata, &placements, true, None, false).await?;
             println!(
                 "backup {} written to {} ({bytes} bytes); it needs WAL {} to {} on timeline {}",
                 manifest.id,

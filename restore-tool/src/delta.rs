@@ -18,14 +18,18 @@
 //!   nor written. A file put together from a chain is compared block by
 //!   block against the fetched chunks, and only differing blocks written.
 //! - Everything the backup does not list is removed (old WAL in `pg_wal`,
-//!   files of dropped relations, `postmaster.pid` of a dead server).
+//!   files of dropped relations, `postmaster.pid` of a dead server), a
+//!   link where the backup has a directory or file included. Every write is
+//!   beneath the data directory or tablespace without following links
+//!   (`beneath.rs`), as in a fresh restore.
 
-use crate::fetch::{crc32c_of, fetch_use, manifest_path, safe_join, sync_tree, write_pg_manifest, CHUNKS_PER_FILE};
+use crate::beneath::Beneath;
+use crate::fetch::{crc32c_of, fetch_use, manifest_path, sync_tree, write_pg_manifest, CHUNKS_PER_FILE};
 use crate::tablespaces::Placement;
 use anyhow::Context;
 use futures::StreamExt;
 use std::collections::HashMap;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use tidemark_proto::repo::backup::{manifest_key, BackupFile, BackupManifest, FileKind};
@@ -34,7 +38,7 @@ use tidemark_repo::{Fail, RepoError, Repository};
 use tracing::info;
 
 /// Written while a delta restore is under way; holds the system identifier.
-const MARKER: &str = "tidemark-delta-restore";
+pub(crate) const MARKER: &str = "tidemark-delta-restore";
 const CONTROL: &str = "global/pg_control";
 
 /// What a delta restore did.
@@ -51,18 +55,22 @@ fn control_system_identifier(control: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(control.get(0..8)?.try_into().ok()?))
 }
 
-/// Refuses a directory that is not one of the cluster `system_identifier`
-/// (or a delta restore of it that was interrupted).
-pub fn check_target(pgdata: &Path, system_identifier: &str) -> anyhow::Result<()> {
-    let marker = std::fs::read_to_string(pgdata.join(MARKER)).ok();
-    let found = match marker {
+/// The system identifier of the cluster `pgdata` belongs to: from the
+/// marker of an interrupted delta restore, else from global/pg_control.
+pub fn system_identifier_of(pgdata: &Path) -> Option<String> {
+    match std::fs::read_to_string(pgdata.join(MARKER)).ok() {
         Some(text) => Some(text.trim().to_string()),
         None => std::fs::read(pgdata.join(CONTROL))
             .ok()
             .and_then(|c| control_system_identifier(&c))
             .map(|id| id.to_string()),
-    };
-    match found {
+    }
+}
+
+/// Refuses a directory that is not one of the cluster `system_identifier`
+/// (or a delta restore of it that was interrupted).
+pub fn check_target(pgdata: &Path, system_identifier: &str) -> anyhow::Result<()> {
+    match system_identifier_of(pgdata) {
         Some(id) if id == system_identifier => Ok(()),
         Some(id) => Err(Fail::new(
             format!(
@@ -121,28 +129,24 @@ pub async fn apply(
     placements: &[Placement],
 ) -> anyhow::Result<DeltaReport> {
     let manifest = chain.first().context("no backup to restore")?;
+    crate::beneath::check_manifest(manifest)?;
     check_placements(pgdata, manifest, placements)?;
     let links = Chain::new(chain).map_err(|reason| RepoError::Corrupt { key: manifest_key(&manifest.id), reason })?;
-    let mut roots = vec![("base".to_string(), pgdata.to_path_buf())];
-    roots.extend(placements.iter().map(|p| (p.oid.to_string(), p.target.clone())));
-    let root_of = |archive: &str| crate::fetch::root_of(&roots, manifest, archive);
-    write_durably(&pgdata.join(MARKER), manifest.system_identifier.as_bytes())?;
-    match std::fs::remove_file(pgdata.join(CONTROL)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).context("remove global/pg_control"),
-        _ => {}
-    }
+    let mut paths = vec![("base".to_string(), pgdata.to_path_buf())];
+    paths.extend(placements.iter().map(|p| (p.oid.to_string(), p.target.clone())));
+    let base = Beneath::open(pgdata)?;
+    write_durably(&base, MARKER, manifest.system_identifier.as_bytes())?;
+    base.remove(CONTROL)?;
     let mut report = DeltaReport::default();
-    for (archive, root) in &roots {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(root)?;
-        report.files_removed += remove_unlisted(root, archive, manifest)?;
+    let mut roots = Vec::new();
+    for (archive, root) in paths {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&root)?;
+        report.files_removed += remove_unlisted(&root, &archive, manifest)?;
+        roots.push((archive, Beneath::open(&root)?));
     }
+    let root_of = |archive: &str| crate::fetch::root_of(&roots, manifest, archive);
     for dir in manifest.files.iter().filter(|f| f.kind == FileKind::Directory) {
-        let path = safe_join(root_of(&dir.archive)?, &dir.path)?;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&path)
-            .with_context(|| format!("create {}", path.display()))?;
+        root_of(&dir.archive)?.create_dirs(&dir.path, 0o700)?;
     }
     let (control, files): (Vec<&BackupFile>, Vec<&BackupFile>) =
         manifest.files.iter().filter(|f| f.kind == FileKind::File).partition(|f| f.path == CONTROL);
@@ -171,13 +175,13 @@ pub async fn apply(
         let (file, done) = result?;
         add(file, done);
     }
-    crate::fetch::link_tablespaces(pgdata, placements)?;
+    crate::fetch::link_tablespaces(&base, placements)?;
     // Every other file durable before pg_control exists again.
     for (_, root) in &roots {
-        sync_tree(root)?;
+        sync_tree(root.path())?;
     }
-    add(control, sync_file(repo, links, pgdata, control).await?);
-    write_pg_manifest(repo, manifest, pgdata, &rebuilt).await?;
+    add(control, sync_file(repo, links, &base, control).await?);
+    write_pg_manifest(repo, manifest, &base, &rebuilt).await?;
     sync_tree(pgdata)?;
     std::fs::remove_file(pgdata.join(MARKER)).context("remove the delta restore's marker")?;
     tidemark_repo::durable::fsync_dir(pgdata).context("fsync the data directory")?;
@@ -192,10 +196,10 @@ pub async fn apply(
     Ok(report)
 }
 
-fn write_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    std::fs::write(path, bytes).with_context(|| format!("write {}", path.display()))?;
-    std::fs::File::open(path).and_then(|f| f.sync_all()).with_context(|| format!("fsync {}", path.display()))?;
-    tidemark_repo::durable::fsync_dir(tidemark_repo::durable::parent_dir(path)).context("fsync the data directory")
+fn write_durably(root: &Beneath, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    let file = root.write_file(name, bytes, 0o600)?;
+    file.sync_all().with_context(|| format!("fsync {}", root.join(name).display()))?;
+    tidemark_repo::durable::fsync_dir(root.path()).context("fsync the data directory")
 }
 
 /// Removes every file, link and directory under `root` (where `archive`
@@ -250,19 +254,11 @@ fn remove_unlisted(root: &Path, archive: &str, manifest: &BackupManifest) -> any
 async fn sync_file(
     repo: &Repository,
     chain: &Chain<'_>,
-    pgdata: &Path,
+    root: &Beneath,
     file: &BackupFile,
 ) -> anyhow::Result<(u64, u64, Option<u32>)> {
-    let path = safe_join(pgdata, &file.path)?;
-    let out = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("open {}", path.display()))?;
-    let out = Arc::new(out);
+    let path = root.join(&file.path);
+    let out = Arc::new(root.open_file(&file.path, 0o600)?);
     let (mut written, mut unchanged) = (0u64, 0u64);
     let uses = chain.plan(file).map_err(|reason| RepoError::Corrupt {
         key: chain.newest().map(|b| manifest_key(&b.id)).unwrap_or_default(),
@@ -304,7 +300,7 @@ async fn sync_file(
     }
     drop(updates);
     out.set_len(file.size).with_context(|| format!("size {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(file.mode & 0o700)).context("chmod")?;
+    out.set_permissions(std::fs::Permissions::from_mode(file.mode & 0o700)).context("chmod")?;
     let crc = match file.blocks {
         Some(_) => Some(crc32c_of(out, &path).await?),
         None => None,

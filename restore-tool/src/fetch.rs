@@ -11,14 +11,17 @@
 //!
 //! Files are written into a staging directory beside the target, which is
 //! renamed into place only when everything is there: a failed fetch leaves no
-//! half-restored data directory behind.
+//! half-restored data directory behind (and with `--force`, the old one as it
+//! was: `force.rs`). Every path is written beneath its root without following
+//! links, directories first and the backup's links last (`beneath.rs`).
 
+use crate::beneath::Beneath;
 use crate::tablespaces::Placement;
 use anyhow::Context;
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use tidemark_proto::repo::backup::{manifest_key, BackupFile, BackupManifest, ChunkRef, FileKind};
 use tidemark_proto::repo::chain::{Chain, ChunkUse, Extent};
@@ -63,6 +66,8 @@ pub fn check_target(pgdata: &Path) -> anyhow::Result<()> {
 /// the whole data directory itself when it starts from a backup
 /// (recovery_init_sync_method) — `restore --start` starts it at once, and
 /// leaving the pages to that one pass keeps them from being written twice.
+/// With `replace` (`--force`, checked by `force.rs`), a non-empty `pgdata`
+/// is swapped out for the restore at the end instead of refused.
 pub async fn fetch_backup(
     repo: &Repository,
     chain: &[BackupManifest],
@@ -70,9 +75,13 @@ pub async fn fetch_backup(
     placements: &[Placement],
     sync: bool,
     only_databases: Option<&[u32]>,
+    replace: bool,
 ) -> anyhow::Result<u64> {
     let manifest = chain.first().context("no backup to fetch")?;
-    check_target(pgdata)?;
+    crate::beneath::check_manifest(manifest)?;
+    if !replace {
+        check_target(pgdata)?;
+    }
     check_placements(manifest, placements)?;
     let existed_before: Vec<&Path> =
         placements.iter().map(|p| p.target.as_path()).filter(|target| target.exists()).collect();
@@ -104,8 +113,12 @@ pub async fn fetch_backup(
     finals.push((staging.as_path(), pgdata));
     let mut moved: Vec<(&Path, bool)> = Vec::new();
     for (from, to) in finals {
-        // rename(2) replaces an empty directory.
-        if let Err(e) = std::fs::rename(from, to) {
+        // rename(2) replaces an empty directory; --force swaps out a full one.
+        let placed = match replace && to == pgdata && !is_empty_or_missing(pgdata)? {
+            true => swap_in(from, to),
+            false => std::fs::rename(from, to).map_err(anyhow::Error::new),
+        };
+        if let Err(e) = placed {
             remove_all(&roots);
             // Tablespaces already moved in were missing or empty before:
             // put them back as they were.
@@ -115,7 +128,7 @@ pub async fn fetch_backup(
                     let _ = std::fs::DirBuilder::new().mode(0o700).create(done);
                 }
             }
-            return Err(anyhow::Error::new(e).context(format!("move the restored files into {}", to.display())));
+            return Err(e.context(format!("move the restored files into {}", to.display())));
         }
         let parent = parent_dir(to);
         fsync_dir(parent).with_context(|| format!("fsync {}", parent.display()))?;
@@ -179,25 +192,17 @@ async fn fill(
 ) -> anyhow::Result<u64> {
     let manifest = chain.first().context("no backup to fetch")?;
     let chain = Chain::new(chain).map_err(|reason| RepoError::Corrupt { key: manifest_key(&manifest.id), reason })?;
-    let root_of = |archive: &str| root_of(roots, manifest, archive);
-    for (_, root) in roots {
+    let mut opened = Vec::new();
+    for (name, root) in roots {
         std::fs::DirBuilder::new().mode(0o700).create(root).with_context(|| format!("create {}", root.display()))?;
+        opened.push((name.clone(), Beneath::open(root)?));
     }
-    // Directories first (the tar lists them before their files), then links.
-    for file in &manifest.files {
-        let path = safe_join(root_of(&file.archive)?, &file.path)?;
-        match file.kind {
-            FileKind::Directory => std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&path)
-                .with_context(|| format!("create {}", path.display()))?,
-            FileKind::Symlink => {
-                let target = file.link_target.clone().unwrap_or_default();
-                std::os::unix::fs::symlink(&target, &path).with_context(|| format!("link {}", path.display()))?
-            }
-            FileKind::File => {}
-        }
+    let roots = &opened;
+    let root_of = |archive: &str| root_of(roots, manifest, archive);
+    // Directories first (the tar lists them before their files), then
+    // files, the backup's links last: nothing is written through them.
+    for dir in manifest.files.iter().filter(|f| f.kind == FileKind::Directory) {
+        root_of(&dir.archive)?.create_dirs(&dir.path, 0o700)?;
     }
     let mut files = Vec::new();
     for file in manifest.files.iter().filter(|f| f.kind == FileKind::File) {
@@ -228,13 +233,17 @@ async fn fill(
         }
     }
     progress.finish();
+    for link in manifest.files.iter().filter(|f| f.kind == FileKind::Symlink) {
+        let target = link.link_target.as_deref().unwrap_or_default();
+        root_of(&link.archive)?.symlink(&link.path, Path::new(target))?;
+    }
     let base = root_of("base")?;
     link_tablespaces(base, placements)?;
     write_pg_manifest(repo, manifest, base, &rebuilt).await?;
     if sync {
         // One syncfs per filesystem would do; one per root is simpler and as cheap.
         for (_, root) in roots {
-            sync_tree(root)?;
+            sync_tree(root.path())?;
         }
     }
     Ok(bytes)
@@ -243,11 +252,11 @@ async fn fill(
 /// Where `archive` (`base` or a tablespace's OID) of `manifest` is written,
 /// among `roots` (archive name → directory).
 pub(crate) fn root_of<'r>(
-    roots: &'r [(String, PathBuf)],
+    roots: &'r [(String, Beneath)],
     manifest: &BackupManifest,
     archive: &str,
-) -> anyhow::Result<&'r Path> {
-    roots.iter().find(|(name, _)| name == archive).map(|(_, root)| root.as_path()).ok_or_else(|| {
+) -> anyhow::Result<&'r Beneath> {
+    roots.iter().find(|(name, _)| name == archive).map(|(_, root)| root).ok_or_else(|| {
         anyhow::Error::new(RepoError::Corrupt {
             key: manifest_key(&manifest.id),
             reason: format!("it lists files of an unknown archive {archive:?}"),
@@ -280,29 +289,14 @@ pub fn is_skipped(file: &BackupFile, only_databases: Option<&[u32]>) -> bool {
 /// page image logged at its first change after the backup's checkpoint, so
 /// replay works; the database itself is not usable, which is the point
 /// (pgBackRest's `--db-include` does the same).
-fn write_hollow(root: &Path, file: &BackupFile) -> anyhow::Result<()> {
+fn write_hollow(root: &Beneath, file: &BackupFile) -> anyhow::Result<()> {
     let (path, out) = create_file(root, file)?;
     out.set_len(file.size).with_context(|| format!("size {}", path.display()))
 }
 
 /// A new, owner-only file for `file` under `root`, its directories made.
-fn create_file(root: &Path, file: &BackupFile) -> anyhow::Result<(PathBuf, std::fs::File)> {
-    let path = safe_join(root, &file.path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("create {}", dir.display()))?;
-    }
-    let out = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("create {}", path.display()))?;
-    Ok((path, out))
+fn create_file(root: &Beneath, file: &BackupFile) -> anyhow::Result<(PathBuf, std::fs::File)> {
+    Ok((root.join(&file.path), root.create_file(&file.path, 0o600)?))
 }
 
 /// `pg_tblspc/OID` → the placement (the archive has it as a directory when
@@ -310,26 +304,18 @@ fn create_file(root: &Path, file: &BackupFile) -> anyhow::Result<(PathBuf, std::
 /// from tablespace_map when recovery starts, so a moved tablespace's map is
 /// rewritten too; the links make the directory complete without it
 /// (pg_verifybackup follows them).
-pub(crate) fn link_tablespaces(base: &Path, placements: &[Placement]) -> anyhow::Result<()> {
+pub(crate) fn link_tablespaces(base: &Beneath, placements: &[Placement]) -> anyhow::Result<()> {
     if placements.is_empty() {
         return Ok(());
     }
-    let dir = base.join("pg_tblspc");
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).context("create pg_tblspc")?;
+    base.create_dirs("pg_tblspc", 0o700)?;
     for placement in placements {
-        let link = dir.join(placement.oid.to_string());
-        match std::fs::symlink_metadata(&link) {
-            Ok(meta) if meta.is_dir() => std::fs::remove_dir(&link),
-            Ok(_) => std::fs::remove_file(&link),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-        }
-        .with_context(|| format!("replace {}", link.display()))?;
-        std::os::unix::fs::symlink(&placement.target, &link).with_context(|| format!("link {}", link.display()))?;
+        let link = format!("pg_tblspc/{}", placement.oid);
+        base.remove(&link)?;
+        base.symlink(&link, &placement.target)?;
     }
-    let map = base.join("tablespace_map");
-    if crate::tablespaces::relocated(placements) && map.exists() {
-        std::fs::write(&map, crate::tablespaces::tablespace_map(placements)).context("rewrite tablespace_map")?;
+    if crate::tablespaces::relocated(placements) && base.join("tablespace_map").exists() {
+        base.write_file("tablespace_map", crate::tablespaces::tablespace_map(placements).as_bytes(), 0o600)?;
     }
     Ok(())
 }
@@ -355,7 +341,7 @@ pub(crate) fn sync_tree(root: &Path) -> anyhow::Result<()> {
 pub(crate) async fn write_pg_manifest(
     repo: &Repository,
     manifest: &BackupManifest,
-    base: &Path,
+    base: &Beneath,
     rebuilt: &HashMap<String, u32>,
 ) -> anyhow::Result<()> {
     let pg_manifest = repo.get(&manifest.pg_manifest_key).await?.ok_or_else(|| RepoError::Corrupt {
@@ -376,7 +362,7 @@ pub(crate) async fn write_pg_manifest(
     }
     let pg_manifest = crate::pg_manifest::rewrite(&pg_manifest, &written)
         .map_err(|reason| RepoError::Corrupt { key: manifest.pg_manifest_key.clone(), reason })?;
-    std::fs::write(base.join("backup_manifest"), pg_manifest).context("write backup_manifest")
+    base.write_file("backup_manifest", &pg_manifest, 0o600).map(drop)
 }
 
 /// The CRC-32C of a whole file, read on a blocking thread.
@@ -436,7 +422,7 @@ pub(crate) async fn fetch_use(
 /// A file of an incremental backup, put together from the chain: each
 /// chunk it needs fetched once, each block written once at its place.
 /// Returns the CRC-32C of the result, read back, for the backup_manifest.
-async fn write_rebuilt(repo: &Repository, root: &Path, file: &BackupFile, chain: &Chain<'_>) -> anyhow::Result<u32> {
+async fn write_rebuilt(repo: &Repository, root: &Beneath, file: &BackupFile, chain: &Chain<'_>) -> anyhow::Result<u32> {
     let uses = chain.plan(file).map_err(|reason| RepoError::Corrupt {
         key: chain.newest().map(|b| manifest_key(&b.id)).unwrap_or_default(),
         reason,
@@ -458,7 +444,7 @@ async fn write_rebuilt(repo: &Repository, root: &Path, file: &BackupFile, chain:
         result?;
     }
     drop(writes);
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(file.mode & 0o700)).context("chmod")?;
+    out.set_permissions(std::fs::Permissions::from_mode(file.mode & 0o700)).context("chmod")?;
     crc32c_of(out, &path).await
 }
 
@@ -483,7 +469,7 @@ async fn write_extents(out: std::sync::Arc<std::fs::File>, raw: Vec<u8>, extents
     Ok(())
 }
 
-async fn write_file(repo: &Repository, root: &Path, file: &BackupFile) -> anyhow::Result<u64> {
+async fn write_file(repo: &Repository, root: &Beneath, file: &BackupFile) -> anyhow::Result<u64> {
     let (path, mut out) = create_file(root, file)?;
     let mut written = 0u64;
     for chunk in &file.chunks {
@@ -506,18 +492,39 @@ async fn write_file(repo: &Repository, root: &Path, file: &BackupFile) -> anyhow
         }
         .into());
     }
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(file.mode & 0o700)).context("chmod")?;
+    out.set_permissions(std::fs::Permissions::from_mode(file.mode & 0o700)).context("chmod")?;
     // Made durable all at once at the end (`sync_tree`), not file by file.
     Ok(written)
 }
 
-/// `root/relative`, refusing anything that would leave `root`.
-pub(crate) fn safe_join(root: &Path, relative: &str) -> anyhow::Result<PathBuf> {
-    anyhow::ensure!(
-        !relative.starts_with('/') && !relative.split('/').any(|p| p == ".." || p.is_empty()),
-        "backup path {relative:?} escapes the data directory"
-    );
-    Ok(root.join(relative))
+/// Puts the finished restore `staged` in place of `pgdata`: one rename
+/// exchanging the two (or, where the filesystem cannot exchange, the old
+/// one renamed aside first), the parent fsynced, then the old data removed.
+pub fn swap_in(staged: &Path, pgdata: &Path) -> anyhow::Result<()> {
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).context("a path with a NUL byte");
+    let (from, to) = (c(staged)?, c(pgdata)?);
+    // SAFETY: renameat2(2) with NUL-terminated paths relative to the current directory.
+    let exchanged =
+        unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_EXCHANGE) };
+    let old = if exchanged == 0 {
+        staged.to_path_buf()
+    } else {
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EINVAL) {
+            return Err(error).with_context(|| format!("swap the restore into {}", pgdata.display()));
+        }
+        let aside = staging_beside(pgdata, "old")?;
+        std::fs::rename(pgdata, &aside).with_context(|| format!("move {} aside", pgdata.display()))?;
+        std::fs::rename(staged, pgdata).with_context(|| format!("move the restore into {}", pgdata.display()))?;
+        aside
+    };
+    let parent = tidemark_repo::durable::parent_dir(pgdata);
+    tidemark_repo::durable::fsync_dir(parent).with_context(|| format!("fsync {}", parent.display()))?;
+    // The restore is in place; what is left of the old data is only in the way.
+    if let Err(e) = std::fs::remove_dir_all(&old) {
+        tracing::warn!("the replaced data directory is left at {}: {e}", old.display());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -557,5 +564,17 @@ mod database_tests {
         assert!(!is_skipped(&file("base", "base/5/1259"), Some(&keep)), "the postgres database is always kept");
         assert!(!is_skipped(&file("base", "base/16999/16385"), None));
         assert!(!is_skipped(&file("base", "pg_wal/000000010000000000000001"), Some(&keep)));
+    }
+    #[test]
+    fn the_swap_puts_the_restore_in_place_and_removes_the_old_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (staged, data) = (dir.path().join(".data.tidemark-staging"), dir.path().join("data"));
+        std::fs::create_dir_all(&staged).expect("mkdir");
+        std::fs::create_dir_all(&data).expect("mkdir");
+        std::fs::write(staged.join("PG_VERSION"), "new").expect("write");
+        std::fs::write(data.join("PG_VERSION"), "old").expect("write");
+        swap_in(&staged, &data).expect("swap");
+        assert_eq!(std::fs::read_to_string(data.join("PG_VERSION")).expect("read"), "new");
+        assert!(!staged.exists(), "the old data is removed");
     }
 }

@@ -6,6 +6,9 @@
 //! - [`timeline_html`]: the `timeline --html` page: chart, flagged transactions, commands; self-contained.
 //! - [`cli`]: commands, settings, error lines and exit codes.
 //! - [`fetch`]: a base backup into a new data directory.
+//! - [`beneath`]: writes beneath a directory that never follow links; manifest paths checked to stay beneath.
+//! - [`force`]: what `restore --force` may replace (the swap at the end is `fetch::swap_in`).
+//! - [`places`]: system, home and Tidemark directories never replaced nor given a tablespace by default.
 //! - [`tablespaces`]: where each tablespace goes (original place or `--tablespace-map`).
 //! - [`target`]: restore targets and their recovery settings; times need a zone.
 //! - [`planner`]: catalog + target -> which backup, which WAL, or why not.
@@ -25,13 +28,16 @@
 
 pub mod audit;
 pub mod audit_report;
+pub mod beneath;
 pub mod cli;
 pub mod delta;
 pub mod extract;
 pub mod fetch;
+pub mod force;
 pub mod isolate;
 pub mod pg_bin;
 pub mod pg_manifest;
+pub mod places;
 pub mod planner;
 pub mod prefetch;
 pub mod repair;

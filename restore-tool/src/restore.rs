@@ -8,7 +8,7 @@ use crate::target::Target;
 use anyhow::Context;
 use std::collections::HashSet;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tidemark_proto::wal::rmgr::XactStatus;
@@ -24,6 +24,8 @@ pub struct RestoreOptions {
     pub timeline: Option<String>,
     pub dry_run: bool,
     pub force: bool,
+    /// `--allow-root`: restoring as root was asked for explicitly.
+    pub allow_root: bool,
     /// Update the existing directory in place (`delta.rs`).
     pub delta: bool,
     pub start: bool,
@@ -159,20 +161,27 @@ pub(crate) fn running_postmaster(pgdata: &Path) -> Option<i32> {
     (unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
 }
 
-/// The target directory must be missing or empty (or `--force`), never next
-/// to a running server; `--start` never runs PostgreSQL as root.
-fn check_target_directory(options: &RestoreOptions) -> anyhow::Result<()> {
+/// The target directory must be missing or empty (or `--force` on a data
+/// directory it may replace: `force.rs`), never next to a running server;
+/// `--start` never runs PostgreSQL as root, and a restore runs as root only
+/// when asked (`--allow-root`): the repository's files are data from
+/// outside, and root may write anywhere.
+fn check_target_directory(options: &RestoreOptions, keep: &[PathBuf]) -> anyhow::Result<()> {
     if let Some(pid) = running_postmaster(&options.pgdata) {
         return Err(refuse(
             format!("a postmaster (pid {pid}) is running on {}", options.pgdata.display()),
             "stop that server first; a restore never writes next to a running one",
         ));
     }
-    if !crate::fetch::is_empty_or_missing(&options.pgdata)? && !options.force && !options.delta {
+    let empty = crate::fetch::is_empty_or_missing(&options.pgdata)?;
+    if !empty && !options.force && !options.delta {
         return Err(refuse(
             format!("{} is not empty", options.pgdata.display()),
             "restore into a new or empty directory, or pass --force to replace its contents",
         ));
+    }
+    if !empty && options.force {
+        crate::force::check_replaceable(&options.pgdata, keep)?;
     }
     if options.pause && matches!(options.target, Target::Latest) {
         return Err(refuse(
@@ -192,7 +201,27 @@ fn check_target_directory(options: &RestoreOptions) -> anyhow::Result<()> {
             "run tidemark-restore as the PostgreSQL OS user (e.g. sudo -u postgres), or restore without --start",
         ));
     }
+    // SAFETY: geteuid has no preconditions.
+    if !options.dry_run && !options.allow_root && unsafe { libc::geteuid() } == 0 {
+        return Err(refuse(
+            "restore will not run as root unless asked: root would write the repository's files anywhere",
+            "run tidemark-restore as the PostgreSQL OS user (e.g. sudo -u postgres), or pass --allow-root",
+        ));
+    }
     Ok(())
+}
+
+/// What a restore must never replace nor put a tablespace over (besides
+/// `/` and system directories): home directories, the local repository,
+/// the key files and the audit cache.
+fn kept_places(repo_url: &str, key_files: &[PathBuf], options: &RestoreOptions) -> Vec<PathBuf> {
+    let mut keep = crate::places::home_directories();
+    if !repo_url.contains("://") || repo_url.starts_with("file://") {
+        keep.push(PathBuf::from(repo_url.strip_prefix("file://").unwrap_or(repo_url)));
+    }
+    keep.extend(key_files.iter().cloned());
+    keep.extend(options.cache_dir.iter().cloned());
+    keep.into_iter().map(|k| k.canonicalize().unwrap_or(k)).collect()
 }
 
 /// Where recovery stops (from the audit, for time, xid and name targets)
@@ -221,7 +250,11 @@ async fn make_plan(repo: &Repository, catalog: &Catalog, options: &RestoreOption
 
 /// Where each tablespace goes: `--tablespace-map`, else inside
 /// `tablespaces_under` (scratch restores), else its original place.
-fn placements(options: &RestoreOptions, plan: &Plan) -> anyhow::Result<Vec<crate::tablespaces::Placement>> {
+fn placements(
+    options: &RestoreOptions,
+    plan: &Plan,
+    keep: &[PathBuf],
+) -> anyhow::Result<Vec<crate::tablespaces::Placement>> {
     let mut mappings = options.tablespace_map.clone();
     if let Some(dir) = &options.tablespaces_under {
         for t in &plan.backup.tablespaces {
@@ -230,7 +263,7 @@ fn placements(options: &RestoreOptions, plan: &Plan) -> anyhow::Result<Vec<crate
             }
         }
     }
-    crate::tablespaces::place(&plan.backup.tablespaces, &mappings, &options.pgdata)
+    crate::tablespaces::place(&plan.backup.tablespaces, &mappings, &options.pgdata, keep)
         .map_err(|e| refuse(e, "`restore --dry-run --json` shows each tablespace's OID and original location"))
 }
 
@@ -290,28 +323,6 @@ async fn check_objects(
     Ok((bytes_to_fetch, bytes_left_out))
 }
 
-/// Empties `dir` (`--force`), keeping the directory itself; on a blocking
-/// thread, since a data directory can hold thousands of files.
-async fn clear_directory(dir: &Path) -> anyhow::Result<()> {
-    let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        if !dir.exists() {
-            return Ok(());
-        }
-        for entry in std::fs::read_dir(&dir)? {
-            let path = entry?.path();
-            if path.is_dir() && !path.is_symlink() {
-                std::fs::remove_dir_all(&path)?;
-            } else {
-                std::fs::remove_file(&path)?;
-            }
-        }
-        Ok(())
-    })
-    .await
-    .context("join the clearing of --pgdata")?
-}
-
 /// What the checks before any write found.
 struct Checked {
     plan: Plan,
@@ -332,9 +343,9 @@ struct Checked {
 /// Everything checked before anything is written: the target directory,
 /// the plan, the objects it reads, where tablespaces go, and (with
 /// --start) the PostgreSQL installation that will run the result.
-async fn check_everything(repo: &Repository, options: &RestoreOptions) -> anyhow::Result<Checked> {
+async fn check_everything(repo: &Repository, options: &RestoreOptions, keep: &[PathBuf]) -> anyhow::Result<Checked> {
     // 1. The target directory: checked before anything else is read or written.
-    check_target_directory(options)?;
+    check_target_directory(options, keep)?;
     // 2. The plan: a backup that reaches the target, and the WAL it needs.
     let catalog = Catalog::load(repo).await?;
     let planning = std::time::Instant::now();
@@ -342,6 +353,11 @@ async fn check_everything(repo: &Repository, options: &RestoreOptions) -> anyhow
     // 3. Every object the restore reads must be there, along the chain of
     //    backups an incremental one is based on.
     let chain = tidemark_repo::catalog::read_chain(repo, &plan.backup).await?;
+    // Every path the backup lists stays beneath where it is written.
+    crate::beneath::check_manifest(&plan.backup)?;
+    if options.force && !options.delta && !crate::fetch::is_empty_or_missing(&options.pgdata)? {
+        crate::force::check_same_cluster(&options.pgdata, &plan.backup.system_identifier)?;
+    }
     let delta_onto_existing = options.delta && !crate::fetch::is_empty_or_missing(&options.pgdata)?;
     if delta_onto_existing {
         crate::delta::check_target(&options.pgdata, &plan.backup.system_identifier)?;
@@ -350,7 +366,7 @@ async fn check_everything(repo: &Repository, options: &RestoreOptions) -> anyhow
         check_objects(repo, &plan, &chain, options.only_databases.as_deref()).await?;
     // 4. Where the tablespaces go: each directory missing or empty (with
     //    --delta onto a directory: or the one it already uses).
-    let placements = placements(options, &plan)?;
+    let placements = placements(options, &plan, keep)?;
     if delta_onto_existing {
         crate::delta::check_placements(&options.pgdata, &plan.backup, &placements)?;
     } else {
@@ -441,11 +457,11 @@ async fn write_backup(
         return crate::delta::apply(repo, chain, &options.pgdata, placements).await.map(|r| r.bytes_written);
     }
     let databases = options.only_databases.as_deref();
-    crate::fetch::fetch_backup(repo, chain, &options.pgdata, placements, !options.start, databases).await
+    crate::fetch::fetch_backup(repo, chain, &options.pgdata, placements, !options.start, databases, options.force).await
 }
 
 pub async fn restore(repo: &Repository, repo_url: &str, options: RestoreOptions) -> anyhow::Result<RestoreReport> {
-    let checked = check_everything(repo, &options).await?;
+    let checked = check_everything(repo, &options, &kept_places(repo_url, &repo.key_files, &options)).await?;
     let segment_size = repo.meta().await?.wal_segment_size;
     let mut report = new_report(&options, &checked, segment_size);
     let Checked { plan, chain, delta_onto_existing, placements, pg_bin, config, .. } = checked;
@@ -459,10 +475,8 @@ pub async fn restore(repo: &Repository, repo_url: &str, options: RestoreOptions)
     if options.dry_run {
         return Ok(report);
     }
-    // 5. Write: the backup, then the recovery settings.
-    if options.force {
-        clear_directory(&options.pgdata).await?;
-    }
+    // 5. Write: the backup (with --force, swapped in for the old data only
+    //    once complete), then the recovery settings.
     // With --start, WAL is staged ahead of replay from now on, while the
     // backup is fetched, into a directory beside --pgdata.
     let staging = if options.start && options.prefetch { Some(wal_staging_dir(&options.pgdata)?) } else { None };
@@ -652,28 +666,16 @@ fn write_recovery_settings(
     for (key, value) in settings {
         text.push_str(&format!("{key} = {}\n", quote(&value)));
     }
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(options.pgdata.join("postgresql.auto.conf"))
-        .context("open postgresql.auto.conf")?;
+    // Beneath the data directory without following links: the backup's
+    // links are data from outside (`beneath.rs`).
+    let pgdata = crate::beneath::Beneath::open(&options.pgdata)?;
+    let mut file = pgdata.append_file("postgresql.auto.conf", 0o600)?;
     file.write_all(text.as_bytes()).context("write recovery settings")?;
     file.sync_all().context("fsync postgresql.auto.conf")?;
     // standby.signal (in a standby's backup) would keep the server in standby
     // mode past the end of the archive instead of ending recovery.
-    match std::fs::remove_file(options.pgdata.join("standby.signal")) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).context("remove standby.signal"),
-    }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(options.pgdata.join("recovery.signal"))
-        .context("create recovery.signal")?;
+    pgdata.remove("standby.signal")?;
+    pgdata.write_file("recovery.signal", b"", 0o600)?;
     Ok(())
 }
 

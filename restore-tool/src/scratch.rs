@@ -74,6 +74,8 @@ impl Scratch {
             timeline: None,
             dry_run: false,
             force: false,
+            // A scratch restore runs PostgreSQL (--start), which refuses root first.
+            allow_root: false,
             delta: false,
             start: true,
             port: scratch.port,

@@ -7,6 +7,11 @@
 //! missing or empty — also with `--force`, which only ever clears --pgdata:
 //! restoring on the source's own machine, a tablespace's original directory
 //! is the live one of the running source.
+//!
+//! The original location comes from the repository, so it is used only
+//! when it is a plain absolute path and not a protected place (`/`, a
+//! system directory, a home directory or one holding it, the repository:
+//! `places::protected`); anywhere else needs an explicit `--tablespace-map`.
 
 use std::path::{Path, PathBuf};
 use tidemark_proto::repo::backup::Tablespace;
@@ -43,11 +48,14 @@ fn awkward(path: &str) -> bool {
 /// The placement of every tablespace in `tablespaces`: the mapped directory
 /// or the original one. Refuses a mapping that names no tablespace of the
 /// backup, a relative or awkward target, two tablespaces in one directory,
-/// and a target inside `pgdata` (or `pgdata` inside a target).
+/// and a target inside `pgdata` (or `pgdata` inside a target); and an
+/// unmapped tablespace whose original location is not a plain absolute path
+/// or is protected (that place or one under it in `keep`: see the module comment).
 pub fn place(
     tablespaces: &[Tablespace],
     mappings: &[(String, PathBuf)],
     pgdata: &Path,
+    keep: &[PathBuf],
 ) -> Result<Vec<Placement>, String> {
     let known = || {
         let list: Vec<String> = tablespaces.iter().map(|t| format!("{} ({})", t.oid, t.location)).collect();
@@ -71,7 +79,7 @@ pub fn place(
             .map(|(_, to)| to)
             .collect();
         let target = match mapped.as_slice() {
-            [] => PathBuf::from(&tablespace.location),
+            [] => default_place(tablespace, keep)?,
             [one] => (*one).clone(),
             _ => return Err(format!("tablespace {} is mapped more than once", tablespace.oid)),
         };
@@ -98,6 +106,24 @@ pub fn place(
         placements.push(Placement { oid: tablespace.oid, original: tablespace.location.clone(), target });
     }
     Ok(placements)
+}
+
+/// The original location of an unmapped tablespace, unless it is not a
+/// plain absolute path or is a protected place.
+fn default_place(tablespace: &Tablespace, keep: &[PathBuf]) -> Result<PathBuf, String> {
+    let location = &tablespace.location;
+    let why = match crate::places::is_plain_absolute(location) {
+        false => Some("not a plain absolute path".to_string()),
+        true => crate::places::protected(Path::new(location), keep),
+    };
+    match why {
+        None => Ok(PathBuf::from(location)),
+        Some(why) => Err(format!(
+            "tablespace {} of the backup is at {location:?} ({why}), where a restore never puts one on its own; \
+             choose its place with --tablespace-map {}=DIR",
+            tablespace.oid, tablespace.oid
+        )),
+    }
 }
 
 /// True when some tablespace moves: the backup's tablespace_map must then be rewritten.
@@ -138,7 +164,7 @@ mod tests {
 
     #[test]
     fn unmapped_tablespaces_go_back_where_they_were() {
-        let placed = place(&spaces(), &[], Path::new("/restore/data")).unwrap();
+        let placed = place(&spaces(), &[], Path::new("/restore/data"), &[]).unwrap();
         assert_eq!(placed[0].target, PathBuf::from("/srv/ts/fast"));
         assert_eq!(placed[1].target, PathBuf::from("/srv/ts/slow"));
         assert!(!relocated(&placed));
@@ -151,6 +177,7 @@ mod tests {
             &spaces(),
             &[map("16384", "/new/fast"), map("/srv/ts/slow", "/new/slow")],
             Path::new("/restore/data"),
+            &[],
         )
         .unwrap();
         assert_eq!(placed[0].target, PathBuf::from("/new/fast"));
@@ -162,16 +189,34 @@ mod tests {
     #[test]
     fn refuses_what_cannot_work() {
         let pgdata = Path::new("/restore/data");
-        let error = place(&spaces(), &[map("99", "/x")], pgdata).unwrap_err();
+        let error = place(&spaces(), &[map("99", "/x")], pgdata, &[]).unwrap_err();
         assert!(error.contains("no tablespace 99") && error.contains("16384 (/srv/ts/fast)"), "{error}");
-        assert!(place(&[], &[map("99", "/x")], pgdata).unwrap_err().contains("it has none"));
-        assert!(place(&spaces(), &[map("16384", "relative/dir")], pgdata).unwrap_err().contains("not an absolute"));
-        assert!(place(&spaces(), &[map("16384", "/a\nb")], pgdata).unwrap_err().contains("newlines"));
-        let error = place(&spaces(), &[map("16384", "/same"), map("16390", "/same")], pgdata).unwrap_err();
+        assert!(place(&[], &[map("99", "/x")], pgdata, &[]).unwrap_err().contains("it has none"));
+        assert!(place(&spaces(), &[map("16384", "relative/dir")], pgdata, &[])
+            .unwrap_err()
+            .contains("not an absolute"));
+        assert!(place(&spaces(), &[map("16384", "/a\nb")], pgdata, &[]).unwrap_err().contains("newlines"));
+        let error = place(&spaces(), &[map("16384", "/same"), map("16390", "/same")], pgdata, &[]).unwrap_err();
         assert!(error.contains("both go to /same"), "{error}");
-        let error = place(&spaces(), &[map("16384", "/a"), map("/srv/ts/fast", "/b")], pgdata).unwrap_err();
+        let error = place(&spaces(), &[map("16384", "/a"), map("/srv/ts/fast", "/b")], pgdata, &[]).unwrap_err();
         assert!(error.contains("more than once"), "{error}");
-        assert!(place(&spaces(), &[map("16384", "/restore/data/ts")], pgdata).unwrap_err().contains("overlaps"));
-        assert!(place(&spaces(), &[map("16384", "/restore")], pgdata).unwrap_err().contains("overlaps"));
+        assert!(place(&spaces(), &[map("16384", "/restore/data/ts")], pgdata, &[]).unwrap_err().contains("overlaps"));
+        assert!(place(&spaces(), &[map("16384", "/restore")], pgdata, &[]).unwrap_err().contains("overlaps"));
+    }
+
+    #[test]
+    fn an_original_location_is_used_only_when_plain_and_not_protected() {
+        let pgdata = Path::new("/restore/data");
+        let at = |location: &str| vec![Tablespace { oid: 16384, location: location.into() }];
+        let keep = [PathBuf::from("/home/alice")];
+        for bad in ["relative", "/srv/../etc/cron.d", "/srv//ts", "/etc/ts", "/", "/home", "/home/alice", "/usr"] {
+            let error = place(&at(bad), &[], pgdata, &keep).expect_err(bad);
+            assert!(error.contains("tablespace 16384") && error.contains("--tablespace-map 16384=DIR"), "{error}");
+        }
+        assert!(place(&at("/srv/ts"), &[], pgdata, &keep).is_ok());
+        assert!(place(&at("/home/alice/ts"), &[], pgdata, &keep).is_ok(), "below a home is a place like any other");
+        // Asked for explicitly: the mapping decides, whatever the backup says.
+        let placed = place(&at("/srv/../etc"), &[map("16384", "/new/ts")], pgdata, &keep).expect("mapped");
+        assert_eq!(placed[0].target, PathBuf::from("/new/ts"));
     }
 }

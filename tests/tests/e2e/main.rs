@@ -17,6 +17,8 @@ mod deploy;
 mod drill;
 mod encryption;
 mod failover;
+mod force_replace;
+mod hostile_repository;
 mod incremental;
 mod isolation;
 mod metadata;
