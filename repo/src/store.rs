@@ -551,6 +551,8 @@ mod tests {
         std::fs::create_dir_all(root.join("wal/00000001")).expect("mkdir");
         let key_file = dir.path().join("k");
         std::fs::write(&key_file, "11".repeat(32)).expect("key");
+        // Key files others may read are refused.
+        std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
         let key = Key::from_bytes([0x11; 32]);
         let encryption = EncryptionMeta {
             cipher: seal::CIPHER_NAME.into(),
