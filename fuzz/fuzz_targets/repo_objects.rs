@@ -67,6 +67,8 @@ fuzz_target!(|data: &[u8]| {
             let _ = seal::open(&keys, Some(&binding), "wal/00000001/000000010000000000000001", rest);
             let _ = seal::sealed_key_id(rest);
             let _ = seal::is_bound(rest);
+            // A server certificate, as SCRAM channel binding reads it.
+            let _ = tidemark_proto::certificate::binding_hash(rest);
         }
         1 => {
             // A well-sealed frame of the input (bound to a repository or

@@ -94,3 +94,42 @@ pub fn make_ca_signed(dir: &Path, name: &str, san: &str, owner: Option<&str>, di
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
     TestCa { ca_cert: dir.join(ca_cert), server_cert: dir.join("server.crt"), server_key: key }
 }
+
+/// A client certificate for user `cn`, signed by `ca` (made by [`make_ca`] in
+/// `dir` under `name`), with its key mode 0600: (certificate, key).
+pub fn make_client_cert(dir: &Path, name: &str, cn: &str) -> (PathBuf, PathBuf) {
+    let (key, csr, cert) = (format!("{cn}.key"), format!("{cn}.csr"), format!("{cn}.crt"));
+    openssl(
+        dir,
+        &["req", "-newkey", "rsa:2048", "-nodes", "-subj", &format!("/CN={cn}"), "-keyout", &key, "-out", &csr],
+    );
+    let (ca_cert, ca_key) = (format!("{name}-ca.crt"), format!("{name}-ca.key"));
+    // Extensions make it an X.509 v3 certificate, which rustls requires.
+    let extensions = format!("{cn}.cnf");
+    std::fs::write(dir.join(&extensions), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+        .expect("write ext");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_cert,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-sha256",
+            "-extfile",
+            &extensions,
+            "-out",
+            &cert,
+        ],
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join(&key), std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+    (dir.join(cert), dir.join(key))
+}

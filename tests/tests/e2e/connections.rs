@@ -13,7 +13,7 @@ use crate::restore::Restorer;
 use std::os::unix::fs::PermissionsExt;
 use tidemark_tests::agent::AgentSetup;
 use tidemark_tests::cluster::{chown, Cluster, ClusterOptions, PG_USER_OS};
-use tidemark_tests::tls::{make_ca, make_ca_signed};
+use tidemark_tests::tls::{make_ca, make_ca_signed, make_client_cert};
 
 const SECRET: &str = "app-secret-4417";
 
@@ -43,13 +43,16 @@ fn into_connections_are_libpq_connections() {
             "hostssl all app 127.0.0.1/32 scram-sha-256".into(),
             "hostssl replication app 127.0.0.1/32 scram-sha-256".into(),
             "hostnossl all app 127.0.0.1/32 reject".into(),
+            "hostssl all certuser 127.0.0.1/32 cert".into(),
+            "hostssl replication certuser 127.0.0.1/32 cert".into(),
             "hostnossl replication app 127.0.0.1/32 reject".into(),
         ],
-        conf: vec!["log_connections = on".into()],
+        conf: vec!["log_connections = on".into(), format!("ssl_ca_file = '{}'", ca.ca_cert.display())],
         ..Default::default()
     });
     cluster.psql_file(&format!(
-        "CREATE ROLE app LOGIN REPLICATION PASSWORD '{SECRET}';
+        "CREATE ROLE certuser LOGIN REPLICATION;
+         CREATE ROLE app LOGIN REPLICATION PASSWORD '{SECRET}';
          CREATE TABLE items (id int PRIMARY KEY, note text NOT NULL);
          INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 40) g;
          GRANT ALL ON items TO app;"
@@ -142,6 +145,28 @@ fn into_connections_are_libpq_connections() {
     let output = bound.run_command(&["--slot", "bound", "init"]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(!stderr(&output).contains(SECRET));
+
+    // A client certificate instead of a password (the server's `cert`
+    // method): sent from sslcert/sslkey; a key file others can read is refused.
+    let (cert, key) = make_client_cert(&scratch.path().join("good"), "good", "certuser");
+    let with_cert = |slot: &str| {
+        AgentSetup::new(
+            &scratch.path().join(slot),
+            format!(
+                "postgresql://certuser@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}",
+                cluster.port,
+                root(&ca),
+                cert.display(),
+                key.display()
+            ),
+        )
+    };
+    let output = with_cert("cert-agent").run_command(&["--slot", "by_cert", "init"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let output = with_cert("cert-agent-exposed").run_command(&["--slot", "by_cert_exposed", "init"]);
+    let text = stderr(&output);
+    assert!(!output.status.success() && text.contains("group or world access"), "{text}");
     drop(dir);
 }
 
