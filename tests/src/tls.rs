@@ -47,45 +47,8 @@ pub fn make_ca_signed(dir: &Path, name: &str, san: &str, owner: Option<&str>, di
             &ca_cert,
         ],
     );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-sha256",
-            "-subj",
-            "/CN=tidemark-test-server",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-        ],
-    );
-    std::fs::write(dir.join("ext.cnf"), format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\n"))
-        .expect("write ext");
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            &ca_cert,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-days",
-            "2",
-            &digest,
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "server.crt",
-        ],
-    );
+    let extensions = format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\n");
+    issue(dir, name, "server", "/CN=tidemark-test-server", &extensions, &digest);
     let key = dir.join("server.key");
     if let Some(user) = owner {
         crate::cluster::chown(dir, user);
@@ -98,16 +61,22 @@ pub fn make_ca_signed(dir: &Path, name: &str, san: &str, owner: Option<&str>, di
 /// A client certificate for user `cn`, signed by `ca` (made by [`make_ca`] in
 /// `dir` under `name`), with its key mode 0600: (certificate, key).
 pub fn make_client_cert(dir: &Path, name: &str, cn: &str) -> (PathBuf, PathBuf) {
-    let (key, csr, cert) = (format!("{cn}.key"), format!("{cn}.csr"), format!("{cn}.crt"));
-    openssl(
-        dir,
-        &["req", "-newkey", "rsa:2048", "-nodes", "-subj", &format!("/CN={cn}"), "-keyout", &key, "-out", &csr],
-    );
-    let (ca_cert, ca_key) = (format!("{name}-ca.crt"), format!("{name}-ca.key"));
     // Extensions make it an X.509 v3 certificate, which rustls requires.
-    let extensions = format!("{cn}.cnf");
-    std::fs::write(dir.join(&extensions), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
-        .expect("write ext");
+    issue(dir, name, cn, &format!("/CN={cn}"), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n", "-sha256");
+    use std::os::unix::fs::PermissionsExt;
+    let key = dir.join(format!("{cn}.key"));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+    (dir.join(format!("{cn}.crt")), key)
+}
+
+/// `FILE.key` and `FILE.crt` in `dir`: a new key, and a certificate for
+/// `subject` with `extensions`, signed by the CA `name` with `digest`.
+fn issue(dir: &Path, name: &str, file: &str, subject: &str, extensions: &str, digest: &str) {
+    let (key, csr, cert, ext) =
+        (format!("{file}.key"), format!("{file}.csr"), format!("{file}.crt"), format!("{file}.cnf"));
+    openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", &key, "-out", &csr]);
+    std::fs::write(dir.join(&ext), extensions).expect("write extensions");
+    let (ca_cert, ca_key) = (format!("{name}-ca.crt"), format!("{name}-ca.key"));
     openssl(
         dir,
         &[
@@ -122,14 +91,11 @@ pub fn make_client_cert(dir: &Path, name: &str, cn: &str) -> (PathBuf, PathBuf) 
             "-CAcreateserial",
             "-days",
             "2",
-            "-sha256",
+            digest,
             "-extfile",
-            &extensions,
+            &ext,
             "-out",
             &cert,
         ],
     );
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.join(&key), std::fs::Permissions::from_mode(0o600)).expect("chmod key");
-    (dir.join(cert), dir.join(key))
 }

@@ -80,6 +80,24 @@ pub fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// Every path under `dir` with its size (directories 0), links not
+/// followed, sorted: compared before and after to see that nothing changed.
+pub fn listing(dir: &Path) -> Vec<(std::path::PathBuf, u64)> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        for entry in std::fs::read_dir(&next).expect("read_dir").flatten() {
+            let meta = entry.path().symlink_metadata().expect("metadata");
+            if meta.is_dir() {
+                pending.push(entry.path());
+            }
+            found.push((entry.path(), if meta.is_dir() { 0 } else { meta.len() }));
+        }
+    }
+    found.sort();
+    found
+}
+
 /// Whether a directory is absent or empty (nothing was written there).
 pub fn empty_or_absent(path: &Path) -> bool {
     match std::fs::read_dir(path) {

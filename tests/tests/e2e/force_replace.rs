@@ -7,26 +7,9 @@
 use crate::common::*;
 use crate::restore::Restorer;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tidemark_tests::agent::AgentSetup;
 use tidemark_tests::cluster::{Cluster, ClusterOptions};
-
-/// Every path under `dir` with its size (links not followed), sorted.
-fn listing(dir: &Path) -> Vec<(PathBuf, u64)> {
-    let mut found = Vec::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(next) = pending.pop() {
-        for entry in std::fs::read_dir(&next).expect("read_dir").flatten() {
-            let meta = entry.path().symlink_metadata().expect("metadata");
-            if meta.is_dir() {
-                pending.push(entry.path());
-            }
-            found.push((entry.path(), if meta.is_dir() { 0 } else { meta.len() }));
-        }
-    }
-    found.sort();
-    found
-}
 
 #[test]
 fn force_replaces_only_this_clusters_data_directory_and_only_at_the_end() {

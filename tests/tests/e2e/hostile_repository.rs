@@ -7,7 +7,7 @@
 //! after). Restoring as root needs --allow-root.
 
 use crate::common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use tidemark_proto::repo::backup::{BackupFile, BackupManifest, FileKind, Tablespace};
 use tidemark_proto::repo::frame::{self, Compression};
@@ -28,22 +28,6 @@ fn restore_tool(agent: &AgentSetup, args: &[&str]) -> Output {
 fn write_manifest(key: &Path, manifest: &BackupManifest) {
     let (object, _) = frame::encode(&manifest.to_json().expect("manifest JSON"), Compression::None).expect("frame");
     std::fs::write(key, object).expect("write backup.json");
-}
-
-/// Every path under `dir` (links not followed), sorted.
-fn listing(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(next) = pending.pop() {
-        for entry in std::fs::read_dir(&next).expect("read_dir").flatten() {
-            if entry.file_type().expect("file type").is_dir() {
-                pending.push(entry.path());
-            }
-            found.push(entry.path());
-        }
-    }
-    found.sort();
-    found
 }
 
 /// Refused: exit 1, one error line with `needle`, one hint.

@@ -328,23 +328,6 @@ fn refusals_write_nothing() {
     assert!(!dry.exists());
 }
 
-/// Every path under `dir` with its size, sorted: to see that nothing changed.
-fn listing(dir: &Path) -> Vec<(PathBuf, u64)> {
-    let mut found = Vec::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(next) = pending.pop() {
-        for entry in std::fs::read_dir(&next).expect("read_dir").flatten() {
-            let meta = entry.metadata().expect("metadata");
-            if meta.is_dir() {
-                pending.push(entry.path());
-            }
-            found.push((entry.path(), if meta.is_dir() { 0 } else { meta.len() }));
-        }
-    }
-    found.sort();
-    found
-}
-
 #[test]
 fn tablespaces_go_back_where_they_were_or_where_mapped() {
     let cluster = Cluster::start(ClusterOptions::default());
